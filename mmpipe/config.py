@@ -1,0 +1,339 @@
+"""Typed, validated parameters: one pydantic model per stage section of ``params.yaml``.
+
+Params are read once, at the edge (CLI, Prefect task, test), and passed down as these objects.
+Every model forbids unknown keys, so a typo in ``params.yaml`` or ``--set`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TransformSpec(Section):
+    """One albumentations transform, by class name, with its keyword arguments."""
+
+    name: str = Field(description="albumentations class name, e.g. 'RandomBrightnessContrast'.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the transform."
+    )
+
+
+class SyntheticParams(Section):
+    """The embedded default dataset (see mmpipe/synthetic.py for the generative rules)."""
+
+    n_images: int = Field(2000, ge=1, description="Number of images to generate.")
+    captions_per_image: int = Field(3, ge=1, le=20, description="Captions written per image.")
+    image_size: int = Field(96, ge=16, le=1024, description="Side of the square images, pixels.")
+    label_noise: float = Field(
+        0.05, ge=0.0, le=0.5, description="Fraction of pairs whose label is flipped at random."
+    )
+    seed: int = Field(0, description="Seed; the same seed gives byte-identical files.")
+
+
+class IngestParams(Section):
+    """Stage `ingest`: read a source, validate every record, write the records table."""
+
+    source: Literal["synthetic", "folder", "coco"] = Field(
+        "synthetic", description="Which reader: generated default, folder + captions, or COCO."
+    )
+    root: str | None = Field(
+        None,
+        description="Data root for `folder`/`coco` (images must stay inside it). "
+        "Ignored for `synthetic`, which generates into the stage's output dir.",
+    )
+    captions: str = Field(
+        "captions.csv",
+        description="Captions file relative to `root`: .csv, .jsonl, .parquet (folder) or "
+        ".json (coco).",
+    )
+    image_column: str = Field("image", description="Column with the image path (folder).")
+    caption_column: str = Field("caption", description="Column with the caption text (folder).")
+    label_column: str = Field(
+        "label", description="Optional column with the label (folder); absent means unlabelled."
+    )
+    labels_file: str | None = Field(
+        None,
+        description="Optional CSV (file_name,label) relative to `root` giving per-image labels "
+        "(coco).",
+    )
+    images_dir: str = Field("images", description="Image directory relative to `root` (coco).")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp"],
+        description="Accepted image file extensions (lower case).",
+    )
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="Reject images above this pixel count (decompression bombs)."
+    )
+    min_side: int = Field(8, ge=1, description="Reject images whose shorter side is smaller.")
+    max_caption_chars: int = Field(
+        2000, ge=1, description="Reject captions longer than this after normalising whitespace."
+    )
+    strict: bool = Field(
+        False, description="Fail at the first rejected record instead of writing rejects.jsonl."
+    )
+    workers: int = Field(2, ge=1, description="Worker processes for image validation.")
+    synthetic: SyntheticParams = Field(
+        default_factory=SyntheticParams, description="Generator settings for `synthetic`."
+    )
+
+
+class AlignParams(Section):
+    """Stage `align`: pair images and captions, account for orphans, split by image group."""
+
+    train: float = Field(0.8, gt=0.0, lt=1.0, description="Fraction of image groups in train.")
+    val: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of image groups in val.")
+    test: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of image groups in test.")
+    seed: int = Field(0, description="Seed of the hash-based split (stable as data grows).")
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> AlignParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"align.train + align.val + align.test must be 1.0, got {total:g}")
+        return self
+
+
+def _default_train_augment() -> list[TransformSpec]:
+    # Mild, caption-preserving: no flips (captions say left/right) and no hue shifts
+    # (the synthetic label depends on the warm/cool palette).
+    return [
+        TransformSpec(name="RandomBrightnessContrast", params={"brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5}),
+        TransformSpec(name="GaussNoise", params={"std_range": [0.01, 0.03], "p": 0.3}),
+    ]
+
+
+class ShardParams(Section):
+    """Stage `shard`: resize, augment offline, write WebDataset tar shards + manifest."""
+
+    image_size: int = Field(64, ge=8, le=1024, description="Side of the square stored images.")
+    jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of stored images.")
+    copies: int = Field(
+        1, ge=0, le=16, description="Extra offline-augmented copies of each train pair (0 = none)."
+    )
+    train_augment: list[TransformSpec] = Field(
+        default_factory=_default_train_augment,
+        description="albumentations pipeline for the offline train copies.",
+    )
+    eval_augment: list[TransformSpec] = Field(
+        default_factory=list, description="albumentations pipeline applied to val/test (usually none)."
+    )
+    maxcount: int = Field(2000, ge=1, description="Maximum samples per shard.")
+    maxsize: int = Field(100_000_000, ge=1024, description="Maximum bytes per shard.")
+    workers: int = Field(2, ge=1, description="Worker processes encoding samples.")
+    seed: int = Field(0, description="Seed of the offline augmentation.")
+
+
+class TrainParams(Section):
+    """Stage `train`: the model, the loader and the optimisation."""
+
+    # model
+    image_encoder: Literal["cnn", "resnet", "efficientnet_lite0"] = Field(
+        "cnn", description="Image encoder: small CNN, ResNet-style, or pretrained EfficientNet-Lite0."
+    )
+    text_encoder: Literal["lstm", "transformer", "minilm"] = Field(
+        "transformer", description="Text encoder: biLSTM, small transformer, or pretrained MiniLM."
+    )
+    freeze_image: bool = Field(False, description="Freeze the image encoder's weights.")
+    freeze_text: bool = Field(False, description="Freeze the text encoder's weights.")
+    vocab_size: int = Field(8192, ge=64, description="Hash-bucket vocabulary of the scratch text encoders.")
+    max_tokens: int = Field(32, ge=4, description="Captions are truncated to this many tokens.")
+    width: int = Field(128, ge=8, description="Hidden width of the scratch encoders.")
+    embed_dim: int = Field(128, ge=8, description="Dimension of the shared (contrastive) space.")
+    fusion: Literal[
+        "concat", "sum", "weighted", "gated", "cross_attention", "late", "image_only", "text_only"
+    ] = Field("concat", description="How the classifier fuses image and text features.")
+    fusion_alpha: float | None = Field(
+        None, ge=0.0, le=1.0, description="Fixed alpha of `weighted` fusion; null = learned."
+    )
+    head_hidden: int = Field(256, ge=8, description="Hidden width of the task head MLP.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the task head.")
+    task: Literal["multiclass", "binary", "multilabel", "regression"] = Field(
+        "multiclass", description="Task head and loss: CE, BCE, BCE or MSE."
+    )
+    lambda_task: float = Field(1.0, ge=0.0, description="Multitask loss = contrastive + lambda * task.")
+    init_temperature: float = Field(0.07, gt=0.0, description="Initial softmax temperature of InfoNCE.")
+    # optimisation
+    epochs: int = Field(8, ge=1, description="Passes over the train shards.")
+    batch_size: int = Field(128, ge=1, description="Global batch size (split across DDP ranks).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    lr: float = Field(2e-3, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm (0 = no clipping).")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision: auto = bf16 on capable CUDA, off on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    seed: int = Field(0, description="Seed of init, shuffling and dropout.")
+    # loader
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
+    shuffle_buffer: int = Field(1000, ge=0, description="WebDataset sample shuffle buffer (0 = off).")
+    online_augment: list[TransformSpec] = Field(
+        default_factory=list, description="albumentations pipeline applied while loading train batches."
+    )
+
+
+class EvaluateParams(Section):
+    """Stage `evaluate`: retrieval, classification, zero-shot and the fusion ablation."""
+
+    batch_size: int = Field(256, ge=1, description="Batch size for embedding the test split.")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="K of recall@K.")
+    ablation: bool = Field(True, description="Train every fusion head on frozen features and compare.")
+    ablation_epochs: int = Field(30, ge=1, description="Epochs of each ablation head.")
+    zero_shot_field: str | None = Field(
+        "main_shape", description="Metadata field holding the zero-shot class; null = skip."
+    )
+    zero_shot_template: str = Field("a {}", description="Prompt template for zero-shot class names.")
+
+
+class RegisterParams(Section):
+    """Stage `register`: version the model and move the champion alias only on improvement."""
+
+    model_name: str = Field("mmpipe-fusion", description="MLflow registered model name.")
+    alias: str = Field("champion", description="Alias given to the best version.")
+    metric: str = Field("accuracy", description="metrics.json key compared against the champion.")
+    greater_is_better: bool = Field(True, description="Direction of `metric`.")
+
+
+class TrackingParams(Section):
+    """MLflow tracking (not a stage: read by train, evaluate and register)."""
+
+    uri: str | None = Field(
+        None, description="Tracking URI; null = sqlite:///<project>/mlflow.db (absolute)."
+    )
+    experiment: str = Field("mmpipe", description="MLflow experiment name.")
+
+
+# `register` is a stage name; pydantic warns that it shadows ABCMeta.register on the class, which is
+# harmless for instances (params.register is the section).
+warnings.filterwarnings("ignore", message='Field name "register" in "Params"')
+
+
+class Params(Section):
+    """All of ``params.yaml``."""
+
+    ingest: IngestParams = Field(default_factory=IngestParams, description="Stage ingest.")
+    align: AlignParams = Field(default_factory=AlignParams, description="Stage align.")
+    shard: ShardParams = Field(default_factory=ShardParams, description="Stage shard.")
+    train: TrainParams = Field(default_factory=TrainParams, description="Stage train.")
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Stage evaluate.")
+    register: RegisterParams = Field(default_factory=RegisterParams, description="Stage register.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+
+class ParamsError(ValueError):
+    """A params file or override that does not validate; the message names the key."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (so 3, 0.5, true, [a, b] work)."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.strip(), value
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid params in {origin}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``params.yaml`` (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"params file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ParamsError(f"{p}: expected a mapping of sections at the top level")
+        origin = str(p)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        origin += f" + --set {text}"
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ParamsError(_format_validation_error(exc, origin)) from None
+
+
+def section_hash(section: BaseModel) -> str:
+    """Stable short hash of a params section (used in manifests and cache keys)."""
+    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten to ``{"train.lr": 0.002, ...}`` (lists/dicts JSON-encoded) for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in params.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    elif isinstance(value, list | dict):
+        out[key] = json.dumps(value, sort_keys=True)
+    else:
+        out[key] = value
+
+
+def describe_section(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for each field, recursing into sub-sections (for --help)."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section) and ann is not TransformSpec:
+            rows.extend(describe_section(ann, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        elif isinstance(default, list):
+            default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
+        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+    return rows
