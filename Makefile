@@ -1,0 +1,46 @@
+# mmpipe: `make run` sets up and runs the nightly flow once; `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmpipe-installed
+# Project-local state for Prefect and the model hubs (offline); MLflow lives in .mmpipe/ too.
+export PREFECT_HOME := $(CURDIR)/.mmpipe/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup run test lint bench ui schedule clean
+
+setup: $(STAMP)
+
+# Re-install only when the dependency pins change. torch==2.13.0 is the CPU wheel here; for CUDA
+# see README ("GPU").
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@test -d .git || git init -q
+	@test -d .dvc || dvc init -q
+	touch $@
+
+run: setup
+	$(PY) -m flows.nightly
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m benchmarks
+
+ui: setup
+	$(PY) -m mmpipe ui
+
+schedule: setup
+	$(PY) -m mmpipe schedule
+
+clean:
+	rm -rf data models reports .mmpipe

@@ -1,0 +1,7 @@
+"""`python -m mmpipe <stage>`."""
+
+import sys
+
+from mmpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can cause; the CLI prints their message (naming file/record and reason) and exits 2."""
+
+
+class MmpipeError(Exception):
+    """Base of every user-facing mmpipe error."""
+
+
+class InputError(MmpipeError):
+    """Bad user input: a missing file or column, an unparseable file, an impossible setting."""
+
+
+class ValidationFailed(MmpipeError):
+    """Strict ingest: the first rejected record stops the stage."""
