@@ -1,0 +1,356 @@
+"""The embedded default dataset: procedurally generated scenes + captions, no download.
+
+The task is *sentiment consistency*: does the caption's sentiment agree with the image's mood?
+Neither modality alone says anything about the label; only the two together do.
+
+Generative rules (every random draw comes from a numpy Generator seeded with ``(seed, index)``,
+so image ``index`` is the same whatever ``n_images`` is and whichever process renders it):
+
+1. Mood. Each image has a mood, ``positive`` or ``negative`` (50/50). The background is a smooth
+   linear gradient (random direction) between two colours of the mood's palette: WARM (reds,
+   oranges, yellows) for positive, COOL (blues, teals, purples) for negative.
+2. Ambiguous images. 10 % of images (``AMBIGUOUS_FRACTION``) blend their palette 80 % towards
+   neutral grey: the mood is still decided, but only weakly visible, so the ceiling is below 100 %.
+3. Objects. 1-3 objects at distinct grid positions (left, right, top, bottom, centre; jittered by
+   a few pixels), so no object hides another completely. Each has a shape (circle, square,
+   triangle, star, cross), a colour (red, green, blue, yellow, white, black, purple, orange) and a
+   size (small, large). The first object is the *main* object: drawn last (on top) and strictly
+   the largest (other objects are 3/4 of their size class and small when the main one is small).
+   ``main_shape`` is its shape. Objects get a thin contrasting outline so a yellow star stays
+   visible on a yellow background.
+4. Texture. Mild uniform pixel noise (+-8 levels) on the background; JPEG quality 90.
+5. Captions. ``captions_per_image`` captions per image. Each always names the main object's
+   colour and shape, often (60 %) its size and (60 %) its position, and each other object with
+   probability 40 %. Colours, sizes and positions use synonyms ("crimson", "big", "in the
+   middle"); shape nouns stay recognisable (mostly the class word, sometimes "disc", "plus sign").
+   One of seven templates sets the word order; 30 % get a distractor lead ("Honestly,",
+   "I think", "In this picture,").
+6. Sentiment. Each caption carries a sentiment word, positive (cheerful, lovely, delightful,
+   bright, happy, wonderful) or negative (gloomy, dreary, sad, bleak, depressing, miserable),
+   50/50 and independent of the image's mood and of the other captions.
+7. Label. ``consistent`` if mood == sentiment, else ``inconsistent``; then flipped with
+   probability ``label_noise``. Mood and sentiment are independent fair coins, so each is
+   independent of the label on its own: a unimodal model is at chance, a fused one is not.
+
+Output: ``out_dir/images/{index:06d}.jpg`` and ``out_dir/captions.csv`` with columns image
+(relative path), caption, label, main_shape, mood, sentiment. ``out_dir/.complete`` holds the hash
+of the params and of this module's source; when it matches, generation is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from mmpipe.config import SyntheticParams, section_hash
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("image", "caption", "label", "main_shape", "mood", "sentiment")
+COMPLETE = ".complete"
+AMBIGUOUS_FRACTION = 0.10
+JPEG_QUALITY = 90
+# Below this many images a process pool costs more than it saves.
+POOL_MIN_IMAGES = 1000
+
+WARM = ((220, 40, 30), (240, 120, 20), (250, 200, 40), (210, 70, 90), (235, 160, 60))
+COOL = ((30, 60, 200), (20, 150, 160), (120, 50, 170), (40, 110, 220), (60, 40, 120))
+GREY = np.array((128.0, 128.0, 128.0))
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 220, 30),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = ("small", "large")
+# (x, y) centre of each grid position, as a fraction of the side.
+POSITIONS = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "centre": (0.5, 0.5),
+}
+POSITION_NAMES = tuple(POSITIONS)
+RADIUS = {"small": 0.10, "large": 0.17}  # fraction of the side
+SECONDARY_SCALE = 0.75
+
+COLOUR_WORDS = {
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald", "lime"),
+    "blue": ("blue", "azure", "navy"),
+    "yellow": ("yellow", "golden", "lemon"),
+    "white": ("white", "snowy", "ivory"),
+    "black": ("black", "jet-black", "ebony"),
+    "purple": ("purple", "violet", "lilac"),
+    "orange": ("orange", "tangerine", "amber"),
+}
+SHAPE_WORDS = {
+    "circle": ("circle", "circle", "circle", "disc"),
+    "square": ("square",),
+    "triangle": ("triangle",),
+    "star": ("star", "star", "star", "five-pointed star"),
+    "cross": ("cross", "cross", "cross", "plus sign"),
+}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+POSITION_WORDS = {
+    "left": ("on the left", "at the left side", "to the left"),
+    "right": ("on the right", "at the right side", "to the right"),
+    "top": ("at the top", "near the top", "up high"),
+    "bottom": ("at the bottom", "near the bottom", "down low"),
+    "centre": ("in the centre", "in the middle", "at the center"),
+}
+SENTIMENT_WORDS = {
+    "positive": ("cheerful", "lovely", "delightful", "bright", "happy", "wonderful"),
+    "negative": ("gloomy", "dreary", "sad", "bleak", "depressing", "miserable"),
+}
+LEADS = ("Honestly, ", "I think ", "In this picture, ", "As you can see, ")
+LINKS = (" and ", " next to ", " beside ")
+
+
+def params_digest(p: SyntheticParams) -> str:
+    """Hash of the params and of this module's code: what the generated files depend on."""
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return hashlib.sha256(f"{section_hash(p)}:{code}".encode()).hexdigest()[:32]
+
+
+def generate(out_dir: Path, p: SyntheticParams, *, workers: int | None = None) -> dict[str, Any]:
+    """Write the synthetic dataset to ``out_dir`` (skipped when ``.complete`` matches ``p``)."""
+    out_dir = Path(out_dir)
+    digest = params_digest(p)
+    n_captions = p.n_images * p.captions_per_image
+    marker = out_dir / COMPLETE
+    if marker.is_file() and marker.read_text().strip() == digest:
+        log.info("synthetic data in %s is current (%s), skipping", out_dir, digest)
+        return {"n_images": p.n_images, "n_captions": n_captions, "seconds": 0.0, "skipped": True}
+    start = time.perf_counter()
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    _write_all(tmp, p, workers or os.cpu_count() or 1)
+    (tmp / COMPLETE).write_text(digest + "\n")  # last: a half-written dir never looks complete
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    seconds = time.perf_counter() - start
+    rate = p.n_images / seconds if seconds > 0 else 0.0
+    log.info("generated %d images in %.2fs (%.0f images/s)", p.n_images, seconds, rate)
+    return {
+        "n_images": p.n_images,
+        "n_captions": n_captions,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(rate, 1),
+        "skipped": False,
+    }
+
+
+def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
+    """Render every image (in a pool when large) and stream the caption rows to the CSV."""
+    job = functools.partial(_make_one, p=p, images_dir=str(tmp / "images"))
+    with (tmp / "captions.csv").open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COLUMNS)
+        indices = range(p.n_images)
+        bar = dict(total=p.n_images, desc="synthetic", unit="img", disable=None)
+        if workers > 1 and p.n_images >= POOL_MIN_IMAGES:
+            with multiprocessing.get_context().Pool(workers) as pool:
+                # imap keeps the order, so the CSV is identical whatever the worker count.
+                for rows in tqdm(pool.imap(job, indices, chunksize=64), **bar):
+                    writer.writerows(rows)
+        else:
+            for rows in tqdm(map(job, indices), **bar):
+                writer.writerows(rows)
+
+
+def _make_one(index: int, p: SyntheticParams, images_dir: str) -> list[tuple[str, ...]]:
+    """Render image ``index``, write its JPEG, return its caption rows."""
+    rng = np.random.default_rng([p.seed, index])
+    scene = sample_scene(rng)
+    image = render(scene, p.image_size, rng)
+    name = f"{index:06d}.jpg"
+    image.save(os.path.join(images_dir, name), "JPEG", quality=JPEG_QUALITY)
+    rows = []
+    for _ in range(p.captions_per_image):
+        sentiment = "positive" if rng.random() < 0.5 else "negative"
+        caption = write_caption(scene, sentiment, rng)
+        consistent = sentiment == scene["mood"]
+        if rng.random() < p.label_noise:
+            consistent = not consistent
+        label = "consistent" if consistent else "inconsistent"
+        rows.append(
+            (
+                f"images/{name}",
+                caption,
+                label,
+                scene["objects"][0]["shape"],
+                scene["mood"],
+                sentiment,
+            )
+        )
+    return rows
+
+
+def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
+    """Draw the scene description: mood, palette, ambiguity, and 1-3 objects (main first)."""
+    mood = "positive" if rng.random() < 0.5 else "negative"
+    palette = WARM if mood == "positive" else COOL
+    c1, c2 = rng.choice(len(palette), size=2, replace=False)
+    n_objects = int(rng.integers(1, 4))
+    positions = rng.choice(len(POSITION_NAMES), size=n_objects, replace=False)
+    main_size = SIZES[int(rng.integers(2))]
+    objects = []
+    for i, pos in enumerate(positions):
+        size = main_size if i == 0 or main_size == "small" else SIZES[int(rng.integers(2))]
+        objects.append(
+            {
+                "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+                "colour": COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))],
+                "size": size,
+                "position": POSITION_NAMES[int(pos)],
+                "scale": 1.0 if i == 0 else SECONDARY_SCALE,
+                "jitter": tuple(rng.uniform(-0.03, 0.03, size=2)),
+            }
+        )
+    return {
+        "mood": mood,
+        "colours": (palette[c1], palette[c2]),
+        "angle": float(rng.uniform(0, 2 * np.pi)),
+        "ambiguous": bool(rng.random() < AMBIGUOUS_FRACTION),
+        "objects": objects,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates in [-0.5, 0.5], (S, S) each; cached per size."""
+    axis = np.linspace(-0.5, 0.5, size, dtype=np.float32)
+    return np.meshgrid(axis, axis)
+
+
+def render(scene: dict[str, Any], size: int, rng: np.random.Generator) -> Image.Image:
+    """Draw the scene: noisy gradient background, then the objects, main one last."""
+    c1, c2 = (np.asarray(c, dtype=np.float32) for c in scene["colours"])
+    if scene["ambiguous"]:
+        c1, c2 = 0.8 * GREY + 0.2 * c1, 0.8 * GREY + 0.2 * c2
+    xs, ys = _grid(size)
+    t = xs * np.cos(scene["angle"]) + ys * np.sin(scene["angle"])  # (S, S), in [-0.71, 0.71]
+    t = ((t - t.min()) / max(float(np.ptp(t)), 1e-6))[..., None]  # (S, S, 1) in [0, 1]
+    background = c1 * (1.0 - t) + c2 * t  # (S, S, 3)
+    background += rng.integers(-8, 9, size=background.shape, dtype=np.int16)
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for obj in reversed(scene["objects"]):
+        _draw_object(draw, obj, size)
+    return image
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: dict[str, Any], size: int) -> None:
+    fx, fy = POSITIONS[obj["position"]]
+    cx, cy = (fx + obj["jitter"][0]) * size, (fy + obj["jitter"][1]) * size
+    r = RADIUS[obj["size"]] * obj["scale"] * size
+    fill = COLOURS[obj["colour"]]
+    outline = (255, 255, 255) if sum(fill) < 300 else (0, 0, 0)
+    width = max(1, size // 48)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    shape = obj["shape"]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
+    elif shape == "square":
+        s = r * 0.85  # same visual weight as the circle
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill, outline=outline, width=width)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill, outline=outline, width=width)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Vertices of a triangle, five-pointed star or cross centred on (cx, cy)."""
+    if shape == "triangle":
+        angles = np.deg2rad([-90, 30, 150])
+        return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
+    if shape == "star":
+        angles = np.deg2rad(np.arange(10) * 36 - 90)
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return [
+            (cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, angles, strict=True)
+        ]
+    a = r * 0.35  # cross: half the arm width
+    pts = [
+        (-a, -r),
+        (a, -r),
+        (a, -a),
+        (r, -a),
+        (r, a),
+        (a, a),
+        (a, r),
+        (-a, r),
+        (-a, a),
+        (-r, a),
+        (-r, -a),
+        (-a, -a),
+    ]
+    return [(cx + x, cy + y) for x, y in pts]
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(phrase: str) -> str:
+    return f"an {phrase}" if phrase[0] in "aeiou" else f"a {phrase}"
+
+
+def _noun_phrase(obj: dict[str, Any], rng: np.random.Generator, p_size: float, p_pos: float) -> str:
+    """'a big crimson circle on the left' with the size and position each optional."""
+    words = []
+    if rng.random() < p_size:
+        words.append(_pick(rng, SIZE_WORDS[obj["size"]]))
+    words.append(_pick(rng, COLOUR_WORDS[obj["colour"]]))
+    words.append(_pick(rng, SHAPE_WORDS[obj["shape"]]))
+    phrase = _article(" ".join(words))
+    if rng.random() < p_pos:
+        phrase += " " + _pick(rng, POSITION_WORDS[obj["position"]])
+    return phrase
+
+
+def write_caption(scene: dict[str, Any], sentiment: str, rng: np.random.Generator) -> str:
+    """One caption: the main object (+ maybe the others) in one of several templates."""
+    main, *others = scene["objects"]
+    np_ = _noun_phrase(main, rng, 0.6, 0.6)
+    for obj in others:
+        if rng.random() < 0.4:
+            np_ += _pick(rng, LINKS) + _noun_phrase(obj, rng, 0.4, 0.4)
+    s = _pick(rng, SENTIMENT_WORDS[sentiment])
+    template = int(rng.integers(7))
+    clause = template in (2, 3)  # templates that read well after a distractor lead
+    text = (
+        f"{np_}. It looks {s}.",
+        f"{s} scene: {np_}.",
+        f"this {s} image shows {np_}.",
+        f"there is {np_}, and the mood is {s}.",
+        f"what {_article(s)} picture: {np_}!",
+        f"{_article(s)} view with {np_}.",
+        f"{np_}, all very {s}.",
+    )[template]
+    if clause and rng.random() < 0.3:
+        text = _pick(rng, LEADS) + text
+    return text[0].upper() + text[1:]

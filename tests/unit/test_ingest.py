@@ -1,0 +1,441 @@
+"""mmpipe.ingest: every reject reason, the accounting invariant, readers and their errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mmpipe.config import IngestParams, SyntheticParams
+from mmpipe.errors import InputError, ValidationFailed
+from mmpipe.ingest import run_ingest
+from mmpipe.io import read_json, read_jsonl
+
+# --------------------------------------------------------------------------- tiny files
+
+
+def _image_bytes(
+    fmt: str = "JPEG",
+    size: tuple[int, int] = (24, 16),
+    seed: int = 0,
+    noise: bool = False,
+    exif: Image.Exif | None = None,
+) -> bytes:
+    """A small image; ``seed`` changes its colour so files differ unless asked to match."""
+    if noise:
+        import numpy as np
+
+        arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        im = Image.fromarray(arr, "RGB")
+    else:
+        im = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, 120))
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"exif": exif} if exif is not None else {}))
+    return buf.getvalue()
+
+
+def _corrupt_png() -> bytes:
+    data = bytearray(_image_bytes("PNG", (32, 32), noise=True))
+    start = data.index(b"IDAT") + 40
+    data[start : start + 64] = bytes(64)  # zeroed deflate stream: decoder errors, not truncation
+    return bytes(data)
+
+
+def _truncated_jpeg() -> bytes:
+    data = _image_bytes("JPEG", (64, 64), noise=True)
+    return data[: len(data) * 2 // 3]
+
+
+def _write(root: Path, rel: str, data: bytes) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+
+
+def _csv(
+    root: Path,
+    rows: list[tuple[str, str]],
+    name: str = "captions.csv",
+    header: str = "image,caption",
+) -> None:
+    lines = [header.encode()] + [f'{img},"{cap}"'.encode() for img, cap in rows]
+    (root / name).write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _ingest(root: Path, out: Path, **kw) -> dict:
+    params = {"source": "folder", "root": str(root), "workers": 1, **kw}
+    return run_ingest(IngestParams(**params), out)
+
+
+def _rejects(out: Path) -> list[dict]:
+    return read_jsonl(out / "rejects.jsonl")
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A data root holding one good image and its caption."""
+    r = tmp_path / "data"
+    _write(r, "images/good.jpg", _image_bytes(seed=1))
+    return r
+
+
+# --------------------------------------------------------------------------- reasons
+
+# reason -> (files to add, caption rows, extra params, kind)
+IMAGE_CASES: dict[str, tuple[dict[str, Callable[[], bytes]], dict]] = {
+    "zero_bytes": ({"images/empty.jpg": lambda: b""}, {}),
+    "not_an_image": ({"images/text.jpg": lambda: b"hello, I am not a picture\n" * 4}, {}),
+    "corrupt": ({"images/broken.png": _corrupt_png}, {}),
+    "truncated": ({"images/cut.jpg": _truncated_jpeg}, {}),
+    "extension_mismatch": ({"images/png_named.jpg": lambda: _image_bytes("PNG", seed=5)}, {}),
+    "bad_extension": ({"images/scan.tif": lambda: _image_bytes("TIFF", seed=6)}, {}),
+    "too_small": ({"images/tiny.jpg": lambda: _image_bytes(size=(4, 30), seed=7)}, {}),
+    # 200x200 = 40k px: above max_pixels (header check) ...
+    "too_many_pixels": (
+        {"images/big.png": lambda: _image_bytes("PNG", (200, 200), seed=8)},
+        {"max_pixels": 30_000},
+    ),
+    "duplicate": ({"images/zcopy.jpg": lambda: _image_bytes(seed=1)}, {}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(IMAGE_CASES))
+def test_each_image_reason(root, tmp_path, reason):
+    files, extra = IMAGE_CASES[reason]
+    for rel, make in files.items():
+        _write(root, rel, make())
+    _csv(root, [("images/good.jpg", "a good picture")])
+    report = _ingest(root, tmp_path / "out", **extra)
+    rejects = _rejects(tmp_path / "out")
+    assert [(r["kind"], r["reason"], r["file"]) for r in rejects] == [
+        ("image", reason, next(iter(files)))
+    ]
+    assert report["images"] == {"seen": 2, "accepted": 1, "rejected": 1, "by_reason": {reason: 1}}
+    assert report["captions"]["accepted"] == 1
+
+
+def test_pixel_bomb_beyond_twice_the_limit_is_caught(root, tmp_path):
+    # 40k px > 2 x 10k: Pillow raises DecompressionBombError in Image.open itself.
+    _write(root, "images/bomb.png", _image_bytes("PNG", (200, 200), seed=9))
+    _csv(root, [("images/good.jpg", "fine")])
+    _ingest(root, tmp_path / "out", max_pixels=10_000, min_side=1)
+    assert [r["reason"] for r in _rejects(tmp_path / "out")] == ["too_many_pixels"]
+
+
+def test_image_symlink_escaping_root(root, tmp_path):
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(_image_bytes(seed=3))
+    (root / "images" / "link.jpg").symlink_to(outside)
+    _csv(root, [("images/good.jpg", "fine")])
+    _ingest(root, tmp_path / "out")
+    [reject] = [r for r in _rejects(tmp_path / "out") if r["kind"] == "image"]
+    assert (reject["reason"], reject["file"]) == ("path_escapes_root", "images/link.jpg")
+
+
+CAPTION_CASES = {
+    "empty_caption": (b'images/good.jpg," \t  "', {}),
+    "invalid_utf8": (b'images/good.jpg,"caf\xe9 au lait"', {}),
+    "caption_too_long": (b'images/good.jpg,"' + b"long " * 10 + b'"', {"max_caption_chars": 20}),
+    "path_escapes_root": (b'../outside.jpg,"escaping"', {}),
+    "bad_row": (b'images/good.jpg,"one",too,many', {}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(CAPTION_CASES))
+def test_each_caption_reason(root, tmp_path, reason):
+    bad_line, extra = CAPTION_CASES[reason]
+    (root / "captions.csv").write_bytes(
+        b"image,caption\n" + b'images/good.jpg,"fine"\n' + bad_line + b"\n"
+    )
+    report = _ingest(root, tmp_path / "out", **extra)
+    assert [(r["kind"], r["reason"], r["file"], r["line"]) for r in _rejects(tmp_path / "out")] == [
+        ("caption", reason, "captions.csv", 3)
+    ]
+    assert report["captions"] == {"seen": 2, "accepted": 1, "rejected": 1, "by_reason": {reason: 1}}
+
+
+def test_jsonl_bad_rows_are_rejected_not_fatal(root, tmp_path):
+    (root / "c.jsonl").write_bytes(
+        b'{"image": "images/good.jpg", "caption": "ok"}\n'
+        b'["not", "an", "object"]\n'
+        b'{"image": "images/good.jpg", "caption": "bad \xff byte"}\n'
+        b'{"image": "images/good.jpg", "caption": 42}\n'
+        b'{"image": "images/good.jpg"}\n'
+    )
+    _ingest(root, tmp_path / "out", captions="c.jsonl")
+    assert [(r["reason"], r["line"]) for r in _rejects(tmp_path / "out")] == [
+        ("bad_row", 2),
+        ("invalid_utf8", 3),
+        ("bad_row", 4),
+        ("bad_row", 5),
+    ]
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+GOOD, BAD = "good", ("zero_bytes", "not_an_image", "truncated", "extension_mismatch", "too_small")
+MAKERS = {
+    "zero_bytes": (".jpg", lambda i: b""),
+    "not_an_image": (".jpg", lambda i: f"text {i}".encode()),
+    "truncated": (".jpg", lambda i: _truncated_jpeg()),
+    "extension_mismatch": (".jpg", lambda i: _image_bytes("PNG", seed=i)),
+    "too_small": (".png", lambda i: _image_bytes("PNG", (3, 3), seed=i)),
+    GOOD: (".jpg", lambda i: _image_bytes(seed=i + 100)),
+}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=st.lists(st.sampled_from([GOOD, *BAD]), min_size=1, max_size=8),
+    missing=st.integers(0, 2),
+    empty=st.integers(0, 2),
+)
+def test_seen_equals_accepted_plus_rejected(kinds, missing, empty):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        rows = []
+        for i, kind in enumerate(kinds):
+            ext, make = MAKERS[kind]
+            rel = f"images/{i:03d}{ext}"
+            _write(root, rel, make(i))
+            rows.append((rel, f"caption {i}"))
+        rows += [(f"images/missing{i}.jpg", "no such file") for i in range(missing)]
+        rows += [("images/000.jpg" if kinds else "x.jpg", "  ") for _ in range(empty)]
+        _csv(root, rows)
+        report = _ingest(root, Path(tmp) / "out")
+        for kind in ("images", "captions"):
+            c = report[kind]
+            assert (
+                c["seen"]
+                == c["accepted"] + c["rejected"]
+                == c["accepted"] + sum(c["by_reason"].values())
+            )
+        # "truncated" files are all byte-identical, but they are rejected before dedupe
+        assert report["images"]["seen"] == len(kinds)
+        assert report["images"]["accepted"] == kinds.count(GOOD)
+        assert report["captions"]["rejected"] == empty
+        records = pd.read_parquet(Path(tmp) / "out" / "records.parquet")
+        images = pd.read_parquet(Path(tmp) / "out" / "images.parquet")
+        assert len(records) == len(kinds) + missing
+        assert len(images) == kinds.count(GOOD)
+        # only captions of accepted images carry an image_id
+        assert records["image_id"].notna().sum() == kinds.count(GOOD)
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_exif_orientation_transposes_size(root, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    _write(root, "images/rotated.jpg", _image_bytes(size=(40, 20), seed=2, exif=exif))
+    _csv(root, [("images/rotated.jpg", "a rotated photo")])
+    _ingest(root, tmp_path / "out")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("rel_path")
+    assert tuple(images.loc["images/rotated.jpg", ["width", "height"]]) == (20, 40)
+    assert tuple(images.loc["images/good.jpg", ["width", "height"]]) == (24, 16)
+
+
+def test_duplicates_keep_captions_on_canonical_image(root, tmp_path):
+    data = (root / "images" / "good.jpg").read_bytes()
+    _write(root, "images/zz_copy.jpg", data)
+    _write(root, "a_first.jpg", data)  # sorts first: canonical
+    _csv(root, [("images/zz_copy.jpg", "caption of the copy"), ("images/good.jpg", "original")])
+    _ingest(root, tmp_path / "out")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    records = pd.read_parquet(tmp_path / "out" / "records.parquet")
+    assert list(images["rel_path"]) == ["a_first.jpg"]
+    assert records["image_id"].tolist() == [images["image_id"][0]] * 2
+    dups = _rejects(tmp_path / "out")
+    assert [(d["file"], d["reason"], d["duplicate_of"]) for d in dups] == [
+        ("images/good.jpg", "duplicate", "a_first.jpg"),
+        ("images/zz_copy.jpg", "duplicate", "a_first.jpg"),
+    ]
+
+
+def test_records_and_images_tables(root, tmp_path):
+    (root / "captions.csv").write_text(
+        "image,caption,label,shape\n"
+        'images/good.jpg,"  Cafe\u0301   on\tthe  left ",pos,circle\n'
+        "images/missing.jpg,orphan caption,,square\n",
+        encoding="utf-8",
+    )
+    _write(root, "images/sub/orphan.png", _image_bytes("PNG", seed=4))
+    report = _ingest(root, tmp_path / "out")
+    records = pd.read_parquet(tmp_path / "out" / "records.parquet")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    first, second = pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()
+    assert first["caption"] == "Caf\u00e9 on the left"  # NFC + whitespace collapsed
+    assert (first["label"], first["line"], first["source"]) == ("pos", 2, "folder")
+    assert json.loads(first["meta"]) == {"shape": "circle"}
+    assert second["image_id"] is None and second["label"] is None
+    assert len(first["caption_id"]) == 16 and first["caption_id"] != second["caption_id"]
+    assert sorted(images["rel_path"]) == ["images/good.jpg", "images/sub/orphan.png"]
+    row = images.set_index("rel_path").loc["images/good.jpg"]
+    assert Path(row["path"]).is_absolute() and Path(row["path"]).is_file()
+    assert row["image_id"] == row["sha256"][:16] == first["image_id"]
+    assert (row["format"], row["bytes"]) == ("JPEG", (root / "images/good.jpg").stat().st_size)
+    assert report["images"]["seen"] == 2 and report["source"] == "folder"
+    assert read_json(tmp_path / "out" / "report.json") == report
+    # stable ids: a second run gives the same tables
+    _ingest(root, tmp_path / "again")
+    pd.testing.assert_frame_equal(records, pd.read_parquet(tmp_path / "again" / "records.parquet"))
+
+
+def test_parquet_captions_with_extra_columns(root, tmp_path):
+    table = pa.table({"img": ["images/good.jpg"], "text": ["from parquet"], "score": [0.5]})
+    pq.write_table(table, root / "c.parquet")
+    _ingest(root, tmp_path / "out", captions="c.parquet", image_column="img", caption_column="text")
+    rec = pd.read_parquet(tmp_path / "out" / "records.parquet").iloc[0]
+    assert (rec["caption"], rec["line"], json.loads(rec["meta"])) == (
+        "from parquet",
+        1,
+        {"score": 0.5},
+    )
+
+
+def test_pool_matches_single_process(tmp_path):
+    root = tmp_path / "data"
+    for i in range(40):
+        _write(root, f"images/{i:02d}.jpg", _image_bytes(seed=i))
+    _write(root, "images/zero.jpg", b"")
+    _csv(root, [(f"images/{i:02d}.jpg", f"number {i}") for i in range(40)])
+    one = _ingest(root, tmp_path / "one", workers=1)
+    two = _ingest(root, tmp_path / "two", workers=2)
+    for name in ("records.parquet", "images.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "one" / name), pd.read_parquet(tmp_path / "two" / name)
+        )
+    assert _rejects(tmp_path / "one") == _rejects(tmp_path / "two")
+    assert one["images"] == two["images"]
+
+
+# --------------------------------------------------------------------------- structural errors
+
+
+def test_missing_column_names_file_and_found_columns(root, tmp_path):
+    _csv(root, [("images/good.jpg", "x")], header="img,text")
+    with pytest.raises(InputError, match=r"captions\.csv.*'image'.*\['img', 'text'\]"):
+        _ingest(root, tmp_path / "out")
+
+
+def test_bad_jsonl_line_names_the_line(root, tmp_path):
+    (root / "c.jsonl").write_text(
+        '{"image": "images/good.jpg", "caption": "a"}\n\n{"image": "images/good.jpg", caption}\n'
+    )
+    with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
+        _ingest(root, tmp_path / "out", captions="c.jsonl")
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"root": "/no/such/root"}, "data root not found.*/no/such/root"),
+        ({"captions": "nope.csv"}, "captions file not found.*nope.csv"),
+        ({"captions": "captions.txt"}, "captions.txt: unsupported captions file extension"),
+    ],
+)
+def test_structural_errors(root, tmp_path, kw, pattern):
+    (root / "captions.txt").write_text("x")
+    params = {"root": str(root), **kw}
+    with pytest.raises(InputError, match=pattern):
+        run_ingest(IngestParams(source="folder", workers=1, **params), tmp_path / "out")
+
+
+def test_strict_fails_on_first_reject(root, tmp_path):
+    _write(root, "images/empty.jpg", b"")
+    _csv(root, [("images/good.jpg", "fine")])
+    with pytest.raises(ValidationFailed, match=r"images/empty\.jpg.*zero_bytes"):
+        _ingest(root, tmp_path / "out", strict=True)
+    (root / "captions.csv").write_text(
+        'image,caption\nimages/good.jpg,"fine"\nimages/good.jpg," "\n'
+    )
+    with pytest.raises(ValidationFailed, match=r"captions\.csv:3.*empty_caption"):
+        _ingest(root, tmp_path / "out", strict=True)
+    assert not (tmp_path / "out" / "records.parquet").exists()
+
+
+def test_strict_passes_clean_data(root, tmp_path):
+    _csv(root, [("images/good.jpg", "fine")])
+    assert _ingest(root, tmp_path / "out", strict=True)["captions"]["accepted"] == 1
+
+
+# --------------------------------------------------------------------------- coco + synthetic
+
+
+def _coco(root: Path) -> None:
+    _write(root, "imgs/1.jpg", _image_bytes(seed=11))
+    _write(root, "imgs/2.jpg", _image_bytes(seed=12))
+    doc = {
+        "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "one"},
+            {"id": 11, "image_id": 2, "caption": "two"},
+            {"id": 12, "image_id": 99, "caption": "unknown image"},
+            {"id": 13, "caption": "no image id"},
+        ],
+    }
+    (root / "caps.json").write_text(json.dumps(doc))
+    (root / "labels.csv").write_text("file_name,label\n1.jpg,cat\n")
+
+
+def test_coco_source(tmp_path):
+    root = tmp_path / "coco"
+    _coco(root)
+    report = run_ingest(
+        IngestParams(
+            source="coco",
+            root=str(root),
+            captions="caps.json",
+            images_dir="imgs",
+            labels_file="labels.csv",
+            workers=1,
+        ),
+        tmp_path / "out",
+    )
+    rec = {r["line"]: r for r in pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()}
+    assert list(rec) == [1, 2, 3]
+    assert rec[1]["label"] == "cat" and rec[2]["label"] is None
+    assert rec[1]["image_ref"] == "imgs/1.jpg" and rec[1]["image_id"] is not None
+    assert rec[3]["image_ref"] == "image_id:99" and rec[3]["image_id"] is None
+    assert json.loads(rec[1]["meta"]) == {"coco_annotation_id": 10, "coco_image_id": 1}
+    assert report["captions"]["by_reason"] == {"bad_row": 1}
+    assert report["images"]["accepted"] == 2 and report["source"] == "coco"
+
+
+def test_coco_invalid_json_names_line(tmp_path):
+    root = tmp_path / "coco"
+    root.mkdir()
+    (root / "caps.json").write_text('{"images": [],\n "annotations": [\n oops]}')
+    with pytest.raises(InputError, match=r"caps\.json:3: not valid JSON"):
+        run_ingest(
+            IngestParams(source="coco", root=str(root), captions="caps.json"), tmp_path / "o"
+        )
+
+
+def test_synthetic_source_reads_through_folder_path(tmp_path):
+    p = IngestParams(
+        workers=1, synthetic=SyntheticParams(n_images=10, captions_per_image=2, image_size=24)
+    )
+    report = run_ingest(p, tmp_path)
+    assert (tmp_path / "source" / ".complete").is_file()
+    assert report["source"] == "synthetic"
+    assert report["images"] == {"seen": 10, "accepted": 10, "rejected": 0, "by_reason": {}}
+    assert report["captions"]["accepted"] == 20
+    rec = pd.read_parquet(tmp_path / "records.parquet")
+    assert set(rec["source"]) == {"synthetic"} and rec["image_id"].notna().all()
+    assert set(json.loads(rec["meta"][0])) == {"main_shape", "mood", "sentiment"}
+    assert set(rec["label"]) <= {"consistent", "inconsistent"}
+    assert report["synthetic"]["n_images"] == 10
+    assert run_ingest(p, tmp_path)["synthetic"]["skipped"] is True
