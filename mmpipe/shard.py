@@ -1,0 +1,401 @@
+"""Stage `shard`: resize, augment offline, write WebDataset tar shards + manifest.json.
+
+Output bytes are a pure function of (pairs, images, params): samples are produced by a worker
+pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, pair_id, copy),
+and tar members carry fixed mtime/uid/gid/uname/mode, so 1 or N workers give identical shards.
+Shards are written into a temp dir and only renamed into place, replacing the previous run's
+shards, once every split is complete; manifest.json is written last.
+
+Resize policy: centre-crop to a square, then LANCZOS-resize to image_size (keeps aspect ratio;
+objects at the far edges of non-square photos can be cropped, as in CLIP's preprocessing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from mmpipe.augment import apply_augment, create_augment, derive_seed
+from mmpipe.config import ShardParams, section_hash
+from mmpipe.errors import InputError
+from mmpipe.io import read_json, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+TMP_PREFIX = ".shard-tmp-"
+MTIME = 0  # fixed tar member mtime: identical bytes run to run
+JOB_PAIRS = 32  # pairs per pool task: amortises IPC without hurting ordered streaming
+CACHE_BYTES = 64 << 20  # per-worker budget of resized base images (same image, many captions)
+
+
+# ----------------------------------------------------------------------------- image ops
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an original image fully, EXIF-transposed, RGB; unreadable files are InputErrors."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except FileNotFoundError:
+        raise InputError(
+            f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)"
+        ) from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: unreadable image ({exc}); re-run `mmpipe ingest`") from None
+
+
+def square_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to (size, size) with LANCZOS."""
+    return ImageOps.fit(img, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def encode_jpeg(image: Image.Image | np.ndarray, quality: int) -> bytes:
+    """JPEG bytes (Pillow's encoder is deterministic for a given libjpeg)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def preprocess_image(img: Image.Image, image_size: int, quality: int = 90) -> bytes:
+    """Exactly the stored (un-augmented) sample image: EXIF transpose, RGB, square resize, JPEG."""
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    return encode_jpeg(square_resize(img, image_size), quality)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_STATE: dict[str, Any] = {}  # per process: params, augment pipelines, LRU of base images
+
+
+def _init_worker(params: dict[str, Any]) -> None:
+    """Pool initializer: build the augment pipelines once per process."""
+    p = ShardParams.model_validate(params)
+    _STATE.update(
+        p=p,
+        augment={"train": create_augment(p.train_augment), "eval": create_augment(p.eval_augment)},
+        cache=OrderedDict(),
+        cache_max=max(16, CACHE_BYTES // (3 * p.image_size**2)),
+    )
+
+
+def _base_image(pair: dict[str, Any]) -> tuple[np.ndarray, bytes]:
+    """The resized image of a pair (uint8 (S, S, 3)) and its plain JPEG, cached per image_id."""
+    cache: OrderedDict[str, tuple[np.ndarray, bytes]] = _STATE["cache"]
+    hit = cache.get(pair["image_id"])
+    if hit is not None:
+        cache.move_to_end(pair["image_id"])
+        return hit
+    p: ShardParams = _STATE["p"]
+    img = square_resize(load_rgb(pair["image_path"]), p.image_size)
+    entry = (np.asarray(img), encode_jpeg(img, p.jpeg_quality))
+    cache[pair["image_id"]] = entry
+    if len(cache) > _STATE["cache_max"]:
+        cache.popitem(last=False)
+    return entry
+
+
+def _augmented_jpeg(base: np.ndarray, which: str, pair_id: str, copy: int) -> bytes:
+    """Augment with a seed from (params seed, pair_id, copy): independent of worker layout."""
+    p: ShardParams = _STATE["p"]
+    out = apply_augment(_STATE["augment"][which], base, derive_seed(p.seed, pair_id, copy))
+    if out.shape != base.shape:  # a geometric transform changed the size: restore the contract
+        out = np.asarray(
+            Image.fromarray(out).resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
+        )
+    return encode_jpeg(out, p.jpeg_quality)
+
+
+def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, Any]:
+    """One webdataset sample (all values bytes/str, json sorted so the bytes are stable)."""
+    meta = {
+        "pair_id": pair["pair_id"],
+        "image_id": pair["image_id"],
+        "caption_id": pair["caption_id"],
+        "label": pair["label"],
+        "label_index": pair["label_index"],
+        "split": pair["split"],
+        "source": pair["source"],
+        "image_path": pair["image_path"],
+        "meta": pair["meta"],
+        "copy": copy,
+    }
+    body = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    # "__split__" routes the sample to its writer; TarWriter skips "_" keys
+    return {
+        "__key__": key,
+        "__split__": pair["split"],
+        "jpg": jpg,
+        "txt": pair["caption"].encode("utf-8"),
+        "json": body,
+    }
+
+
+def encode_pair(pair: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of one pair in sorted key order: the pair itself, then its train copies."""
+    p: ShardParams = _STATE["p"]
+    base, plain = _base_image(pair)
+    if pair["split"] != "train":
+        jpg = (
+            plain
+            if _STATE["augment"]["eval"] is None
+            else _augmented_jpeg(base, "eval", pair["pair_id"], 0)
+        )
+        return [_sample(pair, pair["pair_id"], jpg, 0)]
+    samples = [_sample(pair, pair["pair_id"], plain, 0)]
+    # keys sort as strings ("_aug10" < "_aug2"), so copies are emitted in that order
+    for i in sorted(range(1, p.copies + 1), key=str):
+        jpg = _augmented_jpeg(base, "train", pair["pair_id"], i)
+        samples.append(_sample(pair, f"{pair['pair_id']}_aug{i}", jpg, i))
+    return samples
+
+
+def encode_job(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A pool task: the samples of consecutive pairs."""
+    return [s for pair in pairs for s in encode_pair(pair)]
+
+
+# ----------------------------------------------------------------------------- writer side
+
+
+def _tar_bytes(member_bytes: int) -> int:
+    """Size of a closed tar holding members of this many bytes (end blocks + 10 KiB records)."""
+    return -(-(member_bytes + 1024) // 10240) * 10240
+
+
+def _member_bytes(sample: dict[str, Any]) -> int:
+    """Header + padded payload of every member of one sample."""
+    sizes = [len(v) for k, v in sample.items() if not k.startswith("_")]
+    return sum(512 + -(-n // 512) * 512 for n in sizes)
+
+
+class SplitWriter:
+    """Sequential shards of one split in a temp dir, rotated on maxcount / maxsize (file bytes)."""
+
+    def __init__(self, tmp_dir: Path, split: str, maxcount: int, maxsize: int) -> None:
+        self.tmp_dir, self.split, self.maxcount, self.maxsize = tmp_dir, split, maxcount, maxsize
+        self.shards: list[dict[str, Any]] = []
+        self.writer: Any = None
+        self.fh: Any = None
+        self.count = self.size = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Append one sample, starting a new shard if it would exceed maxcount or maxsize."""
+        grow = _member_bytes(sample)
+        full = self.count >= self.maxcount or _tar_bytes(self.size + grow) > self.maxsize
+        if self.writer is None or (self.count and full):
+            self._next()
+        assert self.writer is not None
+        self.writer.write(sample)
+        self.count += 1
+        self.size += grow
+
+    def _next(self) -> None:
+        import webdataset as wds  # parent only: keeps torch out of the spawned workers
+
+        self._finish()
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self.fh = (self.tmp_dir / name).open("wb")
+        # fixed owner/mode/mtime: the tar bytes depend on the samples only
+        self.writer = wds.TarWriter(
+            self.fh, user="mmpipe", group="mmpipe", mode=0o444, mtime=MTIME, encoder=False
+        )
+        self.shards.append({"name": name, "count": 0})
+        self.count = self.size = 0
+
+    def _finish(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.fh.close()
+        path = self.tmp_dir / self.shards[-1]["name"]
+        self.shards[-1].update(
+            count=self.count, bytes=path.stat().st_size, sha256=sha256_file(path)
+        )
+        self.writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard; return [{name, count, bytes, sha256}] measured from the files."""
+        self._finish()
+        return self.shards
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def read_pairs(align_dir: Path, ingest_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pairs (with source and parsed meta) sorted by (split, key), and the align report."""
+    import pyarrow.parquet as pq  # parent only (workers get plain dicts)
+
+    for path, stage in (
+        (align_dir / "pairs.parquet", "align"),
+        (align_dir / "report.json", "align"),
+        (ingest_dir / "records.parquet", "ingest"),
+    ):
+        if not path.is_file():
+            raise InputError(f"{path}: not found; run `mmpipe {stage}` first")
+    report = read_json(align_dir / "report.json")
+    pairs = pq.read_table(align_dir / "pairs.parquet").to_pylist()
+    records = pq.read_table(ingest_dir / "records.parquet", columns=["caption_id", "source"])
+    source = dict(zip(*records.to_pydict().values(), strict=True))
+    for pair in pairs:
+        pair["source"] = source.get(pair["caption_id"])
+        try:
+            pair["meta"] = json.loads(pair["meta"] or "{}")
+        except json.JSONDecodeError:
+            raise InputError(
+                f"{align_dir / 'pairs.parquet'}: pair {pair['pair_id']}: meta is not JSON"
+            ) from None
+    pairs.sort(key=lambda r: (SPLITS.index(r["split"]), r["pair_id"]))
+    counts = {s: sum(r["split"] == s for r in pairs) for s in SPLITS}
+    if counts != report.get("pairs_per_split"):
+        raise InputError(
+            f"{align_dir}: pairs.parquet {counts} disagrees with report.json "
+            f"{report.get('pairs_per_split')}; re-run `mmpipe align`"
+        )
+    return pairs, report
+
+
+def _jobs(pairs: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    for i in range(0, len(pairs), JOB_PAIRS):
+        yield pairs[i : i + JOB_PAIRS]
+
+
+def _pool_context() -> Any:
+    """forkserver with this module preloaded: no fork of a threaded parent (Prefect runs tasks
+    in threads) and the ~2 s albumentations/torch import is paid once per process, not per pool."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def encode_all(pairs: list[dict[str, Any]], p: ShardParams) -> Iterator[list[dict[str, Any]]]:
+    """Samples per job, in order, from p.workers processes (inline when 1)."""
+    params = p.model_dump(mode="json")
+    if p.workers == 1:
+        _init_worker(params)
+        yield from map(encode_job, _jobs(pairs))
+        return
+    ctx = _pool_context()
+    with ctx.Pool(p.workers, initializer=_init_worker, initargs=(params,)) as pool:
+        yield from pool.imap(encode_job, _jobs(pairs), chunksize=2)
+
+
+def write_splits(pairs: list[dict[str, Any]], p: ShardParams, tmp_dir: Path) -> dict[str, Any]:
+    """Write every split's shards into tmp_dir; return the manifest's `splits` mapping."""
+    writers = {s: SplitWriter(tmp_dir, s, p.maxcount, p.maxsize) for s in SPLITS}
+    with tqdm(total=len(pairs), desc="shard", unit="pair", disable=None) as bar:
+        for samples in encode_all(pairs, p):
+            for sample in samples:
+                writers[sample["__split__"]].write(sample)
+            bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
+    splits = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    return splits
+
+
+def install(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Replace the previous run's shards by the new ones, then write manifest.json last."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest = no half-valid state
+    for stale in out_dir.iterdir():
+        if SHARD_NAME.match(stale.name):
+            stale.unlink()
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            os.replace(tmp_dir / shard["name"], out_dir / shard["name"])
+    write_json_atomic(out_dir / "manifest.json", manifest)
+
+
+def _fresh_tmp_dir(out_dir: Path) -> Path:
+    """A new temp dir in out_dir (same filesystem: renames are atomic), leftovers removed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)  # an interrupted earlier run
+    return Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
+
+
+def output_params_hash(p: ShardParams) -> str:
+    """section_hash of the params with `workers` normalised: it cannot change a single byte."""
+    return section_hash(p.model_copy(update={"workers": 1}))
+
+
+def build_manifest(
+    splits: dict[str, Any], align_report: dict[str, Any], p: ShardParams
+) -> dict[str, Any]:
+    """manifest.json (CONTRACT.md), with the sample-count identity asserted."""
+    per_split = align_report["pairs_per_split"]
+    for split in SPLITS:
+        want = per_split[split] * (1 + p.copies if split == "train" else 1)
+        assert splits[split]["count"] == want, (split, splits[split]["count"], want)
+    return {
+        "params_hash": output_params_hash(p),
+        "image_size": p.image_size,
+        "classes": list(align_report.get("classes", [])),
+        "splits": splits,
+        "align_report_pairs_per_split": per_split,
+    }
+
+
+def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) -> dict[str, Any]:
+    """Write {split}-NNNNNN.tar + manifest.json into out_dir; return a report with throughput.
+
+    Only deterministic files go to out_dir (timings are in the returned report and the log), so
+    re-running with the same inputs leaves DVC's hash of the directory unchanged.
+    """
+    start = time.perf_counter()
+    align_dir, ingest_dir, out_dir = Path(align_dir), Path(ingest_dir), Path(out_dir)
+    create_augment(p.train_augment)  # bad specs fail here, before any work
+    create_augment(p.eval_augment)
+    pairs, align_report = read_pairs(align_dir, ingest_dir)
+    tmp_dir = _fresh_tmp_dir(out_dir)
+    try:
+        splits = write_splits(pairs, p, tmp_dir)
+        manifest = build_manifest(splits, align_report, p)
+        install(tmp_dir, out_dir, manifest)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    samples = sum(s["count"] for s in splits.values())
+    report = {
+        "pairs": len(pairs),
+        "samples": samples,
+        "samples_per_split": {s: e["count"] for s, e in splits.items()},
+        "shards": sum(len(e["shards"]) for e in splits.values()),
+        "bytes": sum(sh["bytes"] for e in splits.values() for sh in e["shards"]),
+        "params_hash": manifest["params_hash"],
+        "workers": p.workers,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(samples / max(seconds, 1e-9), 1),
+    }
+    log.info(
+        "shard: %d samples in %d shards, %.1fs (%.0f images/s, %d workers)",
+        samples,
+        report["shards"],
+        seconds,
+        report["images_per_second"],
+        p.workers,
+    )
+    return report

@@ -1,0 +1,109 @@
+"""mmpipe.align: one-to-many pairing, orphan accounting, leak-free deterministic split."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mmpipe.align import run_align, split_of
+from mmpipe.config import AlignParams
+from mmpipe.errors import InputError
+from mmpipe.io import read_json, read_jsonl
+
+
+def align(make_ingest, tmp_path, name="align", p=None, **kw):
+    ingest = make_ingest(**kw)
+    report = run_align(ingest, p or AlignParams(), tmp_path / name)
+    return report, pd.read_parquet(tmp_path / name / "pairs.parquet"), tmp_path / name
+
+
+def test_one_image_many_captions(make_ingest, tmp_path):
+    report, pairs, out = align(make_ingest, tmp_path, n_images=10)
+    # images 1..9 carry 1 + k % 3 captions, plus one caption of dup.jpg on image 1's id
+    assert report["pairs"] == sum(1 + k % 3 for k in range(1, 10)) + 1 == len(pairs)
+    per_image = pairs.groupby("image_id").size()
+    assert per_image.max() == 3 and len(per_image) == 9
+    assert pairs["pair_id"].equals(pairs["caption_id"])
+    assert list(pairs.columns) == [
+        "pair_id",
+        "image_id",
+        "caption_id",
+        "caption",
+        "label",
+        "label_index",
+        "split",
+        "image_path",
+        "meta",
+    ]
+    assert read_json(out / "report.json") == report
+
+
+def test_orphans_counted_and_listed(make_ingest, tmp_path):
+    report, pairs, out = align(make_ingest, tmp_path, n_images=10)
+    assert report["images"] == 10 and report["orphan_images"] == 1
+    assert report["captions"] == report["pairs"] + 2
+    assert report["orphan_captions"] == 2
+    assert report["orphan_captions_by_reason"] == {
+        "image_missing_or_rejected": 1,
+        "image_not_accepted": 1,
+    }
+    orphans = read_jsonl(out / "orphans.jsonl")
+    assert {(o["kind"], o["ref"], o["reason"]) for o in orphans} == {
+        ("image", "img000.jpg", "no_caption"),
+        ("caption", "missing.jpg", "image_missing_or_rejected"),
+        ("caption", "gone.jpg", "image_not_accepted"),
+    }
+    assert not set(o["id"] for o in orphans) & set(pairs["caption_id"])
+
+
+def test_labels_classes_and_index(make_ingest, tmp_path):
+    report, pairs, _ = align(make_ingest, tmp_path, n_images=10)
+    assert report["classes"] == ["cat", "dog"]
+    for label, index in zip(pairs["label"], pairs["label_index"], strict=True):
+        assert index == (-1 if pd.isna(label) else report["classes"].index(label))
+    assert (pairs["label_index"] == -1).any()
+
+
+def test_no_leakage_and_duplicates_stay_together(make_ingest, tmp_path):
+    _, pairs, _ = align(make_ingest, tmp_path, n_images=40)
+    assert pairs.groupby("image_id")["split"].nunique().max() == 1
+    dup = pairs[pairs["caption"] == "a duplicate's caption"].iloc[0]
+    same_image = pairs[pairs["image_id"] == dup["image_id"]]
+    assert len(same_image) > 1 and same_image["split"].nunique() == 1
+    assert set(pairs["split"]) == {"train", "val", "test"}
+    assert pairs.equals(
+        pairs.sort_values(["split", "image_id", "caption_id"]).reset_index(drop=True)
+    )
+
+
+def test_split_formula_and_determinism(make_ingest, tmp_path):
+    p = AlignParams(train=0.5, val=0.25, test=0.25, seed=3)
+    _, a, _ = align(make_ingest, tmp_path, name="a", p=p, n_images=30)
+    _, b, _ = align(make_ingest, tmp_path, name="b", p=p, n_images=30)
+    assert a.equals(b)
+    assert split_of("0123456789abcdef", p) == split_of("0123456789abcdef", p)
+    for iid, split in zip(a["image_id"], a["split"], strict=True):
+        assert split == split_of(iid, p)
+    other = AlignParams(train=0.5, val=0.25, test=0.25, seed=4)
+    assert [split_of(i, other) for i in a["image_id"]] != list(a["split"])  # seed matters
+
+
+def test_split_stable_when_data_is_added(make_ingest, tmp_path):
+    _, small, _ = align(make_ingest, tmp_path, name="small", n_images=20)
+    _, big, _ = align(make_ingest, tmp_path, name="big", n_images=60)
+    before = dict(zip(small["image_id"], small["split"], strict=True))
+    after = dict(zip(big["image_id"], big["split"], strict=True))
+    assert len(after) > len(before)
+    assert all(after[i] == s for i, s in before.items())
+
+
+def test_missing_ingest_outputs(tmp_path, make_ingest):
+    with pytest.raises(InputError, match="records.parquet.*run `mmpipe ingest` first"):
+        run_align(tmp_path / "nothing", AlignParams(), tmp_path / "out")
+    ingest = make_ingest()
+    pd.read_parquet(ingest / "images.parquet").drop(columns=["path"]).to_parquet(
+        ingest / "images.parquet"
+    )
+    with pytest.raises(InputError, match="images.parquet: missing column.*path"):
+        run_align(ingest, AlignParams(), tmp_path / "out")
+    assert not (tmp_path / "out" / "report.json").exists()

@@ -1,0 +1,164 @@
+"""mmpipe.shard: round trip, determinism across workers, rotation, clean re-runs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mmpipe import shard as shard_mod
+from mmpipe.align import run_align
+from mmpipe.config import AlignParams, ShardParams, TransformSpec
+from mmpipe.data import create_dataloader, iterate_split, load_manifest
+from mmpipe.errors import InputError
+from mmpipe.io import read_json, sha256_file
+from mmpipe.shard import preprocess_image, run_shard
+
+SPLIT = AlignParams(train=0.5, val=0.25, test=0.25)
+
+
+@pytest.fixture
+def aligned(make_ingest, tmp_path) -> tuple[Path, Path]:
+    ingest = make_ingest(n_images=24)
+    run_align(ingest, SPLIT, tmp_path / "align")
+    return tmp_path / "align", ingest
+
+
+def shard(aligned, out: Path, **kw) -> dict:
+    params = {"image_size": 16, "workers": 1, "copies": 2, "maxcount": 1000, **kw}
+    return run_shard(aligned[0], aligned[1], ShardParams(**params), out)
+
+
+def test_round_trip(aligned, tmp_path):
+    out = tmp_path / "shards"
+    report = shard(aligned, out)
+    pairs = pd.read_parquet(aligned[0] / "pairs.parquet").set_index("pair_id")
+    align_report = read_json(aligned[0] / "report.json")
+    manifest = load_manifest(out)
+    assert manifest["align_report_pairs_per_split"] == align_report["pairs_per_split"]
+    assert manifest["classes"] == ["cat", "dog"] and manifest["image_size"] == 16
+    for split in ("train", "val", "test"):
+        samples = list(iterate_split(out, split))
+        copies = 3 if split == "train" else 1
+        assert len(samples) == manifest["splits"][split]["count"]
+        assert len(samples) == align_report["pairs_per_split"][split] * copies
+        keys = [s["__key__"] for s in samples]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        seen: dict[str, int] = {}
+        for s in samples:
+            pair = pairs.loc[s["json"]["pair_id"]]
+            seen[pair.name] = seen.get(pair.name, 0) + 1
+            suffix = f"_aug{s['json']['copy']}" if s["json"]["copy"] else ""
+            assert s["__key__"] == pair.name + suffix
+            assert s["txt"] == pair["caption"] and s["json"]["split"] == split == pair["split"]
+            assert s["json"]["label_index"] == pair["label_index"]
+            assert s["json"]["source"] == "folder" and isinstance(s["json"]["meta"], dict)
+            assert Image.open(io.BytesIO(s["jpg"])).size == (16, 16)
+        assert set(seen) == set(pairs.index[pairs["split"] == split])
+        assert set(seen.values()) == {copies}
+        for entry in manifest["splits"][split]["shards"]:
+            path = out / entry["name"]
+            assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
+    assert report["samples"] == sum(e["count"] for e in manifest["splits"].values())
+    assert report["images_per_second"] > 0
+
+
+def test_identical_bytes_for_one_and_two_workers(aligned, tmp_path):
+    shard(aligned, tmp_path / "w1", workers=1, maxcount=7)
+    shard(aligned, tmp_path / "w2", workers=2, maxcount=7)
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir())
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_augmented_copies_differ_from_the_pair(aligned, tmp_path):
+    aug = [TransformSpec(name="RandomBrightnessContrast", params={"p": 1.0})]
+    shard(aligned, tmp_path / "s", train_augment=aug)
+    samples = {s["__key__"]: s["jpg"] for s in iterate_split(tmp_path / "s", "train")}
+    base = [k for k in samples if "_aug" not in k]
+    assert all(samples[k] != samples[f"{k}_aug1"] != samples[f"{k}_aug2"] for k in base)
+
+
+def test_maxcount_and_maxsize_rotation(aligned, tmp_path):
+    shard(aligned, tmp_path / "a", maxcount=5)
+    counts = [s["count"] for s in load_manifest(tmp_path / "a")["splits"]["train"]["shards"]]
+    assert len(counts) > 2 and all(c == 5 for c in counts[:-1]) and 1 <= counts[-1] <= 5
+    shard(aligned, tmp_path / "b", maxsize=12 * 1024)
+    shards = load_manifest(tmp_path / "b")["splits"]["train"]["shards"]
+    assert len(shards) > 2 and all(s["bytes"] <= 12 * 1024 for s in shards)
+
+
+def test_rerun_replaces_shards_cleanly(aligned, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / ".stamp.json").write_text("{}")  # not ours: must survive
+    shard(aligned, out, maxcount=3)
+    assert len(list(out.glob("train-*.tar"))) > 3
+    shard(aligned, out, maxcount=1000)
+    manifest = load_manifest(out)
+    listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", ".stamp.json"}
+
+
+def test_interrupted_run_keeps_previous_output(aligned, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    shard(aligned, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*_a, **_k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(shard_mod, "build_manifest", boom)
+    with pytest.raises(RuntimeError):
+        shard(aligned, out, maxcount=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp dir, no mix
+
+
+def test_loader_reads_what_shard_wrote(aligned, tmp_path):
+    shard(aligned, tmp_path / "s")
+    manifest = load_manifest(tmp_path / "s")
+    batches = list(create_dataloader(tmp_path / "s", "train", 8, shuffle_buffer=10))
+    assert sum(len(b["key"]) for b in batches) == manifest["splits"]["train"]["count"]
+    assert batches[0]["image"].shape[1:] == (3, 16, 16)
+
+
+def test_stored_image_equals_preprocess_image(aligned, tmp_path):
+    """predict.py feeds preprocess_image output to the model: it must equal the stored bytes."""
+    shard(aligned, tmp_path / "s", jpeg_quality=85)
+    for s in iterate_split(tmp_path / "s", "val"):
+        with Image.open(s["json"]["image_path"]) as img:
+            assert preprocess_image(img, 16, 85) == s["jpg"]
+
+
+def test_preprocess_centre_crops_and_applies_exif():
+    wide = Image.new("RGB", (30, 10), (255, 0, 0))
+    wide.paste((0, 255, 0), (10, 0, 20, 10))  # centre third green
+    out = Image.open(io.BytesIO(preprocess_image(wide, 8, 95)))
+    r, g, b = out.getpixel((4, 4))
+    assert g > 200 and r < 60 and out.size == (8, 8)
+    tall = Image.new("RGB", (10, 20), (0, 0, 255))
+    tall.paste((255, 255, 0), (0, 0, 10, 10))  # top half yellow
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: display rotated 90 degrees clockwise -> yellow on the right
+    buf = io.BytesIO()
+    tall.save(buf, format="JPEG", exif=exif)
+    out = Image.open(io.BytesIO(preprocess_image(Image.open(io.BytesIO(buf.getvalue())), 10, 95)))
+    left, right = out.getpixel((1, 1)), out.getpixel((8, 1))
+    assert left[2] > 200 and left[0] < 60  # blue: without the transpose this would be yellow
+    assert right[0] > 200 and right[2] < 60
+
+
+def test_input_errors(aligned, tmp_path):
+    with pytest.raises(InputError, match="pairs.parquet.*run `mmpipe align` first"):
+        run_shard(tmp_path / "nope", aligned[1], ShardParams(), tmp_path / "s")
+    bad = [TransformSpec(name="RandomResizedCrop", params={"height": 8, "width": 8})]
+    with pytest.raises(InputError, match="RandomResizedCrop.*size=\\(h, w\\)"):
+        shard(aligned, tmp_path / "s", train_augment=bad)
+    Path(pd.read_parquet(aligned[0] / "pairs.parquet")["image_path"].iloc[0]).unlink()
+    with pytest.raises(InputError, match="image file not found"):
+        shard(aligned, tmp_path / "s", workers=2)
+    assert not (tmp_path / "s" / "manifest.json").exists()
