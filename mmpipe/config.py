@@ -150,6 +150,12 @@ class TrainParams(Section):
     freeze_text: bool = Field(False, description="Freeze the text encoder's weights.")
     vocab_size: int = Field(8192, ge=64, description="Hash-bucket vocabulary of the scratch text encoders.")
     max_tokens: int = Field(32, ge=4, description="Captions are truncated to this many tokens.")
+    text_pool: Literal["mean", "cls"] = Field(
+        "mean",
+        description="Pooling of the scratch text encoders: masked mean, or the cls token "
+        "(biLSTM: final states). MiniLM always mean-pools, as it was trained.",
+    )
+    text_layers: int = Field(2, ge=1, le=12, description="Layers of the scratch transformer text encoder.")
     width: int = Field(128, ge=8, description="Hidden width of the scratch encoders.")
     embed_dim: int = Field(128, ge=8, description="Dimension of the shared (contrastive) space.")
     fusion: Literal[
@@ -213,7 +219,10 @@ class TrackingParams(Section):
     """MLflow tracking (not a stage: read by train, evaluate and register)."""
 
     uri: str | None = Field(
-        None, description="Tracking URI; null = sqlite:///<project>/mlflow.db (absolute)."
+        None,
+        description="Tracking URI; null = sqlite:///<project>/.mmpipe/mlflow.db (absolute), "
+        "artifacts in .mmpipe/mlartifacts. A relative sqlite path is relative to the project; "
+        "env MLFLOW_TRACKING_URI overrides both.",
     )
     experiment: str = Field("mmpipe", description="MLflow experiment name.")
 

@@ -1,0 +1,27 @@
+"""The multimodal model: encoders, fusion heads, the dual-encoder module and its losses."""
+
+from mmpipe.model.fusion import FUSION_MODES, create_fusion_head
+from mmpipe.model.image import create_image_encoder
+from mmpipe.model.multimodal import (
+    MultimodalModel,
+    create_model,
+    info_nce,
+    num_outputs,
+    predict_labels,
+    task_loss_sum,
+)
+from mmpipe.model.text import create_text_encoder, hash_tokenize
+
+__all__ = [
+    "FUSION_MODES",
+    "MultimodalModel",
+    "create_fusion_head",
+    "create_image_encoder",
+    "create_model",
+    "create_text_encoder",
+    "hash_tokenize",
+    "info_nce",
+    "num_outputs",
+    "predict_labels",
+    "task_loss_sum",
+]

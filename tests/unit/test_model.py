@@ -1,0 +1,152 @@
+"""mmpipe.model: every fusion mode x task, InfoNCE by hand, tokenizer, encoders, freezing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpipe.config import TrainParams
+from mmpipe.model import (
+    FUSION_MODES,
+    create_fusion_head,
+    create_model,
+    hash_tokenize,
+    info_nce,
+    num_outputs,
+    task_loss_sum,
+)
+
+TEXTS = ["a red circle on the left, happy", "Square!", "", "two blue triangles at the top right"]
+
+
+def tiny(**overrides) -> TrainParams:
+    base = dict(width=16, embed_dim=8, head_hidden=16, vocab_size=128, max_tokens=8, text_layers=1)
+    return TrainParams(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel", "regression"])
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_every_fusion_and_task_forward_backward(fusion, task):
+    torch.manual_seed(0)
+    model = create_model(tiny(fusion=fusion, task=task), num_classes=3)
+    images = torch.randn(4, 3, 32, 32)  # (B, 3, H, W)
+    out = model(images, TEXTS)
+    k = num_outputs(task, 3)
+    assert out["image_emb"].shape == (4, 8) and out["text_emb"].shape == (4, 8)
+    assert out["logits"].shape == (4, k)
+    assert torch.allclose(out["image_emb"].norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(out["text_emb"].norm(dim=-1), torch.ones(4), atol=1e-5)
+    labels = torch.tensor([0, 1, -1, 2 if k > 2 else 1])
+    t_sum, n = task_loss_sum(out["logits"], labels, task)
+    assert n == 3
+    loss = info_nce(out["image_emb"], out["text_emb"], out["logit_scale"]) + t_sum / n
+    loss.backward()
+    assert model.logit_scale.grad is not None
+    head_grads = [q.grad for q in model.head.parameters() if q.requires_grad]
+    assert head_grads and all(g is not None for g in head_grads)
+    enc = model.image_encoder if fusion != "text_only" else model.text_encoder
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in enc.parameters())
+
+
+def test_info_nce_matches_hand_computation():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(2.0)
+    # logits = 2 * img @ txt.T = [[2, 1.2], [0, 1.6]]
+    i2t = -(math.log(math.exp(2) / (math.exp(2) + math.exp(1.2)))
+            + math.log(math.exp(1.6) / (math.exp(0) + math.exp(1.6)))) / 2
+    t2i = -(math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+            + math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    assert info_nce(img, txt, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    # distinct groups == no groups; a shared group makes both captions positives
+    assert info_nce(img, txt, scale, torch.tensor([5, 7])).item() == pytest.approx((i2t + t2i) / 2)
+    same = info_nce(img, txt, scale, torch.tensor([5, 5])).item()
+    row0 = -0.5 * (F.log_softmax(torch.tensor([2.0, 1.2]), 0).sum())
+    row1 = -0.5 * (F.log_softmax(torch.tensor([0.0, 1.6]), 0).sum())
+    col0 = -0.5 * (F.log_softmax(torch.tensor([2.0, 0.0]), 0).sum())
+    col1 = -0.5 * (F.log_softmax(torch.tensor([1.2, 1.6]), 0).sum())
+    assert same == pytest.approx(float((row0 + row1) / 2 + (col0 + col1) / 2) / 2, rel=1e-6)
+
+
+def test_hash_tokenizer_is_stateless_and_padded():
+    ids, mask = hash_tokenize(["Red, red circle!", "x"], vocab_size=100, max_tokens=3)
+    assert ids.shape == (2, 3) and ids[0, 0] == 1 and ids[1, 0] == 1  # cls first
+    assert ids[0, 1] == ids[0, 2]  # case-folded, punctuation split: "red" == "Red"
+    assert mask.tolist() == [[True, True, True], [True, True, False]] and ids[1, 2] == 0
+    assert torch.equal(hash_tokenize(["x"], 100, 3)[0], hash_tokenize(["x"], 100, 3)[0])
+    assert int(ids.max()) < 100
+
+
+@pytest.mark.parametrize("encoder", ["lstm", "transformer"])
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_text_encoders_ignore_padding(encoder, pool):
+    torch.manual_seed(0)
+    model = create_model(tiny(text_encoder=encoder, text_pool=pool, max_tokens=16), 2).eval()
+    alone = model.encode_text(["a circle"])
+    padded = model.encode_text(["a circle", "a very long caption with many many words in it"])
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "resnet"])
+def test_image_encoders_shapes(encoder):
+    model = create_model(tiny(image_encoder=encoder), 2)
+    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+    xi, xt = model.features(torch.randn(2, 3, 32, 32), ["a", "b"])
+    assert xi.shape == (2, 16) and xt.shape == (2, 16)
+
+
+def test_freezing_keeps_encoder_fixed_and_in_eval_mode():
+    model = create_model(tiny(freeze_image=True, freeze_text=True), 2).train()
+    assert not model.image_encoder.training and not model.text_encoder.training
+    assert model.head.training
+    out = model(torch.randn(2, 3, 32, 32), ["a", "b"])
+    (out["logits"].sum() + info_nce(out["image_emb"], out["text_emb"], out["logit_scale"])).backward()
+    assert all(q.grad is None for q in model.image_encoder.parameters())
+    assert all(q.grad is None for q in model.text_encoder.parameters())
+    assert model.image_proj.weight.grad is not None
+
+
+def test_weighted_alpha_fixed_or_learned():
+    fixed = create_fusion_head("weighted", 4, 6, tiny(fusion_alpha=0.25), 2)
+    assert not any(n == "alpha_logit" for n, _ in fixed.named_parameters())
+    assert float(fixed.alpha) == 0.25
+    learned = create_fusion_head("weighted", 4, 6, tiny(fusion_alpha=None), 2)
+    assert float(learned.alpha.detach()) == 0.5 and "alpha_logit" in dict(learned.named_parameters())
+
+
+def test_late_fusion_cannot_see_interactions_but_concat_can():
+    """XOR of one image bit and one text bit: concat fits it, late (additive logits) cannot."""
+    torch.manual_seed(0)
+    bi, bt = torch.randint(0, 2, (256,)), torch.randint(0, 2, (256,))
+    xi, xt = F.one_hot(bi, 2).float(), F.one_hot(bt, 2).float()  # (N, 2): survives LayerNorm
+    y = (bi != bt).long()
+    acc = {}
+    for mode in ("concat", "late"):
+        head = create_fusion_head(mode, 2, 2, tiny(dropout=0.0, head_hidden=32), 2)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(300):
+            loss = F.cross_entropy(head(xi, xt), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc[mode] = float((head(xi, xt).argmax(-1) == y).float().mean())
+    assert acc["concat"] > 0.99 and acc["late"] < 0.8
+
+
+def test_logit_scale_init_and_clamp():
+    model = create_model(tiny(init_temperature=0.05), 2)
+    assert float(model.scale().detach()) == pytest.approx(20.0, rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert float(model.scale().detach()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_task_loss_ignores_unlabelled():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
+    total, n = task_loss_sum(logits, torch.tensor([0, -1, -1]), "multiclass")
+    assert n == 1 and total.item() == pytest.approx(F.cross_entropy(logits[:1], torch.tensor([0])).item())
+    none, n0 = task_loss_sum(logits, torch.tensor([-1, -1, -1]), "multiclass")
+    assert n0 == 0 and none.item() == 0.0 and none.requires_grad is False
