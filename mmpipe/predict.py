@@ -1,0 +1,302 @@
+"""Inference: load a trained model, embed images and captions, search and classify.
+
+    predictor = load_predictor()          # models:/mmpipe-fusion@champion, else models/best.pt
+    predictor.search_captions("cat.jpg", ["a cat", "a dog"], k=1)
+    predictor.classify_pair("cat.jpg", "a cat on a mat")
+
+Images go through the same preprocessing as the shards the model was trained on
+(``mmpipe.shard``'s function: EXIF transpose, RGB, square resize, JPEG round trip) and the
+loader's normalisation, so a file scores the same here as in evaluation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmpipe.config import RegisterParams, TrackingParams
+from mmpipe.errors import InputError
+from mmpipe.io import read_json
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass
+class Predictor:
+    """A loaded model plus what inference needs to feed it (image size, class names, task)."""
+
+    model: torch.nn.Module
+    image_size: int
+    classes: list[str]
+    task: str = "multiclass"
+    source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings (stored beside a logged model)."""
+        return {"image_size": self.image_size, "classes": self.classes, "task": self.task}
+
+    def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Preprocess images exactly like the shards + loader: (B, 3, S, S) normalised."""
+        return torch.stack([self._tensor(img) for img in images]).to(self.device)
+
+    def _tensor(self, image: ImageInput) -> torch.Tensor:
+        from mmpipe.data import decode_image
+        from mmpipe.shard import preprocess_image
+
+        jpg = preprocess_image(_open_image(image), self.image_size)  # bytes, as stored in shards
+        return decode_image(jpg)  # (3, S, S)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        """(N, D) L2-normalised image embeddings."""
+        out = [
+            self.model.encode_image(self.load_images(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out).cpu() if out else torch.empty(0, 0)
+
+    @torch.no_grad()
+    def embed_captions(self, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, D) L2-normalised caption embeddings."""
+        out = [
+            self.model.encode_text(list(captions[i : i + batch_size]))
+            for i in range(0, len(captions), batch_size)
+        ]
+        return torch.cat(out).cpu() if out else torch.empty(0, 0)
+
+    def search_captions(
+        self, image: ImageInput, captions: Sequence[str], k: int = 5
+    ) -> list[dict[str, Any]]:
+        """The k captions most similar to ``image``: [{"rank", "index", "caption", "score"}]."""
+        if not captions:
+            raise InputError("search: no candidate captions given")
+        scores = (self.embed_images([image]) @ self.embed_captions(captions).T)[0]  # (T,)
+        return [
+            {"rank": r + 1, "index": i, "caption": captions[i], "score": float(scores[i])}
+            for r, i in enumerate(_top_k(scores, k))
+        ]
+
+    def search_images(
+        self, caption: str, images: Sequence[ImageInput], k: int = 5
+    ) -> list[dict[str, Any]]:
+        """The k images most similar to ``caption``: [{"rank", "index", "image", "score"}]."""
+        if not images:
+            raise InputError("search: no candidate images given")
+        scores = (self.embed_captions([caption]) @ self.embed_images(images).T)[0]  # (I,)
+        return [
+            {"rank": r + 1, "index": i, "image": _name(images[i]), "score": float(scores[i])}
+            for r, i in enumerate(_top_k(scores, k))
+        ]
+
+    @torch.no_grad()
+    def classify_pairs(
+        self, images: Sequence[ImageInput], captions: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """Task-head prediction + image/caption cosine similarity for each (image, caption)."""
+        if len(images) != len(captions):
+            raise InputError(f"{len(images)} images but {len(captions)} captions")
+        out = self.model(self.load_images(images), list(captions))
+        sims = (out["image_emb"] * out["text_emb"]).sum(-1).cpu()  # (B,)
+        rows = decode_logits(out["logits"].float().cpu(), self.task, self.classes)
+        for row, sim in zip(rows, sims.tolist(), strict=True):
+            row["similarity"] = sim
+        return rows
+
+    def classify_pair(self, image: ImageInput, caption: str) -> dict[str, Any]:
+        """One (image, caption): {"label", "label_index", "confidence", "probabilities", "similarity"}."""
+        return self.classify_pairs([image], [caption])[0]
+
+    def predict_frame(self, frame: Any) -> Any:
+        """pyfunc entry: DataFrame[image (base64 or path), caption] -> DataFrame of predictions."""
+        import pandas as pd
+
+        missing = {"image", "caption"} - set(frame.columns)
+        if missing:
+            raise InputError(f"input frame lacks column(s) {sorted(missing)}")
+        images = [_image_from_cell(v, i) for i, v in enumerate(frame["image"].tolist())]
+        rows = self.classify_pairs(images, [str(c) for c in frame["caption"].tolist()])
+        return pd.DataFrame(
+            {
+                "label": [str(r["label"]) for r in rows],
+                "label_index": [int(r["label_index"]) for r in rows],
+                "confidence": [float(r["confidence"]) for r in rows],
+                "similarity": [float(r["similarity"]) for r in rows],
+            }
+        )
+
+
+def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Turn task-head logits (B, C) into per-row predictions for the configured task."""
+    names = list(classes) or [str(i) for i in range(logits.shape[-1])]
+    if task == "regression":
+        return [
+            {"label": f"{v:.6g}", "label_index": -1, "confidence": float("nan"), "value": float(v)}
+            for v in logits.reshape(len(logits), -1)[:, 0].tolist()
+        ]
+    if task in ("binary", "multilabel") or logits.shape[-1] == 1:
+        probs = torch.sigmoid(logits)
+        if probs.shape[-1] == 1:  # one logit: P(class 1)
+            probs = torch.cat([1 - probs, probs], dim=-1)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    conf, idx = probs.max(dim=-1)
+    return [
+        {
+            "label": names[i] if i < len(names) else str(i),
+            "label_index": i,
+            "confidence": c,
+            "probabilities": {
+                (names[j] if j < len(names) else str(j)): p for j, p in enumerate(row)
+            },
+        }
+        for i, c, row in zip(idx.tolist(), conf.tolist(), probs.tolist(), strict=True)
+    ]
+
+
+def _top_k(scores: torch.Tensor, k: int) -> list[int]:
+    # stable: equal scores keep candidate order
+    order = np.argsort(-scores.numpy(), kind="stable")
+    return [int(i) for i in order[: max(k, 0)]]
+
+
+def _name(image: ImageInput) -> str:
+    return str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>"
+
+
+def _open_image(image: ImageInput) -> Image.Image:
+    """Open a path / bytes / PIL image; unreadable input is the user's error, with the file named."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image))
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise InputError(f"{image}: image file not found") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{_name(image)}: not a readable image ({exc})") from None
+
+
+def _image_from_cell(value: Any, row: int) -> ImageInput:
+    """A pyfunc ``image`` cell: raw bytes, an existing file path, or base64 of the bytes."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    text = str(value)
+    if len(text) < 4096 and Path(text).is_file():
+        return Path(text)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"row {row}: image is neither a file path nor base64 data") from None
+
+
+def _checkpoint_in(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise InputError(f"{path}: no best.pt or last.pt in this directory")
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    return path
+
+
+def _is_uri(source: str) -> bool:
+    return "://" in source or source.startswith(("models:/", "runs:/"))
+
+
+def _from_manifest(project_dir: Path) -> dict[str, Any]:
+    manifest = project_dir / "data" / "shards" / "manifest.json"
+    return read_json(manifest) if manifest.is_file() else {}
+
+
+def load_predictor(
+    source: str | Path | None = None,
+    *,
+    project_dir: str | Path = ".",
+    tracking: TrackingParams | None = None,
+    image_size: int | None = None,
+    classes: list[str] | None = None,
+    device: str = "cpu",
+) -> Predictor:
+    """Load from a model URI (``models:/...``, ``runs:/...``), a checkpoint file or a models dir.
+
+    ``None`` tries ``models:/mmpipe-fusion@champion`` in the project's MLflow registry and falls
+    back to ``<project>/models/best.pt`` (then last.pt) when there is no registry or champion.
+    """
+    project_dir = Path(project_dir)
+    sidecar: dict[str, Any] = {}
+    if source is None:
+        checkpoint, sidecar = _default_source(project_dir, tracking)
+    elif isinstance(source, str) and _is_uri(source):
+        from mmpipe import tracking as tracking_mod
+
+        checkpoint, sidecar = tracking_mod.download_model(source, tracking, project_dir)
+    else:
+        checkpoint = _checkpoint_in(Path(source))
+    return _build(checkpoint, sidecar, project_dir, image_size, classes, torch.device(device))
+
+
+def _default_source(
+    project_dir: Path, tracking: TrackingParams | None
+) -> tuple[Path, dict[str, Any]]:
+    from mmpipe import tracking as tracking_mod
+
+    p = RegisterParams()
+    uri = f"models:/{p.model_name}@{p.alias}"
+    found = tracking_mod.try_download_model(uri, tracking, project_dir)
+    if found is not None:
+        log.info("using %s", uri)
+        return found
+    log.info("no %s in the registry: using the checkpoint in %s", uri, project_dir / "models")
+    return _checkpoint_in(project_dir / "models"), {}
+
+
+def _build(
+    checkpoint: Path,
+    sidecar: dict[str, Any],
+    project_dir: Path,
+    image_size: int | None,
+    classes: list[str] | None,
+    device: torch.device,
+) -> Predictor:
+    from mmpipe.train import load_model
+
+    model, info = load_model(checkpoint)
+    model.to(device).eval()
+    info = dict(info or {})
+    manifest = _from_manifest(project_dir)
+    size = (
+        image_size
+        or sidecar.get("image_size")
+        or info.get("image_size")
+        or manifest.get("image_size")
+    )
+    if not size:
+        raise InputError(
+            f"{checkpoint}: image size unknown (not in the checkpoint, and no "
+            f"{project_dir}/data/shards/manifest.json); pass image_size="
+        )
+    names = (
+        classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes") or []
+    )
+    task = sidecar.get("task") or info.get("task") or _task_of(info)
+    return Predictor(model, int(size), list(names), task, str(checkpoint), device)
+
+
+def _task_of(info: dict[str, Any]) -> str:
+    params = info.get("params") or info.get("train_params") or {}
+    return str(params.get("task", "multiclass")) if isinstance(params, dict) else "multiclass"

@@ -1,0 +1,161 @@
+"""Predictor: preprocessing parity with the shards, search, classification, MLflow round trip."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mmpipe import predict, tracking
+from mmpipe.config import RegisterParams, TrackingParams
+from mmpipe.errors import InputError
+from tests.unit.test_evaluate import CLASSES, IMAGE_SIZE, _image, contract_stack, write_shards
+
+__all__ = ["contract_stack"]  # the fixture, re-exported for pytest
+
+
+@pytest.fixture
+def proj(tmp_path, contract_stack, monkeypatch):
+    """Project with shards (manifest gives image size + classes), a checkpoint and 4 image files."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    torch.manual_seed(0)
+    write_shards(tmp_path / "data" / "shards", {"test": 4}, captions=1)
+    ckpt = contract_stack.save_checkpoint(
+        contract_stack.TinyModel(), tmp_path / "models" / "best.pt"
+    )
+    images = []
+    for colour, shape in [
+        ("red", "circle"),
+        ("blue", "square"),
+        ("teal", "circle"),
+        ("orange", "square"),
+    ]:
+        path = tmp_path / f"{colour}_{shape}.png"
+        _image(colour, shape).rotate(90).save(path)
+        images.append(path)
+    yield tmp_path, ckpt, images
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def test_preprocessing_matches_the_shard_path(proj):
+    root, ckpt, images = proj
+    from mmpipe.data import decode_image
+    from mmpipe.shard import preprocess_image
+
+    p = predict.load_predictor(ckpt, project_dir=root)
+    assert p.image_size == IMAGE_SIZE and p.classes == CLASSES
+    expected = decode_image(preprocess_image(Image.open(images[0]), IMAGE_SIZE))
+    got = p.load_images([images[0]])[0]
+    assert got.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(got, expected)
+    # bytes and PIL input go through the same path
+    torch.testing.assert_close(p.load_images([images[0].read_bytes()])[0], expected)
+
+
+def test_search_and_classify(proj):
+    root, ckpt, images = proj
+    p = predict.load_predictor(ckpt, project_dir=root)
+    captions = ["a red circle", "a blue square", "a teal circle"]
+    hits = p.search_captions(images[0], captions, k=2)
+    scores = (p.embed_images([images[0]]) @ p.embed_captions(captions).T)[0]
+    assert [h["rank"] for h in hits] == [1, 2]
+    assert hits[0]["index"] == int(scores.argmax()) and hits[0]["score"] >= hits[1]["score"]
+    assert hits[0]["caption"] == captions[hits[0]["index"]]
+    found = p.search_images("a red circle", images, k=10)
+    assert len(found) == 4 and sorted(h["index"] for h in found) == [0, 1, 2, 3]
+    out = p.classify_pair(images[1], "a blue square")
+    assert out["label"] in CLASSES and out["label"] == CLASSES[out["label_index"]]
+    assert sum(out["probabilities"].values()) == pytest.approx(1.0)
+    assert out["confidence"] == pytest.approx(max(out["probabilities"].values()))
+    assert -1.0 <= out["similarity"] <= 1.0
+    with pytest.raises(InputError, match="not found"):
+        p.classify_pair(root / "missing.jpg", "x")
+    with pytest.raises(InputError, match="not a readable image"):
+        (root / "bad.jpg").write_bytes(b"not an image")
+        p.classify_pair(root / "bad.jpg", "x")
+
+
+def test_decode_logits_tasks():
+    rows = predict.decode_logits(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), "multiclass", ["a", "b"])
+    assert [r["label"] for r in rows] == ["b", "a"]
+    rows = predict.decode_logits(torch.tensor([[2.0], [-2.0]]), "binary", ["neg", "pos"])
+    assert [r["label"] for r in rows] == ["pos", "neg"]
+    assert rows[0]["confidence"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+
+
+def _frame(images) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image": [base64.b64encode(p.read_bytes()).decode() for p in images[:3]]
+            + [str(images[3])],
+            "caption": ["a red circle", "a blue square", "a teal circle", "an orange square"],
+        }
+    )
+
+
+def test_logged_model_reloads_and_predicts_the_same(proj, monkeypatch):
+    root, ckpt, images = proj
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # nothing may need pickle
+    store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    direct = predict.load_predictor(ckpt, project_dir=root).predict_frame(_frame(images))
+    with tracking.start_run(store, root, run_name="train") as run_id:
+        pass
+    uri = tracking.log_model(ckpt, run_id=run_id, image_size=IMAGE_SIZE, classes=CLASSES)
+    loaded = tracking.load_pyfunc(uri)
+    assert loaded.metadata.signature is not None
+    assert [c.name for c in loaded.metadata.signature.inputs] == ["image", "caption"]
+    pd.testing.assert_frame_equal(loaded.predict(_frame(images)), direct)
+
+    # registered as champion, the default source resolves through the registry
+    result = tracking.register_and_maybe_promote(run_id, uri, {"accuracy": 0.5}, RegisterParams())
+    assert result["promoted"]
+    (root / "models" / "best.pt").unlink()  # proves the checkpoint came from MLflow
+    p = predict.load_predictor(project_dir=root, tracking=store)
+    assert p.source != str(ckpt) and p.classes == CLASSES
+    pd.testing.assert_frame_equal(p.predict_frame(_frame(images)), direct)
+    p2 = predict.load_predictor("models:/mmpipe-fusion@champion", project_dir=root, tracking=store)
+    pd.testing.assert_frame_equal(p2.predict_frame(_frame(images)), direct)
+
+
+def test_default_source_falls_back_to_checkpoint_without_registry(proj):
+    root, ckpt, _ = proj
+    p = predict.load_predictor(project_dir=root)  # default sqlite DB does not exist
+    assert p.source == str(ckpt)
+    assert not (root / ".mmpipe" / "mlflow.db").exists()  # not created as a side effect
+    with pytest.raises(InputError, match="no best.pt"):
+        predict.load_predictor(root / "data")
+
+
+def test_frame_rejects_bad_input(proj):
+    root, ckpt, _ = proj
+    p = predict.load_predictor(ckpt, project_dir=root)
+    with pytest.raises(InputError, match="caption"):
+        p.predict_frame(pd.DataFrame({"image": ["x"]}))
+    with pytest.raises(InputError, match="row 0"):
+        p.predict_frame(pd.DataFrame({"image": ["%%%"], "caption": ["x"]}))
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 5)).save(buf, format="PNG")
+    assert len(p.predict_frame(pd.DataFrame({"image": [buf.getvalue()], "caption": ["x"]}))) == 1
+
+
+def test_register_trained_model_like_the_register_stage(proj):
+    root, ckpt, images = proj
+    store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    with tracking.start_run(store, root, run_name="train") as run_id:
+        pass
+    kw = {"run_id": run_id, "model_dir": root / "models", "register": RegisterParams()}
+    first = tracking.register_trained_model(store, root, metrics={"accuracy": 0.6}, **kw)
+    second = tracking.register_trained_model(store, root, metrics={"accuracy": 0.4}, **kw)
+    assert (first["version"], first["promoted"]) == (1, True)
+    assert (second["version"], second["promoted"], second["champion_version"]) == (2, False, 1)
+    # image size + classes came from the project's manifest into the logged sidecar
+    _, sidecar = tracking.download_model(second["model_uri"], store, root)
+    assert sidecar == {"image_size": IMAGE_SIZE, "classes": CLASSES, "task": "multiclass"}
