@@ -11,6 +11,7 @@ Prefect's default policy would key on the flow-run id and never reuse anything a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from pathlib import Path
@@ -42,10 +43,12 @@ def data_cache_key(stage: str):
         params = _params(parameters["params"])
         layout = _layout(parameters["project_dir"])
         fingerprint = pipeline.stage_fingerprint(stage, params, layout)
+        # the project is part of the key: a cached report names files of one project only
+        project = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:12]
         if pipeline.stage_is_current(stage, params, layout):
-            return f"mmpipe-{stage}-{fingerprint}"
+            return f"mmpipe-{stage}-{project}-{fingerprint}"
         # outputs missing or made from something else: never reuse an old cached result
-        return f"mmpipe-{stage}-{fingerprint}-stale-{uuid.uuid4().hex}"
+        return f"mmpipe-{stage}-{project}-{fingerprint}-stale-{uuid.uuid4().hex}"
 
     return key_fn
 

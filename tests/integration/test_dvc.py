@@ -1,0 +1,46 @@
+"""`dvc repro` in a fresh git+dvc project: runs, is a no-op the second time, re-runs only what a
+changed param touches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import git_env, make_project
+
+pytestmark = pytest.mark.slow
+
+
+def _dvc(project: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["dvc", *args], cwd=project, env=git_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_noop_and_partial_rerun(tmp_path):
+    project = make_project(tmp_path / "proj")
+    first = _dvc(project, "repro", "shard")
+    assert _ran(first) == {"ingest", "align", "shard"}
+    manifest = json.loads((project / "data/shards/manifest.json").read_text())
+    align = json.loads((project / "data/align/report.json").read_text())
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == align["pairs_per_split"]
+
+    second = _dvc(project, "repro", "shard")
+    assert _ran(second) == set(), second
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["shard"]["jpeg_quality"] = 70
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _dvc(project, "repro", "shard")
+    assert _ran(third) == {"shard"}, third
+    assert json.loads((project / "data/shards/manifest.json").read_text())["params_hash"] != manifest["params_hash"]

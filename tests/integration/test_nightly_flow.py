@@ -1,0 +1,64 @@
+"""The nightly Prefect flow end to end on tiny generated data, under prefect_test_harness."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.nightly import StageFailed, nightly
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _statuses(out: dict) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in out["summary"]}
+
+
+def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp_path):
+    import mlflow
+
+    project = make_project(tmp_path / "proj")
+    first = nightly(project_dir=str(project))
+    assert _statuses(first) == dict.fromkeys(
+        ["ingest", "align", "shard", "train", "evaluate", "register"], "done"
+    )
+    assert first["version"] == first["champion_version"] == 1 and first["promoted"]
+
+    # a worse model the second night: fewer steps; the data is unchanged
+    second = nightly(project_dir=str(project), overrides=["train.lr=1e-6"])
+    assert _statuses(second) == {
+        "ingest": "skipped",
+        "align": "skipped",
+        "shard": "skipped",
+        "train": "done",
+        "evaluate": "done",
+        "register": "done",
+    }
+    assert second["version"] == 2
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / '.mmpipe' / 'mlflow.db'}")
+    versions = client.search_model_versions("name='mmpipe-fusion'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
+    acc = {int(v.version): float(v.tags["accuracy"]) for v in versions}
+    assert int(champion.version) == max(acc, key=lambda v: (acc[v], -v))
+
+
+def test_failed_stage_stops_the_flow_with_a_summary(harness, tmp_path):
+    project = make_project(tmp_path / "proj")
+    with pytest.raises(StageFailed) as exc:
+        nightly(
+            project_dir=str(project),
+            overrides=["ingest.source=folder", f"ingest.root={tmp_path / 'nowhere'}"],
+        )
+    text = str(exc.value)
+    assert "ingest" in text and "FAILED" in text and "nowhere" in text
+    assert "register   not run" in text
+    assert not (project / "models").exists()
