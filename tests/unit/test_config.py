@@ -1,0 +1,98 @@
+"""params.yaml, the pydantic models and the CLI's --set / --help contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from mmpipe.cli import main
+from mmpipe.config import Params, ParamsError, Section, flatten, load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repo_params_yaml_validates_and_matches_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params == Params()  # params.yaml documents the defaults; drift is a bug
+
+
+def test_set_override_parses_yaml_values():
+    p = load_params(
+        REPO / "params.yaml",
+        ["train.fusion=gated", "train.lr=0.01", "train.compile=true", "evaluate.ks=[1, 3]"],
+    )
+    assert (p.train.fusion, p.train.lr, p.train.compile, p.evaluate.ks) == ("gated", 0.01, True, [1, 3])
+
+
+def test_nested_override():
+    p = load_params(REPO / "params.yaml", ["ingest.synthetic.n_images=50"])
+    assert p.ingest.synthetic.n_images == 50
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.fusoin=gated", "train.fusoin: unknown key"),
+        ("trian.lr=1", "trian: unknown key"),
+        ("train.fusion=mean", "train.fusion"),
+        ("align.train=0.95", "must be 1.0"),
+        ("train.lr", "expected section.key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override, fragment):
+    with pytest.raises(ParamsError, match=fragment.replace(".", r"\.").replace("[", r"\[")):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"shard": {"image_sise": 32}}))
+    with pytest.raises(ParamsError, match=r"shard\.image_sise: unknown key"):
+        load_params(f)
+
+
+def _fields(model: type[BaseModel]):
+    for name, field in model.model_fields.items():
+        yield model.__name__, name, field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            yield from _fields(ann)
+
+
+def test_every_field_is_documented():
+    missing = [f"{m}.{n}" for m, n, f in _fields(Params) if not f.description]
+    assert missing == []
+
+
+def test_dvc_yaml_params_exist_in_models():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    flat = flatten(Params())
+    sections = set(Params.model_fields)
+    for stage, spec in dvc["stages"].items():
+        for key in spec.get("params", []):
+            key = next(iter(key)) if isinstance(key, dict) else key
+            assert key in sections or key in flat, f"dvc.yaml stage {stage} reads unknown param {key}"
+
+
+def test_cli_unknown_key_exits_2_with_clear_message(capsys):
+    code = main(["params", "--params", str(REPO / "params.yaml"), "--set", "shard.copis=2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "shard.copis: unknown key" in err and "Traceback" not in err
+
+
+def test_cli_params_applies_override(capsys):
+    assert main(["params", "--params", str(REPO / "params.yaml"), "--set", "shard.copies=0"]) == 0
+    assert '"copies": 0' in capsys.readouterr().out
+
+
+def test_cli_stage_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["shard", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in Params.model_fields["shard"].annotation.model_fields:
+        assert f"shard.{name} =" in out
