@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_HOME", str(Path.cwd().resolve() / ".mmpipe" / "prefect"))
+# Prefect warns at import when its home is missing; a fresh clone has no .mmpipe/ yet.
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from mmpipe.config import load_params
 from tasks.stages import (
     align_task,
+    data_stage,
     evaluate_task,
     finish_tracking_task,
     ingest_task,
@@ -78,9 +79,11 @@ def nightly(
         if failed:
             rows.append({"stage": name, "status": "not run", "detail": "an earlier stage failed"})
             continue
-        extra = {} if name in dict(DATA_STAGES) else {"parent_run_id": parent}
+        extra: dict[str, Any] = {"parent_run_id": parent}  # each stage nests its MLflow run
         if name == "train":
             extra["resume"] = resume
+        if name in dict(DATA_STAGES):  # reuse the cached result only while outputs are current
+            stage_task = data_stage(name, pdict, proj)
         state = stage_task(pdict, proj, return_state=True, **extra)
         if state.is_failed() or state.is_crashed():
             failed = True

@@ -141,6 +141,12 @@ def _run_predict(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmpipe` and `python -m mmpipe`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["schedule"] and not {"-h", "--help"} & set(argv[1:2]):
+        # every option belongs to flows.schedule (argparse REMAINDER would reject "--cron ...");
+        # Prefect lives in flows/, which mmpipe must not import, hence the subprocess
+        cmd = [sys.executable, "-m", "flows.schedule", *argv[1:]]
+        return subprocess.call(cmd, env=os.environ.copy())
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -159,9 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_ui(Path(args.project_dir), port=args.port)
             return 0
-        else:  # schedule: Prefect lives in flows/, which mmpipe must not import
-            cmd = [sys.executable, "-m", "flows.schedule", *args.args]
-            return subprocess.call(cmd, env=os.environ.copy())
+        else:  # schedule --help
+            return subprocess.call([sys.executable, "-m", "flows.schedule", "--help"])
     except (ParamsError, MmpipeError) as exc:
         print(f"mmpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -79,7 +79,9 @@ def stage_is_current(stage: str, params: Params, layout: Layout) -> bool:
     return read_json(stamp).get("fingerprint") == stage_fingerprint(stage, params, layout)
 
 
-def _run_data_stage(stage: str, params: Params, layout: Layout, fn: Any) -> dict[str, Any]:
+def _run_data_stage(
+    stage: str, params: Params, layout: Layout, fn: Any, parent_run_id: str | None
+) -> dict[str, Any]:
     out_dir = _stage_out_dir(stage, layout)
     stamp = out_dir / STAMP
     if stamp.exists():  # outputs are about to change: the old stamp no longer vouches for them
@@ -87,29 +89,56 @@ def _run_data_stage(stage: str, params: Params, layout: Layout, fn: Any) -> dict
     fingerprint = stage_fingerprint(stage, params, layout)
     report = fn()
     write_json_atomic(stamp, {"stage": stage, "fingerprint": fingerprint})
+    if parent_run_id is not None:  # under a flow: one nested MLflow run per stage
+        from mmpipe import tracking
+
+        report_file = out_dir / "report.json"
+        tracking.log_stage_run(
+            params.tracking,
+            layout.root,
+            stage=stage,
+            parent_run_id=parent_run_id,
+            section=getattr(params, stage).model_dump(mode="json"),
+            report=report,
+            report_file=report_file if report_file.is_file() else out_dir / "manifest.json",
+        )
     return report
 
 
-def stage_ingest(params: Params, layout: Layout, **_: Any) -> dict[str, Any]:
-    """Validate the configured source into data/ingest/."""
+def stage_ingest(
+    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
+) -> dict[str, Any]:
+    """Validate the configured source into data/ingest/ (a nested MLflow run under a flow's)."""
     from mmpipe.ingest import run_ingest
 
     return _run_data_stage(
-        "ingest", params, layout, lambda: run_ingest(params.ingest, layout.ingest_dir)
+        "ingest",
+        params,
+        layout,
+        lambda: run_ingest(params.ingest, layout.ingest_dir),
+        parent_run_id,
     )
 
 
-def stage_align(params: Params, layout: Layout, **_: Any) -> dict[str, Any]:
-    """Pair and split data/ingest/ into data/align/."""
+def stage_align(
+    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
+) -> dict[str, Any]:
+    """Pair and split data/ingest/ into data/align/ (a nested MLflow run under a flow's)."""
     from mmpipe.align import run_align
 
     return _run_data_stage(
-        "align", params, layout, lambda: run_align(layout.ingest_dir, params.align, layout.align_dir)
+        "align",
+        params,
+        layout,
+        lambda: run_align(layout.ingest_dir, params.align, layout.align_dir),
+        parent_run_id,
     )
 
 
-def stage_shard(params: Params, layout: Layout, **_: Any) -> dict[str, Any]:
-    """Write WebDataset shards of data/align/ into data/shards/."""
+def stage_shard(
+    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
+) -> dict[str, Any]:
+    """Write WebDataset shards of data/align/ into data/shards/ (nested run under a flow's)."""
     from mmpipe.shard import run_shard
 
     return _run_data_stage(
@@ -117,6 +146,7 @@ def stage_shard(params: Params, layout: Layout, **_: Any) -> dict[str, Any]:
         params,
         layout,
         lambda: run_shard(layout.align_dir, layout.ingest_dir, params.shard, layout.shard_dir),
+        parent_run_id,
     )
 
 

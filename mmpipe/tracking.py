@@ -312,6 +312,52 @@ def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = Non
         raise InputError(f"{path}: no such file or directory to log as an MLflow artifact")
 
 
+def log_stage_run(
+    p: TrackingParams | None,
+    root: str | Path,
+    *,
+    stage: str,
+    parent_run_id: str,
+    section: Mapping[str, Any],
+    report: Mapping[str, Any],
+    report_file: str | Path | None = None,
+) -> str:
+    """Record a finished data stage as a run nested under the flow's run; returns its id.
+
+    Params = the stage's params section (flattened, ``<stage>.`` prefix), metrics = the numeric
+    counts of its report (``seen``, ``accepted``, ...), artifact = its report file.
+    """
+    init_tracking(p, root)
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent_run_id, "mmpipe.kind": "stage", "mmpipe.stage": stage},
+    )
+    run_id = run.info.run_id
+    flat: dict[str, Any] = {}
+    _flatten_params(flat, stage, section)
+    items = [Param(k, "null" if v is None else str(v)[:6000]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
+    log_metrics(run_id, report)
+    if report_file is not None and Path(report_file).is_file():
+        client.log_artifact(run_id, str(report_file))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def _flatten_params(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _flatten_params(out, f"{key}.{k}", v)
+    elif isinstance(value, list | dict):
+        out[key] = json.dumps(value, sort_keys=True)
+    else:
+        out[key] = value
+
+
 def log_evaluation(
     p: TrackingParams | None,
     root: str | Path,

@@ -4,16 +4,17 @@ Tasks take plain JSON-able arguments (the validated params as a dict, the projec
 return the stage's small report dict: paths and counts, never tensors or tables (TRAPS.md).
 
 Data stages (ingest, align, shard) are cached on *content*: the key is the stage's fingerprint
-(its params section, its code, the hash of its inputs) and is only offered while the stage's
-outputs on disk still carry that same fingerprint, so a deleted or overwritten output re-runs.
-Prefect's default policy would key on the flow-run id and never reuse anything across nights.
+(its params section, its code, the hash of its inputs). A cached result is only reused while
+the stage's outputs on disk still carry that fingerprint: `data_stage` gives the flow the task
+with ``refresh_cache=True`` otherwise, so a deleted or overwritten output re-runs (and the fresh
+result is stored under the same key for the next night). Prefect's default policy would key on
+the flow-run id and never reuse anything across nights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,19 @@ def data_cache_key(stage: str):
         fingerprint = pipeline.stage_fingerprint(stage, params, layout)
         # the project is part of the key: a cached report names files of one project only
         project = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:12]
-        if pipeline.stage_is_current(stage, params, layout):
-            return f"mmpipe-{stage}-{project}-{fingerprint}"
-        # outputs missing or made from something else: never reuse an old cached result
-        return f"mmpipe-{stage}-{project}-{fingerprint}-stale-{uuid.uuid4().hex}"
+        return f"mmpipe-{stage}-{project}-{fingerprint}"
 
     return key_fn
+
+
+def data_stage(stage: str, params: dict[str, Any], project_dir: str) -> Any:
+    """The task of data stage ``stage``, set to ignore its cache unless its outputs are current.
+
+    Call it right before submitting the stage: currency depends on the upstream stage's outputs.
+    """
+    tasks = {"ingest": ingest_task, "align": align_task, "shard": shard_task}
+    current = pipeline.stage_is_current(stage, _params(params), _layout(project_dir))
+    return tasks[stage] if current else tasks[stage].with_options(refresh_cache=True)
 
 
 def retry_on_io(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -63,21 +71,27 @@ _IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn
 
 
 @task(name="ingest", cache_key_fn=data_cache_key("ingest"), persist_result=True, **_IO_RETRIES)
-def ingest_task(params: dict[str, Any], project_dir: str) -> dict[str, Any]:
+def ingest_task(
+    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Stage ingest (cached on source content + params)."""
-    return pipeline.stage_ingest(_params(params), _layout(project_dir))
+    return pipeline.stage_ingest(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
 
 
 @task(name="align", cache_key_fn=data_cache_key("align"), persist_result=True, **_IO_RETRIES)
-def align_task(params: dict[str, Any], project_dir: str) -> dict[str, Any]:
+def align_task(
+    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Stage align (cached on the ingest tables + params)."""
-    return pipeline.stage_align(_params(params), _layout(project_dir))
+    return pipeline.stage_align(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
 
 
 @task(name="shard", cache_key_fn=data_cache_key("shard"), persist_result=True, **_IO_RETRIES)
-def shard_task(params: dict[str, Any], project_dir: str) -> dict[str, Any]:
+def shard_task(
+    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Stage shard (cached on the pairs table + params)."""
-    return pipeline.stage_shard(_params(params), _layout(project_dir))
+    return pipeline.stage_shard(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
 
 
 @task(name="train", persist_result=False)

@@ -23,20 +23,29 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
+def colour_stats(images: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and standard deviation of the input: (B, 3, H, W) -> (B, 6)."""
+    return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
 class SpatialPool(nn.Module):
-    """Average-pool to a 2x2 grid and project: keeps coarse left/right/top/bottom layout.
+    """Average-pool to a 2x2 grid, append global colour statistics, project.
 
     Global average pooling of a conv net is translation invariant, but captions talk about
-    positions ("on the left"), so the retrieval objective needs where things are.
+    positions ("on the left"), so the retrieval objective needs where things are. GroupNorm
+    normalises each sample's activations, which washes out the image's overall colour cast (the
+    first thing a mood/lighting/scene label depends on), so the input's per-channel mean and std
+    go straight to the projection as six extra features.
     """
 
     def __init__(self, channels: int, out_dim: int):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.proj = nn.Linear(4 * channels, out_dim)
+        self.proj = nn.Linear(4 * channels + 6, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(x).flatten(1))  # (B, C, h, w) -> (B, 4C) -> (B, F)
+    def forward(self, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        # (B, C, h, w) -> (B, 4C); + (B, 6) colour stats of the input -> (B, F)
+        return self.proj(torch.cat([self.pool(x).flatten(1), colour_stats(images)], dim=1))
 
 
 class CNNEncoder(nn.Module):
@@ -55,7 +64,7 @@ class CNNEncoder(nn.Module):
         self.pool = SpatialPool(width, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(images))  # (B, 3, H, W) -> (B, F)
+        return self.pool(self.body(images), images)  # (B, 3, H, W) -> (B, F)
 
 
 class BasicBlock(nn.Module):
@@ -93,7 +102,7 @@ class ResNetEncoder(nn.Module):
         self.pool = SpatialPool(width, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(self.stem(images)))  # (B, F)
+        return self.pool(self.blocks(self.stem(images)), images)  # (B, F)
 
 
 class EfficientNetLite0Encoder(nn.Module):

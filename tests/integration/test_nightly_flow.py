@@ -43,12 +43,31 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     }
     assert second["version"] == 2
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / '.mmpipe' / 'mlflow.db'}")
+    uri = f"sqlite:///{project / '.mmpipe' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("mmpipe").experiment_id
+    children = client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'"
+    )
+    assert sorted(r.info.run_name for r in children) == ["align", "ingest", "shard", "train"]
+    ingest_run = next(r for r in children if r.info.run_name == "ingest")
+    m = ingest_run.data.metrics
+    assert m["images.seen"] == m["images.accepted"] + m["images.rejected"] > 0
+    train_run = next(r for r in children if r.info.run_name == "train")
+    assert "test.accuracy" in train_run.data.metrics  # evaluate logs onto the training run
     versions = client.search_model_versions("name='mmpipe-fusion'")
     assert len(versions) == 2
     champion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
     acc = {int(v.version): float(v.tags["accuracy"]) for v in versions}
     assert int(champion.version) == max(acc, key=lambda v: (acc[v], -v))
+
+    # outputs deleted behind the cache's back: that stage re-runs, its upstream stays cached
+    import shutil
+
+    shutil.rmtree(project / "data" / "shards")
+    third = nightly(project_dir=str(project))
+    assert [_statuses(third)[s] for s in ("ingest", "align", "shard")] == ["skipped", "skipped", "done"]
+    assert (project / "data" / "shards" / "manifest.json").is_file()
 
 
 def test_failed_stage_stops_the_flow_with_a_summary(harness, tmp_path):

@@ -70,11 +70,13 @@ def store(tmp_path_factory) -> tuple[Path, str]:
     state = project / ".mmpipe"
     state.mkdir()
     uri = f"sqlite:///{state / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp_id = client.create_experiment(
         ui.EXPERIMENT, artifact_location=(state / "mlartifacts").as_uri()
     )
+    # both: an earlier test in this process may have pointed the registry elsewhere
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=RUN_NAME) as run:
             mlflow.log_metrics({"accuracy": ACCURACY, "val_loss": 0.4321})
@@ -86,6 +88,7 @@ def store(tmp_path_factory) -> tuple[Path, str]:
         client.set_registered_model_alias(ui.REGISTERED_MODEL, "champion", version)
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     assert run.info.run_name == RUN_NAME
     return project, str(version)
 
@@ -174,8 +177,8 @@ def test_model_page_shows_the_champion_alias(server, store, browser):
         page.get_by_text(f"Version {version}", exact=True).first.wait_for(timeout=60_000)
         page.get_by_text("champion").first.wait_for(timeout=10_000)
         _close_assistant(page)
-        page.screenshot(path=str(ARTIFACTS / "mlflow-model-champion.png"))
     finally:
+        page.screenshot(path=str(ARTIFACTS / "mlflow-model-champion.png"))
         page.close()
 
 

@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[2]
 def test_repo_params_yaml_validates_and_matches_defaults():
     params = load_params(REPO / "params.yaml")
     assert params == Params()  # params.yaml documents the defaults; drift is a bug
+    # and spells out every field, so users (and `dvc params diff`) see each one
+    written = _keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert written == set(flatten(Params()))
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _keys(value, f"{prefix}{key}.")
+        else:
+            out.add(f"{prefix}{key}")
+    return out
 
 
 def test_set_override_parses_yaml_values():
