@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from mmpipe.config import load_params
+from mmpipe.config import ParamsError, load_params
 from tasks.stages import (
     align_task,
     data_stage,
@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project-dir", default=".")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
+    params_path = Path(args.params)
+    if not params_path.is_absolute():
+        params_path = Path(args.project_dir) / params_path
+    try:  # a bad params file or --set fails here, in one line, before any flow run starts
+        load_params(params_path, args.overrides)
+    except ParamsError as exc:
+        print(f"python -m flows.nightly: error: {exc}", file=sys.stderr)
+        return 2
     try:
         out = nightly(args.params, args.overrides, args.project_dir, args.resume)
     except StageFailed as exc:
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     champion = out.get("champion_version")
     print(
         "\nmmpipe nightly: done\n"
-        f"  MLflow UI:  {out['ui']}   (then open the printed runs page)\n"
+        f"  MLflow UI:  make ui   (= .venv/bin/{out['ui']}; open the runs page it prints)\n"
         f"  reports:    {out['report']}/ (metrics.json, report.md, plots/)\n"
         f"  model:      version {out.get('version')} registered; champion is version {champion}"
         f" ({'promoted' if out.get('promoted') else 'not promoted'})"
