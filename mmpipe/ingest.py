@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import time
 import unicodedata
@@ -50,6 +49,7 @@ from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed
 from mmpipe.io import atomic_path, resolve_inside, sha256_bytes, write_json_atomic
 from mmpipe.io import write_jsonl_atomic as _write_jsonl
+from mmpipe.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def _validate_images(
     jobs = [(rel, str(root), p.extensions, p.max_pixels, p.min_side) for rel in rels]
     bar = dict(total=len(jobs), desc="ingest images", unit="img", disable=None)
     if p.workers > 1 and len(jobs) > 32:
-        with multiprocessing.get_context().Pool(p.workers) as pool:
+        with process_pool(p.workers, preload=[__name__]) as pool:
             results = list(tqdm(pool.imap(_validate_job, jobs, chunksize=16), **bar))
     else:
         results = list(tqdm(map(_validate_job, jobs), **bar))

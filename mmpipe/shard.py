@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -34,6 +33,7 @@ from mmpipe.augment import apply_augment, create_augment, derive_seed
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError
 from mmpipe.io import read_json, sha256_file, write_json_atomic
+from mmpipe.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -280,16 +280,6 @@ def _jobs(pairs: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         yield pairs[i : i + JOB_PAIRS]
 
 
-def _pool_context() -> Any:
-    """forkserver with this module preloaded: no fork of a threaded parent (Prefect runs tasks
-    in threads) and the ~2 s albumentations/torch import is paid once per process, not per pool."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def encode_all(pairs: list[dict[str, Any]], p: ShardParams) -> Iterator[list[dict[str, Any]]]:
     """Samples per job, in order, from p.workers processes (inline when 1)."""
     params = p.model_dump(mode="json")
@@ -297,8 +287,10 @@ def encode_all(pairs: list[dict[str, Any]], p: ShardParams) -> Iterator[list[dic
         _init_worker(params)
         yield from map(encode_job, _jobs(pairs))
         return
-    ctx = _pool_context()
-    with ctx.Pool(p.workers, initializer=_init_worker, initargs=(params,)) as pool:
+    # this module preloaded in the forkserver: the ~2 s albumentations/torch import is paid once
+    with process_pool(
+        p.workers, preload=[__name__], initializer=_init_worker, initargs=(params,)
+    ) as pool:
         yield from pool.imap(encode_job, _jobs(pairs), chunksize=2)
 
 

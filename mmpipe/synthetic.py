@@ -43,7 +43,6 @@ import csv
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -55,6 +54,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mmpipe.config import SyntheticParams, section_hash
+from mmpipe.parallel import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
         indices = range(p.n_images)
         bar = dict(total=p.n_images, desc="synthetic", unit="img", disable=None)
         if workers > 1 and p.n_images >= POOL_MIN_IMAGES:
-            with multiprocessing.get_context().Pool(workers) as pool:
+            with process_pool(workers, preload=[__name__]) as pool:
                 # imap keeps the order, so the CSV is identical whatever the worker count.
                 for rows in tqdm(pool.imap(job, indices, chunksize=64), **bar):
                     writer.writerows(rows)

@@ -1,0 +1,55 @@
+"""Process pools for the data stages: safe under a threaded orchestrator, quiet on shutdown.
+
+* forkserver (spawn where unavailable), never fork: Prefect runs tasks in threads, and forking a
+  threaded process can deadlock the child on a lock another thread held.
+* Workers restore the default SIGTERM handler (an orchestrator's handler must not run in them)
+  and ignore SIGINT: Ctrl-C reaches the parent, which terminates the pool.
+* A pool that finished its work is closed and joined, not terminated, so shutdown prints nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.context import BaseContext
+from multiprocessing.pool import Pool
+from typing import Any
+
+
+def pool_context(preload: Sequence[str] = ()) -> BaseContext:
+    """forkserver with ``preload`` modules imported once in the server; spawn where unsupported."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    if preload:
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
+def _init_worker(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+@contextlib.contextmanager
+def process_pool(
+    workers: int,
+    *,
+    preload: Sequence[str] = (),
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Iterator[Pool]:
+    """A pool of ``workers`` processes; closed + joined on success, terminated on error."""
+    pool = pool_context(preload).Pool(workers, initializer=_init_worker, initargs=(initializer, initargs))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
