@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,9 +377,18 @@ def create_dataloader(
         num_workers=num_workers,
         collate_fn=_identity,
         persistent_workers=False,
+        worker_init_fn=_init_loader_worker if num_workers else None,
     ).compose(rebatch)
     loader.stats = rebatch.stats
     return loader
+
+
+def _init_loader_worker(worker_id: int) -> None:
+    """Loader workers are forked from the trainer, which may run inside an orchestrator (Prefect
+    installs a SIGTERM handler that raises): restore the default, so the DataLoader's shutdown of
+    a slow worker ends it quietly instead of as a crashed worker; Ctrl-C goes to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- raw access
