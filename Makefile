@@ -7,6 +7,8 @@ STAMP := $(VENV)/.mmpipe-installed
 # Project-local state for Prefect and the model hubs (offline); MLflow lives in .mmpipe/ too.
 export PREFECT_HOME := $(CURDIR)/.mmpipe/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# A fresh clone migrates the ephemeral server's DB on the first run: more than the 20 s default.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -19,7 +21,7 @@ setup: $(STAMP)
 # see README ("GPU").
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	@test -d .git || git init -q
 	@test -d .dvc || dvc init -q
 	touch $@

@@ -10,3 +10,7 @@ Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The ephemeral server creates and migrates its SQLite DB on the first run of a fresh clone; on 2
+# busy cores that took longer than Prefect's 20 s default ("Timed out while attempting to connect
+# to ephemeral Prefect API server", measured on a fresh machine).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

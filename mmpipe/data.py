@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from mmpipe.augment import apply_augment, create_augment, derive_seed
 from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
 from mmpipe.io import read_json
+from mmpipe.parallel import pool_context
 
 log = logging.getLogger(__name__)
 
@@ -378,17 +380,25 @@ def create_dataloader(
         collate_fn=_identity,
         persistent_workers=False,
         worker_init_fn=_init_loader_worker if num_workers else None,
+        # never fork the trainer: under Prefect a forked worker ran Prefect's at-exit hooks and
+        # died with exit code 1 at the end of each epoch (see _init_loader_worker)
+        multiprocessing_context=pool_context(preload=("mmpipe.data",)) if num_workers else None,
     ).compose(rebatch)
     loader.stats = rebatch.stats
     return loader
 
 
 def _init_loader_worker(worker_id: int) -> None:
-    """Loader workers are forked from the trainer, which may run inside an orchestrator (Prefect
-    installs a SIGTERM handler that raises): restore the default, so the DataLoader's shutdown of
-    a slow worker ends it quietly instead of as a crashed worker; Ctrl-C goes to the parent."""
+    """Loader workers start from a forkserver, never a fork of the trainer: the trainer may run
+    inside an orchestrator whose state must not leak into them (a forked worker of a Prefect
+    task inherited Prefect's at-exit hooks, which fail outside the parent: "DataLoader worker
+    exited unexpectedly with exit code 1"). Default SIGTERM, so the DataLoader's shutdown of a
+    slow worker ends it quietly; Ctrl-C goes to the parent."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # an orchestrator may have swapped sys.stderr for a stream served by one of its threads, which
+    # a forked worker does not have: a worker's traceback would be lost ("exit code 1").
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
 # ----------------------------------------------------------------------------- raw access

@@ -33,6 +33,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,25 @@ _LOADER_SCRIPT = (
     "mlflow.models.set_model(FusionPyfunc())\n"
 )
 _initialised: set[tuple[str, str]] = set()
+# mlflow.set_tracking_uri() also *exports* MLFLOW_TRACKING_URI (for its subprocesses). That value is
+# ours, not the user's choice: remember it, so a second project in the same process (tests, the
+# benchmarks, a notebook) is not silently logged into the first project's store.
+_ENV_AT_IMPORT = os.environ.get("MLFLOW_TRACKING_URI")
+_exported_by_us: str | None = None
+
+
+def _user_env_uri() -> str | None:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and (env != _exported_by_us or env == _ENV_AT_IMPORT):
+        return env
+    return None
+
+
+def _set_uris(uri: str) -> None:
+    global _exported_by_us
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    _exported_by_us = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 # --------------------------------------------------------------------------- setup
@@ -70,7 +90,7 @@ def tracking_uri(p: TrackingParams | None, root: str | Path) -> str:
 
     A relative sqlite path in params (``sqlite:///x.db``) is taken relative to ``root``.
     """
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+    if env := _user_env_uri():
         return env
     if p is not None and p.uri:
         db = _sqlite_path(p.uri)
@@ -119,8 +139,7 @@ def init_tracking(p: TrackingParams | None, root: str | Path) -> str:
     """
     p = p or TrackingParams()
     uri = tracking_uri(p, root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _set_uris(uri)
     if (uri, p.experiment) not in _initialised:
         db = _sqlite_path(uri)
         lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
@@ -373,6 +392,11 @@ def log_evaluation(
 
 
 # --------------------------------------------------------------------------- model
+
+
+# MLflow warns at class creation that ``predict`` has no type hints; that is deliberate (it would
+# read them as the input schema, and the signature comes from the input example instead).
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 
 
 class FusionPyfunc(mlflow.pyfunc.PythonModel):

@@ -31,8 +31,12 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     )
     assert first["version"] == first["champion_version"] == 1 and first["promoted"]
 
-    # a worse model the second night: fewer steps; the data is unchanged
-    second = nightly(project_dir=str(project), overrides=["train.lr=1e-6"])
+    # a worse model the second night (tiny lr); the data is unchanged. Loader worker processes
+    # across two epochs inside a Prefect task: forked workers used to die at each epoch's end.
+    second = nightly(
+        project_dir=str(project),
+        overrides=["train.lr=1e-6", "train.num_workers=1", "train.epochs=2"],
+    )
     assert _statuses(second) == {
         "ingest": "skipped",
         "align": "skipped",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -201,3 +202,15 @@ def test_parallel_first_starts_share_one_db(tmp_path, monkeypatch):
     ids = {p.communicate(timeout=120)[0].decode().strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(ids) == 1 and (tmp_path / ".mmpipe" / "mlflow.db").is_file()
+
+
+def test_second_project_in_one_process_gets_its_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; that must not leak into project 2."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.init_tracking(TrackingParams(experiment="e"), tmp_path / "a")
+    assert os.environ["MLFLOW_TRACKING_URI"].endswith("/a/.mmpipe/mlflow.db")  # mlflow's export
+    uri_b = tracking.tracking_uri(TrackingParams(experiment="e"), tmp_path / "b")
+    assert uri_b == f"sqlite:///{tmp_path / 'b' / '.mmpipe' / 'mlflow.db'}"
+    # a value the user sets themselves still wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/y.db")
+    assert tracking.tracking_uri(None, tmp_path / "b") == "sqlite:////x/y.db"
