@@ -1,6 +1,7 @@
 """Prefect flows. Importing this package points Prefect's state at the project (PREFECT_HOME under
 .mmpipe/) unless the environment already says otherwise, and keeps model hubs offline."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,3 +15,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # busy cores that took longer than Prefect's 20 s default ("Timed out while attempting to connect
 # to ephemeral Prefect API server", measured on a fresh machine).
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# mmpipe's own log lines (per-epoch metrics, skipped stages, counts) go to the flow run's log.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmpipe")
+logging.getLogger("mmpipe").setLevel(logging.INFO)

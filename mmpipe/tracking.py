@@ -396,7 +396,9 @@ def log_evaluation(
 
 # MLflow warns at class creation that ``predict`` has no type hints; that is deliberate (it would
 # read them as the input schema, and the signature comes from the input example instead).
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=".*Add type hints to the `predict` method", category=UserWarning
+)
 
 
 class FusionPyfunc(mlflow.pyfunc.PythonModel):
@@ -458,7 +460,9 @@ def log_model(
         checkpoint, project_dir=project_dir, image_size=image_size, classes=classes
     )
     example = _example_frame(predictor.image_size)
-    signature = mlflow.models.infer_signature(example, predictor.predict_frame(example))
+    with warnings.catch_warnings():  # label_index is an int output and never missing
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+        signature = mlflow.models.infer_signature(example, predictor.predict_frame(example))
     with tempfile.TemporaryDirectory() as tmp:
         sidecar = Path(tmp) / SIDECAR
         sidecar.write_text(json.dumps(predictor.describe(), sort_keys=True), encoding="utf-8")
