@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"!! bench_{name} failed (exit {rc})", file=sys.stderr, flush=True)
             continue
         payloads.append(json.loads(out.read_text()))
+    # the summary covers every script's latest result in out-dir (a --only run refreshes some)
+    latest = [args.out_dir / f"{n}.json" for n in SCRIPTS if n not in names]
+    payloads += [json.loads(f.read_text()) for f in latest if f.exists()]
+    payloads.sort(key=lambda q: SCRIPTS.index(q["name"]) if q["name"] in SCRIPTS else 99)
     summary = {"machine": machine(), "scripts": payloads, "failed": failed}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -17,14 +17,20 @@ from multiprocessing.context import BaseContext
 from multiprocessing.pool import Pool
 from typing import Any
 
+# One forkserver serves every pool of a process, and it imports its preload list only when it
+# starts: whichever stage starts it first decides what later workers find already imported. So
+# every stage preloads the same list. Measured (benchmarks/README.md): with the first caller's list
+# only, each shard worker re-imported albumentations + torch (+2.4 s per shard run, 2 workers no
+# faster than 1) and each DataLoader worker re-imported torch (+2 s per loader, every epoch).
+PRELOAD = ("mmpipe.synthetic", "mmpipe.ingest", "mmpipe.shard", "mmpipe.data")
+
 
 def pool_context(preload: Sequence[str] = ()) -> BaseContext:
-    """forkserver with ``preload`` modules imported once in the server; spawn where unsupported."""
+    """forkserver with PRELOAD (+ ``preload``) imported once in the server; spawn where unsupported."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    if preload:
-        ctx.set_forkserver_preload(list(preload))
+    ctx.set_forkserver_preload(list(dict.fromkeys([*PRELOAD, *preload])))
     return ctx
 
 
