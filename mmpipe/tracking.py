@@ -395,29 +395,27 @@ def log_evaluation(
 
 
 # MLflow warns at class creation that ``predict`` has no type hints; that is deliberate (it would
-# read them as the input schema, and the signature comes from the input example instead).
-warnings.filterwarnings(
-    "ignore", message=".*Add type hints to the `predict` method", category=UserWarning
-)
+# read them as the input schema; the signature comes from the input example instead). Its own
+# decorator resets the warning filters, so the warning is recorded and dropped instead.
+with warnings.catch_warnings(record=True):
 
+    class FusionPyfunc(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper of ``mmpipe.predict.Predictor``: (image, caption) rows -> predictions."""
 
-class FusionPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of ``mmpipe.predict.Predictor``: (image, caption) rows -> predictions."""
+        def load_context(self, context: Any) -> None:
+            """Load the checkpoint (weights only) and the sidecar."""
+            from mmpipe.predict import load_predictor
 
-    def load_context(self, context: Any) -> None:
-        """Load the checkpoint (weights only) and the sidecar."""
-        from mmpipe.predict import load_predictor
+            sidecar = read_json(context.artifacts[SIDECAR_ARTIFACT])
+            self.predictor = load_predictor(
+                Path(context.artifacts[CHECKPOINT_ARTIFACT]),
+                image_size=sidecar.get("image_size"),
+                classes=sidecar.get("classes"),
+            )
 
-        sidecar = read_json(context.artifacts[SIDECAR_ARTIFACT])
-        self.predictor = load_predictor(
-            Path(context.artifacts[CHECKPOINT_ARTIFACT]),
-            image_size=sidecar.get("image_size"),
-            classes=sidecar.get("classes"),
-        )
-
-    def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
-        """DataFrame[image, caption] -> DataFrame[label, label_index, confidence, similarity]."""
-        return self.predictor.predict_frame(model_input)
+        def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
+            """DataFrame[image, caption] -> DataFrame[label, label_index, confidence, similarity]."""
+            return self.predictor.predict_frame(model_input)
 
 
 def image_to_base64(path: str | Path) -> str:

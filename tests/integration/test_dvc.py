@@ -44,3 +44,18 @@ def test_repro_noop_and_partial_rerun(tmp_path):
     third = _dvc(project, "repro", "shard")
     assert _ran(third) == {"shard"}, third
     assert json.loads((project / "data/shards/manifest.json").read_text())["params_hash"] != manifest["params_hash"]
+
+
+def test_exp_run_with_a_param_override(tmp_path):
+    """`dvc exp run -S train.fusion=gated` re-runs only train and evaluate (data cached) and
+    `dvc exp show` lists the experiment with its metrics."""
+    project = make_project(tmp_path / "proj")
+    _dvc(project, "repro")  # the baseline on the commit
+    out = _dvc(project, "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
+    assert {"train", "evaluate"} <= _ran(out), out
+    assert not {"ingest", "align", "shard"} & _ran(out), out  # data unchanged: cached
+    shown = json.loads(_dvc(project, "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert '"gated"' in text and "accuracy" in text
+    report = json.loads((project / "models" / "train_report.json").read_text())
+    assert report["model"]["fusion"] == "gated"
