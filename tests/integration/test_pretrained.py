@@ -117,3 +117,45 @@ def test_pretrained_encoders_retrieve_held_out_real_photos_after_a_short_finetun
           f"(chance {chance['i2t'][1]:.2f})")
     assert t2i[1] >= 2 * chance["t2i"][1]
     assert i2t[1] >= 2 * chance["i2t"][1]
+
+
+def test_pretrained_encoders_retrieve_unseen_captions_of_real_photos_far_above_chance(
+    shared_data, tmp_path
+):
+    """The transfer a user gets from the pretrained text encoder: after 100 steps of the
+    projection heads on 3 captions per coco-mini photo, the 2 captions per photo never trained on
+    (new wording) retrieve their photo among all 24 (measured: R@1 t2i 0.94, i2t 1.0; chance
+    0.042; untrained heads 0.08 / 0.04)."""
+    from mmpipe.metrics import recall_at_k_i2t, recall_at_k_t2i, retrieval_chance
+    from mmpipe.model.multimodal import info_nce
+
+    torch.manual_seed(0)
+    p = TrainParams(image_encoder="efficientnet_lite0", text_encoder="minilm", freeze_image=True,
+                    freeze_text=True, embed_dim=64)
+    model = create_model(p, 1).eval()
+    fi, ft, owner = _coco_features(model, shared_data / "coco-mini", tmp_path)
+    nth = torch.zeros_like(owner)  # the n-th caption of its image, in file order
+    counts: dict[int, int] = {}
+    for i, o in enumerate(owner.tolist()):
+        nth[i] = counts.get(o, 0)
+        counts[o] = counts.get(o, 0) + 1
+    train_caps, test_caps = nth < 3, nth >= 3
+    assert int(test_caps.sum()) == 2 * len(fi)
+    heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
+    opt = torch.optim.AdamW(heads, lr=1e-3)
+    for _ in range(100):
+        img = F.normalize(model.image_proj(fi[owner[train_caps]]), dim=-1)
+        txt = F.normalize(model.text_proj(ft[train_caps]), dim=-1)
+        loss = info_nce(img, txt, model.scale(), owner[train_caps])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sim = (F.normalize(model.image_proj(fi), dim=-1)
+               @ F.normalize(model.text_proj(ft[test_caps]), dim=-1).T).numpy()
+    o = owner[test_caps].numpy()
+    chance = retrieval_chance(o, len(fi), [1])
+    t2i, i2t = recall_at_k_t2i(sim, o, [1]), recall_at_k_i2t(sim, o, [1])
+    print(f"unseen captions R@1 t2i {t2i[1]:.2f}, i2t {i2t[1]:.2f} (chance {chance['t2i'][1]:.3f})")
+    assert t2i[1] >= 10 * chance["t2i"][1]
+    assert i2t[1] >= 10 * chance["i2t"][1]
