@@ -108,8 +108,14 @@ class MiniLMTextEncoder(nn.Module):
         hf_logging.disable_progress_bar()
         path = str(get_model_path())  # a local directory: works with HF_HUB_OFFLINE=1
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # no pooler: its weights would get no gradient (we mean-pool), which DDP rejects
-        self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        # no pooler: its weights would get no gradient (we mean-pool), which DDP rejects; the load
+        # report listing the checkpoint's pooler weights as unused is expected, so it is muted
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.max_tokens = p.max_tokens
 
     def forward(self, texts: list[str]) -> torch.Tensor:
