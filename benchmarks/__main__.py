@@ -20,19 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import REPO, RESULTS, machine
+from benchmarks._common import _fmt as fmt
 
 SCRIPTS = ("ingest_shard", "loader", "memory", "growth", "orchestration", "train")
 
 
 def markdown(payloads: list[dict[str, Any]]) -> str:
     """One table over every script: figure, value, ratio, target, met, conditions, command."""
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
 
     lines = [
         "| script | figure | value | ratio | target | met | note |",

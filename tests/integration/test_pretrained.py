@@ -82,13 +82,26 @@ def _coco_features(model, root, tmp_path):
     return fi, ft, torch.tensor([index[r["image_id"]] for r in records])
 
 
+def _train_heads(model, fi, ft, owner, train_caps, steps: int) -> None:
+    """``steps`` of AdamW on the projection heads only (InfoNCE, captions of an image positives)."""
+    from mmpipe.model.multimodal import info_nce
+
+    heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
+    opt = torch.optim.AdamW(heads, lr=1e-3)
+    for _ in range(steps):
+        img = F.normalize(model.image_proj(fi[owner[train_caps]]), dim=-1)
+        txt = F.normalize(model.text_proj(ft[train_caps]), dim=-1)
+        loss = info_nce(img, txt, model.scale(), owner[train_caps])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_pretrained_encoders_retrieve_held_out_real_photos_after_a_short_finetune(shared_data, tmp_path):
     """EfficientNet-Lite0 + MiniLM, frozen; 200 steps of the projection heads on 16 COCO photos;
     retrieval on the 8 held-out photos (40 captions) is above chance (measured: R@1 t2i 0.28,
     i2t 0.38, chance 0.125; 16 training photos are too few for more, see the issue notes)."""
     from mmpipe.metrics import recall_at_k_i2t, recall_at_k_t2i, retrieval_chance
-    from mmpipe.model.multimodal import info_nce
-
     torch.manual_seed(0)
     p = TrainParams(image_encoder="efficientnet_lite0", text_encoder="minilm", freeze_image=True,
                     freeze_text=True, embed_dim=64)
@@ -96,15 +109,7 @@ def test_pretrained_encoders_retrieve_held_out_real_photos_after_a_short_finetun
     fi, ft, owner = _coco_features(model, shared_data / "coco-mini", tmp_path)
     test_images = torch.arange(len(fi)) % 3 == 0  # 8 held out
     train_caps, test_caps = ~test_images[owner], test_images[owner]
-    heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
-    opt = torch.optim.AdamW(heads, lr=1e-3)
-    for _ in range(200):
-        img = F.normalize(model.image_proj(fi[owner[train_caps]]), dim=-1)
-        txt = F.normalize(model.text_proj(ft[train_caps]), dim=-1)
-        loss = info_nce(img, txt, model.scale(), owner[train_caps])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_heads(model, fi, ft, owner, train_caps, steps=200)
     with torch.no_grad():
         img = F.normalize(model.image_proj(fi[test_images]), dim=-1)  # (8, D)
         txt = F.normalize(model.text_proj(ft[test_caps]), dim=-1)  # (40, D)
@@ -127,8 +132,6 @@ def test_pretrained_encoders_retrieve_unseen_captions_of_real_photos_far_above_c
     (new wording) retrieve their photo among all 24 (measured: R@1 t2i 0.94, i2t 1.0; chance
     0.042; untrained heads 0.08 / 0.04)."""
     from mmpipe.metrics import recall_at_k_i2t, recall_at_k_t2i, retrieval_chance
-    from mmpipe.model.multimodal import info_nce
-
     torch.manual_seed(0)
     p = TrainParams(image_encoder="efficientnet_lite0", text_encoder="minilm", freeze_image=True,
                     freeze_text=True, embed_dim=64)
@@ -141,15 +144,7 @@ def test_pretrained_encoders_retrieve_unseen_captions_of_real_photos_far_above_c
         counts[o] = counts.get(o, 0) + 1
     train_caps, test_caps = nth < 3, nth >= 3
     assert int(test_caps.sum()) == 2 * len(fi)
-    heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
-    opt = torch.optim.AdamW(heads, lr=1e-3)
-    for _ in range(100):
-        img = F.normalize(model.image_proj(fi[owner[train_caps]]), dim=-1)
-        txt = F.normalize(model.text_proj(ft[train_caps]), dim=-1)
-        loss = info_nce(img, txt, model.scale(), owner[train_caps])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_heads(model, fi, ft, owner, train_caps, steps=100)
     with torch.no_grad():
         sim = (F.normalize(model.image_proj(fi), dim=-1)
                @ F.normalize(model.text_proj(ft[test_caps]), dim=-1).T).numpy()
