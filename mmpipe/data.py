@@ -382,7 +382,7 @@ def create_dataloader(
         worker_init_fn=_init_loader_worker if num_workers else None,
         # never fork the trainer: under Prefect a forked worker ran Prefect's at-exit hooks and
         # died with exit code 1 at the end of each epoch (see _init_loader_worker)
-        multiprocessing_context=pool_context(preload=("mmpipe.data",)) if num_workers else None,
+        multiprocessing_context=pool_context() if num_workers else None,
     ).compose(rebatch)
     loader.stats = rebatch.stats
     return loader

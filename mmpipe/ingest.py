@@ -544,7 +544,7 @@ def _validate_images(
     jobs = [(rel, str(root), p.extensions, p.max_pixels, p.min_side) for rel in rels]
     bar = dict(total=len(jobs), desc="ingest images", unit="img", disable=None)
     if p.workers > 1 and len(jobs) > 32:
-        with process_pool(p.workers, preload=[__name__]) as pool:
+        with process_pool(p.workers) as pool:
             results = list(tqdm(pool.imap(_validate_job, jobs, chunksize=16), **bar))
     else:
         results = list(tqdm(map(_validate_job, jobs), **bar))

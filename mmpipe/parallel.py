@@ -12,25 +12,25 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.pool import Pool
 from typing import Any
 
 # One forkserver serves every pool of a process, and it imports its preload list only when it
 # starts: whichever stage starts it first decides what later workers find already imported. So
-# every stage preloads the same list. Measured (benchmarks/README.md): with the first caller's list
+# every pool preloads this one list. Measured (benchmarks/README.md): with the first caller's list
 # only, each shard worker re-imported albumentations + torch (+2.4 s per shard run, 2 workers no
 # faster than 1) and each DataLoader worker re-imported torch (+2 s per loader, every epoch).
 PRELOAD = ("mmpipe.synthetic", "mmpipe.ingest", "mmpipe.shard", "mmpipe.data")
 
 
-def pool_context(preload: Sequence[str] = ()) -> BaseContext:
-    """forkserver with PRELOAD (+ ``preload``) imported once in the server; spawn where unsupported."""
+def pool_context() -> BaseContext:
+    """forkserver with PRELOAD imported once in the server; spawn where unsupported."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(dict.fromkeys([*PRELOAD, *preload])))
+    ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
 
 
@@ -45,12 +45,11 @@ def _init_worker(initializer: Callable[..., None] | None, initargs: tuple[Any, .
 def process_pool(
     workers: int,
     *,
-    preload: Sequence[str] = (),
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
 ) -> Iterator[Pool]:
     """A pool of ``workers`` processes; closed + joined on success, terminated on error."""
-    pool = pool_context(preload).Pool(workers, initializer=_init_worker, initargs=(initializer, initargs))
+    pool = pool_context().Pool(workers, initializer=_init_worker, initargs=(initializer, initargs))
     try:
         yield pool
     except BaseException:

@@ -301,10 +301,9 @@ def encode_all(pairs: pa.Table, p: ShardParams, where: Path) -> Iterator[list[di
         _init_worker(params)
         yield from map(encode_job, _jobs(pairs, where))
         return
-    # this module preloaded in the forkserver: the ~2 s albumentations/torch import is paid once
-    with process_pool(
-        p.workers, preload=[__name__], initializer=_init_worker, initargs=(params,)
-    ) as pool:
+    # this module is preloaded in the forkserver (parallel.PRELOAD): its ~2 s albumentations/torch
+    # import is paid once per process, not per worker
+    with process_pool(p.workers, initializer=_init_worker, initargs=(params,)) as pool:
         yield from pool.imap(encode_job, _jobs(pairs, where), chunksize=2)
 
 

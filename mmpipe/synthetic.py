@@ -173,7 +173,7 @@ def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
         indices = range(p.n_images)
         bar = dict(total=p.n_images, desc="synthetic", unit="img", disable=None)
         if workers > 1 and p.n_images >= POOL_MIN_IMAGES:
-            with process_pool(workers, preload=[__name__]) as pool:
+            with process_pool(workers) as pool:
                 # imap keeps the order, so the CSV is identical whatever the worker count.
                 for rows in tqdm(pool.imap(job, indices, chunksize=64), **bar):
                     writer.writerows(rows)
