@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import signal
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,9 +395,6 @@ def _init_loader_worker(worker_id: int) -> None:
     slow worker ends it quietly; Ctrl-C goes to the parent."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # an orchestrator may have swapped sys.stderr for a stream served by one of its threads, which
-    # a forked worker does not have: a worker's traceback would be lost ("exit code 1").
-    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
 # ----------------------------------------------------------------------------- raw access
