@@ -105,22 +105,16 @@ def loader_epoch(shard_dir: Path, batch_size: int, num_workers: int, shuffle: in
     return sum(len(b["label"]) for b in loader)
 
 
-def export_folder(tars: list[Path], dest: Path) -> list[tuple[str, str, int]]:
-    """Write the train shards' stored JPEGs as files (same bytes); rows for FolderDataset."""
-    from mmpipe.data import iterate_split  # noqa: F401  (documented reader; tarfile is enough)
+def export_folder(shard_dir: Path, dest: Path) -> list[tuple[str, str, int]]:
+    """Write the train split's stored JPEGs as files (same bytes); rows for FolderDataset."""
+    from mmpipe.data import iterate_split
 
     dest.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in tars:
-        with tarfile.open(path, "r") as tar:
-            current: dict[str, bytes] = {}
-            members = [(m.name.split(".", 1), tar.extractfile(m).read()) for m in tar]
-        for (key, ext), payload in members:
-            current.setdefault(key, {})[ext] = payload
-        for key, s in current.items():
-            f = dest / f"{key}.jpg"
-            f.write_bytes(s["jpg"])
-            rows.append((str(f), s["txt"].decode(), json.loads(s["json"]).get("label_index", -1)))
+    for sample in iterate_split(shard_dir, "train"):
+        f = dest / f"{sample['__key__']}.jpg"
+        f.write_bytes(sample["jpg"])
+        rows.append((str(f), sample["txt"], sample["json"].get("label_index", -1)))
     return sorted(rows)
 
 
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest = json.loads((shard_dir / "manifest.json").read_text())
         tars = [shard_dir / s["name"] for s in manifest["splits"]["train"]["shards"]]
         train_count = manifest["splits"]["train"]["count"]
-        rows = export_folder(tars, work / "folder")
+        rows = export_folder(shard_dir, work / "folder")
         fns = {
             "raw_tar": lambda: raw_tar_epoch(tars, batch),
             "loader_w0": lambda: loader_epoch(shard_dir, batch, 0, 0),
