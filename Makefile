@@ -7,8 +7,6 @@ STAMP := $(VENV)/.mmpipe-installed
 # Project-local state for Prefect and the model hubs (offline); MLflow lives in .mmpipe/ too.
 export PREFECT_HOME := $(CURDIR)/.mmpipe/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-# A fresh clone migrates the ephemeral server's DB on the first run: more than the 20 s default.
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
