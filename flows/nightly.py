@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from mmpipe.config import ParamsError, load_params
+from mmpipe.config import params_file as params_path  # `params_file` is the flow parameter
 from tasks.stages import (
     align_task,
     data_stage,
@@ -68,8 +69,7 @@ def nightly(
     """Run the whole DAG once; returns where to look (UI command, report, champion version)."""
     logger = get_run_logger()
     project = Path(project_dir).resolve()
-    params_path = Path(params_file)
-    params = load_params(params_path if params_path.is_absolute() else project / params_path, overrides)
+    params = load_params(params_path(params_file, project), overrides)
     pdict, proj = params.model_dump(mode="json"), str(project)
     parent = start_tracking_task(pdict, proj)
     rows: list[dict[str, str]] = []
@@ -117,11 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project-dir", default=".")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
-    params_path = Path(args.params)
-    if not params_path.is_absolute():
-        params_path = Path(args.project_dir) / params_path
     try:  # a bad params file or --set fails here, in one line, before any flow run starts
-        load_params(params_path, args.overrides)
+        load_params(params_path(args.params, args.project_dir), args.overrides)
     except ParamsError as exc:
         print(f"python -m flows.nightly: error: {exc}", file=sys.stderr)
         return 2

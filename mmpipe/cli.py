@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpipe.config import Params, ParamsError, describe_section, load_params
+from mmpipe.config import Params, ParamsError, describe_section, load_params, params_file
 from mmpipe.errors import MmpipeError
 from mmpipe.layout import Layout
 
@@ -49,7 +49,7 @@ def _fields_epilog(sections: tuple[str, ...]) -> str:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml", help="params file, relative to --project-dir (default: params.yaml)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -113,7 +113,7 @@ def _add_predict_parsers(sub: Any) -> None:
 def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
     from mmpipe import pipeline
 
-    params = load_params(args.params, args.overrides)
+    params = load_params(params_file(args.params, args.project_dir), args.overrides)
     layout = Layout(Path(args.project_dir))
     runners: dict[str, Callable[..., dict[str, Any]]] = {
         "ingest": pipeline.stage_ingest,
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGES:
             result = _run_stage(args)
         elif args.command == "params":
-            result = load_params(args.params, args.overrides).model_dump(mode="json")
+            path = params_file(args.params, args.project_dir)
+            result = load_params(path, args.overrides).model_dump(mode="json")
         elif args.command in ("predict", "search"):
             result = _run_predict(args)
         elif args.command == "ui":

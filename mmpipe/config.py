@@ -282,6 +282,12 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def params_file(path: str | Path, project_dir: str | Path = ".") -> Path:
+    """The params file a command means: a relative ``--params`` is inside ``--project-dir``."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(project_dir) / path
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read ``params.yaml`` (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}

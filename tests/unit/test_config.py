@@ -102,6 +102,15 @@ def test_cli_params_applies_override(capsys):
     assert '"copies": 0' in capsys.readouterr().out
 
 
+def test_cli_reads_the_params_file_of_the_project_dir(tmp_path, monkeypatch, capsys):
+    """`mmpipe <stage> --project-dir X` reads X/params.yaml, as `python -m flows.nightly` does."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "params.yaml").write_text("shard:\n  copies: 3\n")
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    assert main(["params", "--project-dir", "proj"]) == 0
+    assert '"copies": 3' in capsys.readouterr().out
+
+
 def test_cli_stage_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["shard", "--help"])
