@@ -173,3 +173,136 @@ def rmse(y_true: Any, y_pred: Any) -> float:
     """Root mean squared error."""
     t, p = _np(y_true).astype(np.float64), _np(y_pred).astype(np.float64)
     return float(np.sqrt(np.mean((t - p) ** 2))) if t.size else float("nan")
+
+
+def r2(y_true: Any, y_pred: Any) -> float:
+    """Coefficient of determination (1 - SS_res / SS_tot); nan for fewer than 2 samples."""
+    from sklearn.metrics import r2_score
+
+    t, p = _np(y_true).astype(np.float64), _np(y_pred).astype(np.float64)
+    return float(r2_score(t, p)) if t.size >= 2 else float("nan")
+
+
+def median_rank(sim: Any, text_to_image: Any) -> dict[str, float]:
+    """1-based median rank of the first correct item, both ways: {"i2t": ..., "t2i": ...}.
+
+    i2t: for each image, the best rank among its captions; t2i: the rank of each caption's image.
+    """
+    s, t2i = _np(sim).astype(np.float64), _np(text_to_image).astype(np.int64)
+    _check_sim(s, t2i)
+    if s.shape[1] == 0:
+        return {"i2t": float("nan"), "t2i": float("nan")}
+    ranks = _ranks(s)  # (I, T)
+    own = t2i[None, :] == np.arange(s.shape[0])[:, None]
+    has = own.any(axis=1)
+    best_i2t = np.where(own, ranks, np.iinfo(np.int64).max).min(axis=1)[has] + 1
+    best_t2i = _ranks(s.T)[np.arange(s.shape[1]), t2i] + 1
+    return {"i2t": float(np.median(best_i2t)), "t2i": float(np.median(best_t2i))}
+
+
+def multilabel_f1(y_true: Any, y_pred: Any) -> dict[str, float]:
+    """Micro and macro F1 of multi-hot (N, C) 0/1 arrays; macro over classes seen in either."""
+    from sklearn.metrics import f1_score
+
+    t, p = _np(y_true).astype(np.int64), _np(y_pred).astype(np.int64)
+    if t.shape != p.shape or t.ndim != 2:
+        raise ValueError(f"multi-hot arrays must be (N, C) and equal, got {t.shape} and {p.shape}")
+    present = (t.sum(axis=0) + p.sum(axis=0)) > 0
+    if not t.size or not present.any():
+        return {"micro_f1": float("nan"), "macro_f1": float("nan")}
+    micro = f1_score(t, p, average="micro", zero_division=0)
+    macro = f1_score(t[:, present], p[:, present], average="macro", zero_division=0)
+    return {"micro_f1": float(micro), "macro_f1": float(macro)}
+
+
+def mean_average_precision(y_true: Any, scores: Any) -> float:
+    """Mean over classes (with at least one positive) of the average precision of (N, C) scores."""
+    from sklearn.metrics import average_precision_score
+
+    t, s = _np(y_true).astype(np.int64), _np(scores).astype(np.float64)
+    if t.shape != s.shape or t.ndim != 2:
+        raise ValueError(f"y_true and scores must be (N, C) and equal, got {t.shape} and {s.shape}")
+    keep = t.sum(axis=0) > 0
+    if not keep.any():
+        return float("nan")
+    return float(average_precision_score(t[:, keep], s[:, keep], average="macro"))
+
+
+def auroc(y_true: Any, scores: Any) -> float:
+    """Area under the ROC curve of binary labels vs scores; nan when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    t, s = _np(y_true).astype(np.int64), _np(scores).astype(np.float64)
+    if len(np.unique(t)) < 2:
+        return float("nan")
+    return float(roc_auc_score(t, s))
+
+
+def roc_points(y_true: Any, scores: Any) -> list[dict[str, float]]:
+    """ROC curve as rows {"fpr", "tpr", "threshold"} (for plots); [] with a single class."""
+    from sklearn.metrics import roc_curve
+
+    t, s = _np(y_true).astype(np.int64), _np(scores).astype(np.float64)
+    if len(np.unique(t)) < 2:
+        return []
+    fpr, tpr, thr = roc_curve(t, s)
+    thr = np.where(np.isfinite(thr), thr, s.max() + 1.0)  # sklearn's first threshold is +inf
+    return [
+        {"fpr": float(f), "tpr": float(r), "threshold": float(h)}
+        for f, r, h in zip(fpr, tpr, thr, strict=True)
+    ]
+
+
+# VQA answer normalisation, after the official evaluation script (Antol et al. 2015,
+# VQA/PythonEvaluationTools/vqaEval.py): lower case, punctuation to spaces (a period only when not
+# inside a number), apostrophes dropped, number words to digits, articles dropped, contractions
+# spelled one way. Applied to predictions and references alike.
+_VQA_PUNCT = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$~|:'")
+_VQA_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_CONTRACTIONS = {
+    "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
+    "doesnt": "doesn't", "dont": "don't", "hasnt": "hasn't", "havent": "haven't",
+    "isnt": "isn't", "shouldnt": "shouldn't", "wasnt": "wasn't", "werent": "weren't",
+    "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "whats": "what's",
+}  # fmt: skip
+
+
+def vqa_normalize(answer: str) -> str:
+    """The VQA evaluation's answer normalisation (see the comment above)."""
+    import re
+
+    text = " ".join(str(answer).lower().replace("\n", " ").replace("\t", " ").split())
+    text = re.sub(r"(?<!\d)\.(?!\d)", "", text)
+    text = "".join(" " if ch in _VQA_PUNCT and ch != "'" else ch for ch in text)
+    words = []
+    for word in text.replace("'", "").split():
+        word = _VQA_NUMBERS.get(word, word)
+        if word in _VQA_ARTICLES:
+            continue
+        words.append(_VQA_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(predicted: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
+    """Exact-match accuracy after :func:`vqa_normalize`.
+
+    ``answers[i]`` is one reference answer, or the list of human answers of question i; with a
+    list, the official min(#humans that said it / 3, 1) credit is used.
+    """
+    if len(predicted) != len(answers):
+        raise ValueError(f"{len(predicted)} predictions but {len(answers)} answer sets")
+    if not predicted:
+        return float("nan")
+    scores = []
+    for pred, refs in zip(predicted, answers, strict=True):
+        p = vqa_normalize(pred)
+        if isinstance(refs, str):
+            scores.append(float(p == vqa_normalize(refs)))
+        else:
+            hits = sum(p == vqa_normalize(r) for r in refs)
+            scores.append(min(hits / 3.0, 1.0))
+    return float(np.mean(scores))

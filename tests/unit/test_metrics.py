@@ -103,3 +103,53 @@ def test_macro_f1_counts_predicted_only_class_as_zero():
 def test_regression_errors():
     assert metrics.mae([1.0, 2.0, 4.0], [2.0, 2.0, 1.0]) == pytest.approx(4 / 3)
     assert metrics.rmse([1.0, 2.0, 4.0], [2.0, 2.0, 1.0]) == pytest.approx(math.sqrt(10 / 3))
+
+
+def test_median_rank_both_ways():
+    # i2t: image 0's best caption ranks 1st, image 1's 2nd, image 2's 5th -> median 2
+    # t2i: each caption's own image ranks c0 3rd, c1 1st, c2 3rd, c3 1st, c4 2nd -> median 2
+    med = metrics.median_rank(SIM, T2I)
+    assert med == {"i2t": 2.0, "t2i": 2.0}
+    assert metrics.median_rank(np.eye(3), [0, 1, 2]) == {"i2t": 1.0, "t2i": 1.0}
+
+
+def test_r2_perfect_mean_and_worse():
+    y = [1.0, 2.0, 3.0, 4.0]
+    assert metrics.r2(y, y) == 1.0
+    assert metrics.r2(y, [2.5] * 4) == pytest.approx(0.0)
+    assert metrics.r2(y, [4.0, 3.0, 2.0, 1.0]) < 0
+    assert math.isnan(metrics.r2([1.0], [1.0]))
+
+
+def test_multilabel_f1_micro_and_macro_by_hand():
+    t = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0]])
+    p = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1]])
+    # class 0: tp 2 -> f1 1; class 1: tp 1, fn 1 -> f1 2/3; class 2: fp 1 -> f1 0
+    out = metrics.multilabel_f1(t, p)
+    assert out["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    # micro: tp 3, fp 1, fn 1 -> 2*3 / (2*3 + 1 + 1)
+    assert out["micro_f1"] == pytest.approx(6 / 8)
+
+
+def test_map_and_auroc():
+    t = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+    perfect = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.3], [0.1, 0.2]])
+    assert metrics.mean_average_precision(t, perfect) == pytest.approx(1.0)
+    reversed_scores = -perfect
+    assert metrics.mean_average_precision(t, reversed_scores) < 0.7
+    assert metrics.auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert metrics.auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert math.isnan(metrics.auroc([1, 1], [0.2, 0.3]))
+    pts = metrics.roc_points([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.4])
+    assert pts[0]["fpr"] == 0.0 and pts[-1]["tpr"] == 1.0
+
+
+def test_vqa_normalisation_and_accuracy():
+    assert metrics.vqa_normalize("Two.") == "2"
+    assert metrics.vqa_normalize("The  Red ") == "red"
+    assert metrics.vqa_normalize("don't") == metrics.vqa_normalize("dont") == "don't"
+    assert metrics.vqa_normalize("3.5") == "3.5"
+    assert metrics.vqa_normalize("left-side") == "left side"
+    assert metrics.vqa_accuracy(["two", "blue"], ["2", "red"]) == 0.5
+    # official credit with several human answers: min(matches / 3, 1)
+    assert metrics.vqa_accuracy(["yes"], [["yes", "yes", "no"]]) == pytest.approx(2 / 3)
