@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are validated on assignment."""
+    """Base of every params section: unknown keys are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -325,7 +325,7 @@ def params_file(path: str | Path, project_dir: str | Path = ".") -> Path:
 def load_params(
     path: str | Path | None = "params.yaml", overrides: list[str] | None = None
 ) -> Params:
-    """Read ``params.yaml`` (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Read params.yaml (the defaults if ``path`` is None), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:

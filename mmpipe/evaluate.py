@@ -267,7 +267,7 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
 def extract_features(
     model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen pooled (pre-fusion) features of the labelled pairs: img (N, Fi), txt (N, Ft), y (N,)."""
+    """Frozen pooled (pre-fusion) features of labelled pairs: img (N, Fi), txt (N, Ft), y (N,)."""
     feats_i, feats_t, ys = [], [], []
     for batch in batches(shard_dir, split, batch_size, "ablation features"):
         keep = batch["label"] >= 0
@@ -350,7 +350,7 @@ def run_ablation(
 
 
 def ablation_summary(rows: list[dict[str, Any]], fusion: str) -> dict[str, float]:
-    """best_unimodal_accuracy and fusion_gain (configured mode minus best unimodal, same features)."""
+    """best_unimodal_accuracy and fusion_gain (configured mode - best unimodal, same features)."""
     acc = {r["fusion"]: r["accuracy"] for r in rows}
     best_uni = max(acc["image_only"], acc["text_only"])
     out = {"best_unimodal_accuracy": best_uni, "ablation_best_accuracy": max(acc.values())}

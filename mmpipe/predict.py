@@ -122,7 +122,7 @@ class Predictor:
         return rows
 
     def classify_pair(self, image: ImageInput, caption: str) -> dict[str, Any]:
-        """One (image, caption): {"label", "label_index", "confidence", "probabilities", "similarity"}."""
+        """One pair: {"label", "label_index", "confidence", "probabilities", "similarity"}."""
         return self.classify_pairs([image], [caption])[0]
 
     def predict_frame(self, frame: Any) -> Any:
@@ -179,7 +179,7 @@ def _name(item: ImageInput) -> str:
 
 
 def _open_image(image: ImageInput) -> Image.Image:
-    """Open a path / bytes / PIL image; unreadable input is the user's error, with the file named."""
+    """Open a path / bytes / PIL image; unreadable input is the user's error, naming the file."""
     if isinstance(image, Image.Image):
         return image
     try:

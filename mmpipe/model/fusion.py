@@ -76,7 +76,7 @@ class WeightedFusion(FusionHead):
 
 
 class GatedFusion(FusionHead):
-    """Per-dimension gate g = sigmoid(W [i; t]); fused = g * i + (1 - g) * t (Arevalo et al. 2017)."""
+    """Per-dimension gate g = sigmoid(W [i; t]); g * i + (1 - g) * t (Arevalo et al. 2017)."""
 
     def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
         super().__init__(di, dt, k, hidden, dropout)

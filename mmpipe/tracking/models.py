@@ -63,7 +63,7 @@ with warnings.catch_warnings(record=True):
             self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT], sidecar=sidecar)
 
         def predict(self, context, model_input, params=None):  # no hints: MLflow reads them
-            """DataFrame[image, caption] -> DataFrame[label, label_index, confidence, similarity]."""
+            """DataFrame[image, caption] -> [label, label_index, confidence, similarity]."""
             return self.predictor.predict_frame(model_input)
 
 
@@ -129,7 +129,7 @@ def load_pyfunc(model_uri: str) -> Any:
 def download_model(
     model_uri: str, p: TrackingParams | None = None, root: str | Path = "."
 ) -> tuple[Path, dict[str, Any]]:
-    """Fetch a logged model's checkpoint + sidecar (no pickle, no code run); (checkpoint, sidecar)."""
+    """A logged model's (checkpoint, sidecar), downloaded; nothing unpickled, no code run."""
     store = connect(p, root)
     try:
         local = mlflow.artifacts.download_artifacts(

@@ -49,7 +49,7 @@ def register_and_maybe_promote(
     *,
     data_hash: str | None = None,
 ) -> dict[str, Any]:
-    """New version of ``p.model_name`` tagged with metrics; alias moves only if it beats the champion.
+    """A new version of ``p.model_name``, tagged with metrics; the alias moves only on improvement.
 
     The first version becomes champion. The comparison reads the champion version's own tag
     named after the metric (what it scored when registered); a champion without that tag is

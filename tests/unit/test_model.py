@@ -181,6 +181,6 @@ def test_train_params_carry_exactly_the_model_config():
     torch.manual_seed(0)
     a = create_model(args, 2).state_dict()
     torch.manual_seed(0)
-    b = create_model(tiny(fusion="gated", width=32, embed_dim=128, head_hidden=256,
-                          vocab_size=8192, max_tokens=32, text_layers=2), 2).state_dict()  # fmt: skip
+    defaults = {"embed_dim": 128, "head_hidden": 256, "vocab_size": 8192, "max_tokens": 32}
+    b = create_model(tiny(fusion="gated", width=32, text_layers=2, **defaults), 2).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
