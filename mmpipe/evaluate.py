@@ -359,6 +359,35 @@ def ablation_summary(rows: list[dict[str, Any]], fusion: str) -> dict[str, float
     return out
 
 
+def fusion_ablation(
+    model: torch.nn.Module,
+    shard_dir: Path,
+    p: EvaluateParams,
+    train_params: TrainParams,
+    num_classes: int | None,
+) -> tuple[dict[str, Any], dict[str, float], str | None]:
+    """ablation.json's content, its summary metrics, and why it was skipped (None if it ran).
+
+    ``num_classes`` None: the test split has no single-label classes to compare heads on.
+    """
+    fusion = train_params.fusion
+    ablation: dict[str, Any] = {
+        "enabled": p.ablation,
+        "configured_fusion": fusion,
+        "epochs": p.ablation_epochs,
+        "results": [],
+        "note": "heads trained on frozen features of encoders trained "
+        f"with fusion={fusion!r}; see mmpipe/evaluate.py",
+    }
+    if not p.ablation:
+        return ablation, {}, None
+    if num_classes is None:
+        return ablation, {}, "no classification labels"
+    rows, reason = run_ablation(model, shard_dir, p, train_params, num_classes)
+    ablation["results"] = rows
+    return ablation, ablation_summary(rows, fusion) if rows else {}, reason
+
+
 def run_evaluate(
     shard_dir: Path,
     model_dir: Path,
@@ -404,31 +433,14 @@ def run_evaluate(
         plot_confusion(cm, names, plots / "confusion_matrix.png")
         write_json_atomic(plots / "confusion.json", confusion_rows(test, names, tp.task))
 
-    ablation: dict[str, Any] = {
-        "enabled": p.ablation,
-        "configured_fusion": tp.fusion,
-        "epochs": p.ablation_epochs,
-        "results": [],
-        "note": "heads trained on frozen features of encoders trained "
-        f"with fusion={tp.fusion!r}; see mmpipe/evaluate.py",
-    }
-    if p.ablation and cm is not None:
-        rows, reason = run_ablation(model, shard_dir, p, tp, cm.shape[0])
-        ablation["results"] = rows
-        if rows:
-            metrics.update(ablation_summary(rows, tp.fusion))
-        if reason:
-            skipped["ablation"] = reason
-    elif p.ablation:
-        skipped["ablation"] = "no classification labels"
+    num_classes = None if cm is None else cm.shape[0]
+    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, num_classes)
+    metrics.update(summary)
+    if reason:
+        skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
-    write_json_atomic(
-        plots / "ablation.json",
-        [
-            {"fusion": r["fusion"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
-            for r in ablation["results"]
-        ],
-    )
+    plot_rows = [{k: r[k] for k in ("fusion", "accuracy", "macro_f1")} for r in ablation["results"]]
+    write_json_atomic(plots / "ablation.json", plot_rows)
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)

@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
-__all__ = ["Dist", "read_manifest", "run_train"]  # Dist, read_manifest: re-exported for callers
-
 
 # ----------------------------------------------------------------------------- the job
 
