@@ -78,7 +78,7 @@ STAGES: dict[str, StageSpec] = {
     "register": StageSpec(
         help="register the model; promote if it beats the champion",
         params=("register",),
-        code=("mmpipe/tracking",),
+        code=("mmpipe/tracking", "mmpipe/predict.py"),
         inputs=("models", "reports/metrics.json", "data/shards/manifest.json"),
         out=None,
         tracked=True,
