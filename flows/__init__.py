@@ -5,7 +5,9 @@ import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_HOME", str(Path.cwd().resolve() / ".mmpipe" / "prefect"))
+from mmpipe.layout import Layout
+
+os.environ.setdefault("PREFECT_HOME", str(Layout(Path.cwd().resolve()).prefect_home))
 # Prefect warns at import when its home is missing; a fresh clone has no .mmpipe/ yet.
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -17,4 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # mmpipe's own log lines (per-epoch metrics, skipped stages, counts) go to the flow run's log.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmpipe")
+# MLflow draws a "Downloading artifacts" progress bar for every model it loads back (register
+# validates the logged model's input example): noise in the flow's log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mmpipe").setLevel(logging.INFO)

@@ -18,45 +18,54 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from mmpipe.config import ParamsError, load_params
+from mmpipe.config import Params, ParamsError, add_params_arguments, load_params, params_from_args
 from mmpipe.config import params_file as params_path  # `params_file` is the flow parameter
+from mmpipe.layout import Layout
+from mmpipe.pipeline import DATA_STAGES, ORDER
 from tasks.stages import (
-    align_task,
     data_stage,
-    evaluate_task,
     finish_tracking_task,
-    ingest_task,
-    register_task,
-    shard_task,
+    model_task,
     start_tracking_task,
     train_task,
 )
-
-DATA_STAGES = (("ingest", ingest_task), ("align", align_task), ("shard", shard_task))
-MODEL_STAGES = (("train", train_task), ("evaluate", evaluate_task), ("register", register_task))
 
 
 class StageFailed(RuntimeError):
     """A stage of the nightly flow failed; the message is the flow's summary table."""
 
 
-def _summary_table(rows: list[dict[str, str]]) -> str:
+def summary_table(rows: list[dict[str, str]]) -> str:
+    """One line per stage: its status and the figures that matter."""
     lines = [f"{'stage':<10} {'status':<10} detail"]
     lines += [f"{r['stage']:<10} {r['status']:<10} {r['detail']}" for r in rows]
     return "\n".join(lines)
 
 
-def _detail(stage: str, result: dict[str, Any]) -> str:
-    keys = {
-        "ingest": ("images", "captions"),
-        "align": ("pairs", "orphan_images", "orphan_captions"),
-        "shard": ("samples", "shards"),
-        "train": ("epochs", "best_val_accuracy"),
-        "evaluate": ("accuracy", "i2t_r1", "t2i_r1"),
-        "register": ("version", "promoted"),
-    }[stage]
-    parts = [f"{k}={result[k]}" for k in keys if k in result]
-    return ", ".join(parts)
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _counts(kind: dict[str, Any]) -> str:
+    return f"{kind['accepted']}/{kind['seen']} accepted"
+
+
+def detail(stage: str, result: dict[str, Any]) -> str:
+    """The summary line of a stage's report: counts, the best validation metric, test scores."""
+    if stage == "ingest":
+        return f"images {_counts(result['images'])}, captions {_counts(result['captions'])}"
+    if stage == "train":
+        best = result.get("selection_metric", "val_accuracy")
+        parts = {"epochs": result["epochs_completed"], f"best {best}": result["best_metric"]}
+    else:
+        keys = {
+            "align": ("pairs", "orphan_images", "orphan_captions"),
+            "shard": ("samples", "shards"),
+            "evaluate": ("accuracy", "i2t_r1", "t2i_r1"),
+            "register": ("version", "promoted", "champion_version"),
+        }[stage]
+        parts = {k: result[k] for k in keys if k in result}
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in parts.items())
 
 
 @flow(name="mmpipe-nightly")
@@ -65,46 +74,56 @@ def nightly(
     overrides: list[str] | None = None,
     project_dir: str = ".",
     resume: bool = False,
+    params: Params | None = None,
 ) -> dict[str, Any]:
-    """Run the whole DAG once; returns where to look (UI command, report, champion version)."""
+    """Run the whole DAG once; returns where to look (UI command, report, champion version).
+
+    ``params``: params already validated by the caller (the CLI); otherwise they are read from
+    ``params_file`` (relative to ``project_dir``) + ``overrides``, as scheduled runs do.
+    """
     logger = get_run_logger()
-    project = Path(project_dir).resolve()
-    params = load_params(params_path(params_file, project), overrides)
-    pdict, proj = params.model_dump(mode="json"), str(project)
-    parent = start_tracking_task(pdict, proj)
+    layout = Layout(Path(project_dir).resolve())
+    if params is None:
+        params = load_params(params_path(params_file, layout.root), overrides)
+    parent = start_tracking_task(params, layout)
     rows: list[dict[str, str]] = []
     results: dict[str, Any] = {}
     failed = False
-    for name, stage_task in DATA_STAGES + MODEL_STAGES:
+    for name in ORDER:
         if failed:
             rows.append({"stage": name, "status": "not run", "detail": "an earlier stage failed"})
             continue
-        extra: dict[str, Any] = {"parent_run_id": parent}  # each stage nests its MLflow run
-        if name == "train":
-            extra["resume"] = resume
-        if name in dict(DATA_STAGES):  # reuse the cached result only while outputs are current
-            stage_task = data_stage(name, pdict, proj)
-        state = stage_task(pdict, proj, return_state=True, **extra)
+        if name in DATA_STAGES:  # reuse the cached result only while outputs are current
+            task = data_stage(name, params, layout)
+            state = task(name, params, layout, parent_run_id=parent, return_state=True)
+        elif name == "train":
+            state = train_task(
+                params, layout, parent_run_id=parent, resume=resume, return_state=True
+            )
+        else:
+            state = model_task(name, params, layout, parent_run_id=parent, return_state=True)
         if state.is_failed() or state.is_crashed():
             failed = True
             exc = state.result(raise_on_failure=False)
-            rows.append({"stage": name, "status": "FAILED", "detail": f"{type(exc).__name__}: {exc}"})
+            rows.append(
+                {"stage": name, "status": "FAILED", "detail": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         results[name] = state.result()
         status = "skipped" if state.name == "Cached" else "done"
         if status == "skipped":
             logger.info("%s: inputs and params unchanged, skipped (cached)", name)
-        rows.append({"stage": name, "status": status, "detail": _detail(name, results[name])})
-    table = _summary_table(rows)
-    finish_tracking_task(pdict, proj, parent, "FAILED" if failed else "FINISHED", table)
+        rows.append({"stage": name, "status": status, "detail": detail(name, results[name])})
+    table = summary_table(rows)
+    finish_tracking_task(params, layout, parent, "FAILED" if failed else "FINISHED", table)
     logger.info("nightly summary\n%s", table)
     if failed:
         raise StageFailed(f"nightly flow failed; nothing was promoted\n{table}")
     return {
         "parent_run_id": parent,
         "summary": rows,
-        "ui": f"mmpipe ui --project-dir {proj}",
-        "report": str(project / "reports"),
+        "ui": f"mmpipe ui --project-dir {layout.root}",
+        "report": str(layout.eval_dir),
         **{k: results["register"].get(k) for k in ("version", "champion_version", "promoted")},
     }
 
@@ -112,18 +131,16 @@ def nightly(
 def main(argv: list[str] | None = None) -> int:
     """CLI of `python -m flows.nightly` (what `make run` calls)."""
     ap = argparse.ArgumentParser(prog="python -m flows.nightly", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--project-dir", default=".")
-    ap.add_argument("--resume", action="store_true")
+    add_params_arguments(ap)
+    ap.add_argument("--resume", action="store_true", help="continue training from models/last.pt")
     args = ap.parse_args(argv)
     try:  # a bad params file or --set fails here, in one line, before any flow run starts
-        load_params(params_path(args.params, args.project_dir), args.overrides)
+        params = params_from_args(args)
     except ParamsError as exc:
         print(f"python -m flows.nightly: error: {exc}", file=sys.stderr)
         return 2
     try:
-        out = nightly(args.params, args.overrides, args.project_dir, args.resume)
+        out = nightly(args.params, args.overrides, args.project_dir, args.resume, params)
     except StageFailed as exc:
         print(str(exc), file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
-"""`python -m mmpipe <stage>`: the one command shape every stage shares (what dvc.yaml runs).
+"""`mmpipe` (and `python -m mmpipe`): run a stage, all of them, or use the trained model.
 
     mmpipe <stage> [--params FILE] [--set section.key=value ...] [--project-dir DIR]
 
-`mmpipe <stage> --help` lists every field of the stage's params section with its default and
-meaning. Errors a user can cause print one clear line and exit 2, never a traceback.
+`mmpipe <stage> --help` lists every field of the stage's params sections with its default,
+meaning and allowed values. Errors a user can cause print one clear line and exit 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -14,29 +15,50 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from mmpipe.config import Params, ParamsError, describe_section, load_params, params_file
+from mmpipe.config import (
+    Params,
+    ParamsError,
+    add_params_arguments,
+    describe_section,
+    params_from_args,
+)
 from mmpipe.errors import MmpipeError
-from mmpipe.layout import Layout
+from mmpipe.layout import STAGES, Layout
 
 log = logging.getLogger("mmpipe")
 
-# stage name -> (params sections it reads, one-line help)
-STAGES: dict[str, tuple[tuple[str, ...], str]] = {
-    "ingest": (("ingest",), "read a source, validate every record, write records + rejects"),
-    "align": (("align",), "pair images and captions, count orphans, split by image group"),
-    "shard": (("shard",), "augment + write WebDataset shards and manifest.json"),
-    "train": (("train", "tracking"), "train the dual encoder + fusion classifier"),
-    "evaluate": (("evaluate", "train", "tracking"), "retrieval, classification, ablation"),
-    "register": (("register", "tracking"), "register the model; promote if it beats the champion"),
-    "run": (
-        ("ingest", "align", "shard", "train", "evaluate", "register", "tracking"),
-        "all stages in order, without Prefect (the nightly flow is `python -m flows.nightly`)",
-    ),
-}
+DESCRIPTION = """\
+mmpipe: a batch data-and-training pipeline for image + text collections.
+
+It validates a collection (ingest), pairs images with captions and splits them (align), writes
+WebDataset shards (shard), trains a CLIP-style dual encoder with a fusion classifier (train),
+measures retrieval and classification (evaluate) and registers the model in MLflow, promoting it
+only when it beats the champion (register). `dvc repro` runs these same commands; the nightly
+flow (`python -m flows.nightly`) runs them under Prefect.
+"""
+
+EPILOG = """\
+examples:
+  mmpipe run                                  every stage, in order, on params.yaml
+  mmpipe train --set train.fusion=gated       one stage with one param changed
+  mmpipe train --help                         every train param: default, meaning, choices
+  mmpipe predict img.jpg "a red circle"       classify a pair with the champion model
+  mmpipe ui                                   browse runs and models in the MLflow UI
+"""
+
+RUN_HELP = "all stages in order, without Prefect (the nightly flow is `python -m flows.nightly`)"
+
+
+def _sections(command: str) -> tuple[str, ...]:
+    """The params sections a command reads (for its --help)."""
+    if command == "run":
+        return tuple(Params.model_fields)
+    spec = STAGES[command]
+    return spec.params + (("tracking",) if spec.tracked else ())
 
 
 def _fields_epilog(sections: tuple[str, ...]) -> str:
@@ -44,43 +66,36 @@ def _fields_epilog(sections: tuple[str, ...]) -> str:
     for section in sections:
         model = Params.model_fields[section].annotation
         for key, default, desc in describe_section(model, f"{section}."):
-            lines.append(f"  {key} = {default}\n      {desc}")
+            lines.append(f"  {key} = {default}")
+            lines.append(textwrap.fill(desc, 96, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file, relative to --project-dir (default: params.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one param (repeatable); the value is parsed as YAML",
-    )
-    parser.add_argument(
-        "--project-dir", default=".", help="project directory holding data/, models/, reports/"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
-    parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mmpipe",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (sections, help_text) in STAGES.items():
+    helps = {name: spec.help for name, spec in STAGES.items()} | {"run": RUN_HELP}
+    for name, help_text in helps.items():
         p = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=_fields_epilog(sections),
+            epilog=_fields_epilog(_sections(name)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(p)
+        add_params_arguments(p)
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name in ("train", "run"):
             p.add_argument("--resume", action="store_true", help="continue from models/last.pt")
     p = sub.add_parser("params", help="print the validated params (after --set) as JSON")
-    _add_common(p)
+    add_params_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_predict_parsers(sub)
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the runs page URL")
     p.add_argument("--project-dir", default=".")
@@ -93,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_predict_parsers(sub: Any) -> None:
-    model_help = "model URI or checkpoint (default: models:/mmpipe-fusion@champion, else models/best.pt)"
+    model_help = (
+        "model URI, checkpoint or models dir (default: the registry's champion "
+        "(register.model_name@register.alias), else models/best.pt)"
+    )
     p = sub.add_parser("predict", help="classify an (image, caption) pair")
     p.add_argument("image")
     p.add_argument("caption")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--project-dir", default=".")
+    add_params_arguments(p)
     p = sub.add_parser("search", help="top-k captions for an image, or images for a caption")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--image", help="query image; candidates are --captions")
@@ -107,31 +125,19 @@ def _add_predict_parsers(sub: Any) -> None:
     p.add_argument("--images", nargs="*", default=[], help="candidate image files")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--project-dir", default=".")
-
-
-def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
-    from mmpipe import pipeline
-
-    params = load_params(params_file(args.params, args.project_dir), args.overrides)
-    layout = Layout(Path(args.project_dir))
-    runners: dict[str, Callable[..., dict[str, Any]]] = {
-        "ingest": pipeline.stage_ingest,
-        "align": pipeline.stage_align,
-        "shard": pipeline.stage_shard,
-        "train": pipeline.stage_train,
-        "evaluate": pipeline.stage_evaluate,
-        "register": pipeline.stage_register,
-        "run": pipeline.run_all,
-    }
-    kwargs = {"resume": args.resume} if args.command in ("train", "run") else {}
-    return runners[args.command](params, layout, **kwargs)
+    add_params_arguments(p)
 
 
 def _run_predict(args: argparse.Namespace) -> Any:
-    from mmpipe import predict
+    from mmpipe import tracking
+    from mmpipe.predict import load_predictor
 
-    predictor = predict.load_predictor(args.model, project_dir=Path(args.project_dir))
+    params = params_from_args(args, file_optional=True)
+    layout = Layout(Path(args.project_dir))
+    checkpoint, sidecar = tracking.resolve_model(
+        args.model, params.tracking, params.register, layout
+    )
+    predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
     if args.command == "predict":
         return predictor.classify_pair(args.image, args.caption)
     if args.image:
@@ -139,10 +145,25 @@ def _run_predict(args: argparse.Namespace) -> Any:
     return predictor.search_images(args.caption, args.images, k=args.k)
 
 
+def _dispatch(args: argparse.Namespace) -> Any:
+    """The result of one parsed command (printed as JSON by ``main``)."""
+    if args.command in STAGES or args.command == "run":
+        from mmpipe import pipeline
+
+        params, layout = params_from_args(args), Layout(Path(args.project_dir))
+        if args.command == "run":
+            return pipeline.run_all(params, layout, resume=args.resume)
+        resume = getattr(args, "resume", False)
+        return pipeline.run_stage(args.command, params, layout, resume=resume)
+    if args.command == "params":
+        return params_from_args(args).model_dump(mode="json")
+    return _run_predict(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmpipe` and `python -m mmpipe`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["schedule"] and not {"-h", "--help"} & set(argv[1:2]):
+    if argv[:1] == ["schedule"]:
         # every option belongs to flows.schedule (argparse REMAINDER would reject "--cron ...");
         # Prefect lives in flows/, which mmpipe must not import, hence the subprocess
         cmd = [sys.executable, "-m", "flows.schedule", *argv[1:]]
@@ -153,21 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        result: Any
-        if args.command in STAGES:
-            result = _run_stage(args)
-        elif args.command == "params":
-            path = params_file(args.params, args.project_dir)
-            result = load_params(path, args.overrides).model_dump(mode="json")
-        elif args.command in ("predict", "search"):
-            result = _run_predict(args)
-        elif args.command == "ui":
+        if args.command == "ui":
             from mmpipe.ui import serve_ui
 
             serve_ui(Path(args.project_dir), port=args.port)
             return 0
-        else:  # schedule --help
-            return subprocess.call([sys.executable, "-m", "flows.schedule", "--help"])
+        result = _dispatch(args)
     except (ParamsError, MmpipeError) as exc:
         print(f"mmpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

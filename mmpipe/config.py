@@ -6,18 +6,20 @@ Every model forbids unknown keys, so a typo in ``params.yaml`` or ``--set`` fail
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are validated on assignment."""
+    """Base of every params section: unknown keys are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -110,7 +112,10 @@ def _default_train_augment() -> list[TransformSpec]:
     # Mild, caption-preserving: no flips (captions say left/right) and no hue shifts
     # (the synthetic label depends on the warm/cool palette).
     return [
-        TransformSpec(name="RandomBrightnessContrast", params={"brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5}),
+        TransformSpec(
+            name="RandomBrightnessContrast",
+            params={"brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5},
+        ),
         TransformSpec(name="GaussNoise", params={"std_range": [0.01, 0.03], "p": 0.3}),
     ]
 
@@ -128,7 +133,8 @@ class ShardParams(Section):
         description="albumentations pipeline for the offline train copies.",
     )
     eval_augment: list[TransformSpec] = Field(
-        default_factory=list, description="albumentations pipeline applied to val/test (usually none)."
+        default_factory=list,
+        description="albumentations pipeline applied to val/test (usually none).",
     )
     maxcount: int = Field(2000, ge=1, description="Maximum samples per shard.")
     maxsize: int = Field(100_000_000, ge=1024, description="Maximum bytes per shard.")
@@ -136,26 +142,34 @@ class ShardParams(Section):
     seed: int = Field(0, description="Seed of the offline augmentation.")
 
 
-class TrainParams(Section):
-    """Stage `train`: the model, the loader and the optimisation."""
+class ModelConfig(Section):
+    """The model: encoders, widths, fusion head and task; all ``mmpipe.model`` reads.
 
-    # model
+    A checkpoint stores it beside the weights as ``model_args`` (as nanoGPT does), so a model is
+    rebuilt from its checkpoint alone. Its fields are the model part of the ``train`` section.
+    """
+
     image_encoder: Literal["cnn", "resnet", "efficientnet_lite0"] = Field(
-        "cnn", description="Image encoder: small CNN, ResNet-style, or pretrained EfficientNet-Lite0."
+        "cnn",
+        description="Image encoder: small CNN, ResNet-style, or pretrained EfficientNet-Lite0.",
     )
     text_encoder: Literal["lstm", "transformer", "minilm"] = Field(
         "transformer", description="Text encoder: biLSTM, small transformer, or pretrained MiniLM."
     )
     freeze_image: bool = Field(False, description="Freeze the image encoder's weights.")
     freeze_text: bool = Field(False, description="Freeze the text encoder's weights.")
-    vocab_size: int = Field(8192, ge=64, description="Hash-bucket vocabulary of the scratch text encoders.")
+    vocab_size: int = Field(
+        8192, ge=64, description="Hash-bucket vocabulary of the scratch text encoders."
+    )
     max_tokens: int = Field(32, ge=4, description="Captions are truncated to this many tokens.")
     text_pool: Literal["mean", "cls"] = Field(
         "mean",
         description="Pooling of the scratch text encoders: masked mean, or the cls token "
         "(biLSTM: final states). MiniLM always mean-pools, as it was trained.",
     )
-    text_layers: int = Field(2, ge=1, le=12, description="Layers of the scratch transformer text encoder.")
+    text_layers: int = Field(
+        2, ge=1, le=12, description="Layers of the scratch transformer text encoder."
+    )
     width: int = Field(128, ge=8, description="Hidden width of the scratch encoders.")
     embed_dim: int = Field(128, ge=8, description="Dimension of the shared (contrastive) space.")
     fusion: Literal[
@@ -169,8 +183,17 @@ class TrainParams(Section):
     task: Literal["multiclass", "binary", "multilabel", "regression"] = Field(
         "multiclass", description="Task head and loss: CE, BCE, BCE or MSE."
     )
-    lambda_task: float = Field(1.0, ge=0.0, description="Multitask loss = contrastive + lambda * task.")
-    init_temperature: float = Field(0.07, gt=0.0, description="Initial softmax temperature of InfoNCE.")
+    init_temperature: float = Field(
+        0.07, gt=0.0, description="Initial softmax temperature of InfoNCE."
+    )
+
+
+class TrainParams(ModelConfig):
+    """Stage `train`: the model (the fields of ModelConfig), then the loss, optimiser and loader."""
+
+    lambda_task: float = Field(
+        1.0, ge=0.0, description="Multitask loss = contrastive + lambda * task."
+    )
     # optimisation
     epochs: int = Field(8, ge=1, description="Passes over the train shards.")
     batch_size: int = Field(128, ge=1, description="Global batch size (split across DDP ranks).")
@@ -187,10 +210,17 @@ class TrainParams(Section):
     seed: int = Field(0, description="Seed of init, shuffling and dropout.")
     # loader
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes.")
-    shuffle_buffer: int = Field(1000, ge=0, description="WebDataset sample shuffle buffer (0 = off).")
-    online_augment: list[TransformSpec] = Field(
-        default_factory=list, description="albumentations pipeline applied while loading train batches."
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="WebDataset sample shuffle buffer (0 = off)."
     )
+    online_augment: list[TransformSpec] = Field(
+        default_factory=list,
+        description="albumentations pipeline applied while loading train batches.",
+    )
+
+    def model_args(self) -> ModelConfig:
+        """The model part of these params (what a checkpoint stores as ``model_args``)."""
+        return ModelConfig.model_validate(self.model_dump(include=set(ModelConfig.model_fields)))
 
 
 class EvaluateParams(Section):
@@ -198,12 +228,16 @@ class EvaluateParams(Section):
 
     batch_size: int = Field(256, ge=1, description="Batch size for embedding the test split.")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="K of recall@K.")
-    ablation: bool = Field(True, description="Train every fusion head on frozen features and compare.")
+    ablation: bool = Field(
+        True, description="Train every fusion head on frozen features and compare."
+    )
     ablation_epochs: int = Field(30, ge=1, description="Epochs of each ablation head.")
     zero_shot_field: str | None = Field(
         "main_shape", description="Metadata field holding the zero-shot class; null = skip."
     )
-    zero_shot_template: str = Field("a {}", description="Prompt template for zero-shot class names.")
+    zero_shot_template: str = Field(
+        "a {}", description="Prompt template for zero-shot class names."
+    )
 
 
 class RegisterParams(Section):
@@ -288,8 +322,10 @@ def params_file(path: str | Path, project_dir: str | Path = ".") -> Path:
     return path if path.is_absolute() else Path(project_dir) / path
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read ``params.yaml`` (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+def load_params(
+    path: str | Path | None = "params.yaml", overrides: list[str] | None = None
+) -> Params:
+    """Read params.yaml (the defaults if ``path`` is None), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -313,16 +349,49 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise ParamsError(_format_validation_error(exc, origin)) from None
 
 
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--params``, ``--set`` and ``--project-dir``: how every command line names its params."""
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file, relative to --project-dir (default: params.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one param (repeatable); the value is parsed as YAML",
+    )
+    parser.add_argument(
+        "--project-dir", default=".", help="project directory holding data/, models/, reports/"
+    )
+
+
+def params_from_args(args: argparse.Namespace, *, file_optional: bool = False) -> Params:
+    """The params that ``add_params_arguments``' options name, validated.
+
+    ``file_optional``: a missing default ``params.yaml`` means the defaults (commands such as
+    ``mmpipe predict`` also work outside a project); a ``--params`` given explicitly must exist.
+    """
+    path: Path | None = params_file(args.params, args.project_dir)
+    if file_optional and args.params == "params.yaml" and not path.is_file():
+        path = None
+    return load_params(path, args.overrides)
+
+
 def section_hash(section: BaseModel) -> str:
     """Stable short hash of a params section (used in manifests and cache keys)."""
     blob = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
+def flatten(params: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten to ``{"train.lr": 0.002, ...}`` (lists/dicts JSON-encoded) for MLflow params."""
+    tree = params.model_dump(mode="json") if isinstance(params, BaseModel) else params
     out: dict[str, Any] = {}
-    for key, value in params.model_dump(mode="json").items():
+    for key, value in tree.items():
         _flatten_into(out, f"{prefix}{key}", value)
     return out
 
@@ -338,7 +407,10 @@ def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
 
 
 def describe_section(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for each field, recursing into sub-sections (for --help)."""
+    """(dotted key, default, description) for each field, recursing into sub-sections (for --help).
+
+    A field with a fixed set of values ends its description with them.
+    """
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         ann = field.annotation
@@ -349,6 +421,18 @@ def describe_section(model: type[BaseModel], prefix: str = "") -> list[tuple[str
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json")
         elif isinstance(default, list):
-            default = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
-        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+            default = [
+                d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default
+            ]
+        description = field.description or ""
+        if choices := _choices(ann):
+            description += f" One of: {', '.join(choices)}."
+        rows.append((f"{prefix}{name}", json.dumps(default), description))
     return rows
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The values of a ``Literal[...]`` field (also inside ``X | None``); [] for any other type."""
+    if get_origin(annotation) is Literal:
+        return [str(v) for v in get_args(annotation)]
+    return [c for arg in get_args(annotation) for c in _choices(arg)]

@@ -32,31 +32,15 @@ import webdataset as wds
 from PIL import Image
 
 from mmpipe.augment import apply_augment, create_augment, derive_seed
+from mmpipe.checkpoint import MANIFEST, read_manifest
 from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
-from mmpipe.io import read_json
 from mmpipe.parallel import pool_context
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """The shards' manifest.json, or an InputError saying how to produce it."""
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path}: shard manifest not found; run `mmpipe shard` first")
-    try:
-        manifest = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); run `mmpipe shard` again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise InputError(f"{path}: no 'splits' mapping; run `mmpipe shard` again")
-    return manifest
+# tests/unit/test_shard.py (the datapath engineer's) imports the manifest reader from here
+load_manifest = read_manifest
 
 
 @dataclass(frozen=True)
@@ -72,11 +56,11 @@ def split_shards(
     shard_dir: str | Path, split: str, manifest: dict[str, Any] | None = None
 ) -> list[ShardRef]:
     """The split's shards in manifest order, each checked to exist."""
-    manifest = manifest or load_manifest(shard_dir)
+    manifest = manifest or read_manifest(shard_dir)
     entry = manifest["splits"].get(split)
     if entry is None:
         known = ", ".join(sorted(manifest["splits"])) or "none"
-        raise InputError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r} (has: {known})")
+        raise InputError(f"{Path(shard_dir) / MANIFEST}: no split {split!r} (has: {known})")
     refs, offset = [], 0
     for shard in entry.get("shards", []):
         path = Path(shard_dir) / shard["name"]
@@ -259,7 +243,7 @@ class Chunk:
 
 
 def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str, Any]:
-    """The batch dict of CONTRACT.md: image (B, 3, H, W), label (B,), lists for the rest."""
+    """A batch: image (B, 3, H, W), label (B,) (-1 = unlabelled), lists for the rest."""
     return {
         "image": torch.stack(images),  # (B, 3, H, W)
         "text": [r["text"] for r in rows],

@@ -1,4 +1,4 @@
-"""Errors a user can cause; the CLI prints their message (naming file/record and reason) and exits 2."""
+"""Errors a user can cause; the CLI prints the message (file/record and reason) and exits 2."""
 
 
 class MmpipeError(Exception):

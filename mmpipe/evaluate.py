@@ -19,9 +19,10 @@ would reach.
 
 from __future__ import annotations
 
-import importlib
 import logging
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ import numpy as np
 import torch
 
 from mmpipe import metrics as M
+from mmpipe.checkpoint import load_model, pick_checkpoint, read_manifest
 from mmpipe.config import EvaluateParams, TrainParams
+from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
-from mmpipe.io import atomic_path, read_json, write_json_atomic
+from mmpipe.io import atomic_path, write_json_atomic
+from mmpipe.model import create_fusion_head, predict_labels
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ ABLATION_MODES = (
 )
 N_EXAMPLES = 6
 THUMB_SIZE = 96
+PROGRESS_EVERY = 10  # batches between progress lines: long passes stay visible in the flow log
 
 
 @dataclass
@@ -65,21 +70,14 @@ class SplitOutputs:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
-def _pick_checkpoint(model_dir: Path) -> Path:
-    for name in ("best.pt", "last.pt"):
-        if (model_dir / name).is_file():
-            return model_dir / name
-    raise InputError(f"{model_dir}: no best.pt or last.pt checkpoint: run `mmpipe train` first")
-
-
-def _read_manifest(shard_dir: Path) -> dict[str, Any]:
-    path = shard_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path} not found: run `mmpipe shard` first")
-    manifest = read_json(path)
-    if not manifest.get("splits", {}).get("test", {}).get("count"):
-        raise InputError(f"{path}: the test split is empty; nothing to evaluate")
-    return manifest
+def batches(shard_dir: Path, split: str, batch_size: int, what: str) -> Iterator[dict[str, Any]]:
+    """A split's batches in manifest order, with a progress line every PROGRESS_EVERY batches."""
+    loader = create_dataloader(shard_dir, split, batch_size, shuffle_buffer=0)
+    total = math.ceil(loader.stats["expected"] / batch_size)
+    for i, batch in enumerate(loader, 1):
+        if i % PROGRESS_EVERY == 0 or i == total:
+            log.info("evaluate: %s of the %s split, batch %d/%d", what, split, i, total)
+        yield batch
 
 
 def _thumb(image: torch.Tensor) -> np.ndarray:
@@ -93,11 +91,9 @@ def embed_split(
     model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
 ) -> SplitOutputs:
     """One pass: pair logits + caption embeddings, image embeddings deduplicated by image_id."""
-    from mmpipe.data import create_dataloader
-
     out = SplitOutputs()
     index: dict[str, int] = {}
-    for batch in create_dataloader(shard_dir, split, batch_size, shuffle_buffer=0):
+    for batch in batches(shard_dir, split, batch_size, "embedding"):
         res = model(batch["image"], list(batch["text"]))
         for i, image_id in enumerate(batch["image_id"]):
             if image_id not in index:
@@ -168,13 +164,6 @@ def zero_shot(
     return result, None
 
 
-def predict_classes(logits: torch.Tensor, task: str) -> np.ndarray:
-    """Class index per row: argmax, or logit > 0 for a single (binary) logit."""
-    if logits.shape[-1] == 1:
-        return (logits[:, 0] > 0).long().numpy()
-    return logits.argmax(dim=-1).numpy()
-
-
 def classification(
     out: SplitOutputs, classes: list[str], task: str
 ) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray | None, str | None]:
@@ -186,7 +175,7 @@ def classification(
     if not mask.any():
         return {}, [], None, "the test split has no labelled pairs"
     y = labels[mask]
-    pred = predict_classes(torch.cat(out.logits), task)[mask]
+    pred = predict_labels(torch.cat(out.logits), task).numpy()[mask]
     n = max(len(classes), int(max(y.max(), pred.max())) + 1)
     names = [classes[i] if i < len(classes) else str(i) for i in range(n)]
     flat = {
@@ -229,7 +218,7 @@ def plot_confusion(cm: np.ndarray, names: list[str], dest: Path) -> None:
 
 def confusion_rows(out: SplitOutputs, names: list[str], task: str) -> list[dict[str, str]]:
     """One {"actual", "predicted"} row per labelled pair (dvc plots' confusion template)."""
-    pred = predict_classes(torch.cat(out.logits), task)
+    pred = predict_labels(torch.cat(out.logits), task).numpy()
 
     def name(i: int) -> str:
         return names[i] if 0 <= i < len(names) else str(i)
@@ -278,11 +267,9 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
 def extract_features(
     model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen pooled (pre-fusion) features of every labelled pair: (img (N, Fi), txt (N, Ft), y (N,))."""
-    from mmpipe.data import create_dataloader
-
+    """Frozen pooled (pre-fusion) features of labelled pairs: img (N, Fi), txt (N, Ft), y (N,)."""
     feats_i, feats_t, ys = [], [], []
-    for batch in create_dataloader(shard_dir, split, batch_size, shuffle_buffer=0):
+    for batch in batches(shard_dir, split, batch_size, "ablation features"):
         keep = batch["label"] >= 0
         if not keep.any():
             continue
@@ -326,14 +313,10 @@ def run_ablation(
     train_params: TrainParams,
     num_classes: int,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Train each fusion head on frozen train features, score on test; (rows, skip reason)."""
-    create_fusion_head = getattr(
-        importlib.import_module("mmpipe.model"), "create_fusion_head", None
-    )
-    if create_fusion_head is None or not callable(getattr(model, "features", None)):
-        log.warning("ablation needs model.features() and mmpipe.model.create_fusion_head()")
-        return [], "the model exposes no features() / create_fusion_head() for the ablation"
+    """Train each fusion head on frozen train features, score on test; (rows, skip reason).
 
+    The heads get the trained model's head width, dropout and (weighted) alpha, and its seed.
+    """
     tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size)
     te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size)
     if len(tr_y) == 0 or len(te_y) == 0:
@@ -341,7 +324,11 @@ def run_ablation(
     rows = []
     for mode in ABLATION_MODES:
         torch.manual_seed(train_params.seed)  # same init stream for every head
-        head = create_fusion_head(mode, tr_i.shape[1], tr_t.shape[1], train_params, num_classes)
+        head = create_fusion_head(
+            mode, tr_i.shape[1], tr_t.shape[1], num_classes,
+            hidden=train_params.head_hidden, dropout=train_params.dropout,
+            alpha=train_params.fusion_alpha,
+        )  # fmt: skip
         t0 = time.perf_counter()
         _train_head(head, tr_i, tr_t, tr_y, p.ablation_epochs, train_params.seed)
         with torch.no_grad():
@@ -355,11 +342,15 @@ def run_ablation(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         )
+        log.info(
+            "evaluate: ablation head %d/%d %s: accuracy %.4f (%.1f s)",
+            *(len(rows), len(ABLATION_MODES), mode, rows[-1]["accuracy"], rows[-1]["seconds"]),
+        )
     return rows, None
 
 
 def ablation_summary(rows: list[dict[str, Any]], fusion: str) -> dict[str, float]:
-    """best_unimodal_accuracy and fusion_gain (configured mode minus best unimodal, same features)."""
+    """best_unimodal_accuracy and fusion_gain (configured mode - best unimodal, same features)."""
     acc = {r["fusion"]: r["accuracy"] for r in rows}
     best_uni = max(acc["image_only"], acc["text_only"])
     out = {"best_unimodal_accuracy": best_uni, "ablation_best_accuracy": max(acc.values())}
@@ -368,24 +359,33 @@ def ablation_summary(rows: list[dict[str, Any]], fusion: str) -> dict[str, float
     return out
 
 
-def _load(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any], Path]:
-    from mmpipe.train import load_model
+def fusion_ablation(
+    model: torch.nn.Module,
+    shard_dir: Path,
+    p: EvaluateParams,
+    train_params: TrainParams,
+    num_classes: int | None,
+) -> tuple[dict[str, Any], dict[str, float], str | None]:
+    """ablation.json's content, its summary metrics, and why it was skipped (None if it ran).
 
-    checkpoint = _pick_checkpoint(model_dir)
-    model, info = load_model(checkpoint)
-    model.eval()
-    return model, dict(info or {}), checkpoint
-
-
-def _train_params(info: dict[str, Any], given: TrainParams | None) -> TrainParams:
-    """The params the model was trained with: the checkpoint's copy wins over the caller's."""
-    stored = info.get("params") or info.get("train_params")
-    if isinstance(stored, dict):
-        try:
-            return TrainParams.model_validate(stored)
-        except ValueError:
-            log.warning("checkpoint params do not validate; using the given train params")
-    return given or TrainParams()
+    ``num_classes`` None: the test split has no single-label classes to compare heads on.
+    """
+    fusion = train_params.fusion
+    ablation: dict[str, Any] = {
+        "enabled": p.ablation,
+        "configured_fusion": fusion,
+        "epochs": p.ablation_epochs,
+        "results": [],
+        "note": "heads trained on frozen features of encoders trained "
+        f"with fusion={fusion!r}; see mmpipe/evaluate.py",
+    }
+    if not p.ablation:
+        return ablation, {}, None
+    if num_classes is None:
+        return ablation, {}, "no classification labels"
+    rows, reason = run_ablation(model, shard_dir, p, train_params, num_classes)
+    ablation["results"] = rows
+    return ablation, ablation_summary(rows, fusion) if rows else {}, reason
 
 
 def run_evaluate(
@@ -393,17 +393,20 @@ def run_evaluate(
     model_dir: Path,
     p: EvaluateParams,
     out_dir: Path,
-    *,
-    train_params: TrainParams | None = None,
 ) -> dict[str, Any]:
-    """Evaluate models/best.pt (else last.pt) on the test shards; returns the flat metrics dict."""
+    """Evaluate models/best.pt (else last.pt) on the test shards; returns the flat metrics dict.
+
+    The task, the fusion mode and the ablation's head sizes and seed are the checkpoint's own
+    (the train params it stores), so evaluate reads no train params.
+    """
     from mmpipe.report import write_report
 
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = Path(shard_dir), Path(model_dir), Path(out_dir)
-    manifest = _read_manifest(shard_dir)
-    model, info, checkpoint = _load(model_dir)
-    tp = _train_params(info, train_params)
+    manifest = read_manifest(shard_dir, require="test")
+    checkpoint = pick_checkpoint(model_dir)
+    model, info = load_model(checkpoint)
+    tp = TrainParams.model_validate(info["params"])
     classes = list(manifest.get("classes") or info.get("classes") or [])
     test = embed_split(model, shard_dir, "test", p.batch_size)
     metrics: dict[str, float] = {
@@ -430,31 +433,14 @@ def run_evaluate(
         plot_confusion(cm, names, plots / "confusion_matrix.png")
         write_json_atomic(plots / "confusion.json", confusion_rows(test, names, tp.task))
 
-    ablation: dict[str, Any] = {
-        "enabled": p.ablation,
-        "configured_fusion": tp.fusion,
-        "epochs": p.ablation_epochs,
-        "results": [],
-        "note": "heads trained on frozen features of encoders trained "
-        f"with fusion={tp.fusion!r}; see mmpipe/evaluate.py",
-    }
-    if p.ablation and cm is not None:
-        rows, reason = run_ablation(model, shard_dir, p, tp, cm.shape[0])
-        ablation["results"] = rows
-        if rows:
-            metrics.update(ablation_summary(rows, tp.fusion))
-        if reason:
-            skipped["ablation"] = reason
-    elif p.ablation:
-        skipped["ablation"] = "no classification labels"
+    num_classes = None if cm is None else cm.shape[0]
+    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, num_classes)
+    metrics.update(summary)
+    if reason:
+        skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
-    write_json_atomic(
-        plots / "ablation.json",
-        [
-            {"fusion": r["fusion"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
-            for r in ablation["results"]
-        ],
-    )
+    plot_rows = [{k: r[k] for k in ("fusion", "accuracy", "macro_f1")} for r in ablation["results"]]
+    write_json_atomic(plots / "ablation.json", plot_rows)
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)

@@ -1,43 +1,129 @@
-"""Where each stage reads and writes, relative to the project directory (what dvc.yaml declares)."""
+"""The DAG in one place: each stage's params, code, inputs and outputs, and where they live.
+
+``STAGES`` is the one declaration of what a stage depends on. ``dvc.yaml`` lists the same
+(``tests/unit/test_layout.py`` checks it, key for key), the nightly flow's cache fingerprints the
+inputs it names (``mmpipe.pipeline``), and ``mmpipe <stage> --help`` lists its params sections.
+``Layout`` turns the declaration into paths under one project directory.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the DAG, as ``dvc.yaml`` declares it (paths relative to the project)."""
+
+    help: str
+    params: tuple[str, ...]  # params.yaml sections that shape its outputs (dvc.yaml `params:`)
+    code: tuple[str, ...]  # the code it runs (dvc.yaml `deps:`)
+    inputs: tuple[str, ...]  # earlier stages' outputs it reads (dvc.yaml `deps:`)
+    out: str | None  # its output directory (dvc.yaml `outs:`); None: it writes to MLflow only
+    tracked: bool = False  # logs to MLflow, so it also reads the `tracking` section
+
+
+STAGES: dict[str, StageSpec] = {
+    "ingest": StageSpec(
+        help="read a source, validate every record, write records + rejects",
+        params=("ingest",),
+        code=("mmpipe/ingest.py", "mmpipe/synthetic.py"),
+        inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
+        out="data/ingest",
+    ),
+    "align": StageSpec(
+        help="pair images and captions, count orphans, split by image group",
+        params=("align",),
+        code=("mmpipe/align.py",),
+        inputs=("data/ingest/records.parquet", "data/ingest/images.parquet"),
+        out="data/align",
+    ),
+    "shard": StageSpec(
+        help="augment + write WebDataset shards and manifest.json",
+        params=("shard",),
+        code=("mmpipe/shard.py", "mmpipe/augment.py"),
+        inputs=(
+            "data/align/pairs.parquet",
+            "data/align/report.json",
+            "data/ingest/records.parquet",
+        ),
+        out="data/shards",
+    ),
+    "train": StageSpec(
+        help="train the dual encoder + fusion classifier",
+        params=("train",),
+        code=(
+            "mmpipe/model",
+            "mmpipe/train.py",
+            "mmpipe/data.py",
+            "mmpipe/checkpoint.py",
+            "mmpipe/distributed.py",
+        ),
+        inputs=("data/shards",),
+        out="models",
+        tracked=True,
+    ),
+    "evaluate": StageSpec(
+        help="retrieval, classification, ablation",
+        # the model, the task and the ablation's seed come from the checkpoint, not params.train
+        params=("evaluate",),
+        code=("mmpipe/evaluate.py", "mmpipe/metrics.py", "mmpipe/report.py"),
+        inputs=("models", "data/shards"),
+        out="reports",
+        tracked=True,
+    ),
+    "register": StageSpec(
+        help="register the model; promote if it beats the champion",
+        params=("register",),
+        code=("mmpipe/tracking", "mmpipe/predict.py"),
+        inputs=("models", "reports/metrics.json", "data/shards/manifest.json"),
+        out=None,
+        tracked=True,
+    ),
+}
+
+
+def _stage_dir(stage: str, doc: str) -> property:
+    return property(lambda layout: layout.stage_dir(stage), doc=doc)
+
+
+def _state_path(name: str, doc: str) -> property:
+    return property(lambda layout: layout.state_dir / name, doc=doc)
+
 
 @dataclass(frozen=True)
 class Layout:
-    """Output locations of every stage under one project directory ``root``."""
+    """Where every stage reads and writes under one project directory ``root``."""
 
     root: Path = Path(".")
 
-    @property
-    def ingest_dir(self) -> Path:
-        """records.parquet, images.parquet, rejects.jsonl, report.json (+ source/ for synthetic)."""
-        return self.root / "data" / "ingest"
+    def stage_dir(self, stage: str) -> Path:
+        """The output directory of ``stage`` (``STAGES[stage].out``)."""
+        out = STAGES[stage].out
+        if out is None:
+            raise ValueError(f"stage {stage!r} writes no files (its output is in MLflow)")
+        return self.root / out
 
-    @property
-    def align_dir(self) -> Path:
-        """pairs.parquet, orphans.jsonl, report.json."""
-        return self.root / "data" / "align"
+    def inputs(self, stage: str) -> list[Path]:
+        """The earlier stages' outputs ``stage`` reads."""
+        return [self.root / path for path in STAGES[stage].inputs]
 
-    @property
-    def shard_dir(self) -> Path:
-        """{train,val,test}-NNNNNN.tar + manifest.json."""
-        return self.root / "data" / "shards"
-
-    @property
-    def model_dir(self) -> Path:
-        """last.pt, best.pt, train_report.json."""
-        return self.root / "models"
-
-    @property
-    def eval_dir(self) -> Path:
-        """metrics.json, ablation.json, plots/."""
-        return self.root / "reports"
+    ingest_dir = _stage_dir(
+        "ingest", "records.parquet, images.parquet, rejects.jsonl, report.json."
+    )
+    align_dir = _stage_dir("align", "pairs.parquet, orphans.jsonl, report.json.")
+    shard_dir = _stage_dir("shard", "{train,val,test}-NNNNNN.tar + manifest.json.")
+    model_dir = _stage_dir("train", "last.pt, best.pt, train_report.json.")
+    eval_dir = _stage_dir("evaluate", "metrics.json, ablation.json, plots/, report.md, ...")
 
     @property
     def state_dir(self) -> Path:
-        """Local service state: mlflow.db, mlartifacts/, prefect/ (never committed)."""
+        """Local service state: the MLflow store, Prefect's home (never committed)."""
         return self.root / ".mmpipe"
+
+    mlflow_db = _state_path("mlflow.db", "The default MLflow tracking store (SQLite).")
+    mlflow_artifacts = _state_path("mlartifacts", "Artifacts of the default MLflow store.")
+    prefect_home = _state_path("prefect", "PREFECT_HOME: the local Prefect server's DB and logs.")

@@ -129,7 +129,7 @@ def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, ..
 def per_class_report(
     y_true: Any, y_pred: Any, num_classes: int | None = None, names: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per class: {"class", "index", "precision", "recall", "f1", "support", "predicted"}."""
+    """A row per class: {"class", "index", "precision", "recall", "f1", "support", "predicted"}."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp = np.diag(cm).astype(np.float64)
     fp = cm.sum(axis=0) - tp

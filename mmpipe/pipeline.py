@@ -1,35 +1,42 @@
-"""Stage drivers: one function per stage, called by the CLI (`python -m mmpipe <stage>`, what
-dvc.yaml runs) and by the Prefect tasks in `tasks/`. Each reads its params section, calls the pure
-stage function on the project's layout and, for train/evaluate/register, records the run in MLflow.
+"""Stage drivers: run one stage of the DAG on a project, as the CLI, the flow and dvc.yaml do.
+
+Each driver reads its params section, calls the stage's pure function on the project's layout
+(``mmpipe.layout``) and, under a flow or for the model stages, records the run in MLflow:
+
+    run_stage(name, params, layout)        any stage by name (the CLI, the Prefect tasks)
+    stage_ingest / stage_align / stage_shard   data stages; each leaves a fingerprint stamp
+    stage_train / stage_evaluate / stage_register
+    run_all(params, layout)                every stage in order, in this process
+
+Data stages are cached by the flow on content: ``stage_fingerprint`` hashes the stage's params
+section, its code and its inputs (``layout.STAGES``), and ``stage_is_current`` compares it with
+the stamp the stage wrote beside its outputs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmpipe.checkpoint import MANIFEST
 from mmpipe.config import Params, section_hash
 from mmpipe.errors import InputError
 from mmpipe.io import read_json, sha256_file, write_json_atomic
-from mmpipe.layout import Layout
+from mmpipe.layout import STAGES, Layout
 
 log = logging.getLogger(__name__)
 
-
 STAMP = ".stamp.json"
-
-# The code each data stage runs: a change to it invalidates the stage like a change of params.
-_STAGE_CODE = {
-    "ingest": ("ingest.py", "synthetic.py"),
-    "align": ("align.py",),
-    "shard": ("shard.py", "augment.py"),
-}
+ORDER = ("ingest", "align", "shard", "train", "evaluate", "register")
+DATA_STAGES = ("ingest", "align", "shard")
+_REPO = Path(__file__).resolve().parents[1]  # STAGES' code paths are relative to it
 
 
-def _stage_out_dir(stage: str, layout: Layout) -> Path:
-    return {"ingest": layout.ingest_dir, "align": layout.align_dir, "shard": layout.shard_dir}[stage]
+# ----------------------------------------------------------------------------- the cache
 
 
 def _source_files(params: Params) -> list[Path]:
@@ -41,12 +48,13 @@ def _source_files(params: Params) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
 
 
-def _stage_inputs(stage: str, params: Params, layout: Layout) -> list[Path]:
-    if stage == "ingest":
-        return _source_files(params)
-    if stage == "align":
-        return [layout.ingest_dir / "records.parquet", layout.ingest_dir / "images.parquet"]
-    return [layout.align_dir / "pairs.parquet"]
+def _code_files(stage: str) -> list[Path]:
+    """The files of the stage's declared code (a directory: its Python files)."""
+    files: list[Path] = []
+    for name in STAGES[stage].code:
+        path = _REPO / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
 
 
 def stage_fingerprint(stage: str, params: Params, layout: Layout) -> str:
@@ -56,40 +64,69 @@ def stage_fingerprint(stage: str, params: Params, layout: Layout) -> str:
     enough to check on every nightly run. Derived inputs (parquet tables) are hashed in full.
     """
     h = hashlib.sha256(stage.encode())
-    h.update(section_hash(getattr(params, stage)).encode())
-    pkg = Path(__file__).parent
-    for name in _STAGE_CODE[stage]:
-        h.update(sha256_file(pkg / name).encode())
-    for path in _stage_inputs(stage, params, layout):
-        if not path.is_file():
-            h.update(f"missing:{path}".encode())
-        elif stage == "ingest":
-            st = path.stat()
-            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-        else:
-            h.update(sha256_file(path).encode())
+    for section in STAGES[stage].params:
+        h.update(section_hash(getattr(params, section)).encode())
+    for path in _code_files(stage):
+        h.update(sha256_file(path).encode())
+    for path in layout.inputs(stage):
+        h.update(sha256_file(path).encode() if path.is_file() else f"missing:{path}".encode())
+    for path in _source_files(params) if stage == "ingest" else []:
+        st = path.stat()
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
 def stage_is_current(stage: str, params: Params, layout: Layout) -> bool:
     """True when the stage's outputs exist and were made from exactly these inputs and params."""
-    stamp = _stage_out_dir(stage, layout) / STAMP
+    stamp = layout.stage_dir(stage) / STAMP
     if not stamp.is_file():
         return False
     return read_json(stamp).get("fingerprint") == stage_fingerprint(stage, params, layout)
 
 
-def _run_data_stage(
-    stage: str, params: Params, layout: Layout, fn: Any, parent_run_id: str | None
+# ----------------------------------------------------------------------------- data stages
+
+
+def _ingest(params: Params, layout: Layout) -> dict[str, Any]:
+    from mmpipe.ingest import run_ingest
+
+    return run_ingest(params.ingest, layout.ingest_dir)
+
+
+def _align(params: Params, layout: Layout) -> dict[str, Any]:
+    from mmpipe.align import run_align
+
+    return run_align(layout.ingest_dir, params.align, layout.align_dir)
+
+
+def _shard(params: Params, layout: Layout) -> dict[str, Any]:
+    from mmpipe.shard import run_shard
+
+    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, layout.shard_dir)
+
+
+_DATA_FUNCTIONS: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
+    "ingest": _ingest,
+    "align": _align,
+    "shard": _shard,
+}
+
+
+def run_data_stage(
+    stage: str, params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    out_dir = _stage_out_dir(stage, layout)
+    """Run data stage ``stage`` and stamp its outputs with their fingerprint; its report.
+
+    Under a flow (``parent_run_id``) the stage is also recorded as a nested MLflow run.
+    """
+    out_dir = layout.stage_dir(stage)
     stamp = out_dir / STAMP
     if stamp.exists():  # outputs are about to change: the old stamp no longer vouches for them
         stamp.unlink()
     fingerprint = stage_fingerprint(stage, params, layout)
-    report = fn()
+    report = _DATA_FUNCTIONS[stage](params, layout)
     write_json_atomic(stamp, {"stage": stage, "fingerprint": fingerprint})
-    if parent_run_id is not None:  # under a flow: one nested MLflow run per stage
+    if parent_run_id is not None:
         from mmpipe import tracking
 
         report_file = out_dir / "report.json"
@@ -98,61 +135,26 @@ def _run_data_stage(
             layout.root,
             stage=stage,
             parent_run_id=parent_run_id,
-            section=getattr(params, stage).model_dump(mode="json"),
+            section=getattr(params, stage),
             report=report,
-            report_file=report_file if report_file.is_file() else out_dir / "manifest.json",
+            report_file=report_file if report_file.is_file() else out_dir / MANIFEST,
         )
     return report
 
 
-def stage_ingest(
-    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
-) -> dict[str, Any]:
-    """Validate the configured source into data/ingest/ (a nested MLflow run under a flow's)."""
-    from mmpipe.ingest import run_ingest
-
-    return _run_data_stage(
-        "ingest",
-        params,
-        layout,
-        lambda: run_ingest(params.ingest, layout.ingest_dir),
-        parent_run_id,
-    )
+# validate the configured source into data/ingest/, pair and split it into data/align/, write
+# WebDataset shards into data/shards/
+stage_ingest = functools.partial(run_data_stage, "ingest")
+stage_align = functools.partial(run_data_stage, "align")
+stage_shard = functools.partial(run_data_stage, "shard")
 
 
-def stage_align(
-    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
-) -> dict[str, Any]:
-    """Pair and split data/ingest/ into data/align/ (a nested MLflow run under a flow's)."""
-    from mmpipe.align import run_align
-
-    return _run_data_stage(
-        "align",
-        params,
-        layout,
-        lambda: run_align(layout.ingest_dir, params.align, layout.align_dir),
-        parent_run_id,
-    )
-
-
-def stage_shard(
-    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
-) -> dict[str, Any]:
-    """Write WebDataset shards of data/align/ into data/shards/ (nested run under a flow's)."""
-    from mmpipe.shard import run_shard
-
-    return _run_data_stage(
-        "shard",
-        params,
-        layout,
-        lambda: run_shard(layout.align_dir, layout.ingest_dir, params.shard, layout.shard_dir),
-        parent_run_id,
-    )
+# ----------------------------------------------------------------------------- model stages
 
 
 def manifest_hash(layout: Layout) -> str:
     """sha256 of the shard manifest: the data version every model is trained on."""
-    manifest = layout.shard_dir / "manifest.json"
+    manifest = layout.shard_dir / MANIFEST
     if not manifest.is_file():
         raise InputError(f"{manifest} not found: run `mmpipe shard` first")
     return sha256_file(manifest)
@@ -168,16 +170,16 @@ def stage_train(
     data_hash = manifest_hash(layout)
     with tracking.start_run(
         params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
-    ) as run_id:
-        tracking.log_params_flat(params, {"data.manifest_sha256": data_hash})
+    ) as run:
+        tracking.log_params(run, params, {"data.manifest_sha256": data_hash})
         report = run_train(
             layout.shard_dir,
             params.train,
             layout.model_dir,
             resume=resume,
-            on_epoch_end=tracking.epoch_logger(run_id),
+            on_epoch_end=tracking.epoch_logger(run),
         )
-        report["mlflow_run_id"] = run_id
+        report["mlflow_run_id"] = run.id
         report["data_hash"] = data_hash
         write_json_atomic(layout.model_dir / "train_report.json", report)
     return report
@@ -189,15 +191,13 @@ def _train_run_id(layout: Layout) -> str | None:
 
 
 def stage_evaluate(
-    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
+    params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
     """Evaluate models/ on the test shards into reports/, logged to the training run."""
     from mmpipe import tracking
     from mmpipe.evaluate import run_evaluate
 
-    metrics = run_evaluate(
-        layout.shard_dir, layout.model_dir, params.evaluate, layout.eval_dir, train_params=params.train
-    )
+    metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, layout.eval_dir)
     run_id = _train_run_id(layout)
     if run_id is not None:
         tracking.log_evaluation(params.tracking, layout.root, run_id, metrics, layout.eval_dir)
@@ -205,46 +205,57 @@ def stage_evaluate(
 
 
 def stage_register(
-    params: Params, layout: Layout, *, parent_run_id: str | None = None, **_: Any
+    params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
     """Log the trained model, register a new version and move the champion alias if it is better."""
     from mmpipe import tracking
+    from mmpipe.predict import load_predictor
 
     run_id = _train_run_id(layout)
     if run_id is None:
-        raise InputError(f"{layout.model_dir / 'train_report.json'} not found: run `mmpipe train` first")
+        raise InputError(
+            f"{layout.model_dir / 'train_report.json'} not found: run `mmpipe train` first"
+        )
     metrics_path = layout.eval_dir / "metrics.json"
     if not metrics_path.is_file():
         raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
-    return tracking.register_trained_model(
-        params.tracking,
-        layout.root,
-        run_id=run_id,
-        model_dir=layout.model_dir,
-        metrics=read_json(metrics_path),
-        register=params.register,
-        data_hash=manifest_hash(layout),
+    predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
+    run = tracking.connect(params.tracking, layout.root).run(run_id)
+    model_uri = tracking.log_model(run, predictor)
+    metrics, data_hash = read_json(metrics_path), manifest_hash(layout)
+    return tracking.register_and_maybe_promote(
+        run, model_uri, metrics, params.register, data_hash=data_hash
     )
+
+
+# ----------------------------------------------------------------------------- by name
+
+
+def run_stage(
+    stage: str,
+    params: Params,
+    layout: Layout,
+    *,
+    parent_run_id: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run one stage by name; ``resume`` applies to train only."""
+    if stage in DATA_STAGES:
+        return run_data_stage(stage, params, layout, parent_run_id=parent_run_id)
+    if stage == "train":
+        return stage_train(params, layout, resume=resume, parent_run_id=parent_run_id)
+    drivers = {"evaluate": stage_evaluate, "register": stage_register}
+    if stage not in drivers:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(ORDER)}")
+    return drivers[stage](params, layout, parent_run_id=parent_run_id)
 
 
 def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
     """Every stage in order in this process (no orchestration): handy for debugging."""
-    out: dict[str, Any] = {}
-    for name, fn in (
-        ("ingest", stage_ingest),
-        ("align", stage_align),
-        ("shard", stage_shard),
-    ):
-        out[name] = fn(params, layout)
-    out["train"] = stage_train(params, layout, resume=resume)
-    out["evaluate"] = stage_evaluate(params, layout)
-    out["register"] = stage_register(params, layout)
-    return out
+    return {name: run_stage(name, params, layout, resume=resume) for name in ORDER}
 
 
-def project_root(path: str | Path = ".") -> Path:
-    """Absolute project directory."""
-    return Path(path).resolve()
+# ----------------------------------------------------------------------------- a flow's run
 
 
 def open_flow_run(params: Params, layout: Layout) -> str:

@@ -1,8 +1,11 @@
 """Inference: load a trained model, embed images and captions, search and classify.
 
-    predictor = load_predictor()          # models:/mmpipe-fusion@champion, else models/best.pt
+    predictor = load_predictor("models")  # models/best.pt (else last.pt), or a checkpoint file
     predictor.search_captions("cat.jpg", ["a cat", "a dog"], k=1)
     predictor.classify_pair("cat.jpg", "a cat on a mat")
+
+A registered model (``models:/mmpipe-fusion@champion``) is fetched by ``mmpipe.tracking``
+(``resolve_model``), which hands its checkpoint and sidecar to ``load_predictor``.
 
 Images go through the same preprocessing as the shards the model was trained on
 (``mmpipe.shard``'s function: EXIF transpose, RGB, square resize, JPEG round trip) and the
@@ -24,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmpipe.config import RegisterParams, TrackingParams
+from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
 from mmpipe.errors import InputError
-from mmpipe.io import read_json
+from mmpipe.model import predict_labels
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +84,27 @@ class Predictor:
         self, image: ImageInput, captions: Sequence[str], k: int = 5
     ) -> list[dict[str, Any]]:
         """The k captions most similar to ``image``: [{"rank", "index", "caption", "score"}]."""
-        if not captions:
-            raise InputError("search: no candidate captions given")
-        scores = (self.embed_images([image]) @ self.embed_captions(captions).T)[0]  # (T,)
-        return [
-            {"rank": r + 1, "index": i, "caption": captions[i], "score": float(scores[i])}
-            for r, i in enumerate(_top_k(scores, k))
-        ]
+        return self._search(self.embed_images, image, self.embed_captions, captions, k, "caption")
 
     def search_images(
         self, caption: str, images: Sequence[ImageInput], k: int = 5
     ) -> list[dict[str, Any]]:
         """The k images most similar to ``caption``: [{"rank", "index", "image", "score"}]."""
-        if not images:
-            raise InputError("search: no candidate images given")
-        scores = (self.embed_captions([caption]) @ self.embed_images(images).T)[0]  # (I,)
+        return self._search(self.embed_captions, caption, self.embed_images, images, k, "image")
+
+    @staticmethod
+    def _search(
+        embed_query: Any, query: Any, embed: Any, candidates: Sequence[Any], k: int, kind: str
+    ) -> list[dict[str, Any]]:
+        """The k ``candidates`` (of ``kind``) closest to ``query`` in the shared space."""
+        if not candidates:
+            raise InputError(f"search: no candidate {kind}s given")
+        scores = (embed_query([query]) @ embed(candidates).T)[0]  # (N,)
+        # stable: equal scores keep candidate order
+        top = np.argsort(-scores.numpy(), kind="stable")[: max(k, 0)]
         return [
-            {"rank": r + 1, "index": i, "image": _name(images[i]), "score": float(scores[i])}
-            for r, i in enumerate(_top_k(scores, k))
+            {"rank": r + 1, "index": int(i), kind: _name(candidates[i]), "score": float(scores[i])}
+            for r, i in enumerate(top)
         ]
 
     @torch.no_grad()
@@ -116,7 +122,7 @@ class Predictor:
         return rows
 
     def classify_pair(self, image: ImageInput, caption: str) -> dict[str, Any]:
-        """One (image, caption): {"label", "label_index", "confidence", "probabilities", "similarity"}."""
+        """One pair: {"label", "label_index", "confidence", "probabilities", "similarity"}."""
         return self.classify_pairs([image], [caption])[0]
 
     def predict_frame(self, frame: Any) -> Any:
@@ -152,7 +158,8 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
             probs = torch.cat([1 - probs, probs], dim=-1)
     else:
         probs = torch.softmax(logits, dim=-1)
-    conf, idx = probs.max(dim=-1)
+    idx = predict_labels(logits, task)  # (B,)
+    conf = probs.gather(-1, idx[:, None])[:, 0]  # (B,)
     return [
         {
             "label": names[i] if i < len(names) else str(i),
@@ -166,18 +173,13 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
     ]
 
 
-def _top_k(scores: torch.Tensor, k: int) -> list[int]:
-    # stable: equal scores keep candidate order
-    order = np.argsort(-scores.numpy(), kind="stable")
-    return [int(i) for i in order[: max(k, 0)]]
-
-
-def _name(image: ImageInput) -> str:
-    return str(image) if isinstance(image, str | Path) else f"<{type(image).__name__}>"
+def _name(item: ImageInput) -> str:
+    """A caption or an image path as given; an in-memory image as <type>."""
+    return str(item) if isinstance(item, str | Path) else f"<{type(item).__name__}>"
 
 
 def _open_image(image: ImageInput) -> Image.Image:
-    """Open a path / bytes / PIL image; unreadable input is the user's error, with the file named."""
+    """Open a path / bytes / PIL image; unreadable input is the user's error, naming the file."""
     if isinstance(image, Image.Image):
         return image
     try:
@@ -203,100 +205,36 @@ def _image_from_cell(value: Any, row: int) -> ImageInput:
         raise InputError(f"row {row}: image is neither a file path nor base64 data") from None
 
 
-def _checkpoint_in(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise InputError(f"{path}: no best.pt or last.pt in this directory")
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    return path
-
-
-def _is_uri(source: str) -> bool:
-    return "://" in source or source.startswith(("models:/", "runs:/"))
-
-
-def _from_manifest(project_dir: Path) -> dict[str, Any]:
-    manifest = project_dir / "data" / "shards" / "manifest.json"
-    return read_json(manifest) if manifest.is_file() else {}
-
-
 def load_predictor(
-    source: str | Path | None = None,
+    source: str | Path,
     *,
-    project_dir: str | Path = ".",
-    tracking: TrackingParams | None = None,
+    sidecar: dict[str, Any] | None = None,
+    shard_dir: str | Path | None = None,
     image_size: int | None = None,
     classes: list[str] | None = None,
     device: str = "cpu",
 ) -> Predictor:
-    """Load from a model URI (``models:/...``, ``runs:/...``), a checkpoint file or a models dir.
+    """A predictor of a checkpoint file, or of a models directory's best.pt (else last.pt).
 
-    ``None`` tries ``models:/mmpipe-fusion@champion`` in the project's MLflow registry and falls
-    back to ``<project>/models/best.pt`` (then last.pt) when there is no registry or champion.
+    Image size and class names come from the arguments, else the ``sidecar`` of a logged model,
+    else the checkpoint, else the manifest in ``shard_dir`` (the shards it was trained on).
     """
-    project_dir = Path(project_dir)
-    sidecar: dict[str, Any] = {}
-    if source is None:
-        checkpoint, sidecar = _default_source(project_dir, tracking)
-    elif isinstance(source, str) and _is_uri(source):
-        from mmpipe import tracking as tracking_mod
-
-        checkpoint, sidecar = tracking_mod.download_model(source, tracking, project_dir)
-    else:
-        checkpoint = _checkpoint_in(Path(source))
-    return _build(checkpoint, sidecar, project_dir, image_size, classes, torch.device(device))
-
-
-def _default_source(
-    project_dir: Path, tracking: TrackingParams | None
-) -> tuple[Path, dict[str, Any]]:
-    from mmpipe import tracking as tracking_mod
-
-    p = RegisterParams()
-    uri = f"models:/{p.model_name}@{p.alias}"
-    found = tracking_mod.try_download_model(uri, tracking, project_dir)
-    if found is not None:
-        log.info("using %s", uri)
-        return found
-    log.info("no %s in the registry: using the checkpoint in %s", uri, project_dir / "models")
-    return _checkpoint_in(project_dir / "models"), {}
-
-
-def _build(
-    checkpoint: Path,
-    sidecar: dict[str, Any],
-    project_dir: Path,
-    image_size: int | None,
-    classes: list[str] | None,
-    device: torch.device,
-) -> Predictor:
-    from mmpipe.train import load_model
-
+    checkpoint = pick_checkpoint(source)
     model, info = load_model(checkpoint)
-    model.to(device).eval()
-    info = dict(info or {})
-    manifest = _from_manifest(project_dir)
-    size = (
-        image_size
-        or sidecar.get("image_size")
-        or info.get("image_size")
-        or manifest.get("image_size")
-    )
+    model.to(device)
+    sidecar = sidecar or {}
+    manifest = {}
+    if shard_dir is not None and (Path(shard_dir) / MANIFEST).is_file():
+        manifest = read_manifest(shard_dir)
+    size = image_size or sidecar.get("image_size") or info.get("image_size")
+    size = size or manifest.get("image_size")
     if not size:
         raise InputError(
-            f"{checkpoint}: image size unknown (not in the checkpoint, and no "
-            f"{project_dir}/data/shards/manifest.json); pass image_size="
+            f"{checkpoint}: image size unknown (not in the checkpoint, and no shard manifest "
+            f"in {shard_dir}); pass image_size="
         )
-    names = (
-        classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes") or []
+    names = classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes")
+    task = sidecar.get("task") or info["model_args"]["task"]
+    return Predictor(
+        model, int(size), list(names or []), task, str(checkpoint), torch.device(device)
     )
-    task = sidecar.get("task") or info.get("task") or _task_of(info)
-    return Predictor(model, int(size), list(names), task, str(checkpoint), device)
-
-
-def _task_of(info: dict[str, Any]) -> str:
-    params = info.get("params") or info.get("train_params") or {}
-    return str(params.get("task", "multiclass")) if isinstance(params, dict) else "multiclass"

@@ -1,7 +1,8 @@
 """Prefect tasks: thin wrappers of the stage drivers in `mmpipe.pipeline`.
 
-Tasks take plain JSON-able arguments (the validated params as a dict, the project directory) and
+Tasks take the params the flow validated once (a ``Params``) and the project's ``Layout``, and
 return the stage's small report dict: paths and counts, never tensors or tables (TRAPS.md).
+Each task run is named after its stage.
 
 Data stages (ingest, align, shard) are cached on *content*: the key is the stage's fingerprint
 (its params section, its code, the hash of its inputs). A cached result is only reused while
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -29,36 +29,13 @@ from mmpipe.layout import Layout
 log = logging.getLogger(__name__)
 
 
-def _params(params: dict[str, Any]) -> Params:
-    return Params.model_validate(params)
-
-
-def _layout(project_dir: str) -> Layout:
-    return Layout(Path(project_dir))
-
-
-def data_cache_key(stage: str):
-    """A cache_key_fn for data stage `stage` (see module docstring)."""
-
-    def key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        params = _params(parameters["params"])
-        layout = _layout(parameters["project_dir"])
-        fingerprint = pipeline.stage_fingerprint(stage, params, layout)
-        # the project is part of the key: a cached report names files of one project only
-        project = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:12]
-        return f"mmpipe-{stage}-{project}-{fingerprint}"
-
-    return key_fn
-
-
-def data_stage(stage: str, params: dict[str, Any], project_dir: str) -> Any:
-    """The task of data stage ``stage``, set to ignore its cache unless its outputs are current.
-
-    Call it right before submitting the stage: currency depends on the upstream stage's outputs.
-    """
-    tasks = {"ingest": ingest_task, "align": align_task, "shard": shard_task}
-    current = pipeline.stage_is_current(stage, _params(params), _layout(project_dir))
-    return tasks[stage] if current else tasks[stage].with_options(refresh_cache=True)
+def data_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The cache key of a data stage run: the stage, the project and the stage's fingerprint."""
+    stage, layout = parameters["stage"], parameters["layout"]
+    fingerprint = pipeline.stage_fingerprint(stage, parameters["params"], layout)
+    # the project is part of the key: a cached report names files of one project only
+    project = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:12]
+    return f"mmpipe-{stage}-{project}-{fingerprint}"
 
 
 def retry_on_io(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -70,65 +47,54 @@ def retry_on_io(task_obj: Any, task_run: Any, state: Any) -> bool:
 _IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retry_on_io}
 
 
-@task(name="ingest", cache_key_fn=data_cache_key("ingest"), persist_result=True, **_IO_RETRIES)
-def ingest_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
+@task(
+    name="data-stage",
+    task_run_name="{stage}",
+    cache_key_fn=data_cache_key,
+    persist_result=True,
+    **_IO_RETRIES,
+)
+def data_task(
+    stage: str, params: Params, layout: Layout, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Stage ingest (cached on source content + params)."""
-    return pipeline.stage_ingest(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
+    """Data stage ``stage`` (ingest, align or shard), cached on its inputs' content + params."""
+    return pipeline.run_data_stage(stage, params, layout, parent_run_id=parent_run_id)
 
 
-@task(name="align", cache_key_fn=data_cache_key("align"), persist_result=True, **_IO_RETRIES)
-def align_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
-) -> dict[str, Any]:
-    """Stage align (cached on the ingest tables + params)."""
-    return pipeline.stage_align(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
+def data_stage(stage: str, params: Params, layout: Layout) -> Any:
+    """``data_task``, set to ignore its cache unless the stage's outputs are current.
 
-
-@task(name="shard", cache_key_fn=data_cache_key("shard"), persist_result=True, **_IO_RETRIES)
-def shard_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
-) -> dict[str, Any]:
-    """Stage shard (cached on the pairs table + params)."""
-    return pipeline.stage_shard(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
+    Call it right before submitting the stage: currency depends on the upstream stage's outputs.
+    """
+    current = pipeline.stage_is_current(stage, params, layout)
+    return data_task if current else data_task.with_options(refresh_cache=True)
 
 
 @task(name="train", persist_result=False)
 def train_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None, resume: bool = False
+    params: Params, layout: Layout, parent_run_id: str | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """Stage train: always runs (the nightly job retrains)."""
-    return pipeline.stage_train(
-        _params(params), _layout(project_dir), resume=resume, parent_run_id=parent_run_id
-    )
+    return pipeline.stage_train(params, layout, resume=resume, parent_run_id=parent_run_id)
 
 
-@task(name="evaluate", persist_result=False)
-def evaluate_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
+@task(name="model-stage", task_run_name="{stage}", persist_result=False)
+def model_task(
+    stage: str, params: Params, layout: Layout, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Stage evaluate on the test split."""
-    return pipeline.stage_evaluate(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
-
-
-@task(name="register", persist_result=False)
-def register_task(
-    params: dict[str, Any], project_dir: str, parent_run_id: str | None = None
-) -> dict[str, Any]:
-    """Stage register: new model version; the champion alias moves only on improvement."""
-    return pipeline.stage_register(_params(params), _layout(project_dir), parent_run_id=parent_run_id)
+    """Stage evaluate or register (on the model train just made)."""
+    return pipeline.run_stage(stage, params, layout, parent_run_id=parent_run_id)
 
 
 @task(name="start-tracking", persist_result=False, **_IO_RETRIES)
-def start_tracking_task(params: dict[str, Any], project_dir: str) -> str:
+def start_tracking_task(params: Params, layout: Layout) -> str:
     """Open the flow's MLflow parent run; returns its id (stage runs nest under it)."""
-    return pipeline.open_flow_run(_params(params), _layout(project_dir))
+    return pipeline.open_flow_run(params, layout)
 
 
 @task(name="finish-tracking", persist_result=False, **_IO_RETRIES)
 def finish_tracking_task(
-    params: dict[str, Any], project_dir: str, run_id: str, status: str, summary: str
+    params: Params, layout: Layout, run_id: str, status: str, summary: str
 ) -> None:
     """Close the parent run with the flow's status and its summary table."""
-    pipeline.close_flow_run(_params(params), _layout(project_dir), run_id, status, summary)
+    pipeline.close_flow_run(params, layout, run_id, status, summary)

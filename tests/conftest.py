@@ -21,7 +21,9 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 def shared_data() -> Path:
     """The real image+text samples beside the repo (../shared/data); CI always has them."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"real samples missing: expected {SHARED_DATA} (CI clones shared/ beside the repo)")
+        pytest.fail(
+            f"real samples missing: expected {SHARED_DATA} (CI clones shared/ beside the repo)"
+        )
     return SHARED_DATA
 
 
@@ -83,7 +85,9 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
     shutil.copy(REPO / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
     params = load_params(REPO / "params.yaml", overrides or TINY_OVERRIDES)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    (dest / "params.yaml").write_text(
+        yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    )
     (dest / ".gitignore").write_text((REPO / ".gitignore").read_text())
     env = git_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
@@ -104,3 +108,208 @@ def git_env() -> dict[str, str]:
         GIT_COMMITTER_EMAIL="tests@mmpipe.invalid",
     )
     return env
+
+
+# ----------------------------------------------------------------------------- training data
+# Tiny WebDataset shards in the format mmpipe.shard writes (jpg/txt/json samples + manifest.json),
+# read only through mmpipe.data like the real stages, and tiny models; shared by the train,
+# evaluate, predict and DDP tests.
+
+MOOD_CLASSES = ["agree", "disagree"]
+_WARM = [(220, 80, 40), (240, 160, 40), (200, 40, 60)]
+_COOL = [(40, 80, 220), (40, 180, 160), (90, 60, 200)]
+_POSITIVE, _NEGATIVE = ["happy", "lovely", "great"], ["sad", "awful", "gloomy"]
+
+
+def _mood_image(rng, warm: bool, shape: str, left: bool, size: int) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), rng.choice(_WARM if warm else _COOL))
+    draw = ImageDraw.Draw(img)
+    x0 = size // 8 if left else size // 2 + size // 8
+    box = (x0, size // 3, x0 + size // 3, size // 3 + size // 3)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=(250, 250, 250))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _mood_samples(split: str, n_images: int, captions: int, size: int, seed: int) -> list[dict]:
+    import hashlib
+    import json
+    import random
+
+    rng = random.Random(f"{seed}:{split}")
+    rows = []
+    for i in range(n_images):
+        warm, shape, left = rng.random() < 0.5, rng.choice(["circle", "square"]), rng.random() < 0.5
+        jpg = _mood_image(rng, warm, shape, left, size)
+        image_id = hashlib.sha256(jpg + f"{split}{i}".encode()).hexdigest()[:16]
+        for c in range(captions):
+            positive = rng.random() < 0.5
+            mood = rng.choice(_POSITIVE if positive else _NEGATIVE)
+            text = f"a {shape} on the {'left' if left else 'right'}, {mood}"
+            label = MOOD_CLASSES[0] if warm == positive else MOOD_CLASSES[1]
+            pair_id = f"{image_id}{c:02d}"
+            meta = {
+                "pair_id": pair_id, "image_id": image_id, "caption_id": pair_id, "label": label,
+                "label_index": MOOD_CLASSES.index(label), "split": split, "source": "synthetic",
+                "image_path": f"/x/{i}.jpg", "meta": {"main_shape": shape}, "copy": 0,
+            }  # fmt: skip
+            rows.append(
+                {
+                    "__key__": pair_id,
+                    "jpg": jpg,
+                    "txt": text.encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+    return sorted(rows, key=lambda r: r["__key__"])
+
+
+def write_mood_shards(
+    out: Path,
+    n_images: dict[str, int] | None = None,
+    captions: int = 2,
+    size: int = 32,
+    per_shard: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Shards of a toy task like the synthetic data's: the label says whether the image's palette
+    (warm/cool) agrees with the caption's sentiment. Returns ``out``."""
+    import json
+
+    import webdataset as wds
+
+    n_images = n_images or {"train": 16, "val": 8}
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"params_hash": "tiny", "image_size": size, "classes": MOOD_CLASSES, "splits": {}}
+    for split, n in n_images.items():
+        rows, shards = _mood_samples(split, n, captions, size, seed), []
+        for k in range(0, len(rows), per_shard):
+            name = f"{split}-{k // per_shard:06d}.tar"
+            with wds.TarWriter(str(out / name)) as sink:
+                for row in rows[k : k + per_shard]:
+                    sink.write(row)
+            count = len(rows[k : k + per_shard])
+            shards.append(
+                {"name": name, "count": count, "bytes": (out / name).stat().st_size, "sha256": ""}
+            )
+        manifest["splits"][split] = {"count": len(rows), "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def tiny_train_params(**overrides):
+    """TrainParams of a model small enough to train in a second on CPU."""
+    from mmpipe.config import TrainParams
+
+    base = dict(
+        width=16, embed_dim=16, head_hidden=16, vocab_size=256, max_tokens=12, text_layers=1,
+        epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, num_workers=0, shuffle_buffer=100,
+        device="cpu", amp="off", seed=0,
+    )  # fmt: skip
+    return TrainParams(**{**base, **overrides})
+
+
+COLOUR_CLASSES = ["cool", "warm"]
+COLOUR_IMAGE_SIZE = 32
+_COLOURS = {
+    "red": (220, 40, 30),
+    "orange": (240, 150, 20),
+    "blue": (30, 60, 220),
+    "teal": (20, 160, 170),
+}
+_WARM_COLOURS = {"red", "orange"}
+
+
+def colour_image(colour: str, shape: str):
+    """A 24 px PIL image: a ``colour`` (red, orange, blue, teal) circle or square on white."""
+    from PIL import Image
+
+    img = Image.new("RGB", (24, 24), (245, 245, 245))
+    px = img.load()
+    for y in range(4, 20):
+        for x in range(4, 20):
+            if shape == "square" or (x - 12) ** 2 + (y - 12) ** 2 < 64:
+                px[x, y] = _COLOURS[colour]
+    return img
+
+
+def write_colour_shards(
+    root: Path, n_images: dict[str, int] | None = None, captions: int = 2
+) -> Path:
+    """{split}-000000.tar + manifest.json of colour_image()s, stored as the real shard stage
+    stores them; label = warm/cool colour, meta main_shape = circle/square. Returns ``root``."""
+    import io
+    import json
+    import tarfile
+
+    from mmpipe.io import write_json_atomic
+    from mmpipe.shard import preprocess_image
+
+    n_images = n_images or {"train": 12, "test": 8}
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in n_images.items():
+        count = 0
+        with tarfile.open(root / f"{split}-000000.tar", "w") as tf:
+            for i in range(n):
+                colour, shape = list(_COLOURS)[i % 4], ["circle", "square"][(i // 4) % 2]
+                jpg = preprocess_image(colour_image(colour, shape), COLOUR_IMAGE_SIZE, 90)
+                for c in range(captions):
+                    words = [f"a {colour} {shape}", f"one {shape} coloured {colour} here"]
+                    key = f"{split}{i:03d}c{c}"
+                    meta = {
+                        "pair_id": key, "image_id": f"{split}img{i:03d}", "caption_id": key,
+                        "label": "warm" if colour in _WARM_COLOURS else "cool",
+                        "label_index": int(colour in _WARM_COLOURS), "split": split,
+                        "meta": {"main_shape": shape}, "copy": 0,
+                    }  # fmt: skip
+                    members = (("jpg", jpg), ("txt", words[c % 2].encode()),
+                               ("json", json.dumps(meta).encode()))  # fmt: skip
+                    for ext, data in members:
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tf.addfile(info, io.BytesIO(data))
+                    count += 1
+        splits[split] = {
+            "count": count,
+            "shards": [{"name": f"{split}-000000.tar", "count": count}],
+        }
+    manifest = {"image_size": COLOUR_IMAGE_SIZE, "classes": COLOUR_CLASSES, "splits": splits,
+                "params_hash": "x"}  # fmt: skip
+    write_json_atomic(root / "manifest.json", manifest)
+    return root
+
+
+def tiny_model_config(**overrides):
+    """The smallest real model: scratch CNN + biLSTM, 8 wide."""
+    from mmpipe.config import ModelConfig
+
+    base = dict(image_encoder="cnn", text_encoder="lstm", width=8, embed_dim=8, head_hidden=8,
+                vocab_size=64, max_tokens=8)  # fmt: skip
+    return ModelConfig(**{**base, **overrides})
+
+
+def save_random_checkpoint(path: Path, cfg=None, classes: list[str] | None = None) -> Path:
+    """A randomly initialised model saved in train's checkpoint format (for evaluate/predict)."""
+
+    from mmpipe.checkpoint import save_checkpoint
+    from mmpipe.config import TrainParams
+    from mmpipe.model import create_model
+
+    cfg = cfg or tiny_model_config()
+    classes = COLOUR_CLASSES if classes is None else classes
+    state = {
+        "model": create_model(cfg, len(classes)).state_dict(),
+        "model_args": cfg.model_dump(mode="json"),
+        "params": TrainParams(**cfg.model_dump()).model_dump(mode="json"),
+        "num_classes": len(classes), "classes": classes, "image_size": COLOUR_IMAGE_SIZE,
+        "task": cfg.task,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, path)
+    return path

@@ -8,29 +8,33 @@ EfficientNet's 1280 ReLU6 features) and, where the operator needs one width, pro
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
-from mmpipe.config import TrainParams
+from mmpipe.config import ModelConfig
 
-FUSION_MODES = (
-    "concat", "sum", "weighted", "gated", "cross_attention", "late", "image_only", "text_only",
-)
+FUSION_MODES: tuple[str, ...] = get_args(ModelConfig.model_fields["fusion"].annotation)
 
 
 def _mlp(din: int, hidden: int, dout: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(din, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dout))
+    return nn.Sequential(
+        nn.Linear(din, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dout)
+    )
 
 
 class FusionHead(nn.Module):
-    """Base: per-modality LayerNorm + projection to H; subclasses define ``fuse``."""
+    """Base: per-modality LayerNorm + projection to H = ``hidden``; subclasses define ``fuse``.
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
+    Every head takes (image width, text width, outputs K, hidden width H, dropout).
+    """
+
+    def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
         super().__init__()
-        h = p.head_hidden
         self.norm_i, self.norm_t = nn.LayerNorm(di), nn.LayerNorm(dt)
-        self.proj_i, self.proj_t = nn.Linear(di, h), nn.Linear(dt, h)
-        self.classifier = _mlp(h, h, k, p.dropout)
+        self.proj_i, self.proj_t = nn.Linear(di, hidden), nn.Linear(dt, hidden)
+        self.classifier = _mlp(hidden, hidden, k, dropout)
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         zi = self.proj_i(self.norm_i(xi))  # (B, H)
@@ -49,12 +53,14 @@ class SumFusion(FusionHead):
 
 
 class WeightedFusion(FusionHead):
-    """alpha * i + (1 - alpha) * t; alpha fixed by ``fusion_alpha`` or a learned sigmoid(a)."""
+    """alpha * i + (1 - alpha) * t; alpha fixed (``alpha``) or a learned sigmoid(a) if None."""
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
-        super().__init__(di, dt, p, k)
-        self.fixed_alpha = p.fusion_alpha
-        if p.fusion_alpha is None:
+    def __init__(
+        self, di: int, dt: int, k: int, hidden: int, dropout: float, alpha: float | None = None
+    ):
+        super().__init__(di, dt, k, hidden, dropout)
+        self.fixed_alpha = alpha
+        if alpha is None:
             self.alpha_logit = nn.Parameter(torch.zeros(()))  # sigmoid(0) = 0.5 to start
 
     @property
@@ -70,11 +76,11 @@ class WeightedFusion(FusionHead):
 
 
 class GatedFusion(FusionHead):
-    """Per-dimension gate g = sigmoid(W [i; t]); fused = g * i + (1 - g) * t (Arevalo et al. 2017)."""
+    """Per-dimension gate g = sigmoid(W [i; t]); g * i + (1 - g) * t (Arevalo et al. 2017)."""
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
-        super().__init__(di, dt, p, k)
-        self.gate = nn.Linear(2 * p.head_hidden, p.head_hidden)
+    def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
+        super().__init__(di, dt, k, hidden, dropout)
+        self.gate = nn.Linear(2 * hidden, hidden)
 
     def fuse(self, zi: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate(torch.cat([zi, zt], dim=-1)))  # (B, H)
@@ -90,15 +96,15 @@ class CrossAttentionFusion(FusionHead):
     feature ablation does not have; this keeps one definition for both.
     """
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
-        super().__init__(di, dt, p, k)
-        h = p.head_hidden
+    def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
+        super().__init__(di, dt, k, hidden, dropout)
+        h = hidden
         heads = 4 if h % 4 == 0 else 1
         self.modality = nn.Parameter(torch.zeros(2, h))
         nn.init.normal_(self.modality, std=0.02)
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
-        self.attn = nn.MultiheadAttention(h, heads, dropout=p.dropout, batch_first=True)
-        self.ffn = _mlp(h, 2 * h, h, p.dropout)
+        self.attn = nn.MultiheadAttention(h, heads, dropout=dropout, batch_first=True)
+        self.ffn = _mlp(h, 2 * h, h, dropout)
 
     def fuse(self, zi: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
         x = torch.stack([zi, zt], dim=1) + self.modality  # (B, 2, H)
@@ -111,10 +117,10 @@ class CrossAttentionFusion(FusionHead):
 class ConcatFusion(nn.Module):
     """MLP on [i; t] (early fusion)."""
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
+    def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
         super().__init__()
         self.norm_i, self.norm_t = nn.LayerNorm(di), nn.LayerNorm(dt)
-        self.classifier = _mlp(di + dt, p.head_hidden, k, p.dropout)
+        self.classifier = _mlp(di + dt, hidden, k, dropout)
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.norm_i(xi), self.norm_t(xt)], dim=-1)  # (B, Fi + Ft)
@@ -124,10 +130,10 @@ class ConcatFusion(nn.Module):
 class LateFusion(nn.Module):
     """Average of separate image and text classifiers' logits (no feature interaction)."""
 
-    def __init__(self, di: int, dt: int, p: TrainParams, k: int):
+    def __init__(self, di: int, dt: int, k: int, hidden: int, dropout: float):
         super().__init__()
-        self.image = nn.Sequential(nn.LayerNorm(di), _mlp(di, p.head_hidden, k, p.dropout))
-        self.text = nn.Sequential(nn.LayerNorm(dt), _mlp(dt, p.head_hidden, k, p.dropout))
+        self.image = nn.Sequential(nn.LayerNorm(di), _mlp(di, hidden, k, dropout))
+        self.text = nn.Sequential(nn.LayerNorm(dt), _mlp(dt, hidden, k, dropout))
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.image(xi) + self.text(xt))  # (B, K)
@@ -136,29 +142,42 @@ class LateFusion(nn.Module):
 class UnimodalHead(nn.Module):
     """Classifier on one modality only (the ablation baselines)."""
 
-    def __init__(self, dim: int, p: TrainParams, k: int, use_image: bool):
+    def __init__(self, dim: int, k: int, hidden: int, dropout: float, use_image: bool):
         super().__init__()
         self.use_image = use_image
-        self.classifier = nn.Sequential(nn.LayerNorm(dim), _mlp(dim, p.head_hidden, k, p.dropout))
+        self.classifier = nn.Sequential(nn.LayerNorm(dim), _mlp(dim, hidden, k, dropout))
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         return self.classifier(xi if self.use_image else xt)  # (B, K)
 
 
-def create_fusion_head(mode: str, image_dim: int, text_dim: int, p: TrainParams, num_outputs: int) -> nn.Module:
-    """A head ``(xi (B, image_dim), xt (B, text_dim)) -> logits (B, num_outputs)`` for ``mode``."""
+def create_fusion_head(
+    mode: str,
+    image_dim: int,
+    text_dim: int,
+    num_outputs: int,
+    *,
+    hidden: int,
+    dropout: float,
+    alpha: float | None = None,
+) -> nn.Module:
+    """A head ``(xi (B, image_dim), xt (B, text_dim)) -> logits (B, num_outputs)`` for ``mode``.
+
+    ``hidden`` and ``dropout`` size every head's MLP; ``alpha`` only fixes `weighted`'s mix.
+    """
     if mode == "image_only":
-        return UnimodalHead(image_dim, p, num_outputs, use_image=True)
+        return UnimodalHead(image_dim, num_outputs, hidden, dropout, use_image=True)
     if mode == "text_only":
-        return UnimodalHead(text_dim, p, num_outputs, use_image=False)
+        return UnimodalHead(text_dim, num_outputs, hidden, dropout, use_image=False)
+    if mode == "weighted":
+        return WeightedFusion(image_dim, text_dim, num_outputs, hidden, dropout, alpha)
     heads = {
         "concat": ConcatFusion,
         "sum": SumFusion,
-        "weighted": WeightedFusion,
         "gated": GatedFusion,
         "cross_attention": CrossAttentionFusion,
         "late": LateFusion,
     }
     if mode not in heads:
         raise ValueError(f"unknown fusion mode {mode!r}; expected one of {', '.join(FUSION_MODES)}")
-    return heads[mode](image_dim, text_dim, p, num_outputs)
+    return heads[mode](image_dim, text_dim, num_outputs, hidden, dropout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmpipe.config import TrainParams
+from mmpipe.config import ModelConfig
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -56,7 +56,8 @@ class CNNEncoder(nn.Module):
         c1, c2 = max(width // 4, 8), max(width // 2, 8)
         self.out_dim = width
         self.body = nn.Sequential(
-            _conv(3, c1, 2), _conv(c1, c1, 1),  # (B, c1, H/2, W/2)
+            _conv(3, c1, 2),
+            _conv(c1, c1, 1),  # (B, c1, H/2, W/2)
             _conv(c1, c2, 2),  # (B, c2, H/4, W/4)
             _conv(c2, width, 2),  # (B, w, H/8, W/8)
             _conv(width, width, 2),  # (B, w, H/16, W/16)
@@ -134,10 +135,10 @@ class EfficientNetLite0Encoder(nn.Module):
         return x.mean(dim=(2, 3))  # (B, 1280)
 
 
-def create_image_encoder(p: TrainParams) -> nn.Module:
-    """The image encoder named by ``p.image_encoder``; it exposes ``out_dim``."""
-    if p.image_encoder == "cnn":
-        return CNNEncoder(p.width)
-    if p.image_encoder == "resnet":
-        return ResNetEncoder(p.width)
+def create_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """The image encoder named by ``cfg.image_encoder``; it exposes ``out_dim``."""
+    if cfg.image_encoder == "cnn":
+        return CNNEncoder(cfg.width)
+    if cfg.image_encoder == "resnet":
+        return ResNetEncoder(cfg.width)
     return EfficientNetLite0Encoder()

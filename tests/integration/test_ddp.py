@@ -8,7 +8,6 @@ the global labelled count, so the only differences left are float summation orde
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from mmpipe.train import run_train
+from tests.conftest import tiny_train_params, write_mood_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,27 +32,28 @@ run_train(Path(sys.argv[2]), p, Path(sys.argv[3]))
 """
 
 
-def _test_train_module():
-    spec = importlib.util.spec_from_file_location("_mmpipe_test_train", REPO / "tests/unit/test_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ddp_two_processes_match_single_process(tmp_path):
-    tt = _test_train_module()
-    shards = tt.write_tiny_shards(tmp_path / "shards", {"train": 16, "val": 4}, per_shard=16)
+    shards = write_mood_shards(tmp_path / "shards", {"train": 16, "val": 4}, per_shard=16)
     # 32 train samples in 2 shards; batch 32 = one full-batch step per epoch, 16 per rank
-    p = tt.tiny_params(epochs=3, batch_size=32, dropout=0.0, shuffle_buffer=0, lr=1e-3)
+    p = tiny_train_params(epochs=3, batch_size=32, dropout=0.0, shuffle_buffer=0, lr=1e-3)
     single = run_train(shards, p, tmp_path / "single")
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(script), p.model_dump_json(), str(shards), str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(script),
+        p.model_dump_json(),
+        str(shards),
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -43,7 +43,10 @@ def test_repro_noop_and_partial_rerun(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _dvc(project, "repro", "shard")
     assert _ran(third) == {"shard"}, third
-    assert json.loads((project / "data/shards/manifest.json").read_text())["params_hash"] != manifest["params_hash"]
+    assert (
+        json.loads((project / "data/shards/manifest.json").read_text())["params_hash"]
+        != manifest["params_hash"]
+    )
 
 
 def test_exp_run_with_a_param_override(tmp_path):

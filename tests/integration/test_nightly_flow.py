@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
@@ -30,6 +32,12 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
         ["ingest", "align", "shard", "train", "evaluate", "register"], "done"
     )
     assert first["version"] == first["champion_version"] == 1 and first["promoted"]
+    # the summary table says what each stage did, at a glance
+    detail = {row["stage"]: row["detail"] for row in first["summary"]}
+    assert re.fullmatch(r"images (\d+)/\1 accepted, captions (\d+)/\2 accepted", detail["ingest"])
+    assert re.fullmatch(r"epochs=1, best val_accuracy=0\.\d{4}", detail["train"]), detail
+    assert re.fullmatch(r"accuracy=0\.\d{4}, i2t_r1=0\.\d{4}, t2i_r1=0\.\d{4}", detail["evaluate"])
+    assert detail["register"] == "version=1, promoted=True, champion_version=1"
 
     # a worse model the second night (tiny lr); the data is unchanged. Loader worker processes
     # across two epochs inside a Prefect task: forked workers used to die at each epoch's end.
@@ -70,7 +78,11 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
 
     shutil.rmtree(project / "data" / "shards")
     third = nightly(project_dir=str(project))
-    assert [_statuses(third)[s] for s in ("ingest", "align", "shard")] == ["skipped", "skipped", "done"]
+    assert [_statuses(third)[s] for s in ("ingest", "align", "shard")] == [
+        "skipped",
+        "skipped",
+        "done",
+    ]
     assert (project / "data" / "shards" / "manifest.json").is_file()
 
 

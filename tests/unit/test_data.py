@@ -68,33 +68,10 @@ def test_ranks_are_disjoint_equal_and_cover_the_split(make_shards, shuffle_buffe
     shards = make_shards(COUNTS)
     per_rank = []
     for rank in range(2):
-        loader = create_dataloader(
-            shards,
-            "train",
-            3,
-            shuffle_buffer=shuffle_buffer,
-            epoch=2,
-            rank=rank,
-            world_size=2,
-            drop_last=True,
-        )
-        batches = list(loader)
+        kw = dict(shuffle_buffer=shuffle_buffer, epoch=2, rank=rank, world_size=2)
+        batches = list(create_dataloader(shards, "train", 3, drop_last=True, **kw))
         assert len(batches) == 3  # 21 // 2 = 10 samples -> 3 full batches on both ranks
-        per_rank.append(
-            set(
-                keys_of(
-                    create_dataloader(
-                        shards,
-                        "train",
-                        3,
-                        shuffle_buffer=shuffle_buffer,
-                        epoch=2,
-                        rank=rank,
-                        world_size=2,
-                    )
-                )
-            )
-        )
+        per_rank.append(set(keys_of(create_dataloader(shards, "train", 3, **kw))))
     assert len(per_rank[0]) == len(per_rank[1]) == 10
     assert not per_rank[0] & per_rank[1]
     assert len(per_rank[0] | per_rank[1]) == 20  # one tail sample dropped for equal counts

@@ -1,146 +1,32 @@
-"""run_evaluate on tiny hand-written WebDataset shards and a tiny random model.
+"""run_evaluate on tiny WebDataset shards and a tiny random model.
 
-The model is a real, randomly initialised tiny one saved in train's checkpoint format, so
-these tests pin evaluate's own logic (metrics, files, determinism) independent of training.
+The model is a real, randomly initialised tiny one saved in train's checkpoint format
+(tests/conftest.py), so these tests pin evaluate's own logic (metrics, files, determinism)
+independent of training.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import tarfile
+import logging
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from mmpipe.config import EvaluateParams, TrainParams
-from mmpipe.io import read_json, write_json_atomic
-
-CLASSES = ["cool", "warm"]
-COLOURS = {
-    "red": (220, 40, 30),
-    "orange": (240, 150, 20),
-    "blue": (30, 60, 220),
-    "teal": (20, 160, 170),
-}
-WARM = {"red", "orange"}
-SHAPES = ["circle", "square"]
-IMAGE_SIZE = 32
-
-
-# ----------------------------------------------------------------- a tiny real model
-
-# the smallest real configuration: scratch CNN + biLSTM, 8-wide, trained by nobody (random init)
-TINY_TRAIN = TrainParams(image_encoder="cnn", text_encoder="lstm", width=8, embed_dim=8,
-                         head_hidden=8, vocab_size=64, max_tokens=8)
-
-
-def preprocess_image(img: Image.Image, image_size: int, quality: int = 90) -> bytes:
-    """What shard stores: the real preprocessing."""
-    from mmpipe.shard import preprocess_image as real
-
-    return real(img, image_size, quality)
-
-
-class _Stack(types.SimpleNamespace):
-    """Builds real random-init models and checkpoints in the format train writes."""
-
-    @staticmethod
-    def TinyModel(p: TrainParams = TINY_TRAIN):  # noqa: N802 (reads like the class it makes)
-        from mmpipe.model import create_model
-
-        return create_model(p, len(CLASSES))
-
-    @staticmethod
-    def save_checkpoint(model, path: Path, p: TrainParams = TINY_TRAIN) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "params": p.model_dump(mode="json"),
-                "num_classes": len(CLASSES),
-                "classes": CLASSES,
-                "image_size": IMAGE_SIZE,
-                "task": p.task,
-            },
-            path,
-        )
-        return path
+from mmpipe.config import EvaluateParams
+from mmpipe.io import read_json
+from tests.conftest import COLOUR_CLASSES as CLASSES
+from tests.conftest import save_random_checkpoint, write_colour_shards
 
 
 @pytest.fixture
-def contract_stack():
-    """The real model factory + the checkpoint format of mmpipe.train."""
-    return _Stack()
-
-
-# ----------------------------------------------------------------- tiny shards
-
-
-def _image(colour: str, shape: str) -> Image.Image:
-    img = Image.new("RGB", (24, 24), (245, 245, 245))
-    px = img.load()
-    for y in range(4, 20):
-        for x in range(4, 20):
-            if shape == "square" or (x - 12) ** 2 + (y - 12) ** 2 < 64:
-                px[x, y] = COLOURS[colour]
-    return img
-
-
-def write_shards(root: Path, n_images: dict[str, int] | None = None, captions: int = 2) -> Path:
-    """{split}-000000.tar + manifest.json, one sample per (image, caption), keys sorted."""
-    n_images = n_images or {"train": 12, "test": 8}
-    root.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in n_images.items():
-        count = 0
-        with tarfile.open(root / f"{split}-000000.tar", "w") as tf:
-            for i in range(n):
-                colour = list(COLOURS)[i % 4]
-                shape = SHAPES[(i // 4) % 2]
-                jpg = preprocess_image(_image(colour, shape), IMAGE_SIZE)
-                for c in range(captions):
-                    words = [f"a {colour} {shape}", f"one {shape} coloured {colour} here"]
-                    key = f"{split}{i:03d}c{c}"
-                    meta = {
-                        "pair_id": key,
-                        "image_id": f"{split}img{i:03d}",
-                        "caption_id": key,
-                        "label": "warm" if colour in WARM else "cool",
-                        "label_index": int(colour in WARM),
-                        "split": split,
-                        "meta": {"main_shape": shape},
-                        "copy": 0,
-                    }
-                    for ext, data in (
-                        ("jpg", jpg),
-                        ("txt", words[c % 2].encode()),
-                        ("json", json.dumps(meta).encode()),
-                    ):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(data)
-                        tf.addfile(info, io.BytesIO(data))
-                    count += 1
-        splits[split] = {
-            "count": count,
-            "shards": [{"name": f"{split}-000000.tar", "count": count}],
-        }
-    write_json_atomic(
-        root / "manifest.json",
-        {"image_size": IMAGE_SIZE, "classes": CLASSES, "splits": splits, "params_hash": "x"},
-    )
-    return root
-
-
-@pytest.fixture
-def project(tmp_path, contract_stack):
+def project(tmp_path):
     """tmp project: data/shards with train + test, models/best.pt of a random tiny model."""
     torch.manual_seed(0)
-    shards = write_shards(tmp_path / "data" / "shards")
-    contract_stack.save_checkpoint(contract_stack.TinyModel(), tmp_path / "models" / "best.pt")
+    shards = write_colour_shards(tmp_path / "data" / "shards")
+    save_random_checkpoint(tmp_path / "models" / "best.pt")
     return types.SimpleNamespace(root=tmp_path, shards=shards, models=tmp_path / "models")
 
 
@@ -155,9 +41,7 @@ def test_evaluate_writes_metrics_plots_and_report(project):
     from mmpipe.evaluate import ABLATION_MODES, run_evaluate
 
     out = project.root / "reports"
-    metrics = run_evaluate(
-        project.shards, project.models, _params(), out, train_params=TrainParams()
-    )
+    metrics = run_evaluate(project.shards, project.models, _params(), out)
     on_disk = read_json(out / "metrics.json")
     assert on_disk == metrics
     for key in (
@@ -236,3 +120,17 @@ def test_evaluate_falls_back_to_last_checkpoint(project, tmp_path):
     (project.models / "best.pt").rename(project.models / "last.pt")
     run_evaluate(project.shards, project.models, _params(ablation=False), tmp_path / "r")
     assert read_json(tmp_path / "r" / "evaluation_report.json")["checkpoint"].endswith("last.pt")
+
+
+def test_evaluate_logs_progress_of_long_passes(project, caplog):
+    """The flow log shows evaluate's passes batch by batch and the ablation head by head."""
+    from mmpipe.evaluate import ABLATION_MODES, run_evaluate
+
+    with caplog.at_level(logging.INFO, logger="mmpipe.evaluate"):
+        run_evaluate(project.shards, project.models, _params(), project.root / "r")
+    lines = [r.getMessage() for r in caplog.records]
+    assert "evaluate: embedding of the test split, batch 4/4" in lines  # 16 pairs, batch 5
+    assert "evaluate: ablation features of the train split, batch 5/5" in lines  # 24 pairs
+    heads = [m for m in lines if m.startswith("evaluate: ablation head")]
+    assert [m.split()[4].rstrip(":") for m in heads] == list(ABLATION_MODES)
+    assert heads[0].startswith(f"evaluate: ablation head 1/{len(ABLATION_MODES)} image_only")

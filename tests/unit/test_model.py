@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpipe.config import TrainParams
+from mmpipe.config import ModelConfig
 from mmpipe.model import (
     FUSION_MODES,
     create_fusion_head,
@@ -22,9 +22,9 @@ from mmpipe.model import (
 TEXTS = ["a red circle on the left, happy", "Square!", "", "two blue triangles at the top right"]
 
 
-def tiny(**overrides) -> TrainParams:
+def tiny(**overrides) -> ModelConfig:
     base = dict(width=16, embed_dim=8, head_hidden=16, vocab_size=128, max_tokens=8, text_layers=1)
-    return TrainParams(**{**base, **overrides})
+    return ModelConfig(**{**base, **overrides})
 
 
 @pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel", "regression"])
@@ -56,10 +56,20 @@ def test_info_nce_matches_hand_computation():
     txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     scale = torch.tensor(2.0)
     # logits = 2 * img @ txt.T = [[2, 1.2], [0, 1.6]]
-    i2t = -(math.log(math.exp(2) / (math.exp(2) + math.exp(1.2)))
-            + math.log(math.exp(1.6) / (math.exp(0) + math.exp(1.6)))) / 2
-    t2i = -(math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
-            + math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    i2t = (
+        -(
+            math.log(math.exp(2) / (math.exp(2) + math.exp(1.2)))
+            + math.log(math.exp(1.6) / (math.exp(0) + math.exp(1.6)))
+        )
+        / 2
+    )
+    t2i = (
+        -(
+            math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+            + math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))
+        )
+        / 2
+    )
     assert info_nce(img, txt, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
     # distinct groups == no groups; a shared group makes both captions positives
     assert info_nce(img, txt, scale, torch.tensor([5, 7])).item() == pytest.approx((i2t + t2i) / 2)
@@ -103,18 +113,22 @@ def test_freezing_keeps_encoder_fixed_and_in_eval_mode():
     assert not model.image_encoder.training and not model.text_encoder.training
     assert model.head.training
     out = model(torch.randn(2, 3, 32, 32), ["a", "b"])
-    (out["logits"].sum() + info_nce(out["image_emb"], out["text_emb"], out["logit_scale"])).backward()
+    (
+        out["logits"].sum() + info_nce(out["image_emb"], out["text_emb"], out["logit_scale"])
+    ).backward()
     assert all(q.grad is None for q in model.image_encoder.parameters())
     assert all(q.grad is None for q in model.text_encoder.parameters())
     assert model.image_proj.weight.grad is not None
 
 
 def test_weighted_alpha_fixed_or_learned():
-    fixed = create_fusion_head("weighted", 4, 6, tiny(fusion_alpha=0.25), 2)
+    fixed = create_fusion_head("weighted", 4, 6, 2, hidden=8, dropout=0.1, alpha=0.25)
     assert not any(n == "alpha_logit" for n, _ in fixed.named_parameters())
     assert float(fixed.alpha) == 0.25
-    learned = create_fusion_head("weighted", 4, 6, tiny(fusion_alpha=None), 2)
-    assert float(learned.alpha.detach()) == 0.5 and "alpha_logit" in dict(learned.named_parameters())
+    learned = create_fusion_head("weighted", 4, 6, 2, hidden=8, dropout=0.1, alpha=None)
+    assert float(learned.alpha.detach()) == 0.5 and "alpha_logit" in dict(
+        learned.named_parameters()
+    )
 
 
 def test_late_fusion_cannot_see_interactions_but_concat_can():
@@ -125,7 +139,7 @@ def test_late_fusion_cannot_see_interactions_but_concat_can():
     y = (bi != bt).long()
     acc = {}
     for mode in ("concat", "late"):
-        head = create_fusion_head(mode, 2, 2, tiny(dropout=0.0, head_hidden=32), 2)
+        head = create_fusion_head(mode, 2, 2, 2, hidden=32, dropout=0.0)
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         for _ in range(300):
             loss = F.cross_entropy(head(xi, xt), y)
@@ -147,6 +161,26 @@ def test_logit_scale_init_and_clamp():
 def test_task_loss_ignores_unlabelled():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]])
     total, n = task_loss_sum(logits, torch.tensor([0, -1, -1]), "multiclass")
-    assert n == 1 and total.item() == pytest.approx(F.cross_entropy(logits[:1], torch.tensor([0])).item())
+    assert n == 1 and total.item() == pytest.approx(
+        F.cross_entropy(logits[:1], torch.tensor([0])).item()
+    )
     none, n0 = task_loss_sum(logits, torch.tensor([-1, -1, -1]), "multiclass")
     assert n0 == 0 and none.item() == 0.0 and none.requires_grad is False
+
+
+def test_train_params_carry_exactly_the_model_config():
+    """The train section is the model's config plus training settings; model_args() is the
+    model part, which mmpipe.model reads and checkpoints store."""
+    from mmpipe.config import TrainParams
+
+    p = TrainParams(fusion="gated", width=32, lr=0.5, epochs=3)
+    args = p.model_args()
+    assert type(args) is ModelConfig and (args.fusion, args.width) == ("gated", 32)
+    assert set(ModelConfig.model_fields) < set(TrainParams.model_fields)
+    assert "lr" not in args.model_dump() and "epochs" not in args.model_dump()
+    torch.manual_seed(0)
+    a = create_model(args, 2).state_dict()
+    torch.manual_seed(0)
+    defaults = {"embed_dim": 128, "head_hidden": 256, "vocab_size": 8192, "max_tokens": 32}
+    b = create_model(tiny(fusion="gated", width=32, text_layers=2, **defaults), 2).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

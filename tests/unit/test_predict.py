@@ -14,21 +14,20 @@ from PIL import Image
 from mmpipe import predict, tracking
 from mmpipe.config import RegisterParams, TrackingParams
 from mmpipe.errors import InputError
-from tests.unit.test_evaluate import CLASSES, IMAGE_SIZE, _image, contract_stack, write_shards
-
-__all__ = ["contract_stack"]  # the fixture, re-exported for pytest
+from mmpipe.layout import Layout
+from tests.conftest import COLOUR_CLASSES as CLASSES
+from tests.conftest import COLOUR_IMAGE_SIZE as IMAGE_SIZE
+from tests.conftest import colour_image, save_random_checkpoint, write_colour_shards
 
 
 @pytest.fixture
-def proj(tmp_path, contract_stack, monkeypatch):
+def proj(tmp_path, monkeypatch):
     """Project with shards (manifest gives image size + classes), a checkpoint and 4 image files."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     torch.manual_seed(0)
-    write_shards(tmp_path / "data" / "shards", {"test": 4}, captions=1)
-    ckpt = contract_stack.save_checkpoint(
-        contract_stack.TinyModel(), tmp_path / "models" / "best.pt"
-    )
+    write_colour_shards(tmp_path / "data" / "shards", {"test": 4}, captions=1)
+    ckpt = save_random_checkpoint(tmp_path / "models" / "best.pt")
     images = []
     for colour, shape in [
         ("red", "circle"),
@@ -37,7 +36,7 @@ def proj(tmp_path, contract_stack, monkeypatch):
         ("orange", "square"),
     ]:
         path = tmp_path / f"{colour}_{shape}.png"
-        _image(colour, shape).rotate(90).save(path)
+        colour_image(colour, shape).rotate(90).save(path)
         images.append(path)
     yield tmp_path, ckpt, images
     while mlflow.active_run() is not None:
@@ -49,7 +48,7 @@ def test_preprocessing_matches_the_shard_path(proj):
     from mmpipe.data import decode_image
     from mmpipe.shard import preprocess_image
 
-    p = predict.load_predictor(ckpt, project_dir=root)
+    p = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
     assert p.image_size == IMAGE_SIZE and p.classes == CLASSES
     expected = decode_image(preprocess_image(Image.open(images[0]), IMAGE_SIZE))
     got = p.load_images([images[0]])[0]
@@ -61,7 +60,7 @@ def test_preprocessing_matches_the_shard_path(proj):
 
 def test_search_and_classify(proj):
     root, ckpt, images = proj
-    p = predict.load_predictor(ckpt, project_dir=root)
+    p = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
     captions = ["a red circle", "a blue square", "a teal circle"]
     hits = p.search_captions(images[0], captions, k=2)
     scores = (p.embed_images([images[0]]) @ p.embed_captions(captions).T)[0]
@@ -100,43 +99,80 @@ def _frame(images) -> pd.DataFrame:
     )
 
 
+def _load(source, root, store=None):
+    """What `mmpipe predict --model SOURCE` does: resolve the source, then build the predictor."""
+    layout = Layout(root)
+    checkpoint, sidecar = tracking.resolve_model(source, store, RegisterParams(), layout)
+    return predict.load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
+
+
 def test_logged_model_reloads_and_predicts_the_same(proj, monkeypatch):
     root, ckpt, images = proj
     monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # nothing may need pickle
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
-    direct = predict.load_predictor(ckpt, project_dir=root).predict_frame(_frame(images))
-    with tracking.start_run(store, root, run_name="train") as run_id:
+    direct_predictor = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
+    direct = direct_predictor.predict_frame(_frame(images))
+    with tracking.start_run(store, root, run_name="train") as run:
         pass
-    uri = tracking.log_model(ckpt, run_id=run_id, image_size=IMAGE_SIZE, classes=CLASSES)
+    uri = tracking.log_model(run, direct_predictor)
     loaded = tracking.load_pyfunc(uri)
     assert loaded.metadata.signature is not None
     assert [c.name for c in loaded.metadata.signature.inputs] == ["image", "caption"]
     pd.testing.assert_frame_equal(loaded.predict(_frame(images)), direct)
 
     # registered as champion, the default source resolves through the registry
-    result = tracking.register_and_maybe_promote(run_id, uri, {"accuracy": 0.5}, RegisterParams())
+    result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
     assert result["promoted"]
     (root / "models" / "best.pt").unlink()  # proves the checkpoint came from MLflow
-    p = predict.load_predictor(project_dir=root, tracking=store)
+    p = _load(None, root, store)
     assert p.source != str(ckpt) and p.classes == CLASSES
     pd.testing.assert_frame_equal(p.predict_frame(_frame(images)), direct)
-    p2 = predict.load_predictor("models:/mmpipe-fusion@champion", project_dir=root, tracking=store)
+    p2 = _load("models:/mmpipe-fusion@champion", root, store)
     pd.testing.assert_frame_equal(p2.predict_frame(_frame(images)), direct)
 
 
 def test_default_source_falls_back_to_checkpoint_without_registry(proj):
     root, ckpt, _ = proj
-    p = predict.load_predictor(project_dir=root)  # default sqlite DB does not exist
+    p = _load(None, root)  # default sqlite DB does not exist
     assert p.source == str(ckpt)
     assert not (root / ".mmpipe" / "mlflow.db").exists()  # not created as a side effect
     with pytest.raises(InputError, match="no best.pt"):
         predict.load_predictor(root / "data")
 
 
+def _register(root, store, register, accuracy):
+    """What the register stage does, on the project's trained model (pipeline.stage_register)."""
+    from mmpipe import pipeline
+    from mmpipe.config import Params
+    from mmpipe.io import write_json_atomic
+
+    if not (root / "models" / "train_report.json").is_file():
+        with tracking.start_run(store, root, run_name="train") as run:
+            pass
+        write_json_atomic(root / "models" / "train_report.json", {"mlflow_run_id": run.id})
+    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy})
+    params = Params(tracking=store, register=register)
+    return pipeline.stage_register(params, Layout(root))
+
+
+def test_champion_follows_the_register_params(proj):
+    """`mmpipe predict` asks the registry for register.model_name@register.alias, not defaults."""
+    root, ckpt, images = proj
+    store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    custom = RegisterParams(model_name="my-model", alias="best")
+    _register(root, store, custom, 0.5)
+    (root / "models" / "best.pt").unlink()
+    layout = Layout(root)
+    checkpoint, sidecar = tracking.resolve_model(None, store, custom, layout)
+    assert sidecar["classes"] == CLASSES and checkpoint.is_file()
+    with pytest.raises(InputError, match="no best.pt"):  # the default name finds no champion
+        tracking.resolve_model(None, store, RegisterParams(), layout)
+
+
 def test_frame_rejects_bad_input(proj):
     root, ckpt, _ = proj
-    p = predict.load_predictor(ckpt, project_dir=root)
+    p = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
     with pytest.raises(InputError, match="caption"):
         p.predict_frame(pd.DataFrame({"image": ["x"]}))
     with pytest.raises(InputError, match="row 0"):
@@ -146,14 +182,11 @@ def test_frame_rejects_bad_input(proj):
     assert len(p.predict_frame(pd.DataFrame({"image": [buf.getvalue()], "caption": ["x"]}))) == 1
 
 
-def test_register_trained_model_like_the_register_stage(proj):
+def test_register_stage_versions_and_promotes_only_a_better_model(proj):
     root, ckpt, images = proj
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
-    with tracking.start_run(store, root, run_name="train") as run_id:
-        pass
-    kw = {"run_id": run_id, "model_dir": root / "models", "register": RegisterParams()}
-    first = tracking.register_trained_model(store, root, metrics={"accuracy": 0.6}, **kw)
-    second = tracking.register_trained_model(store, root, metrics={"accuracy": 0.4}, **kw)
+    first = _register(root, store, RegisterParams(), 0.6)
+    second = _register(root, store, RegisterParams(), 0.4)
     assert (first["version"], first["promoted"]) == (1, True)
     assert (second["version"], second["promoted"], second["champion_version"]) == (2, False, 1)
     # image size + classes came from the project's manifest into the logged sidecar

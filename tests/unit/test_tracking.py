@@ -47,34 +47,35 @@ def test_log_evaluation_prefixes_metrics_and_uploads_reports(store, tmp_path):
     (tmp_path / "reports" / "plots").mkdir(parents=True)
     (tmp_path / "reports" / "metrics.json").write_text("{}")
     (tmp_path / "reports" / "plots" / "recall_at_k.json").write_text("[]")
-    with tracking.start_run(store, tmp_path, run_name="train") as run_id:
+    with tracking.start_run(store, tmp_path, run_name="train") as run:
         pass
     metrics = {"accuracy": 0.75, "i2t_r1": 0.5, "nan": float("nan")}
-    tracking.log_evaluation(store, tmp_path, run_id, metrics, tmp_path / "reports")
-    client = MlflowClient()
-    assert client.get_run(run_id).data.metrics == {"test.accuracy": 0.75, "test.i2t_r1": 0.5}
-    paths = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    tracking.log_evaluation(store, tmp_path, run.id, metrics, tmp_path / "reports")
+    client = run.client
+    assert client.get_run(run.id).data.metrics == {"test.accuracy": 0.75, "test.i2t_r1": 0.5}
+    paths = {a.path for a in client.list_artifacts(run.id, "evaluation")}
     assert paths == {"evaluation/metrics.json", "evaluation/plots"}
 
 
 def test_run_logs_params_metrics_artifacts(store, tmp_path):
     (tmp_path / "plot.json").write_text("[]")
-    with tracking.start_run(store, tmp_path, run_name="train") as run_id:
-        flat = tracking.log_params_flat(Params(), {"data.manifest_sha256": "abc123"})
-        on_epoch = tracking.epoch_logger(run_id)
+    with tracking.start_run(store, tmp_path, run_name="train") as handle:
+        flat = tracking.log_params(handle, Params(), {"data.manifest_sha256": "abc123"})
+        on_epoch = tracking.epoch_logger(handle)
         on_epoch(0, {"loss": 2.0, "val": {"accuracy": 0.25}, "note": "text is skipped"})
         on_epoch(1, {"loss": 1.0, "val": {"accuracy": 0.5}, "flag": True})
-        tracking.log_artifacts(run_id, tmp_path / "plot.json", "plots")
-    run = MlflowClient().get_run(run_id)
+        tracking.log_artifacts(handle, tmp_path / "plot.json", "plots")
+    run_id, client = handle.id, handle.client
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.002"
     assert run.data.params["data.manifest_sha256"] == "abc123"
     assert run.data.params["git.commit"] == flat["git.commit"] != ""
     assert run.data.params["ingest.root"] == "null"
     assert run.data.metrics == {"loss": 1.0, "val.accuracy": 0.5}
-    history = MlflowClient().get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.0)]
-    names = [a.path for a in MlflowClient().list_artifacts(run_id, "plots")]
+    names = [a.path for a in client.list_artifacts(run_id, "plots")]
     assert names == ["plots/plot.json"]
     # artifacts land beside the DB, not in the working directory
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
@@ -82,8 +83,8 @@ def test_run_logs_params_metrics_artifacts(store, tmp_path):
 
 def test_epoch_logger_is_one_batched_call(store, tmp_path, monkeypatch):
     calls = []
-    with tracking.start_run(store, tmp_path, run_name="train") as run_id:
-        on_epoch = tracking.epoch_logger(run_id)
+    with tracking.start_run(store, tmp_path, run_name="train") as run:
+        on_epoch = tracking.epoch_logger(run)
         real = MlflowClient.log_batch
 
         def spy(self, run_id, metrics=(), **kw):
@@ -96,9 +97,9 @@ def test_epoch_logger_is_one_batched_call(store, tmp_path, monkeypatch):
 
 
 def test_failed_run_is_marked_failed(store, tmp_path):
-    with pytest.raises(ValueError), tracking.start_run(store, tmp_path, run_name="x") as run_id:
+    with pytest.raises(ValueError), tracking.start_run(store, tmp_path, run_name="x") as run:
         raise ValueError("boom")
-    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    assert run.client.get_run(run.id).info.status == "FAILED"
 
 
 def test_parent_run_by_id_and_by_env(store, tmp_path, monkeypatch):
@@ -109,9 +110,9 @@ def test_parent_run_by_id_and_by_env(store, tmp_path, monkeypatch):
     with tracking.start_run(store, tmp_path, run_name="evaluate") as child2:
         pass
     tracking.close_parent_run(store, tmp_path, parent, "FAILED", "stage  status\ntrain  done")
-    client = MlflowClient()
-    for run_id in (child, child2):
-        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    client = child.client
+    for run in (child, child2):
+        assert client.get_run(run.id).data.tags["mlflow.parentRunId"] == parent
     run = client.get_run(parent)
     assert run.info.status == "FAILED" and run.data.params["train.epochs"] == "8"
     assert [a.path for a in client.list_artifacts(parent)] == ["summary.txt"]
@@ -121,20 +122,38 @@ def test_in_process_nesting_and_env_export(store, tmp_path):
     with tracking.start_run(store, tmp_path, run_name="nightly", export_parent=True) as parent:
         import os
 
-        assert os.environ[tracking.PARENT_ENV] == parent
+        assert os.environ[tracking.PARENT_ENV] == parent.id
         with tracking.start_run(store, tmp_path, run_name="train") as child:
             pass
     assert tracking.PARENT_ENV not in __import__("os").environ
-    assert MlflowClient().get_run(child).data.tags["mlflow.parentRunId"] == parent
+    assert child.client.get_run(child.id).data.tags["mlflow.parentRunId"] == parent.id
 
 
-def test_init_creates_db_once_and_is_idempotent(store, tmp_path):
-    exp1 = tracking.init_tracking(store, tmp_path)
-    tracking._initialised.clear()  # as a second process would see it
-    exp2 = tracking.init_tracking(store, tmp_path)
-    assert exp1 == exp2
+def test_connect_creates_db_once_and_is_idempotent(store, tmp_path):
+    from mmpipe.tracking import store as store_module
+
+    first = tracking.connect(store, tmp_path)
+    store_module._initialised.clear()  # as a second process would see it
+    second = tracking.connect(store, tmp_path)
+    assert first.experiment_id == second.experiment_id and first.uri == second.uri
     assert (tmp_path / "mlflow.db").is_file()
-    assert MlflowClient().get_experiment(exp1).name == "mmpipe"
+    assert second.client.get_experiment(first.experiment_id).name == "mmpipe"
+
+
+def test_every_call_goes_to_the_store_it_was_given(tmp_path, monkeypatch):
+    """Two stores in one process: a run handle keeps logging to its own store, whichever store
+    was connected last (no reliance on MLflow's global tracking URI)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = TrackingParams(uri=f"sqlite:///{tmp_path / 'a.db'}")
+    b = TrackingParams(uri=f"sqlite:///{tmp_path / 'b.db'}")
+    with tracking.start_run(a, tmp_path, run_name="in-a") as run_a:
+        tracking.connect(b, tmp_path)  # the global URI now points at b
+        tracking.log_metrics(run_a, {"x": 1.0})
+        tracking.log_params(run_a, TrackingParams())
+    client_a, client_b = tracking.connect(a, tmp_path).client, tracking.connect(b, tmp_path).client
+    assert client_a.get_run(run_a.id).data.metrics == {"x": 1.0}
+    assert client_a.get_run(run_a.id).data.params["experiment"] == "mmpipe"
+    assert client_b.search_runs([tracking.connect(b, tmp_path).experiment_id]) == []
 
 
 def test_git_commit_unknown_outside_a_repo(tmp_path):
@@ -147,19 +166,21 @@ class _Constant(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def _logged_model(store, root) -> tuple[str, str]:
-    with tracking.start_run(store, root, run_name="train") as run_id:
+def _logged_model(store, root) -> tuple[tracking.Run, str]:
+    with tracking.start_run(store, root, run_name="train") as run:
+        pass
+    with mlflow.start_run(run_id=run.id):
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=[])
-    return run_id, info.model_uri
+    return run, info.model_uri
 
 
 def test_registry_promotes_first_and_better_only(store, tmp_path):
     p = RegisterParams()
     results = []
     for acc in (0.5, 0.4, 0.5, 0.7):
-        run_id, uri = _logged_model(store, tmp_path)
+        run, uri = _logged_model(store, tmp_path)
         results.append(
-            tracking.register_and_maybe_promote(run_id, uri, {"accuracy": acc}, p, data_hash="d1")
+            tracking.register_and_maybe_promote(run, uri, {"accuracy": acc}, p, data_hash="d1")
         )
     assert [(r["version"], r["promoted"], r["champion_version"]) for r in results] == [
         (1, True, 1),  # first version becomes champion
@@ -167,7 +188,7 @@ def test_registry_promotes_first_and_better_only(store, tmp_path):
         (3, False, 1),  # tie: alias stays
         (4, True, 4),  # better: alias moves
     ]
-    client = MlflowClient()
+    client = tracking.connect(store, tmp_path).client
     champion = client.get_model_version_by_alias(p.model_name, p.alias)
     assert int(champion.version) == 4
     assert champion.tags["accuracy"] == "0.7" and champion.tags["data_hash"] == "d1"
@@ -178,11 +199,11 @@ def test_registry_lower_is_better_and_missing_metric(store, tmp_path):
     p = RegisterParams(model_name="reg", metric="rmse", greater_is_better=False)
     out = []
     for rmse in (2.0, 3.0, 1.0):
-        run_id, uri = _logged_model(store, tmp_path)
-        out.append(tracking.register_and_maybe_promote(run_id, uri, {"rmse": rmse}, p)["promoted"])
+        run, uri = _logged_model(store, tmp_path)
+        out.append(tracking.register_and_maybe_promote(run, uri, {"rmse": rmse}, p)["promoted"])
     assert out == [True, False, True]
     with pytest.raises(InputError, match="rmse"):
-        tracking.register_and_maybe_promote(run_id, uri, {"accuracy": 1.0}, p)
+        tracking.register_and_maybe_promote(run, uri, {"accuracy": 1.0}, p)
 
 
 def test_parallel_first_starts_share_one_db(tmp_path, monkeypatch):
@@ -193,7 +214,7 @@ def test_parallel_first_starts_share_one_db(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code = (
         "import sys; from pathlib import Path; from mmpipe import tracking; "
-        "print(tracking.init_tracking(None, Path(sys.argv[1])))"
+        "print(tracking.connect(None, Path(sys.argv[1])).experiment_id)"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
@@ -207,7 +228,7 @@ def test_parallel_first_starts_share_one_db(tmp_path, monkeypatch):
 def test_second_project_in_one_process_gets_its_own_store(tmp_path, monkeypatch):
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; that must not leak into project 2."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.init_tracking(TrackingParams(experiment="e"), tmp_path / "a")
+    tracking.connect(TrackingParams(experiment="e"), tmp_path / "a")
     assert os.environ["MLFLOW_TRACKING_URI"].endswith("/a/.mmpipe/mlflow.db")  # mlflow's export
     uri_b = tracking.tracking_uri(TrackingParams(experiment="e"), tmp_path / "b")
     assert uri_b == f"sqlite:///{tmp_path / 'b' / '.mmpipe' / 'mlflow.db'}"

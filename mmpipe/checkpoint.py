@@ -1,0 +1,118 @@
+"""What train writes and evaluate, predict and register read back: checkpoints and the manifest.
+
+A checkpoint is a plain dict of tensors and primitives, so ``torch.load(weights_only=True)``
+reads it (no pickled objects):
+
+    model           the raw module's state_dict
+    model_args      the ModelConfig that rebuilds it (nanoGPT keeps model_args beside the weights)
+    params          the whole train section it was trained with (seed, task, ...)
+    classes, num_classes, image_size, task, model_config, params_hash
+    step, epoch, batch_in_epoch, best_metric, history
+    + in last.pt (exact resume): optimizer, scheduler, scaler, rng, epoch_sums
+
+``models/`` holds ``best.pt`` (best validation metric) and ``last.pt`` (every epoch); readers take
+best, else last. The shard manifest (``data/shards/manifest.json``) lists every shard per split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmpipe.config import ModelConfig
+from mmpipe.errors import InputError
+from mmpipe.io import atomic_path, read_json
+from mmpipe.model import MultimodalModel, create_model
+
+BEST, LAST, MANIFEST = "best.pt", "last.pt", "manifest.json"
+# what only resuming needs; load_model's info leaves it out
+RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_sums")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """torch.save through a temp file renamed over ``path`` (never a half-written checkpoint)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) with user-facing errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean "not ours"
+        raise InputError(f"{path}: not a loadable mmpipe checkpoint ({exc})") from None
+    if not isinstance(state, dict) or "model" not in state or "params" not in state:
+        raise InputError(f"{path}: not an mmpipe checkpoint (no 'model'/'params' entries)")
+    return state
+
+
+def pick_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as is; in a directory (``models/``), best.pt, else last.pt."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(
+            f"{path}: not found; expected a checkpoint file or a directory with best.pt or "
+            "last.pt (run `mmpipe train` first)"
+        )
+    for name in (BEST, LAST):
+        if (path / name).is_file():
+            return path / name
+    raise InputError(f"{path}: no best.pt or last.pt checkpoint: run `mmpipe train` first")
+
+
+def model_args(state: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint.
+
+    Checkpoints written before ``model_args`` existed (e.g. an older registered champion) carry
+    only ``params``, whose model fields are the same.
+    """
+    args = state.get("model_args")
+    if args is None:
+        args = {k: v for k, v in state["params"].items() if k in ModelConfig.model_fields}
+    return ModelConfig.model_validate(args)
+
+
+def load_model(path: str | Path) -> tuple[MultimodalModel, dict[str, Any]]:
+    """Rebuild the model from a checkpoint's model_args + weights: (model in eval mode, info).
+
+    ``info`` is the checkpoint without weights and resume state, with ``model_args`` filled in.
+    """
+    state = read_checkpoint(path)
+    cfg = model_args(state)
+    model = create_model(cfg, int(state.get("num_classes", 0)))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not match the stored model_args ({exc})") from None
+    info = {k: v for k, v in state.items() if k != "model" and k not in RESUME_STATE}
+    info["model_args"] = cfg.model_dump(mode="json")
+    return model.eval(), info
+
+
+def read_manifest(shard_dir: str | Path, require: str | None = None) -> dict[str, Any]:
+    """The shards' manifest.json; with ``require``, that split must hold samples.
+
+    Every problem is an InputError that names the file and says how to produce it.
+    """
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: shard manifest not found; run `mmpipe shard` first")
+    try:
+        manifest = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); run `mmpipe shard` again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise InputError(f"{path}: no 'splits' mapping; run `mmpipe shard` again")
+    if require is not None and not (manifest["splits"].get(require) or {}).get("count"):
+        raise InputError(
+            f"{path}: the {require} split is empty (too little data for align's ratios?)"
+        )
+    return manifest

@@ -1,0 +1,69 @@
+"""MLflow tracking and registry: the ONLY mmpipe package that imports mlflow.
+
+    store.py     where runs go (env > params > <project>/.mmpipe/mlflow.db); ``connect`` gives
+                 the Store whose client every call goes through
+    runs.py      runs nested under a flow's parent run; params, metrics, artifacts
+    models.py    log a trained model as a pyfunc, fetch one back (``resolve_model``)
+    registry.py  versions and the champion alias, moved only on improvement
+
+Callers connect once at the edge (``connect(params.tracking, project_dir)``, or through
+``start_run``) and pass the ``Run`` handle down.
+"""
+
+from mmpipe.tracking.models import (
+    FusionPyfunc,
+    champion_uri,
+    download_model,
+    is_model_uri,
+    load_pyfunc,
+    log_model,
+    resolve_model,
+    try_download_model,
+)
+from mmpipe.tracking.registry import register_and_maybe_promote
+from mmpipe.tracking.runs import (
+    PARENT_ENV,
+    close_parent_run,
+    create_run,
+    epoch_logger,
+    git_commit,
+    log_artifacts,
+    log_evaluation,
+    log_metrics,
+    log_params,
+    log_stage_run,
+    numeric,
+    open_parent_run,
+    start_run,
+)
+from mmpipe.tracking.store import Run, Store, artifact_location, connect, tracking_uri
+
+__all__ = [
+    "PARENT_ENV",
+    "FusionPyfunc",
+    "Run",
+    "Store",
+    "artifact_location",
+    "champion_uri",
+    "close_parent_run",
+    "connect",
+    "create_run",
+    "download_model",
+    "epoch_logger",
+    "git_commit",
+    "is_model_uri",
+    "load_pyfunc",
+    "log_artifacts",
+    "log_evaluation",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "log_stage_run",
+    "numeric",
+    "open_parent_run",
+    "register_and_maybe_promote",
+    "resolve_model",
+    "start_run",
+    "tracking_uri",
+    "try_download_model",
+]

@@ -1,0 +1,198 @@
+"""Models in MLflow: log a trained model, fetch one back, and the pyfunc that serves it.
+
+Models are logged as an MLflow *pyfunc* "model from code": the artifact holds the training
+checkpoint (plain tensors, loaded with ``torch.load(weights_only=True)``), a JSON sidecar
+(image size, classes, task) and a three-line loader script. Nothing is pickled, so loading never
+needs ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (mlflow.pytorch would pickle the module, or trace it
+to pt2, which cannot take the list[str] captions). The pyfunc takes a DataFrame with string
+columns ``image`` (base64-encoded image bytes, or a local file path) and ``caption``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+
+from mmpipe.config import RegisterParams, TrackingParams
+from mmpipe.errors import InputError
+from mmpipe.io import read_json
+from mmpipe.layout import Layout
+from mmpipe.tracking.store import Run, connect, point_fluent_api_at, sqlite_path, tracking_uri
+
+if TYPE_CHECKING:
+    from mmpipe.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+SIDECAR = "mmpipe_model.json"
+CHECKPOINT_ARTIFACT = "checkpoint"
+SIDECAR_ARTIFACT = "sidecar"
+# Stored inside every logged model: keep `mmpipe.tracking.FusionPyfunc` importable.
+_LOADER_SCRIPT = (
+    "import mlflow\n"
+    "from mmpipe.tracking import FusionPyfunc\n"
+    "mlflow.models.set_model(FusionPyfunc())\n"
+)
+
+
+# MLflow warns at class creation that ``predict`` has no type hints; that is deliberate (it would
+# read them as the input schema; the signature comes from the input example instead). Its own
+# decorator resets the warning filters, so the warning is recorded and dropped instead.
+with warnings.catch_warnings(record=True):
+
+    class FusionPyfunc(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper of ``mmpipe.predict.Predictor``: (image, caption) rows -> predictions."""
+
+        def load_context(self, context: Any) -> None:
+            """Load the checkpoint (weights only) and the sidecar."""
+            from mmpipe.predict import load_predictor
+
+            sidecar = read_json(context.artifacts[SIDECAR_ARTIFACT])
+            self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT], sidecar=sidecar)
+
+        def predict(self, context, model_input, params=None):  # no hints: MLflow reads them
+            """DataFrame[image, caption] -> [label, label_index, confidence, similarity]."""
+            return self.predictor.predict_frame(model_input)
+
+
+def _example_frame(image_size: int) -> Any:
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (image_size, image_size), (200, 80, 40)).save(buf, format="PNG")
+    return pd.DataFrame(
+        {
+            "image": [base64.b64encode(buf.getvalue()).decode("ascii")],
+            "caption": ["a red circle on the left"],
+        }
+    )
+
+
+def log_model(run: Run, predictor: Predictor, *, name: str = "model") -> str:
+    """Log the predictor's checkpoint to ``run`` as the pyfunc model; returns its model URI.
+
+    The signature and input example come from running the predictor; its image size, classes
+    and task are frozen into the model's sidecar.
+    """
+    example = _example_frame(predictor.image_size)
+    with warnings.catch_warnings():  # label_index is an int output and never missing
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+        signature = mlflow.models.infer_signature(example, predictor.predict_frame(example))
+    with tempfile.TemporaryDirectory() as tmp:
+        sidecar = Path(tmp) / SIDECAR
+        sidecar.write_text(json.dumps(predictor.describe(), sort_keys=True), encoding="utf-8")
+        script = Path(tmp) / "mmpipe_pyfunc.py"
+        script.write_text(_LOADER_SCRIPT, encoding="utf-8")
+        artifacts = {CHECKPOINT_ARTIFACT: predictor.source, SIDECAR_ARTIFACT: str(sidecar)}
+        with _active(run):  # MLflow logs a model only into the fluent API's active run
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(script),
+                artifacts=artifacts,
+                signature=signature,
+                input_example=example,
+                pip_requirements=[],  # the model runs inside the mmpipe environment
+            )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _active(run: Run) -> Iterator[None]:
+    """``run`` as the fluent API's active run (resumed, then ended again), unless it already is."""
+    point_fluent_api_at(run.store)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run.id:
+        yield
+        return
+    with mlflow.start_run(run_id=run.id, nested=active is not None):
+        yield
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    """Load a logged model as an MLflow pyfunc (``.predict(DataFrame)``)."""
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def download_model(
+    model_uri: str, p: TrackingParams | None = None, root: str | Path = "."
+) -> tuple[Path, dict[str, Any]]:
+    """A logged model's (checkpoint, sidecar), downloaded; nothing unpickled, no code run."""
+    store = connect(p, root)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, tracking_uri=store.uri, registry_uri=store.uri
+        )
+    except MlflowException as exc:
+        raise InputError(f"cannot fetch model {model_uri}: {exc.message}") from None
+    sidecars = sorted(Path(local).rglob(SIDECAR))
+    checkpoints = sorted(Path(local).rglob("*.pt"))
+    if not sidecars or not checkpoints:
+        raise InputError(f"{model_uri} is not an mmpipe model (no {SIDECAR} or *.pt checkpoint)")
+    return checkpoints[0], read_json(sidecars[0])
+
+
+def try_download_model(
+    model_uri: str, p: TrackingParams | None = None, root: str | Path = "."
+) -> tuple[Path, dict[str, Any]] | None:
+    """Like ``download_model`` but None when there is no store or no such model.
+
+    A missing default SQLite file is not created just to find out it is empty.
+    """
+    db = sqlite_path(tracking_uri(p, root))
+    if db is not None and not db.is_file():
+        return None
+    try:
+        return download_model(model_uri, p, root)
+    except (InputError, MlflowException) as exc:
+        log.debug("%s unavailable: %s", model_uri, exc)
+        return None
+
+
+def is_model_uri(source: str | Path) -> bool:
+    """True for an MLflow model URI (``models:/...``, ``runs:/...``, any ``scheme://``)."""
+    text = str(source)
+    return "://" in text or text.startswith(("models:/", "runs:/"))
+
+
+def champion_uri(p: RegisterParams) -> str:
+    """``models:/<name>@<alias>``: the registered model's current champion."""
+    return f"models:/{p.model_name}@{p.alias}"
+
+
+def resolve_model(
+    source: str | Path | None,
+    tracking: TrackingParams | None,
+    register: RegisterParams,
+    layout: Layout,
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint (and the sidecar of a logged model) that a model source names.
+
+    A model URI is fetched from the store; a path is a checkpoint file or a models directory;
+    None is the registry's champion, else the project's best checkpoint (``models/``).
+    """
+    from mmpipe.checkpoint import pick_checkpoint
+
+    if source is not None:
+        if is_model_uri(source):
+            return download_model(str(source), tracking, layout.root)
+        return pick_checkpoint(source), {}
+    uri = champion_uri(register)
+    found = try_download_model(uri, tracking, layout.root)
+    if found is not None:
+        log.info("using %s", uri)
+        return found
+    log.info("no %s in the registry: using the checkpoint in %s", uri, layout.model_dir)
+    return pick_checkpoint(layout.model_dir), {}

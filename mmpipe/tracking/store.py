@@ -1,0 +1,160 @@
+"""Where runs go, and the one client every tracking call goes through.
+
+``MLFLOW_TRACKING_URI`` (env) > ``tracking.uri`` (params) > the project's default
+``sqlite:///<project>/.mmpipe/mlflow.db`` (absolute), with artifacts in
+``<project>/.mmpipe/mlartifacts``. For any sqlite URI the experiment's artifacts go to
+``mlartifacts/`` beside the database file, never to the current directory.
+
+``connect(p, root)`` returns a ``Store``: the URI, the experiment and an ``MlflowClient`` bound
+to that URI. Every run, param, metric, artifact and registry call goes through that client. A few
+MLflow functions exist only in the fluent API (logging and registering a model, which need an
+active run or the global registry URI); ``connect`` also points the fluent API at the same URI,
+and ``mmpipe.tracking.models`` / ``registry`` use it for those calls only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mmpipe.config import TrackingParams
+from mmpipe.layout import Layout
+
+_initialised: set[tuple[str, str]] = set()
+# mlflow.set_tracking_uri() also *exports* MLFLOW_TRACKING_URI (for its subprocesses). That value is
+# ours, not the user's choice: remember it, so a second project in the same process (tests, the
+# benchmarks, a notebook) is not silently logged into the first project's store.
+_ENV_AT_IMPORT = os.environ.get("MLFLOW_TRACKING_URI")
+_exported_by_us: str | None = None
+
+
+@dataclass(frozen=True)
+class Store:
+    """One tracking store and experiment, and the client bound to it."""
+
+    uri: str
+    experiment_id: str
+    client: MlflowClient
+
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run of this store."""
+        return Run(self, run_id)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run of a store: what logging functions take."""
+
+    store: Store
+    id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        """The store's client."""
+        return self.store.client
+
+
+def tracking_uri(p: TrackingParams | None, root: str | Path) -> str:
+    """The tracking URI: env MLFLOW_TRACKING_URI, else params, else the project's sqlite DB.
+
+    A relative sqlite path in params (``sqlite:///x.db``) is taken relative to ``root``.
+    """
+    if env := _user_env_uri():
+        return env
+    if p is not None and p.uri:
+        db = sqlite_path(p.uri)
+        if db is not None and not db.is_absolute():  # relative to the project, never the cwd
+            return f"sqlite:///{(Path(root).resolve() / db).as_posix()}"
+        return p.uri
+    return f"sqlite:///{Layout(Path(root).resolve()).mlflow_db.as_posix()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the DB file; a server decides for itself."""
+    db = sqlite_path(uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def connect(p: TrackingParams | None, root: str | Path) -> Store:
+    """The store of ``p`` for the project at ``root``; creates the DB and experiment once.
+
+    Call it before launching parallel workers: SQLite's first-start schema migration races when
+    several processes start at once (TRAPS.md, mlflow#6490). A file lock serialises the creation
+    across processes; later calls in this process are cheap.
+    """
+    p = p or TrackingParams()
+    uri = tracking_uri(p, root)
+    _point_fluent_api_at(uri)
+    if (uri, p.experiment) not in _initialised:
+        db = sqlite_path(uri)
+        lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+        with lock:  # the first store access (even building a client) migrates the schema
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            client = MlflowClient(uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # tracking store tables
+            client.search_registered_models(max_results=1)  # registry store tables
+            _ensure_experiment(client, p.experiment, artifact_location(uri))
+        _initialised.add((uri, p.experiment))
+    client = MlflowClient(uri, registry_uri=uri)
+    return Store(uri, client.get_experiment_by_name(p.experiment).experiment_id, client)
+
+
+def _ensure_experiment(client: MlflowClient, name: str, location: str | None) -> None:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        with contextlib.suppress(MlflowException):  # another process won the race
+            client.create_experiment(name, artifact_location=location)
+    elif exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+
+
+def _user_env_uri() -> str | None:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and (env != _exported_by_us or env == _ENV_AT_IMPORT):
+        return env
+    return None
+
+
+def _point_fluent_api_at(uri: str) -> None:
+    global _exported_by_us
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    _exported_by_us = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive cross-process lock (POSIX flock); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def point_fluent_api_at(store: Store) -> None:
+    """Make MLflow's fluent functions (model logging, registering) use ``store``'s URI."""
+    _point_fluent_api_at(store.uri)

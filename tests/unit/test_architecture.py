@@ -1,0 +1,112 @@
+"""The layering BRIEF.md promises, checked on the source: flows -> tasks -> mmpipe, mmpipe never
+imports Prefect or DVC, only mmpipe.tracking imports MLflow, and no two modules import each
+other (directly or round a loop), counting imports inside functions too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("mmpipe", "tasks", "flows")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {
+    _module_name(path): path for pkg in PACKAGES for path in sorted((REPO / pkg).rglob("*.py"))
+}
+
+
+def _imports(name: str) -> set[str]:
+    """Every module ``name`` imports (top level or inside functions), as dotted names."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
+                ).rstrip(".")
+            for alias in node.names:  # `from mmpipe import tracking` imports a module
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return found
+
+
+GRAPH = {name: {m for m in _imports(name) if m in MODULES and m != name} for name in MODULES}
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_dependencies_point_one_way():
+    allowed = {
+        "flows": {"flows", "tasks", "mmpipe"},
+        "tasks": {"tasks", "mmpipe"},
+        "mmpipe": {"mmpipe"},
+    }
+    wrong = [(a, b) for a, deps in GRAPH.items() for b in deps if _top(b) not in allowed[_top(a)]]
+    assert wrong == []
+
+
+def test_mmpipe_imports_no_orchestrator_and_only_tracking_imports_mlflow():
+    for name in MODULES:
+        if _top(name) != "mmpipe":
+            continue
+        roots = {m.split(".")[0] for m in _imports(name)}
+        assert not roots & {"prefect", "dvc"}, name
+        if "mlflow" in roots:
+            assert name.startswith("mmpipe.tracking"), name
+
+
+def test_no_import_cycles():
+    """Tarjan's strongly connected components; any with two or more modules is a cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1 and not _is_package_and_its_modules(component):
+                cycles.append(component)
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+def _is_package_and_its_modules(component: set[str]) -> bool:
+    """A package's __init__ re-exporting its own modules is not a cycle between modules."""
+    inits = [m for m in component if MODULES[m].name == "__init__.py"]
+    return len(inits) == 1 and all(m == inits[0] or m.startswith(f"{inits[0]}.") for m in component)
+
+
+def test_the_checks_see_the_imports():
+    """The graph is not vacuous: known edges are found (also inside functions)."""
+    assert "mmpipe.checkpoint" in GRAPH["mmpipe.train"]
+    assert "mmpipe.tracking" in GRAPH["mmpipe.pipeline"]  # a function-level import
+    assert "mmpipe.predict" in GRAPH["mmpipe.tracking.models"]

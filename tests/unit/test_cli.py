@@ -1,0 +1,119 @@
+"""The `mmpipe` command line: what each command dispatches to, with which params; its help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmpipe import cli, pipeline
+from mmpipe.config import Params
+from mmpipe.errors import InputError
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n")
+    return tmp_path
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    """Record what the CLI asks the pipeline to run instead of running it."""
+    seen: list[tuple] = []
+
+    def run_stage(stage, params, layout, *, resume=False, parent_run_id=None):
+        seen.append((stage, params, layout.root, resume))
+        return {"stage": stage}
+
+    def run_all(params, layout, *, resume=False):
+        seen.append(("all", params, layout.root, resume))
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(pipeline, "run_all", run_all)
+    return seen
+
+
+def test_stage_runs_with_the_projects_params_and_overrides(project, calls, capsys):
+    assert cli.main(["align", "--project-dir", str(project), "--set", "align.seed=3"]) == 0
+    [(stage, params, root, resume)] = calls
+    assert (stage, root, resume) == ("align", project, False)
+    assert isinstance(params, Params) and params.train.epochs == 3 and params.align.seed == 3
+    assert '"stage": "align"' in capsys.readouterr().out  # the report, as JSON
+
+
+def test_resume_reaches_train_and_run(project, calls):
+    cli.main(["train", "--project-dir", str(project), "--resume"])
+    cli.main(["run", "--project-dir", str(project)])
+    assert [(c[0], c[3]) for c in calls] == [("train", True), ("all", False)]
+
+
+def test_a_users_error_is_one_line_and_exit_2(project, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise InputError("data/shards/manifest.json: shard manifest not found")
+
+    monkeypatch.setattr(pipeline, "run_stage", fail)
+    assert cli.main(["train", "--project-dir", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmpipe train: error: data/shards/manifest.json: shard manifest not found\n"
+
+
+def test_predict_asks_the_registry_named_in_params(project, monkeypatch, capsys):
+    """`mmpipe predict` reads tracking.* and register.* from the project's params."""
+    from mmpipe import predict, tracking
+
+    (project / "params.yaml").write_text(
+        "register: {model_name: my-model, alias: best}\ntracking: {uri: 'sqlite:///t.db'}\n"
+    )
+    seen = {}
+
+    def resolve_model(source, tracking_params, register, layout):
+        seen.update(source=source, uri=tracking_params.uri, register=register, root=layout.root)
+        return project / "ckpt.pt", {"image_size": 8}
+
+    class FakePredictor:
+        def classify_pair(self, image, caption):
+            return {"label": "x", "image": image, "caption": caption}
+
+    monkeypatch.setattr(tracking, "resolve_model", resolve_model)
+    monkeypatch.setattr(predict, "load_predictor", lambda *a, **kw: FakePredictor())
+    assert cli.main(["predict", "a.jpg", "a cat", "--project-dir", str(project)]) == 0
+    assert seen["source"] is None and seen["uri"] == "sqlite:///t.db"
+    assert (seen["register"].model_name, seen["register"].alias) == ("my-model", "best")
+    assert '"caption": "a cat"' in capsys.readouterr().out
+
+
+def test_predict_works_outside_a_project_without_params_yaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["predict", "a.jpg", "a cat", "--model", str(tmp_path / "none.pt")])
+    assert code == 2  # params defaults applied; the missing checkpoint is the one error
+    assert "none.pt: not found" in capsys.readouterr().err
+
+
+def test_schedule_hands_every_argument_to_flows_schedule(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.append(cmd) or 0)
+    assert cli.main(["schedule", "--cron", "0 3 * * *", "--help"]) == 0
+    assert seen[0][1:] == ["-m", "flows.schedule", "--cron", "0 3 * * *", "--help"]
+
+
+def test_top_level_help_says_what_mmpipe_is_and_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "pipeline for image + text collections" in out
+    for command in ("ingest", "train", "evaluate", "register", "run", "predict", "search", "ui"):
+        assert f"\n    {command} " in out
+
+
+def test_stage_help_lists_enum_choices_and_only_the_stages_sections(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help wraps long lines
+    assert 'train.fusion = "concat"' in out
+    assert (
+        "One of: concat, sum, weighted, gated, cross_attention, late, image_only, text_only." in out
+    )
+    assert "One of: multiclass, binary, multilabel, regression." in out
+    assert "tracking.uri" in out and "evaluate.ks" not in out

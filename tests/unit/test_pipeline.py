@@ -1,0 +1,107 @@
+"""mmpipe.pipeline's content cache: a data stage's fingerprint covers its params section, its code
+and its inputs, and its stamp vouches for its outputs only while they are current."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmpipe import pipeline
+from mmpipe.config import load_params
+from mmpipe.layout import Layout
+from tests.conftest import TINY_OVERRIDES
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Layout:
+    """A tiny project with ingest, align and shard run once (copied per test)."""
+    layout = Layout(tmp_path_factory.mktemp("built"))
+    params = load_params(None, TINY_OVERRIDES)
+    for stage in pipeline.DATA_STAGES:
+        pipeline.run_data_stage(stage, params, layout)
+    return layout
+
+
+@pytest.fixture
+def layout(built, tmp_path) -> Layout:
+    shutil.copytree(built.root, tmp_path, dirs_exist_ok=True)
+    return Layout(tmp_path)
+
+
+def _params(*extra: str):
+    return load_params(None, [*TINY_OVERRIDES, *extra])
+
+
+def test_fresh_outputs_are_current_and_fingerprints_are_stable(layout):
+    params = _params()
+    for stage in pipeline.DATA_STAGES:
+        assert pipeline.stage_is_current(stage, params, layout), stage
+        first = pipeline.stage_fingerprint(stage, params, layout)
+        assert first == pipeline.stage_fingerprint(stage, _params(), layout)
+
+
+def test_a_params_change_invalidates_only_its_own_stage(layout):
+    params = _params("shard.jpeg_quality=70")
+    assert not pipeline.stage_is_current("shard", params, layout)
+    assert pipeline.stage_is_current("align", params, layout)
+    assert pipeline.stage_is_current("ingest", params, layout)
+
+
+def test_a_changed_input_invalidates_the_stages_that_read_it(layout):
+    """shard reads records.parquet (the source of each pair): a change there re-runs shard even
+    though pairs.parquet is unchanged."""
+    params = _params()
+    records = layout.ingest_dir / "records.parquet"
+    table = pd.read_parquet(records)
+    table.loc[0, "source"] = "elsewhere"
+    table.to_parquet(records, index=False)
+    assert not pipeline.stage_is_current("shard", params, layout)
+    assert not pipeline.stage_is_current("align", params, layout)
+    assert pipeline.stage_is_current("ingest", params, layout)
+
+
+def test_a_missing_stamp_or_output_is_not_current(layout):
+    params = _params()
+    (layout.align_dir / pipeline.STAMP).unlink()
+    assert not pipeline.stage_is_current("align", params, layout)
+    shutil.rmtree(layout.shard_dir)
+    assert not pipeline.stage_is_current("shard", params, layout)
+
+
+def test_a_code_change_invalidates_the_stage(layout, tmp_path_factory, monkeypatch):
+    params = _params()
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(Path(pipeline.__file__).parent, repo / "mmpipe")
+    monkeypatch.setattr(pipeline, "_REPO", repo)
+    assert pipeline.stage_is_current("align", params, layout)  # same code, other place
+    with (repo / "mmpipe" / "align.py").open("a") as fh:
+        fh.write("\n# changed\n")
+    assert not pipeline.stage_is_current("align", params, layout)
+    assert pipeline.stage_is_current("shard", params, layout)
+
+
+def test_user_source_files_are_fingerprinted_by_size_and_mtime(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "captions.csv").write_text("image,caption\n")
+    params = _params("ingest.source=folder", f"ingest.root={root}")
+    layout = Layout(tmp_path / "proj")
+    before = pipeline.stage_fingerprint("ingest", params, layout)
+    (root / "captions.csv").write_text("image,caption\na.jpg,a cat\n")
+    assert pipeline.stage_fingerprint("ingest", params, layout) != before
+
+
+def test_a_failed_run_leaves_no_stamp(layout, monkeypatch):
+    params = _params()
+
+    def broken(params, layout):
+        raise OSError("disk full")
+
+    monkeypatch.setitem(pipeline._DATA_FUNCTIONS, "align", broken)
+    with pytest.raises(OSError):
+        pipeline.run_data_stage("align", params, layout)
+    assert not (layout.align_dir / pipeline.STAMP).exists()
+    assert not pipeline.stage_is_current("align", params, layout)
