@@ -578,3 +578,12 @@ def test_synthetic_source_reads_through_folder_path(tmp_path):
     assert report["synthetic"]["n_images"] == 10
     assert report["data_root"] == "source"  # relative to the ingest dir: survives a rename
     assert "seconds" not in (tmp_path / "report.json").read_text()
+
+
+def test_readme_lists_every_reject_reason():
+    from mmpipe.ingest import REJECT_REASONS
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for code, meaning in REJECT_REASONS.items():
+        assert f"| `{code}` | {meaning} |" in readme, code
