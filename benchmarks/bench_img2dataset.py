@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": "coco-mini photos, one pixel changed per copy, q95",
         "image_size": 256,
         "jpeg_quality": 95,
-        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + LANCZOS",
+        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased BILINEAR",
         "img2dataset": f"{I2D_VERSION}, file:// URLs, processes_count=1, resize_mode=keep_ratio",
         "repeats": repeats,
     }
