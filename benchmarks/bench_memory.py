@@ -138,24 +138,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("main_peak_mib", "tree_peak_mib"):
             where = "main process" if key.startswith("main") else "process tree"
             if hi == lo:  # one size (the 1M run): report the peak and the wall time
-                figures.append(c.figure(
-                    f"{stage} peak RSS {where} at N={hi:,}", by_n[hi][key], "MiB",
-                    note=f"wall {by_n[hi]['seconds']:.0f} s",
-                ))
+                figures.append(
+                    c.figure(
+                        f"{stage} peak RSS {where} at N={hi:,}",
+                        by_n[hi][key],
+                        "MiB",
+                        note=f"wall {by_n[hi]['seconds']:.0f} s",
+                    )
+                )
                 continue
             slope = (by_n[hi][key] - by_n[lo][key]) * 2**20 / (hi - lo)
             growth[f"{stage}.{key}"] = {
-                "ratio": round(by_n[hi][key] / by_n[lo][key], 4), "bytes_per_image": round(slope)
+                "ratio": round(by_n[hi][key] / by_n[lo][key], 4),
+                "bytes_per_image": round(slope),
             }
-            figures.append(c.figure(
-                f"{stage} peak RSS slope, {where}, N={lo:,} -> {hi:,}", slope, "B/image",
-                ratio=by_n[hi][key] / by_n[lo][key],
-                target=f"<= {SLOPE_TARGET} B/image", met=slope <= SLOPE_TARGET,
-                note=f"{by_n[lo][key]:.0f} -> {by_n[hi][key]:.0f} MiB",
-            ))
+            figures.append(
+                c.figure(
+                    f"{stage} peak RSS slope, {where}, N={lo:,} -> {hi:,}",
+                    slope,
+                    "B/image",
+                    ratio=by_n[hi][key] / by_n[lo][key],
+                    target=f"<= {SLOPE_TARGET} B/image",
+                    met=slope <= SLOPE_TARGET,
+                    note=f"{by_n[lo][key]:.0f} -> {by_n[hi][key]:.0f} MiB",
+                )
+            )
     conditions = {
-        "sizes": sizes, "source_size": args.source_size, "captions_per_image": 1, "stored_size": 64,
-        "shard_copies": 0, "workers": workers, "fresh_subprocess_per_run": True,
+        "sizes": sizes,
+        "source_size": args.source_size,
+        "captions_per_image": 1,
+        "stored_size": 64,
+        "shard_copies": 0,
+        "workers": workers,
+        "fresh_subprocess_per_run": True,
         "tree_sampling_ms": 20,
     }
     data = {"runs": runs, "growth": growth, "generate_seconds": gen_seconds}

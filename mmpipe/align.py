@@ -35,6 +35,7 @@ from mmpipe.io import (
     atomic_path,
     locked_temp_dir,
     read_json,
+    release_arrow_memory,
     remove_stale_temps,
     write_json_atomic,
 )
@@ -59,7 +60,7 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
-BATCH = 65536  # records per read batch
+BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
 BUCKET_ROWS = 65536  # at most this many pairs are sorted in memory at once
 
 # orphan reason codes (orphans.jsonl, report.orphan_captions_by_reason)
@@ -95,12 +96,17 @@ class ImageTable:
     """The accepted images as compact arrays: ids and paths (Arrow), split codes, used flags."""
 
     def __init__(self, path: Path, p: AlignParams) -> None:
-        table = _parquet(path, IMAGE_COLUMNS).read(columns=list(IMAGE_COLUMNS))
-        self.ids = table["image_id"].combine_chunks().cast(pa.string())
-        self.paths = table["rel_path"].combine_chunks().cast(pa.string())
-        counts = pc.value_counts(self.ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))
-        if len(dup):
+        pf = _parquet(path, IMAGE_COLUMNS)
+        ids, paths = [], []
+        for batch in pf.iter_batches(batch_size=BATCH * 4, columns=list(IMAGE_COLUMNS)):
+            ids.append(batch.column("image_id").cast(pa.string()))
+            paths.append(batch.column("rel_path").cast(pa.string()))
+        self.ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+        self.paths = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
+        del ids, paths
+        if pc.count_distinct(self.ids).as_py() != len(self.ids):
+            counts = pc.value_counts(self.ids)
+            dup = counts.filter(pc.greater(counts.field("counts"), 1))
             raise InputError(f"{path}: duplicate image_id {dup[0]['values'].as_py()!r}")
         self.split = np.empty(len(self.ids), dtype=np.int8)
         for start in range(0, len(self.ids), BATCH):  # in slices: no list of every id at once
@@ -288,6 +294,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
             _write_orphan_captions(fh, orphans, tally)
             tally.add(pairs)
             buckets.add(pairs)
+        release_arrow_memory()
         if not sum(tally.pairs.values()):
             raise InputError(
                 f"{ingest_dir}: no caption points to an accepted image; nothing to align"

@@ -65,6 +65,7 @@ from mmpipe.io import (
     atomic_path,
     locked_temp_dir,
     read_json,
+    release_arrow_memory,
     remove_stale_temps,
     resolve_inside,
     write_json_atomic,
@@ -104,7 +105,10 @@ IMAGE_LIKE = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".jfif
 # Pillow format names that a given extension's format may legitimately decode as.
 FORMAT_ALIASES = {"JPEG": {"JPEG", "MPO"}}
 MISSING = "missing"  # a referenced file that does not exist: not an image seen
-BATCH = 16384  # rows per Parquet row group / per lookup batch: bounds memory per step
+# Rows handled as Python objects at once (row groups of the work files too), and rows per
+# vectorised Arrow lookup. Small and fixed, so memory per step does not depend on N.
+BATCH = 2048
+LOOKUP_BATCH = 65536
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
 SWAPS_SIDES = {5, 6, 7, 8}
 
@@ -241,7 +245,9 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         candidates = _candidates(source, _distinct_refs(work / "drafts.parquet"), p)
         _validate_images(candidates, source.root, p, work / "results.parquet")
         del candidates
+        release_arrow_memory()
         index = _finish_images(work / "results.parquet", rejects, out_dir / "images.parquet")
+        release_arrow_memory()
         accepted = _finish_captions(
             work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet"
         )
@@ -654,20 +660,37 @@ def _distinct_refs(drafts: Path) -> pa.Array:
 # --------------------------------------------------------------------------- images
 
 
+def _walk_files(top: Path) -> Iterator[str]:
+    """Paths (relative to ``top``) of the non-hidden files under ``top``, lazily.
+
+    os.walk lists a whole directory before yielding it: a flat folder of 10M images would be a
+    10M-string list. scandir yields one entry at a time. Symlinked dirs are not followed.
+    """
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(top / rel_dir if rel_dir else top) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                else:
+                    yield rel
+
+
 def _tree_files(src: Source, p: IngestParams) -> pa.Array:
     """Relative paths of the image-like files under the image tree, sorted (Arrow: compact)."""
     like = tuple({e.lower() for e in p.extensions} | IMAGE_LIKE)
+    prefix = os.path.relpath(src.image_tree, src.root).replace(os.sep, "/")
     chunks, names = [], []
-    prefix = os.path.relpath(src.image_tree, src.root)
-    for dirpath, dirnames, filenames in os.walk(src.image_tree):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = os.path.normpath(os.path.join(prefix, os.path.relpath(dirpath, src.image_tree)))
-        for fn in filenames:
-            if not fn.startswith(".") and fn.lower().endswith(like):
-                names.append(fn if rel_dir == "." else f"{rel_dir}/{fn}".replace(os.sep, "/"))
-        if len(names) >= BATCH:
-            chunks.append(pa.array(names, pa.string()))
-            names = []
+    for rel in _walk_files(src.image_tree):
+        if rel.lower().endswith(like):
+            names.append(rel if prefix == "." else f"{prefix}/{rel}")
+            if len(names) >= BATCH:
+                chunks.append(pa.array(names, pa.string()))
+                names = []
     chunks.append(pa.array(names, pa.string()))
     files = pa.chunked_array(chunks, pa.string()).combine_chunks()
     return files.take(pc.sort_indices(files))
@@ -824,12 +847,28 @@ def _duplicates(results: Path) -> tuple[np.ndarray, np.ndarray]:
     table = pq.read_table(results, columns=["reason", "sha256"])
     valid = pc.and_(pc.is_null(table["reason"]), pc.is_valid(table["sha256"]))
     positions = np.flatnonzero(valid.to_numpy(zero_copy_only=False)).astype(np.int64)
-    hexes = table["sha256"].filter(valid).to_pylist()
+    hexes = pc.utf8_slice_codeunits(table["sha256"].filter(valid), 0, 32).combine_chunks()
     del table
-    keys = np.array([bytes.fromhex(h[:32]) for h in hexes], dtype="S16")
+    keys = _hex_to_keys(hexes)
     del hexes
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     return positions, positions[first[inverse.ravel()]]
+
+
+_HEX = np.zeros(256, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _hex_to_keys(hexes: pa.Array) -> np.ndarray:
+    """32 lower-case hex chars per row -> one 16-byte key per row (no Python object per row)."""
+    n = len(hexes)
+    if n == 0:
+        return np.zeros(0, dtype="V16")
+    start = hexes.offset * 32
+    chars = np.frombuffer(hexes.buffers()[2], np.uint8, count=n * 32, offset=start).reshape(n, 32)
+    nibbles = _HEX[chars]
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (n, 16) uint8
+    return np.ascontiguousarray(packed).view("V16").ravel()
 
 
 def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
@@ -879,20 +918,24 @@ def _finish_captions(
     file = src.captions_file.relative_to(src.root).as_posix()
     counts = {"captions": 0, "labelled": 0}
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, RECORD_SCHEMA) as writer:
-        for batch in pq.ParquetFile(drafts).iter_batches(batch_size=BATCH * 4):
+        for batch in pq.ParquetFile(drafts).iter_batches(batch_size=LOOKUP_BATCH):
             at = pc.index_in(batch.column("rel"), value_set=index.rels)
-            ids = index.image_ids.take(at).to_pylist()
-            reasons = index.reasons.take(at).to_pylist()
-            rows = []
-            for d, image_id, reason in zip(batch.to_pylist(), ids, reasons, strict=True):
-                if image_id is None:
-                    reject = _image_reason(d["rel"], reason)
-                    rejects.add("caption", file, d["line"], *reject)
-                    continue
-                rows.append(_record(d, image_id, src.name))
-            counts["captions"] += len(rows)
-            counts["labelled"] += sum(r["label"] is not None for r in rows)
-            writer.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
+            ids, reasons = index.image_ids.take(at), index.reasons.take(at)
+            for start in range(0, batch.num_rows, BATCH):
+                rows = []
+                for d, image_id, reason in zip(
+                    batch.slice(start, BATCH).to_pylist(),
+                    ids.slice(start, BATCH).to_pylist(),
+                    reasons.slice(start, BATCH).to_pylist(),
+                    strict=True,
+                ):
+                    if image_id is None:
+                        rejects.add("caption", file, d["line"], *_image_reason(d["rel"], reason))
+                        continue
+                    rows.append(_record(d, image_id, src.name))
+                counts["captions"] += len(rows)
+                counts["labelled"] += sum(r["label"] is not None for r in rows)
+                writer.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
     return counts
 
 

@@ -197,3 +197,14 @@ def resolve_inside(root: str | Path, relative: str) -> Path | None:
     if not candidate.startswith(root_real.rstrip(os.sep) + os.sep):
         return None
     return Path(candidate)
+
+
+def release_arrow_memory() -> None:
+    """Hand memory that Arrow freed back to the OS (its allocator keeps it otherwise).
+
+    Called between the phases of the streaming stages: each phase's peak then does not stack on
+    the memory the previous one freed but kept.
+    """
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
