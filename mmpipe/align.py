@@ -37,6 +37,7 @@ from mmpipe.io import (
     read_json,
     release_arrow_memory,
     remove_stale_temps,
+    use_system_arrow_allocator,
     write_json_atomic,
 )
 
@@ -277,6 +278,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
     """
     start = time.perf_counter()
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    use_system_arrow_allocator()
     records_pf = _parquet(ingest_dir / "records.parquet", RECORD_COLUMNS)
     images = ImageTable(ingest_dir / "images.parquet", p)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,7 @@ from mmpipe.io import (
     release_arrow_memory,
     remove_stale_temps,
     resolve_inside,
+    use_system_arrow_allocator,
     write_json_atomic,
 )
 from mmpipe.parallel import ordered_map, process_pool
@@ -232,6 +233,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    use_system_arrow_allocator()
     remove_stale_temps(out_dir)
     _resolve_cached.cache_clear()  # files may have moved since the last run in this process
     source, generated = open_source(p, out_dir)
@@ -652,7 +654,7 @@ def _write_drafts(source: Source, p: IngestParams, rejects: Rejects, dest: Path)
 
 def _distinct_refs(drafts: Path) -> pa.Array:
     """The distinct image paths the captions reference, in first-reference order."""
-    table = pq.read_table(drafts, columns=["rel", "line"])
+    table = pq.read_table(drafts, columns=["rel", "line"], use_threads=False)
     firsts = table.group_by("rel", use_threads=False).aggregate([("line", "min")])
     return firsts.sort_by("line_min")["rel"].combine_chunks()
 
@@ -844,7 +846,7 @@ class ImageIndex:
 
 def _duplicates(results: Path) -> tuple[np.ndarray, np.ndarray]:
     """(positions of the valid results, position of each one's kept copy); 16 B/image of keys."""
-    table = pq.read_table(results, columns=["reason", "sha256"])
+    table = pq.read_table(results, columns=["reason", "sha256"], use_threads=False)
     valid = pc.and_(pc.is_null(table["reason"]), pc.is_valid(table["sha256"]))
     positions = np.flatnonzero(valid.to_numpy(zero_copy_only=False)).astype(np.int64)
     hexes = pc.utf8_slice_codeunits(table["sha256"].filter(valid), 0, 32).combine_chunks()
@@ -877,7 +879,7 @@ def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
     is_dup = positions != kept
     kept_of = dict(zip(positions[is_dup].tolist(), kept[is_dup].tolist(), strict=True))
     del positions, kept, is_dup
-    rel_column = pq.read_table(results, columns=["rel_path"])["rel_path"]
+    rel_column = pq.read_table(results, columns=["rel_path"], use_threads=False)["rel_path"]
     rels, ids, reasons = [], [], []
     seen = accepted = offset = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, IMAGE_SCHEMA) as writer:

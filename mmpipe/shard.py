@@ -43,6 +43,7 @@ from mmpipe.io import (
     locked_temp_dir,
     remove_stale_temps,
     sha256_file,
+    use_system_arrow_allocator,
     write_json_atomic,
 )
 from mmpipe.parallel import ordered_map, process_pool
@@ -502,6 +503,7 @@ def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) 
     """
     start = time.perf_counter()
     align_dir, ingest_dir, out_dir = Path(align_dir), Path(ingest_dir), Path(out_dir)
+    use_system_arrow_allocator()
     _pipelines(p)  # bad augment specs fail here, before any work
     pairs, align_report, root = open_pairs(align_dir, ingest_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
