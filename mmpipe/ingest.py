@@ -109,7 +109,7 @@ MISSING = "missing"  # a referenced file that does not exist: not an image seen
 # Rows handled as Python objects at once (row groups of the work files too), and rows per
 # vectorised Arrow lookup. Small and fixed, so memory per step does not depend on N.
 BATCH = 2048
-LOOKUP_BATCH = 65536
+LOOKUP_BATCH = 8192
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
 SWAPS_SIDES = {5, 6, 7, 8}
 
