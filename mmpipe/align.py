@@ -63,6 +63,7 @@ PAIR_SCHEMA = pa.schema(
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
 BUCKET_ROWS = 65536  # at most this many pairs are sorted in memory at once
+PAIRS_ROW_GROUP = 4096  # shard reads pairs.parquet a row group at a time
 
 # orphan reason codes (orphans.jsonl, report.orphan_captions_by_reason)
 NO_CAPTION = "no_caption"
@@ -239,7 +240,7 @@ def _write_pairs(buckets: Buckets, classes: list[str], dest: Path, where: Path) 
             table = table.set_column(
                 table.schema.get_field_index("label_index"), "label_index", index.cast(pa.int64())
             )
-            writer.write_table(table, row_group_size=BUCKET_ROWS)
+            writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
 
 
 def make_report(
