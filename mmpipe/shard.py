@@ -28,7 +28,7 @@ import re
 import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +78,32 @@ def _draft(img: Image.Image, size: int) -> None:
         img.draft("RGB", (size, size))
 
 
-def load_rgb(path: str | Path, size: int | None = None) -> Image.Image:
-    """Open an original image fully, EXIF-transposed, RGB; unreadable files are InputErrors.
-
-    With ``size``, a JPEG is decoded at the largest reduction keeping both sides >= size.
-    """
+def open_original(path: str | Path, read: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """``read(opened image)``; a missing or unreadable original is an InputError naming it."""
     try:
         with Image.open(path) as img:
-            if size is not None:
-                _draft(img, size)
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return read(img)
     except FileNotFoundError:
         raise InputError(
             f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)"
         ) from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: unreadable image ({exc}); re-run `mmpipe ingest`") from None
+
+
+def load_rgb(path: str | Path, size: int | None = None) -> Image.Image:
+    """Open an original image fully, EXIF-transposed, RGB; unreadable files are InputErrors.
+
+    With ``size``, a JPEG is decoded at the largest reduction keeping both sides >= size.
+    """
+
+    def read(img: Image.Image) -> Image.Image:
+        if size is not None:
+            _draft(img, size)
+        img.load()
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+    return open_original(path, read)
 
 
 def square_resize(img: Image.Image, size: int) -> Image.Image:
@@ -196,15 +205,7 @@ def _base_image(pair: dict[str, Any]) -> tuple[Image.Image, bytes]:
         return hit
     p: ShardParams = _STATE["p"]
     path = _STATE["root"] / pair["image_path"]
-    try:
-        with Image.open(path) as original:
-            img = sample_image(original, p.image_size)
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)"
-        ) from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: unreadable image ({exc}); re-run `mmpipe ingest`") from None
+    img = open_original(path, lambda original: sample_image(original, p.image_size))
     entry = (img, encode_jpeg(img, p.jpeg_quality))
     cache[pair["image_id"]] = entry
     if len(cache) > _STATE["cache_max"]:
@@ -387,7 +388,9 @@ def open_pairs(align_dir: Path, ingest_dir: Path) -> tuple[pq.ParquetFile, dict[
 def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
     """Consecutive pairs as dicts (meta parsed), JOB_PAIRS at a time, order checked."""
     last: tuple[int, str] = (-1, "")
-    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=list(_PAIR_FIELDS)):
+    from mmpipe.align import PAIR_COLUMNS
+
+    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=list(PAIR_COLUMNS)):
         rows = batch.to_pylist()
         for pair in rows:
             key = (SPLITS.index(pair["split"]), pair["pair_id"])
@@ -402,20 +405,6 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
             except json.JSONDecodeError:
                 raise InputError(f"{where}: pair {pair['pair_id']}: meta is not JSON") from None
         yield rows
-
-
-_PAIR_FIELDS = (
-    "pair_id",
-    "image_id",
-    "caption_id",
-    "caption",
-    "label",
-    "label_index",
-    "split",
-    "image_path",
-    "source",
-    "meta",
-)
 
 
 def encode_all(
