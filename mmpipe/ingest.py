@@ -635,21 +635,33 @@ def _write_drafts(source: Source, p: IngestParams, rejects: Rejects, dest: Path)
         for row in source.rows:
             n_rows += 1
             draft, error = _check_caption(row, p)
-            if draft is not None and _resolve_cached(source.root, draft["image_ref"]) is None:
-                draft, error = (
-                    None,
-                    ("path_escapes_root", f"{draft['image_ref']!r} leaves the root"),
-                )
+            if draft is not None:
+                draft["rel"] = _relative_ref(source.root, draft["image_ref"])
+                if draft["rel"] is None:
+                    detail = f"{draft['image_ref']!r} leaves the root"
+                    draft, error = None, ("path_escapes_root", detail)
             if draft is None:
                 rejects.add("caption", file, row.line, *error)
                 continue
-            draft["rel"] = os.path.normpath(draft["image_ref"]).replace(os.sep, "/")
             buf.append(draft)
             if len(buf) >= BATCH:
                 writer.write_table(pa.Table.from_pylist(buf, schema=DRAFT_SCHEMA))
                 buf = []
         writer.write_table(pa.Table.from_pylist(buf, schema=DRAFT_SCHEMA))
     return n_rows
+
+
+def _relative_ref(root: Path, ref: str) -> str | None:
+    """The image path relative to the root (what every output stores), None if it escapes.
+
+    An absolute path is accepted when it is under the root as written; stored relative to it.
+    """
+    if _resolve_cached(root, ref) is None:
+        return None
+    rel = os.path.normpath(os.path.relpath(ref, root) if os.path.isabs(ref) else ref)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return None  # inside only through a symlinked alias of the root: ambiguous, refuse
+    return rel.replace(os.sep, "/")
 
 
 def _distinct_refs(drafts: Path) -> pa.Array:

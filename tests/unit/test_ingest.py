@@ -587,3 +587,11 @@ def test_readme_lists_every_reject_reason():
     readme = (REPO / "README.md").read_text()
     for code, meaning in REJECT_REASONS.items():
         assert f"| `{code}` | {meaning} |" in readme, code
+
+
+def test_absolute_image_path_inside_the_root_is_stored_relative(root, tmp_path):
+    _csv(root, [(str(root / "images" / "good.jpg"), "absolute but inside")])
+    report = _ingest(root, tmp_path / "out")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    assert report["captions"]["accepted"] == 1
+    assert list(images["rel_path"]) == ["images/good.jpg"]
