@@ -1,8 +1,16 @@
 """Stage `align`: pair accepted images with their captions, account for orphans, split by image.
 
 One image has many captions; a split is decided per image_id (hash of seed + image_id), so all
-captions of an image, and byte-identical duplicate images (ingest gives them the canonical
+captions of an image, and byte-identical duplicate images (ingest gives them the kept copy's
 image_id), always land in the same split, and adding data never moves existing images.
+
+Out of core: records.parquet is read in batches and joined to the accepted images with Arrow
+(``pc.index_in``), the pairs go to bucket files by (split, leading hex digits of pair_id), and
+each bucket is sorted on its own (at most ``BUCKET_ROWS`` rows in memory) and appended to
+pairs.parquet. The result is sorted by (split, pair_id), the order shard writes samples in, so
+shard streams it. Only per-image arrays (image ids and paths in Arrow, a split code and a used
+flag per image) span the whole set. Labels are optional: an unlabelled collection has no
+classes and label_index -1 everywhere; the report counts labelled pairs per split and class.
 """
 
 from __future__ import annotations
@@ -10,164 +18,310 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mmpipe.config import AlignParams, section_hash
 from mmpipe.errors import InputError
-from mmpipe.io import atomic_path, write_json_atomic, write_jsonl_atomic
+from mmpipe.io import (
+    atomic_path,
+    locked_temp_dir,
+    read_json,
+    release_arrow_memory,
+    remove_stale_temps,
+    use_system_arrow_allocator,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-RECORD_COLUMNS = ("caption_id", "caption", "image_ref", "image_id", "label", "meta")
-IMAGE_COLUMNS = ("image_id", "path", "rel_path")
-PAIR_COLUMNS = (
-    "pair_id",
-    "image_id",
-    "caption_id",
-    "caption",
-    "label",
-    "label_index",
-    "split",
-    "image_path",
-    "meta",
+RECORD_COLUMNS = ("caption_id", "caption", "image_id", "label", "source", "meta")
+IMAGE_COLUMNS = ("image_id", "rel_path")
+PAIR_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("image_id", pa.string()),
+        ("caption_id", pa.string()),
+        ("caption", pa.string()),
+        ("label", pa.string()),
+        ("label_index", pa.int64()),
+        ("split", pa.string()),
+        ("image_path", pa.string()),  # relative to the data root (ingest report's data_root)
+        ("source", pa.string()),
+        ("meta", pa.string()),
+    ]
 )
+PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
+BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
+BUCKET_ROWS = 65536  # at most this many pairs are sorted in memory at once
+PAIRS_ROW_GROUP = 4096  # shard reads pairs.parquet a row group at a time
 
 # orphan reason codes (orphans.jsonl, report.orphan_captions_by_reason)
 NO_CAPTION = "no_caption"
-IMAGE_REJECTED = "image_missing_or_rejected"  # ingest could not accept the caption's image
-IMAGE_UNKNOWN = "image_not_accepted"  # image_id set but not among the accepted images
+IMAGE_UNKNOWN = "image_not_accepted"  # a record whose image_id is not among the accepted images
 
 
 def split_of(image_id: str, p: AlignParams) -> str:
-    """The split of one image group: u = sha256(f"{seed}:{image_id}")[:15] / 16**15 (CONTRACT)."""
+    """The split of one image group: u = sha256(f"{seed}:{image_id}")[:15] / 16**15."""
     u = int(hashlib.sha256(f"{p.seed}:{image_id}".encode()).hexdigest()[:15], 16) / 16**15
     if u < p.train:
         return "train"
     return "val" if u < p.train + p.val else "test"
 
 
-def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """Read an ingest parquet, checking it exists and has the contract's columns."""
+def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
+    """Open an ingest parquet, checking it exists and has the columns align reads."""
     if not path.is_file():
         raise InputError(f"{path}: ingest output not found; run `mmpipe ingest` first")
     try:
-        df = pd.read_parquet(path)
+        pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: unreadable parquet ({exc}); run `mmpipe ingest` again") from None
-    missing = [c for c in columns if c not in df.columns]
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(
             f"{path}: missing column(s) {', '.join(missing)}; run `mmpipe ingest` again"
         )
-    return df
+    return pf
 
 
-def read_ingest(ingest_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """records.parquet and images.parquet, with nulls as None and unique ids checked."""
-    records = _read_table(ingest_dir / "records.parquet", RECORD_COLUMNS)
-    images = _read_table(ingest_dir / "images.parquet", IMAGE_COLUMNS)
-    records = records.astype(object).where(records.notna(), None)
-    images = images.astype(object).where(images.notna(), None)
-    for df, col, name in ((records, "caption_id", "records"), (images, "image_id", "images")):
-        dup = df[col][df[col].duplicated()]
-        if len(dup):
-            raise InputError(f"{ingest_dir / (name + '.parquet')}: duplicate {col} {dup.iloc[0]!r}")
-    return records, images
+class ImageTable:
+    """The accepted images as compact arrays: ids and paths (Arrow), split codes, used flags."""
+
+    def __init__(self, path: Path, p: AlignParams) -> None:
+        pf = _parquet(path, IMAGE_COLUMNS)
+        ids, paths = [], []
+        for batch in pf.iter_batches(batch_size=BATCH * 4, columns=list(IMAGE_COLUMNS)):
+            ids.append(batch.column("image_id").cast(pa.string()))
+            paths.append(batch.column("rel_path").cast(pa.string()))
+        self.ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+        self.paths = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
+        del ids, paths
+        if pc.count_distinct(self.ids).as_py() != len(self.ids):
+            counts = pc.value_counts(self.ids)
+            dup = counts.filter(pc.greater(counts.field("counts"), 1))
+            raise InputError(f"{path}: duplicate image_id {dup[0]['values'].as_py()!r}")
+        self.split = np.empty(len(self.ids), dtype=np.int8)
+        for start in range(0, len(self.ids), BATCH):  # in slices: no list of every id at once
+            chunk = self.ids.slice(start, BATCH).to_pylist()
+            self.split[start : start + len(chunk)] = [SPLITS.index(split_of(i, p)) for i in chunk]
+        self.used = np.zeros(len(self.ids), dtype=bool)
 
 
-def build_pairs(records: pd.DataFrame, images: pd.DataFrame, p: AlignParams) -> pd.DataFrame:
-    """One row per caption whose image was accepted, with split and label_index, sorted."""
-    paths = dict(zip(images["image_id"], images["path"], strict=True))
-    keep = records[records["image_id"].isin(paths.keys())]
-    labels = sorted({lab for lab in keep["label"] if lab is not None})
-    index = {lab: i for i, lab in enumerate(labels)}
-    pairs = pd.DataFrame(
+def _bucket_digits(n_records: int) -> int:
+    """Leading hex digits of pair_id per bucket, so a bucket holds about BUCKET_ROWS pairs."""
+    if n_records <= BUCKET_ROWS:
+        return 0
+    return math.ceil(math.log(n_records / BUCKET_ROWS, 16))
+
+
+class Buckets:
+    """Pairs spread over Arrow IPC files by (split, pair_id prefix), then read back sorted."""
+
+    def __init__(self, work: Path, digits: int) -> None:
+        self.work, self.digits = work, digits
+        self.writers: dict[tuple[int, str], pa.ipc.RecordBatchFileWriter] = {}
+
+    def add(self, table: pa.Table) -> None:
+        """Append pairs (a table with PAIR_SCHEMA plus an int8 `_split` column)."""
+        prefix = pc.utf8_slice_codeunits(table["pair_id"], 0, self.digits)
+        keys = pa.table({"s": table["_split"], "p": prefix}).group_by(["s", "p"]).aggregate([])
+        for s, pre in zip(keys["s"].to_pylist(), keys["p"].to_pylist(), strict=True):
+            mask = pc.and_(pc.equal(table["_split"], s), pc.equal(prefix, pre))
+            part = table.filter(mask).drop_columns(["_split"])
+            key = (s, pre)
+            if key not in self.writers:
+                sink = pa.OSFile(str(self.work / f"{s}-{pre or 'all'}.arrow"), "wb")
+                self.writers[key] = pa.ipc.new_file(sink, PAIR_SCHEMA)
+            self.writers[key].write_table(part)
+
+    def sorted_tables(self) -> Any:
+        """Each bucket sorted by pair_id, in (split, prefix) order: pairs.parquet's order."""
+        for writer in self.writers.values():
+            writer.close()
+        for key in sorted(self.writers):
+            path = self.work / f"{key[0]}-{key[1] or 'all'}.arrow"
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+            yield table.sort_by("pair_id")
+            del table
+            path.unlink()
+
+
+def _pairs_of_batch(batch: pa.RecordBatch, images: ImageTable) -> tuple[pa.Table, pa.Table]:
+    """(pairs with a `_split` column, orphan records) of one records batch."""
+    at = pc.index_in(batch.column("image_id").cast(pa.string()), value_set=images.ids)
+    found = pc.is_valid(at)
+    orphans = pa.Table.from_batches([batch]).filter(pc.invert(found))
+    kept = pa.Table.from_batches([batch]).filter(found)
+    idx = at.filter(found).to_numpy()
+    images.used[idx] = True
+    cid = kept["caption_id"].cast(pa.string())
+    split = images.split[idx]
+    pairs = pa.table(
         {
-            "pair_id": keep["caption_id"].astype(str),
-            "image_id": keep["image_id"].astype(str),
-            "caption_id": keep["caption_id"].astype(str),
-            "caption": keep["caption"].astype(str),
-            "label": keep["label"],
-            "label_index": [index.get(lab, -1) for lab in keep["label"]],
-            "split": [split_of(i, p) for i in keep["image_id"]],
-            "image_path": [paths[i] for i in keep["image_id"]],
-            "meta": [m if m is not None else "{}" for m in keep["meta"]],
+            "pair_id": cid,
+            "image_id": kept["image_id"].cast(pa.string()),
+            "caption_id": cid,
+            "caption": kept["caption"].cast(pa.string()),
+            "label": kept["label"].cast(pa.string()),
+            "label_index": pa.array(np.full(len(idx), -1, dtype=np.int64)),
+            "split": pa.array(np.array(SPLITS, dtype=object)[split], pa.string()),
+            "image_path": images.paths.take(pa.array(idx)),
+            "source": kept["source"].cast(pa.string()),
+            "meta": pc.fill_null(kept["meta"].cast(pa.string()), "{}"),
+            "_split": pa.array(split, pa.int8()),
         }
     )
-    pairs["label_index"] = pairs["label_index"].astype("int64")
-    return pairs.sort_values(["split", "image_id", "caption_id"], kind="stable").reset_index(
-        drop=True
-    )
+    return pairs, orphans
 
 
-def find_orphans(records: pd.DataFrame, images: pd.DataFrame) -> list[dict[str, Any]]:
-    """Accepted images no caption points to, and captions without an accepted image."""
-    accepted = set(images["image_id"])
-    used = set(records["image_id"].dropna())
-    rows = [
-        {"kind": "image", "id": i, "ref": ref, "reason": NO_CAPTION}
-        for i, ref in zip(images["image_id"], images["rel_path"], strict=True)
-        if i not in used
-    ]
-    for cid, ref, iid in zip(
-        records["caption_id"], records["image_ref"], records["image_id"], strict=True
-    ):
-        if iid is None:
-            rows.append({"kind": "caption", "id": cid, "ref": ref, "reason": IMAGE_REJECTED})
-        elif iid not in accepted:
-            rows.append({"kind": "caption", "id": cid, "ref": ref, "reason": IMAGE_UNKNOWN})
-    return sorted(rows, key=lambda r: (r["kind"], r["id"]))
+class Tally:
+    """Counts for the report: pairs per split, labelled pairs per split and per class."""
+
+    def __init__(self) -> None:
+        self.pairs = Counter[str]()
+        self.labelled = Counter[str]()
+        self.per_class = Counter[str]()
+        self.orphan_captions = Counter[str]()
+        self.records = 0
+
+    def add(self, pairs: pa.Table) -> None:
+        for split, n in zip(*_value_counts(pairs["split"]), strict=True):
+            self.pairs[split] += n
+        labelled = pairs.filter(pc.is_valid(pairs["label"]))
+        for split, n in zip(*_value_counts(labelled["split"]), strict=True):
+            self.labelled[split] += n
+        for label, n in zip(*_value_counts(labelled["label"]), strict=True):
+            self.per_class[label] += n
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[Any], list[int]]:
+    vc = pc.value_counts(column)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+def _write_orphan_captions(fh: IO[str], orphans: pa.Table, tally: Tally) -> None:
+    for row in orphans.select(["caption_id", "image_id"]).to_pylist():
+        orphan = {"kind": "caption", "id": row["caption_id"], "ref": row["image_id"]}
+        fh.write(json.dumps({**orphan, "reason": IMAGE_UNKNOWN}, sort_keys=True) + "\n")
+        tally.orphan_captions[IMAGE_UNKNOWN] += 1
+
+
+def _write_orphan_images(fh: IO[str], images: ImageTable) -> int:
+    unused = np.flatnonzero(~images.used)
+    for i in unused.tolist():
+        orphan = {"kind": "image", "id": images.ids[i].as_py(), "ref": images.paths[i].as_py()}
+        fh.write(json.dumps({**orphan, "reason": NO_CAPTION}, sort_keys=True) + "\n")
+    return len(unused)
+
+
+def _write_pairs(buckets: Buckets, classes: list[str], dest: Path, where: Path) -> None:
+    """Sorted buckets -> pairs.parquet, with label_index and a unique-pair_id check."""
+    value_set = pa.array(classes, pa.string())
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, PAIR_SCHEMA) as writer:
+        for table in buckets.sorted_tables():
+            ids = table["pair_id"]
+            if len(ids) > 1:
+                same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+                if pc.any(same).as_py():
+                    dup = ids.filter(pa.concat_arrays([pa.array([False]), *same.chunks]))[0]
+                    raise InputError(f"{where}: duplicate caption_id {dup.as_py()!r}")
+            index = pc.fill_null(pc.index_in(table["label"], value_set=value_set), -1)
+            table = table.set_column(
+                table.schema.get_field_index("label_index"), "label_index", index.cast(pa.int64())
+            )
+            writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
 
 
 def make_report(
-    records: pd.DataFrame,
-    images: pd.DataFrame,
-    pairs: pd.DataFrame,
-    orphans: list[dict[str, Any]],
-    p: AlignParams,
+    tally: Tally, images: ImageTable, orphan_images: int, p: AlignParams
 ) -> dict[str, Any]:
-    """The align report (CONTRACT.md), with the accounting identities asserted."""
-    by_reason: dict[str, int] = {}
-    for o in orphans:
-        if o["kind"] == "caption":
-            by_reason[o["reason"]] = by_reason.get(o["reason"], 0) + 1
-    groups = pairs.drop_duplicates("image_id")
+    """The align report, with the accounting identities asserted."""
+    n_pairs = sum(tally.pairs.values())
+    groups = Counter(images.split[images.used].tolist())
+    labelled = sum(tally.labelled.values())
     report = {
-        "images": len(images),
-        "captions": len(records),
-        "pairs": len(pairs),
-        "orphan_images": sum(o["kind"] == "image" for o in orphans),
-        "orphan_captions": sum(by_reason.values()),
-        "orphan_captions_by_reason": dict(sorted(by_reason.items())),
-        "images_per_split": {s: int((groups["split"] == s).sum()) for s in SPLITS},
-        "pairs_per_split": {s: int((pairs["split"] == s).sum()) for s in SPLITS},
-        "classes": sorted({lab for lab in pairs["label"] if lab is not None}),
+        "images": len(images.ids),
+        "captions": tally.records,
+        "pairs": n_pairs,
+        "orphan_images": orphan_images,
+        "orphan_captions": sum(tally.orphan_captions.values()),
+        "orphan_captions_by_reason": dict(sorted(tally.orphan_captions.items())),
+        "images_per_split": {s: groups.get(i, 0) for i, s in enumerate(SPLITS)},
+        "pairs_per_split": {s: tally.pairs.get(s, 0) for s in SPLITS},
+        "classes": sorted(tally.per_class),
+        "labelled_pairs": labelled,
+        "unlabelled_pairs": n_pairs - labelled,
+        "labelled_pairs_per_split": {s: tally.labelled.get(s, 0) for s in SPLITS},
+        "pairs_per_class": dict(sorted(tally.per_class.items())),
         "params_hash": section_hash(p),
     }
     # every accepted record is either paired or an orphan, never both, never lost
-    assert report["images"] == len(groups) + report["orphan_images"], report
+    assert report["images"] == sum(groups.values()) + report["orphan_images"], report
     assert report["captions"] == report["pairs"] + report["orphan_captions"], report
-    assert sum(report["pairs_per_split"].values()) == report["pairs"], report
-    assert (pairs.groupby("image_id")["split"].nunique() <= 1).all(), "an image in two splits"
     return report
 
 
 def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]:
-    """Write pairs.parquet, orphans.jsonl and report.json (last) into out_dir; return the report."""
+    """Write pairs.parquet, orphans.jsonl and report.json (last) into out_dir; return the report.
+
+    report.json holds counts only; the returned dict adds ``seconds`` (log and MLflow).
+    """
     start = time.perf_counter()
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
-    records, images = read_ingest(ingest_dir)
-    pairs = build_pairs(records, images, p)
-    if pairs.empty:
-        raise InputError(f"{ingest_dir}: no caption points to an accepted image; nothing to align")
-    orphans = find_orphans(records, images)
-    report = make_report(records, images, pairs, orphans, p)
+    use_system_arrow_allocator()
+    records_pf = _parquet(ingest_dir / "records.parquet", RECORD_COLUMNS)
+    images = ImageTable(ingest_dir / "images.parquet", p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    tally = Tally()
+    with (
+        atomic_path(out_dir / "orphans.jsonl") as orphans_path,
+        orphans_path.open("w", encoding="utf-8") as fh,
+        locked_temp_dir(out_dir, ".align-work.") as work,
+    ):
+        buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows))
+        for batch in records_pf.iter_batches(batch_size=BATCH, columns=list(RECORD_COLUMNS)):
+            tally.records += batch.num_rows
+            pairs, orphans = _pairs_of_batch(batch, images)
+            _write_orphan_captions(fh, orphans, tally)
+            tally.add(pairs)
+            buckets.add(pairs)
+        release_arrow_memory()
+        if not sum(tally.pairs.values()):
+            raise InputError(
+                f"{ingest_dir}: no caption points to an accepted image; nothing to align"
+            )
+        orphan_images = _write_orphan_images(fh, images)
+        where = ingest_dir / "records.parquet"
+        _write_pairs(buckets, sorted(tally.per_class), out_dir / "pairs.parquet", where)
+    report = make_report(tally, images, orphan_images, p)
+    _warn_empty_splits(report)
+    write_json_atomic(out_dir / "report.json", report)
+    seconds = time.perf_counter() - start
+    log.info(
+        "align: %d pairs (%d labelled), %d orphan images, %d orphan captions in %.1fs (%s)",
+        report["pairs"],
+        report["labelled_pairs"],
+        report["orphan_images"],
+        report["orphan_captions"],
+        seconds,
+        json.dumps(report["pairs_per_split"]),
+    )
+    return {**report, "seconds": round(seconds, 3)}
+
+
+def _warn_empty_splits(report: dict[str, Any]) -> None:
     for split, n in report["pairs_per_split"].items():
         if n == 0:
             log.warning(
@@ -175,16 +329,11 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
                 split,
                 sum(report["images_per_split"].values()),
             )
-    with atomic_path(out_dir / "pairs.parquet") as tmp:
-        pairs[list(PAIR_COLUMNS)].to_parquet(tmp, index=False)
-    write_jsonl_atomic(out_dir / "orphans.jsonl", orphans)
-    write_json_atomic(out_dir / "report.json", report)
-    log.info(
-        "align: %d pairs, %d orphan images, %d orphan captions in %.1fs (%s)",
-        report["pairs"],
-        report["orphan_images"],
-        report["orphan_captions"],
-        time.perf_counter() - start,
-        json.dumps(report["pairs_per_split"]),
-    )
-    return report
+
+
+def read_align_report(align_dir: Path) -> dict[str, Any]:
+    """align's report.json, or an InputError saying how to produce it."""
+    path = Path(align_dir) / "report.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run `mmpipe align` first")
+    return read_json(path)

@@ -2,31 +2,43 @@
 
 Sources: ``synthetic`` (generated into ``out_dir/source`` and read back through the folder
 reader), ``folder`` (root + captions .csv/.jsonl/.parquet) and ``coco`` (captions JSON +
-images dir). Outputs (see CONTRACT.md): records.parquet, images.parquet, rejects.jsonl,
-report.json, each written atomically.
+images dir). Outputs, each written atomically into ``out_dir``: records.parquet (accepted
+captions), images.parquet (accepted images), rejects.jsonl (every rejected record, with file,
+line and reason; codes in ``REJECT_REASONS``), report.json (counts; no timings, so DVC sees the
+same file for the same data).
+
+Memory stays flat in the number of records: captions are read as a stream and written to a
+Parquet work file in row groups, images are validated in a pool and streamed to a second work
+file, and only compact arrays cross the whole set (Arrow string arrays of paths, 16 bytes of
+sha256 per image for duplicate detection).
 
 Decisions worth knowing:
 - Images seen = every file under the image tree with an image-like extension (hidden files and
   directories skipped) + every existing file a caption references. Unreferenced images are
   validated too; align reports them as orphans.
-- Extension/format disagreement (PNG bytes named .jpg) is REJECTED as ``extension_mismatch``:
-  downstream readers dispatch on the extension, and a misnamed file usually means a broken export.
-  MPO (multi-picture JPEG from cameras) counts as JPEG.
-- A caption whose image file is missing is accepted with ``image_id`` null (align makes it an
-  orphan); one whose path leaves the root is rejected ``path_escapes_root``.
-- Exact duplicates (same sha256): the first in sorted relative-path order is canonical; the others
-  are rejected ``duplicate`` and their captions get the canonical ``image_id``.
+- A caption is accepted only with an accepted image: one whose file is missing is rejected
+  ``missing_image``, one whose image was rejected ``image_rejected`` (the detail names the
+  image's reason). A caption of an exact duplicate keeps the kept copy's ``image_id``.
+- The format comes from the content, not the name: a PNG named .jpg is accepted with format
+  PNG. Decodable images of a format outside ``ingest.extensions`` are ``unsupported_format``.
+- JPEGs are checked at 1/8 scale (Pillow ``draft``: DCT-domain scaling). libjpeg still decodes
+  the whole entropy-coded stream, so truncation and corruption are caught as in a full decode.
+- Exact duplicates (same sha256): the first in *record order* is kept (captions file order;
+  unreferenced files after, in path order); the others are rejected ``duplicate`` naming it.
+- Captions with control characters (C0/C1, DEL; tab, CR and LF are whitespace) are rejected
+  ``invalid_text``: a NUL or an escape sequence is a broken export, not text to train on.
 - ``line`` is the physical 1-based line of the row's start (CSV header = line 1; JSONL line),
   the 1-based row for Parquet, the 1-based annotation index for COCO. Reject ``file`` paths are
   relative to the root, so outputs do not depend on where the data lives.
-- COCO annotations whose image_id is not in ``images`` keep ``image_ref`` = "image_id:<id>" and
-  a null ``image_id``.
+- Image paths (``images.parquet`` ``rel_path``) are relative to the data root; report.json's
+  ``data_root`` says where that root is (``resolve_data_root``).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -34,30 +46,72 @@ import math
 import os
 import time
 import unicodedata
-import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed
-from mmpipe.io import atomic_path, resolve_inside, sha256_bytes, write_json_atomic
-from mmpipe.io import write_jsonl_atomic as _write_jsonl
-from mmpipe.parallel import process_pool
+from mmpipe.io import (
+    atomic_path,
+    locked_temp_dir,
+    read_json,
+    release_arrow_memory,
+    remove_stale_temps,
+    resolve_inside,
+    use_system_arrow_allocator,
+    write_json_atomic,
+)
+from mmpipe.parallel import ordered_map, process_pool
 
 log = logging.getLogger(__name__)
+
+# Every reason a record can be rejected for: code -> meaning (README "Your own data" lists them).
+REJECT_REASONS = {
+    # images
+    "zero_bytes": "image file is empty",
+    "not_an_image": "the file's content is not an image format Pillow knows",
+    "corrupt": "the image cannot be decoded (bad header or data), or cannot be read",
+    "truncated": "the image data ends early",
+    "unsupported_format": "a decodable image whose format is not among ingest.extensions' formats",
+    "bad_extension": "file extension not in ingest.extensions (e.g. a .tif in the image tree)",
+    "too_small": "shorter side below ingest.min_side (after EXIF orientation)",
+    "too_many_pixels": "width x height above ingest.max_pixels (decompression-bomb guard)",
+    "duplicate": "same bytes as an earlier image (duplicate_of names the kept one)",
+    "path_escapes_root": "the path leaves the data root (.., absolute, or a symlink out)",
+    # captions
+    "bad_json": "a JSONL line that is not valid JSON",
+    "bad_row": "a row without the image/caption fields, of the wrong shape or field count",
+    "invalid_utf8": "a field is not valid UTF-8",
+    "invalid_text": "caption or label holds control characters (NUL, ESC, other C0/C1, DEL)",
+    "empty_caption": "caption empty after whitespace normalisation",
+    "caption_too_long": "caption longer than ingest.max_caption_chars",
+    "unknown_image_id": "COCO annotation whose image_id is not in images[]",
+    "missing_image": "the caption's image file does not exist",
+    "image_rejected": "the caption's image was rejected (the detail gives its reason)",
+}
 
 # Files with these extensions are scanned even when not accepted, so the user learns (as
 # bad_extension) that e.g. their .tif files were skipped.
 IMAGE_LIKE = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".jfif", ".jpe", ".ico"}
 # Pillow format names that a given extension's format may legitimately decode as.
 FORMAT_ALIASES = {"JPEG": {"JPEG", "MPO"}}
+MISSING = "missing"  # a referenced file that does not exist: not an image seen
+# Rows handled as Python objects at once (row groups of the work files too), and rows per
+# vectorised Arrow lookup. Small and fixed, so memory per step does not depend on N.
+BATCH = 2048
+LOOKUP_BATCH = 8192
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
+SWAPS_SIDES = {5, 6, 7, 8}
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -74,8 +128,30 @@ RECORD_SCHEMA = pa.schema(
 IMAGE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
-        ("path", pa.string()),
         ("rel_path", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("format", pa.string()),
+        ("bytes", pa.int64()),
+    ]
+)
+# work files (inside out_dir, removed at the end)
+DRAFT_SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("image_ref", pa.string()),
+        ("rel", pa.string()),
+        ("caption", pa.string()),
+        ("label", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+RESULT_SCHEMA = pa.schema(
+    [
+        ("rel_path", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
         ("sha256", pa.string()),
         ("width", pa.int64()),
         ("height", pa.int64()),
@@ -95,26 +171,25 @@ class RawCaption:
     label: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None
-    resolvable: bool = True  # False for COCO annotations of unknown images
 
 
 @dataclass
 class Source:
-    """What a reader returns: the root, the captions file, its rows, where to scan for images."""
+    """What a reader returns: the root, the captions file, its rows (a stream), the image tree."""
 
     name: str
     root: Path
     captions_file: Path
-    rows: list[RawCaption]
+    rows: Iterator[RawCaption]
     image_tree: Path
 
 
 class Rejects:
-    """Collects rejects and counts; raises ValidationFailed at the first one in strict mode."""
+    """Streams rejects to ``fh`` and counts them; raises ValidationFailed at the first in strict."""
 
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.rows: list[dict[str, Any]] = []
+    def __init__(self, fh: IO[str], strict: bool) -> None:
+        self.fh, self.strict = fh, strict
+        self.counts: Counter[tuple[str, str]] = Counter()
 
     def add(
         self,
@@ -126,6 +201,10 @@ class Rejects:
         duplicate_of: str | None = None,
     ) -> None:
         """Record one rejected image or caption."""
+        assert reason in REJECT_REASONS, reason
+        if self.strict:
+            where = f"{file}:{line}" if line is not None else file
+            raise ValidationFailed(f"{where}: rejected {kind} ({reason}): {detail}")
         row = {
             "kind": kind,
             "file": file,
@@ -134,82 +213,139 @@ class Rejects:
             "detail": detail,
             "duplicate_of": duplicate_of,
         }
-        if self.strict:
-            where = f"{file}:{line}" if line is not None else file
-            raise ValidationFailed(f"{where}: rejected {kind} ({reason}): {detail}")
-        self.rows.append(row)
+        self.fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        self.counts[(kind, reason)] += 1
 
     def by_reason(self, kind: str) -> dict[str, int]:
         """Count of rejects of ``kind`` per reason code."""
-        return dict(sorted(Counter(r["reason"] for r in self.rows if r["kind"] == kind).items()))
+        return dict(sorted((r, n) for (k, r), n in self.counts.items() if k == kind))
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
-    """Read ``p.source``, validate it, write records/images/rejects/report into ``out_dir``."""
+    """Read ``p.source``, validate it, write records/images/rejects/report into ``out_dir``.
+
+    Returns the report (as written to report.json) plus ``seconds`` and ``images_per_second``,
+    which are for the log and MLflow only.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    use_system_arrow_allocator()
+    remove_stale_temps(out_dir)
     _resolve_cached.cache_clear()  # files may have moved since the last run in this process
-    generated = None
-    if p.source == "synthetic":
-        from mmpipe.synthetic import generate
-
-        generated = generate(out_dir / "source", p.synthetic, workers=p.workers)
-        folder_p = p.model_copy(
-            update={
-                "root": str(out_dir / "source"),
-                "captions": "captions.csv",
-                "image_column": "image",
-                "caption_column": "caption",
-                "label_column": "label",
-            }
+    source, generated = open_source(p, out_dir)
+    with (
+        atomic_path(out_dir / "rejects.jsonl") as rejects_path,
+        rejects_path.open("w", encoding="utf-8") as fh,
+        locked_temp_dir(out_dir, ".ingest-work.") as work,
+    ):
+        rejects = Rejects(fh, p.strict)
+        n_rows = _write_drafts(source, p, rejects, work / "drafts.parquet")
+        candidates = _candidates(source, _distinct_refs(work / "drafts.parquet"), p)
+        _validate_images(candidates, source.root, p, work / "results.parquet")
+        del candidates
+        release_arrow_memory()
+        index = _finish_images(work / "results.parquet", rejects, out_dir / "images.parquet")
+        release_arrow_memory()
+        accepted = _finish_captions(
+            work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet"
         )
-        source = read_folder(folder_p, name="synthetic")
-    elif p.source == "folder":
-        source = read_folder(p)
-    else:
-        source = read_coco(p)
-    rejects = Rejects(p.strict)
-    captions = [_check_caption(row, source, p, rejects) for row in source.rows]
-    refs = {c["rel"] for c in captions if c is not None and c["rel"] is not None}
-    t0 = time.perf_counter()
-    images = _validate_images(_image_candidates(source, refs, p), source.root, p, rejects)
-    validate_seconds = time.perf_counter() - t0
-    records = _build_records(captions, images, source.name)
-    report = _report(source, p, rejects, images, records, len(source.rows))
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    report["validate_seconds"] = round(validate_seconds, 3)
-    seen = report["images"]["seen"]
-    report["images_per_second"] = round(seen / validate_seconds, 1) if validate_seconds else 0.0
+        fh.flush()
+    report = _report(source, p, rejects, index, n_rows, accepted)
+    report["data_root"] = _data_root_record(p, source.root, out_dir)
     if generated is not None:
-        report["synthetic"] = generated
-    _write_outputs(out_dir, records, images, rejects, report)
-    log.info("ingest %s: %s", source.name, {k: report[k] for k in ("images", "captions")})
-    return report
+        report["synthetic"] = {k: generated[k] for k in ("n_images", "n_captions")}
+    write_json_atomic(out_dir / "report.json", report)
+    seconds = time.perf_counter() - start
+    log.info(
+        "ingest %s: images %s, captions %s in %.1fs",
+        source.name,
+        report["images"],
+        report["captions"],
+        seconds,
+    )
+    timings = {
+        "seconds": round(seconds, 3),
+        "images_per_second": round(report["images"]["seen"] / max(seconds, 1e-9), 1),
+    }
+    return {**report, **timings}
+
+
+def open_source(p: IngestParams, out_dir: Path) -> tuple[Source, dict[str, Any] | None]:
+    """The configured source's reader (generating the synthetic data first when asked)."""
+    if p.source == "folder":
+        return read_folder(p), None
+    if p.source == "coco":
+        return read_coco(p), None
+    from mmpipe.synthetic import generate
+
+    generated = generate(out_dir / "source", p.synthetic, workers=p.workers)
+    folder_p = p.model_copy(
+        update={
+            "root": str(out_dir / "source"),
+            "captions": "captions.csv",
+            "image_column": "image",
+            "caption_column": "caption",
+            "label_column": "label",
+        }
+    )
+    return read_folder(folder_p, name="synthetic"), generated
+
+
+def _data_root_record(p: IngestParams, root: Path, out_dir: Path) -> str:
+    """Where the data root is, as report.json records it (see ``resolve_data_root``).
+
+    synthetic: "source" (inside the ingest dir). A root configured as an absolute path stays
+    absolute (the data lives there whatever the project does); a relative one is stored relative
+    to the ingest dir, so the project can move as a whole. Neither embeds the ingest dir itself.
+    """
+    if p.source == "synthetic":
+        return "source"
+    if p.root is not None and Path(p.root).expanduser().is_absolute():
+        return str(root)
+    return os.path.relpath(root, out_dir.resolve())
+
+
+def resolve_data_root(ingest_dir: str | Path) -> Path:
+    """The data root that ingest's relative image paths are relative to (for align and shard)."""
+    ingest_dir = Path(ingest_dir)
+    report_path = ingest_dir / "report.json"
+    if not report_path.is_file():
+        raise InputError(f"{report_path}: not found; run `mmpipe ingest` first")
+    recorded = read_json(report_path).get("data_root")
+    if not isinstance(recorded, str):
+        raise InputError(f"{report_path}: no data_root; run `mmpipe ingest` again")
+    root = ingest_dir / recorded  # an absolute recorded root replaces ingest_dir
+    if not root.is_dir():
+        raise InputError(
+            f"data root {root} (from {report_path}) is not a directory: the data moved since "
+            "ingest; re-run `mmpipe ingest`"
+        )
+    return root
 
 
 def _report(
     source: Source,
     p: IngestParams,
     rejects: Rejects,
-    images: list[dict[str, Any]],
-    records: list[dict[str, Any]],
+    index: ImageIndex,
     n_rows: int,
+    accepted: dict[str, int],
 ) -> dict[str, Any]:
-    accepted_images = sum(1 for im in images if im["accepted"])
     counts = {
         "images": {
-            "seen": len(images),
-            "accepted": accepted_images,
-            "rejected": len(images) - accepted_images,
+            "seen": index.seen,
+            "accepted": index.accepted,
+            "rejected": index.seen - index.accepted,
             "by_reason": rejects.by_reason("image"),
         },
         "captions": {
             "seen": n_rows,
-            "accepted": len(records),
-            "rejected": n_rows - len(records),
+            "accepted": accepted["captions"],
+            "rejected": n_rows - accepted["captions"],
             "by_reason": rejects.by_reason("caption"),
         },
     }
@@ -217,28 +353,12 @@ def _report(
     for kind, c in counts.items():
         n_rejects = sum(c["by_reason"].values())
         assert c["seen"] == c["accepted"] + c["rejected"] == c["accepted"] + n_rejects, (kind, c)
-    return {"source": source.name, **counts, "params_hash": section_hash(p)}
-
-
-def _write_outputs(
-    out_dir: Path,
-    records: list[dict[str, Any]],
-    images: list[dict[str, Any]],
-    rejects: Rejects,
-    report: dict[str, Any],
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{k: im[k] for k in IMAGE_SCHEMA.names} for im in images if im["accepted"]]
-    _write_parquet(out_dir / "records.parquet", records, RECORD_SCHEMA)
-    _write_parquet(out_dir / "images.parquet", rows, IMAGE_SCHEMA)
-    _write_jsonl(out_dir / "rejects.jsonl", rejects.rows)
-    write_json_atomic(out_dir / "report.json", report)
-
-
-def _write_parquet(dest: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_path(dest) as tmp:
-        pq.write_table(table, tmp)
+    return {
+        "source": source.name,
+        **counts,
+        "labelled_captions": accepted["labelled"],
+        "params_hash": section_hash(p),
+    }
 
 
 # --------------------------------------------------------------------------- readers
@@ -257,8 +377,8 @@ def read_folder(p: IngestParams, name: str = "folder") -> Source:
             f"{path}: unsupported captions file extension {path.suffix!r}; expected one of "
             f"{sorted(readers)} for source 'folder' (.json is read by source 'coco')"
         )
-    records = reader(path, p)
-    return Source(name, root, path, [_to_raw(r, line, p) for line, r in records], root)
+    rows = (_to_raw(r, line, p) for line, r in reader(path, p))
+    return Source(name, root, path, rows, root)
 
 
 def _require_root(p: IngestParams) -> Path:
@@ -284,71 +404,76 @@ def _missing_columns(path: Path, found: list[str], p: IngestParams) -> None:
         )
 
 
-def _read_csv(path: Path, p: IngestParams) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(_decode(path.read_bytes()), newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise InputError(f"{path}: empty CSV, expected a header row") from None
-    except csv.Error as exc:
-        raise InputError(f"{path}:1: unreadable CSV header: {exc}") from None
-    if _has_surrogates(*header):
-        raise InputError(f"{path}:1: header is not valid UTF-8")
-    _missing_columns(path, header, p)
-    rows: list[tuple[int, dict[str, Any]]] = []
-    line = reader.line_num + 1
-    while True:
+def _read_csv(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh)
         try:
-            fields = next(reader)
+            header = next(reader)
         except StopIteration:
-            break
+            raise InputError(f"{path}: empty CSV, expected a header row") from None
         except csv.Error as exc:
-            raise InputError(f"{path}:{line}: unreadable CSV row: {exc}") from None
-        if fields:  # blank lines are not rows
-            if len(fields) != len(header):
-                detail = f"expected {len(header)} fields, got {len(fields)}"
-                rows.append((line, {"__error__": ("bad_row", detail)}))
-            else:
-                rows.append((line, dict(zip(header, fields, strict=True))))
+            raise InputError(f"{path}:1: unreadable CSV header: {exc}") from None
+        if _has_surrogates(*header):
+            raise InputError(f"{path}:1: header is not valid UTF-8")
+        _missing_columns(path, header, p)
         line = reader.line_num + 1
-    return rows
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(f"{path}:{line}: unreadable CSV row: {exc}") from None
+            if fields:  # blank lines are not rows
+                if len(fields) != len(header):
+                    detail = f"expected {len(header)} fields, got {len(fields)}"
+                    yield line, {"__error__": ("bad_row", detail)}
+                else:
+                    yield line, dict(zip(header, fields, strict=True))
+            line = reader.line_num + 1
 
 
-def _read_jsonl(path: Path, p: IngestParams) -> list[tuple[int, dict[str, Any]]]:
-    rows: list[tuple[int, dict[str, Any]]] = []
+def _read_jsonl(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One object per line; a line that is not JSON is a ``bad_json`` reject, not a failure."""
     keys: set[str] = set()
-    for line, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            rows.append((line, {"__error__": ("invalid_utf8", f"byte {exc.start}: {exc.reason}")}))
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                "expected one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            rows.append((line, {"__error__": ("bad_row", f"expected an object, got {obj!r:.60}")}))
-            continue
-        keys.update(obj)
-        rows.append((line, obj))
-    if rows and keys:
+    n_objects = 0
+    with path.open("rb") as fh:
+        for line, raw in enumerate(fh, 1):
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield line, {"__error__": ("invalid_utf8", f"byte {exc.start}: {exc.reason}")}
+                continue
+            except json.JSONDecodeError as exc:
+                detail = f"not valid JSON ({exc.msg} at column {exc.colno}): {raw[:80]!r}"
+                yield line, {"__error__": ("bad_json", detail)}
+                continue
+            if not isinstance(obj, dict):
+                yield line, {"__error__": ("bad_row", f"expected an object, got {obj!r:.60}")}
+                continue
+            if len(keys) < 1000:  # bounded: only to name the columns in an error
+                keys.update(obj)
+            n_objects += 1
+            yield line, obj
+    if n_objects and not {p.image_column, p.caption_column} & keys:
         _missing_columns(path, sorted(keys), p)
-    return rows
 
 
-def _read_parquet(path: Path, p: IngestParams) -> list[tuple[int, dict[str, Any]]]:
+def _read_parquet(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
-    _missing_columns(path, table.column_names, p)
-    return [(i, row) for i, row in enumerate(table.to_pylist(), 1)]
+    _missing_columns(path, pf.schema_arrow.names, p)
+    line = 0
+    for batch in pf.iter_batches(batch_size=BATCH):
+        for row in batch.to_pylist():
+            line += 1
+            yield line, row
 
 
 def _to_raw(row: dict[str, Any], line: int, p: IngestParams) -> RawCaption:
@@ -375,6 +500,11 @@ def read_coco(p: IngestParams) -> Source:
         raise InputError(
             f"{path}: unsupported captions extension for source 'coco'; expected .json"
         )
+    images_dir = root / p.images_dir
+    if resolve_inside(root, p.images_dir) is None or not images_dir.is_dir():
+        raise InputError(
+            f"COCO images directory not found: {images_dir} (ingest.images_dir, relative to root)"
+        )
     try:
         doc = json.loads(_decode(path.read_bytes()))
     except json.JSONDecodeError as exc:
@@ -386,8 +516,8 @@ def read_coco(p: IngestParams) -> Source:
         raise InputError(f"{path}: expected keys 'images' and 'annotations' (lists); found {found}")
     files = _coco_files(path, doc["images"])
     labels = _read_labels(root, p.labels_file) if p.labels_file else {}
-    rows = [_coco_row(i, ann, files, labels, p) for i, ann in enumerate(doc["annotations"], 1)]
-    return Source("coco", root, path, rows, root / p.images_dir)
+    rows = (_coco_row(i, ann, files, labels, p) for i, ann in enumerate(doc["annotations"], 1))
+    return Source("coco", root, path, rows, images_dir)
 
 
 def _coco_files(path: Path, images: list[Any]) -> dict[Any, str]:
@@ -407,9 +537,12 @@ def _coco_row(
     meta = {"coco_image_id": ann["image_id"], "coco_annotation_id": ann.get("id")}
     file_name = files.get(ann["image_id"])
     if file_name is None:
-        return RawCaption(
-            line, f"image_id:{ann['image_id']}", ann["caption"], None, meta, resolvable=False
-        )
+        detail = f"annotation {ann.get('id')!r}: image_id {ann['image_id']!r} not in images[]"
+        return RawCaption(line, None, None, meta=meta, error=("unknown_image_id", detail))
+    parts = file_name.replace("\\", "/").split("/")
+    if os.path.isabs(file_name) or ".." in parts:
+        detail = f"file_name {file_name!r} leaves images_dir {p.images_dir!r}"
+        return RawCaption(line, None, None, meta=meta, error=("path_escapes_root", detail))
     ref = f"{p.images_dir.rstrip('/')}/{file_name}"
     return RawCaption(line, ref, ann["caption"], labels.get(file_name), meta)
 
@@ -440,157 +573,210 @@ def _has_surrogates(*values: Any) -> bool:
     return False
 
 
+# C0 controls except tab/LF/CR (whitespace, collapsed by normalise_text), DEL, and C1 controls
+_CONTROL = {c for c in range(0x20) if chr(c) not in "\t\n\r"} | set(range(0x7F, 0xA0))
+_CONTROL_TABLE = dict.fromkeys(_CONTROL, "")
+
+
+def has_control_chars(text: str) -> bool:
+    """True when ``text`` holds a control character other than tab, LF or CR."""
+    return len(text.translate(_CONTROL_TABLE)) != len(text)
+
+
 def normalise_text(text: str) -> str:
     """NFC unicode, whitespace runs collapsed to one space, stripped."""
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def _check_caption(
-    row: RawCaption, src: Source, p: IngestParams, rejects: Rejects
-) -> dict[str, Any] | None:
-    """Validate one row; return the record draft (with the image's relative path) or None."""
-    file = src.captions_file.relative_to(src.root).as_posix()
-
-    def reject(reason: str, detail: str) -> None:
-        rejects.add("caption", file, row.line, reason, detail)
-
-    meta_values = list(row.meta.values()) + list(row.meta)
+def _check_caption(row: RawCaption, p: IngestParams) -> tuple[dict[str, Any] | None, tuple]:
+    """Validate one row: (draft, ()) when accepted, (None, (reason, detail)) when rejected."""
     if row.error is not None:
-        return reject(*row.error)
+        return None, row.error
+    meta_values = list(row.meta.values()) + list(row.meta)
     if _has_surrogates(row.image_ref, row.caption, row.label, *meta_values):
-        return reject("invalid_utf8", "a field is not valid UTF-8")
+        return None, ("invalid_utf8", "a field is not valid UTF-8")
     if not isinstance(row.caption, str) or not isinstance(row.image_ref, str) or not row.image_ref:
-        return reject(
-            "bad_row",
-            f"image {row.image_ref!r:.80} / caption {row.caption!r:.80}: "
-            "expected non-empty strings",
+        detail = (
+            f"image {row.image_ref!r:.80} / caption {row.caption!r:.80}: expected non-empty strings"
         )
+        return None, ("bad_row", detail)
+    label = None if _is_missing(row.label) else str(row.label)
+    for name, text in (("caption", row.caption), ("label", label)):
+        if text is not None and has_control_chars(text):
+            return None, ("invalid_text", f"{name} {text!r:.80} holds control characters")
     caption = normalise_text(row.caption)
     if not caption:
-        return reject("empty_caption", f"caption of {row.image_ref!r} is empty")
+        return None, ("empty_caption", f"caption of {row.image_ref!r} is empty")
     if len(caption) > p.max_caption_chars:
-        return reject("caption_too_long", f"{len(caption)} chars > {p.max_caption_chars}")
-    rel = None
-    if row.resolvable:
-        if _resolve_cached(src.root, row.image_ref) is None:
-            return reject("path_escapes_root", f"image path {row.image_ref!r} leaves {src.root}")
-        rel = os.path.normpath(row.image_ref).replace(os.sep, "/")
-    label = None if _is_missing(row.label) else normalise_text(str(row.label)) or None
-    meta = json.dumps(row.meta, sort_keys=True, ensure_ascii=False, default=str)
+        return None, ("caption_too_long", f"{len(caption)} chars > {p.max_caption_chars}")
     return {
         "line": row.line,
         "image_ref": row.image_ref,
         "caption": caption,
-        "label": label,
-        "meta": meta,
-        "rel": rel,
-    }
+        "label": None if label is None else normalise_text(label) or None,
+        "meta": json.dumps(row.meta, sort_keys=True, ensure_ascii=False, default=str),
+    }, ()
 
 
-# Captions repeat their image's path (several captions per image); resolving hits the disk.
-_resolve_cached = functools.lru_cache(maxsize=1 << 16)(resolve_inside)
+# Consecutive captions usually share an image; a small cache saves the disk lookups without
+# growing with the data set.
+_resolve_cached = functools.lru_cache(maxsize=1024)(resolve_inside)
 
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _build_records(
-    captions: list[dict[str, Any] | None], images: list[dict[str, Any]], source: str
-) -> list[dict[str, Any]]:
-    """Attach image ids (canonical for duplicates) and stable caption ids."""
-    ids = {im["rel_path"]: im["image_id"] for im in images if im["image_id"] is not None}
-    records = []
-    for c in captions:
-        if c is None:
-            continue
-        key = f"{c['image_ref']}\x00{c['caption']}\x00{c['line']}"
-        records.append(
-            {
-                "caption_id": sha256_bytes(key.encode("utf-8"))[:16],
-                "caption": c["caption"],
-                "image_ref": c["image_ref"],
-                "image_id": ids.get(c["rel"]),
-                "label": c["label"],
-                "source": source,
-                "line": c["line"],
-                "meta": c["meta"],
-            }
-        )
-    return records
+def _write_drafts(source: Source, p: IngestParams, rejects: Rejects, dest: Path) -> int:
+    """Pass 1: check every caption row, stream accepted drafts to ``dest``; rows seen."""
+    file = source.captions_file.relative_to(source.root).as_posix()
+    n_rows, buf = 0, []
+    with pq.ParquetWriter(dest, DRAFT_SCHEMA) as writer:
+        for row in source.rows:
+            n_rows += 1
+            draft, error = _check_caption(row, p)
+            if draft is not None:
+                draft["rel"] = _relative_ref(source.root, draft["image_ref"])
+                if draft["rel"] is None:
+                    detail = f"{draft['image_ref']!r} leaves the root"
+                    draft, error = None, ("path_escapes_root", detail)
+            if draft is None:
+                rejects.add("caption", file, row.line, *error)
+                continue
+            buf.append(draft)
+            if len(buf) >= BATCH:
+                writer.write_table(pa.Table.from_pylist(buf, schema=DRAFT_SCHEMA))
+                buf = []
+        writer.write_table(pa.Table.from_pylist(buf, schema=DRAFT_SCHEMA))
+    return n_rows
+
+
+def _relative_ref(root: Path, ref: str) -> str | None:
+    """The image path relative to the root (what every output stores), None if it escapes.
+
+    An absolute path is accepted when it is under the root as written; stored relative to it.
+    """
+    if _resolve_cached(root, ref) is None:
+        return None
+    rel = os.path.normpath(os.path.relpath(ref, root) if os.path.isabs(ref) else ref)
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return None  # inside only through a symlinked alias of the root: ambiguous, refuse
+    return rel.replace(os.sep, "/")
+
+
+def _distinct_refs(drafts: Path) -> pa.Array:
+    """The distinct image paths the captions reference, in first-reference order."""
+    table = pq.read_table(drafts, columns=["rel", "line"], use_threads=False)
+    firsts = table.group_by("rel", use_threads=False).aggregate([("line", "min")])
+    return firsts.sort_by("line_min")["rel"].combine_chunks()
 
 
 # --------------------------------------------------------------------------- images
 
 
-def _image_candidates(src: Source, refs: set[str], p: IngestParams) -> list[str]:
-    """Relative paths to validate: image-like files in the tree + referenced existing files."""
-    like = {e.lower() for e in p.extensions} | IMAGE_LIKE
-    found = set()
-    if src.image_tree.is_dir():
-        for dirpath, dirnames, filenames in os.walk(src.image_tree):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for fn in filenames:
-                if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in like:
-                    found.add(Path(dirpath, fn).relative_to(src.root).as_posix())
-    found.update(r for r in refs if (src.root / r).is_file())
-    return sorted(found)
+def _walk_files(top: Path) -> Iterator[str]:
+    """Paths (relative to ``top``) of the non-hidden files under ``top``, lazily.
+
+    os.walk lists a whole directory before yielding it: a flat folder of 10M images would be a
+    10M-string list. scandir yields one entry at a time. Symlinked dirs are not followed.
+    """
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(top / rel_dir if rel_dir else top) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                else:
+                    yield rel
 
 
-def _validate_images(
-    rels: list[str], root: Path, p: IngestParams, rejects: Rejects
-) -> list[dict[str, Any]]:
-    """Validate in a pool (ordered), then mark exact duplicates; returns one dict per file."""
-    jobs = [(rel, str(root), p.extensions, p.max_pixels, p.min_side) for rel in rels]
-    bar = dict(total=len(jobs), desc="ingest images", unit="img", disable=None)
-    if p.workers > 1 and len(jobs) > 32:
-        with process_pool(p.workers) as pool:
-            results = list(tqdm(pool.imap(_validate_job, jobs, chunksize=16), **bar))
-    else:
-        results = list(tqdm(map(_validate_job, jobs), **bar))
-    return _dedupe(results, rejects)
+def _tree_files(src: Source, p: IngestParams) -> pa.Array:
+    """Relative paths of the image-like files under the image tree, sorted (Arrow: compact)."""
+    like = tuple({e.lower() for e in p.extensions} | IMAGE_LIKE)
+    prefix = os.path.relpath(src.image_tree, src.root).replace(os.sep, "/")
+    chunks, names = [], []
+    for rel in _walk_files(src.image_tree):
+        if rel.lower().endswith(like):
+            names.append(rel if prefix == "." else f"{prefix}/{rel}")
+            if len(names) >= BATCH:
+                chunks.append(pa.array(names, pa.string()))
+                names = []
+    chunks.append(pa.array(names, pa.string()))
+    files = pa.chunked_array(chunks, pa.string()).combine_chunks()
+    return files.take(pc.sort_indices(files))
 
 
-def _dedupe(results: list[dict[str, Any]], rejects: Rejects) -> list[dict[str, Any]]:
-    canonical: dict[str, dict[str, Any]] = {}
-    for im in results:  # sorted by rel path: the first of a group is canonical
-        if im["reason"] is None and im["sha256"] in canonical:
-            first = canonical[im["sha256"]]
-            im["reason"], im["detail"] = "duplicate", f"same bytes as {first['rel_path']}"
-            im["image_id"] = first["image_id"]
-            rejects.add("image", im["rel_path"], None, "duplicate", im["detail"], first["rel_path"])
-        elif im["reason"] is None:
-            canonical[im["sha256"]] = im
+def _candidates(src: Source, refs: pa.Array, p: IngestParams) -> pa.Array:
+    """Paths to validate, in record order: referenced ones, then unreferenced tree files."""
+    tree = _tree_files(src, p)
+    unreferenced = tree.filter(pc.invert(pc.is_in(tree, value_set=refs)))
+    return pa.concat_arrays([refs, unreferenced])
+
+
+_CHECK: dict[str, Any] = {}  # per process: root and limits of the image check
+
+
+def _init_check(root: str, extensions: list[str], max_pixels: int, min_side: int) -> None:
+    """Pool initializer (also called inline): the image check's constant settings."""
+    Image.init()
+    registered = Image.registered_extensions()
+    formats = set()
+    for ext in extensions:
+        fmt = registered.get(ext.lower())
+        if fmt is not None:
+            formats |= FORMAT_ALIASES.get(fmt, {fmt})
+    _CHECK.update(
+        root=root,
+        extensions={e.lower() for e in extensions},
+        formats=formats,
+        max_pixels=max_pixels,
+        min_side=min_side,
+    )
+
+
+def _validate_images(candidates: pa.Array, root: Path, p: IngestParams, dest: Path) -> None:
+    """Validate every candidate (in a pool, ordered) and stream the results to ``dest``."""
+    init = (str(root), p.extensions, p.max_pixels, p.min_side)
+    n = len(candidates)
+    rels = (r for i in range(0, n, BATCH) for r in candidates.slice(i, BATCH).to_pylist())
+    bar = dict(total=n, desc="ingest images", unit="img", disable=None)
+    with pq.ParquetWriter(dest, RESULT_SCHEMA) as writer:
+        if p.workers > 1 and n > 32:
+            with process_pool(p.workers, initializer=_init_check, initargs=init) as pool:
+                results = ordered_map(pool, validate_image, rels, chunksize=16, depth=4 * p.workers)
+                _write_results(writer, tqdm(results, **bar))
         else:
-            im["image_id"] = None
-            rejects.add("image", im["rel_path"], None, im["reason"], im["detail"])
-        im["accepted"] = im["reason"] is None
-    return results
+            _init_check(*init)
+            _write_results(writer, tqdm(map(validate_image, rels), **bar))
 
 
-def _validate_job(job: tuple[str, str, list[str], int, int]) -> dict[str, Any]:
-    """Pool entry point: validate one file, never raise."""
-    rel, root, extensions, max_pixels, min_side = job
-    out: dict[str, Any] = {
-        "rel_path": rel,
-        "path": None,
-        "reason": None,
-        "detail": "",
-        "image_id": None,
-        "sha256": None,
-        "bytes": 0,
-        "width": 0,
-        "height": 0,
-        "format": None,
-    }
-    resolved = resolve_inside(root, rel)
+def _write_results(writer: pq.ParquetWriter, results: Iterator[dict[str, Any]]) -> None:
+    buf = []
+    for result in results:
+        buf.append(result)
+        if len(buf) >= BATCH:
+            writer.write_table(pa.Table.from_pylist(buf, schema=RESULT_SCHEMA))
+            buf = []
+    writer.write_table(pa.Table.from_pylist(buf, schema=RESULT_SCHEMA))
+
+
+def validate_image(rel: str) -> dict[str, Any]:
+    """Pool entry point: validate one file (settings from ``_init_check``), never raise."""
+    out: dict[str, Any] = {"rel_path": rel, "reason": None, "detail": None, "bytes": 0}
+    resolved = resolve_inside(_CHECK["root"], rel)
     if resolved is None:
-        out.update(reason="path_escapes_root", detail=f"{rel} resolves outside {root}")
+        out.update(reason="path_escapes_root", detail=f"{rel} resolves outside the data root")
         return out
-    out["path"] = str(resolved)
+    if not resolved.is_file():
+        out.update(reason=MISSING, detail=f"{rel} does not exist")
+        return out
     ext = os.path.splitext(rel)[1].lower()
-    if ext not in {e.lower() for e in extensions}:
-        out.update(reason="bad_extension", detail=f"extension {ext!r} not in {extensions}")
+    if ext not in _CHECK["extensions"]:
+        out.update(reason="bad_extension", detail=f"extension {ext!r} not in ingest.extensions")
         return out
     try:
         data = resolved.read_bytes()
@@ -601,59 +787,188 @@ def _validate_job(job: tuple[str, str, list[str], int, int]) -> dict[str, Any]:
     if not data:
         out.update(reason="zero_bytes", detail="file is empty")
         return out
-    out["sha256"] = sha256_bytes(data)
-    out["image_id"] = out["sha256"][:16]
-    reason, detail, info = check_image_bytes(data, ext, max_pixels, min_side)
-    out.update(reason=reason, detail=detail, **info)
+    out["sha256"] = hashlib.sha256(data).hexdigest()
+    reason, detail, info = check_image_bytes(
+        data, _CHECK["formats"], _CHECK["max_pixels"], _CHECK["min_side"]
+    )
+    out.update(reason=reason, detail=detail or None, **info)
     return out
 
 
 def check_image_bytes(
-    data: bytes, ext: str, max_pixels: int, min_side: int
+    data: bytes, formats: set[str], max_pixels: int, min_side: int
 ) -> tuple[str | None, str, dict[str, Any]]:
-    """Decode fully; return (reason or None, detail, {width, height, format})."""
+    """Decode fully (JPEG at 1/8 scale); return (reason or None, detail, {width, height, format}).
+
+    Pillow's own pixel limit is switched off here: the header size is checked against
+    ``max_pixels`` before any pixel is decoded, and the message states the configured limit.
+    """
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow warns above this, raises above twice this
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode_checks(data, ext, max_pixels, min_side)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return "too_many_pixels", str(exc), {}
+        return _decode_checks(data, formats, max_pixels, min_side)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
 
 def _decode_checks(
-    data: bytes, ext: str, max_pixels: int, min_side: int
+    data: bytes, formats: set[str], max_pixels: int, min_side: int
 ) -> tuple[str | None, str, dict[str, Any]]:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return "not_an_image", "Pillow cannot identify the format", {}
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure on open is a corrupt header
         return "corrupt", f"{type(exc).__name__}: {exc}", {}
     with im:
         fmt = im.format or "?"
-        expected = Image.registered_extensions().get(ext)
-        if expected is None or fmt not in FORMAT_ALIASES.get(expected, {expected}):
-            return "extension_mismatch", f"{fmt} data named {ext}", {"format": fmt}
+        if fmt not in formats:
+            return "unsupported_format", f"{fmt} data; accepted: {sorted(formats)}", {"format": fmt}
         w, h = im.size
         if w * h > max_pixels:  # header check before any pixel is decoded
-            return "too_many_pixels", f"{w}x{h} = {w * h} > {max_pixels}", {"format": fmt}
+            detail = f"{w}x{h} = {w * h:,} pixels > ingest.max_pixels {max_pixels:,}"
+            return "too_many_pixels", detail, {"format": fmt}
         try:
+            orientation = im.getexif().get(0x0112)
+            if fmt in FORMAT_ALIASES["JPEG"]:
+                im.draft(im.mode, (1, 1))  # DCT-domain 1/8 scale: every byte is still decoded
             im.load()
-            upright = ImageOps.exif_transpose(im)
-            upright.convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise
+            im.crop((0, 0, 1, 1)).convert("RGB")  # the mode converts (as shard will do)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
             reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
             return reason, f"{type(exc).__name__}: {exc}", {"format": fmt}
-        w, h = upright.size
+    if orientation in SWAPS_SIDES:
+        w, h = h, w
     info = {"width": w, "height": h, "format": fmt}
     if min(w, h) < min_side:
         return "too_small", f"{w}x{h}: shorter side < {min_side}", info
     return None, "", info
+
+
+@dataclass
+class ImageIndex:
+    """What captions need to know about each validated path (Arrow arrays, one row per path)."""
+
+    rels: pa.Array
+    image_ids: pa.Array  # accepted or duplicate: the content's image_id; else null
+    reasons: pa.Array  # null when usable; MISSING; or the image's reject reason
+    seen: int
+    accepted: int
+
+
+def _duplicates(results: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the valid results, position of each one's kept copy); 16 B/image of keys."""
+    table = pq.read_table(results, columns=["reason", "sha256"], use_threads=False)
+    valid = pc.and_(pc.is_null(table["reason"]), pc.is_valid(table["sha256"]))
+    positions = np.flatnonzero(valid.to_numpy(zero_copy_only=False)).astype(np.int64)
+    hexes = pc.utf8_slice_codeunits(table["sha256"].filter(valid), 0, 32).combine_chunks()
+    del table
+    keys = _hex_to_keys(hexes)
+    del hexes
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return positions, positions[first[inverse.ravel()]]
+
+
+_HEX = np.zeros(256, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _hex_to_keys(hexes: pa.Array) -> np.ndarray:
+    """32 lower-case hex chars per row -> one 16-byte key per row (no Python object per row)."""
+    n = len(hexes)
+    if n == 0:
+        return np.zeros(0, dtype="V16")
+    start = hexes.offset * 32
+    chars = np.frombuffer(hexes.buffers()[2], np.uint8, count=n * 32, offset=start).reshape(n, 32)
+    nibbles = _HEX[chars]
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (n, 16) uint8
+    return np.ascontiguousarray(packed).view("V16").ravel()
+
+
+def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
+    """Mark duplicates, write images.parquet and the image rejects; the index for captions."""
+    positions, kept = _duplicates(results)
+    is_dup = positions != kept
+    kept_of = dict(zip(positions[is_dup].tolist(), kept[is_dup].tolist(), strict=True))
+    del positions, kept, is_dup
+    rel_column = pq.read_table(results, columns=["rel_path"], use_threads=False)["rel_path"]
+    rels, ids, reasons = [], [], []
+    seen = accepted = offset = 0
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, IMAGE_SCHEMA) as writer:
+        for batch in pq.ParquetFile(results).iter_batches(batch_size=BATCH):
+            keep, batch_ids = [], []
+            for i, r in enumerate(batch.to_pylist(), offset):
+                image_id = r["sha256"][:16] if r["sha256"] and r["reason"] is None else None
+                seen += r["reason"] != MISSING
+                if r["reason"] not in (None, MISSING):
+                    rejects.add("image", r["rel_path"], None, r["reason"], r["detail"] or "")
+                elif i in kept_of:
+                    first = rel_column[kept_of[i]].as_py()
+                    detail = f"same bytes as {first}, which is kept (first in record order)"
+                    rejects.add("image", r["rel_path"], None, "duplicate", detail, first)
+                elif r["reason"] is None:
+                    keep.append({**r, "image_id": image_id})
+                batch_ids.append(image_id)
+            offset += batch.num_rows
+            accepted += len(keep)
+            writer.write_table(pa.Table.from_pylist(keep, schema=IMAGE_SCHEMA))
+            rels.append(batch.column("rel_path"))
+            ids.append(pa.array(batch_ids, pa.string()))
+            reasons.append(batch.column("reason"))
+    empty = [pa.array([], pa.string())]
+    return ImageIndex(
+        pa.concat_arrays(rels or empty),
+        pa.concat_arrays(ids or empty),
+        pa.concat_arrays(reasons or empty),
+        seen,
+        accepted,
+    )
+
+
+def _finish_captions(
+    drafts: Path, index: ImageIndex, src: Source, rejects: Rejects, dest: Path
+) -> dict[str, int]:
+    """Pass 2: give each draft its image's outcome; write records.parquet, reject the rest."""
+    file = src.captions_file.relative_to(src.root).as_posix()
+    counts = {"captions": 0, "labelled": 0}
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, RECORD_SCHEMA) as writer:
+        for batch in pq.ParquetFile(drafts).iter_batches(batch_size=LOOKUP_BATCH):
+            at = pc.index_in(batch.column("rel"), value_set=index.rels)
+            ids, reasons = index.image_ids.take(at), index.reasons.take(at)
+            for start in range(0, batch.num_rows, BATCH):
+                rows = []
+                for d, image_id, reason in zip(
+                    batch.slice(start, BATCH).to_pylist(),
+                    ids.slice(start, BATCH).to_pylist(),
+                    reasons.slice(start, BATCH).to_pylist(),
+                    strict=True,
+                ):
+                    if image_id is None:
+                        rejects.add("caption", file, d["line"], *_image_reason(d["rel"], reason))
+                        continue
+                    rows.append(_record(d, image_id, src.name))
+                counts["captions"] += len(rows)
+                counts["labelled"] += sum(r["label"] is not None for r in rows)
+                writer.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
+    return counts
+
+
+def _image_reason(rel: str, reason: str | None) -> tuple[str, str]:
+    if reason == MISSING:
+        return "missing_image", f"image file {rel} does not exist"
+    return "image_rejected", f"image {rel} was rejected: {reason}"
+
+
+def _record(draft: dict[str, Any], image_id: str, source: str) -> dict[str, Any]:
+    """A records.parquet row; caption_id is stable for the same (image_ref, caption, line)."""
+    key = f"{draft['image_ref']}\x00{draft['caption']}\x00{draft['line']}"
+    return {
+        "caption_id": hashlib.sha256(key.encode("utf-8")).hexdigest()[:16],
+        "caption": draft["caption"],
+        "image_ref": draft["image_ref"],
+        "image_id": image_id,
+        "label": draft["label"],
+        "source": source,
+        "line": draft["line"],
+        "meta": draft["meta"],
+    }

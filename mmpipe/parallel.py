@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing as mp
 import signal
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.pool import Pool
 from typing import Any
@@ -58,3 +60,32 @@ def process_pool(
         raise
     pool.close()
     pool.join()
+
+
+def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]
+
+
+def ordered_map(
+    pool: Pool, fn: Callable[[Any], Any], items: Iterable[Any], *, chunksize: int, depth: int
+) -> Iterator[Any]:
+    """``pool.imap(fn, items, chunksize)`` with backpressure: at most ``depth`` chunks in flight.
+
+    Pool.imap's feeder thread drains the whole input into the task queue at once, so memory grows
+    with the input (every task pickled and queued); here it is bounded by depth * chunksize.
+    Results come back in input order, so output bytes do not depend on the worker count.
+    """
+    it = iter(items)
+    pending: deque[Any] = deque()
+
+    def submit() -> None:
+        chunk = list(itertools.islice(it, chunksize))
+        if chunk:
+            pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+
+    for _ in range(depth):
+        submit()
+    while pending:
+        results = pending.popleft().get()
+        submit()
+        yield from results

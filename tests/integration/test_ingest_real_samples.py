@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 
@@ -102,3 +103,94 @@ def test_visual_entailment_sample(shared_data, tmp_path):
     assert [r["line"] for r in records] == list(range(2, 18))
     assert all(set(json.loads(r["meta"])) == {"premise"} for r in records)
     assert len({r["image_id"] for r in records}) == 2
+
+
+def _pipeline(ingest_params: IngestParams, work, image_size: int = 32) -> dict:
+    """ingest -> align -> shard into work/{ingest,align,shards}; the three reports."""
+    from mmpipe.align import run_align
+    from mmpipe.config import AlignParams, ShardParams
+    from mmpipe.shard import run_shard
+
+    ingest = run_ingest(ingest_params, work / "ingest")
+    align = run_align(work / "ingest", AlignParams(), work / "align")
+    shard_p = ShardParams(image_size=image_size, copies=1, workers=1, maxcount=50)
+    shard = run_shard(work / "align", work / "ingest", shard_p, work / "shards")
+    return {"ingest": ingest, "align": align, "shard": shard}
+
+
+def _coco_params(root, labels: bool) -> IngestParams:
+    return IngestParams(
+        source="coco",
+        root=str(root),
+        captions="captions.json",
+        labels_file="labels.csv" if labels else None,
+        workers=1,
+    )
+
+
+def test_unlabelled_flickr_sample_end_to_end(shared_data, tmp_path):
+    """The README's folder example without labels: ingest -> align -> shard, no crash."""
+    from mmpipe.data import iterate_split, load_manifest
+
+    params = IngestParams(
+        source="folder",
+        root=str(shared_data / "flickr30k-sample"),
+        captions="captions.jsonl",
+        workers=1,
+    )
+    reports = _pipeline(params, tmp_path)
+    assert reports["align"]["classes"] == [] and reports["align"]["labelled_pairs"] == 0
+    manifest = load_manifest(tmp_path / "shards")
+    assert manifest["labels"] == "none" and manifest["classes"] == []
+    samples = list(iterate_split(tmp_path / "shards", "train"))
+    assert samples and all(s["json"]["label_index"] == -1 for s in samples)
+    assert all(not s["json"]["image_path"].startswith("/") for s in samples)
+
+
+def test_coco_mini_with_and_without_labels_end_to_end(shared_data, tmp_path):
+    from mmpipe.data import load_manifest
+
+    root = shared_data / "coco-mini"
+    bare = _pipeline(_coco_params(root, labels=False), tmp_path / "bare")
+    labelled = _pipeline(_coco_params(root, labels=True), tmp_path / "labelled")
+    assert bare["align"]["labelled_pairs"] == 0 and bare["shard"]["labels"] == "none"
+    assert labelled["align"]["labelled_pairs"] == 120 == labelled["ingest"]["labelled_captions"]
+    assert load_manifest(tmp_path / "labelled" / "shards")["labels"] == "all"
+    assert sum(labelled["align"]["pairs_per_class"].values()) == 120
+
+
+def test_partly_labelled_counts(shared_data, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(shared_data / "coco-mini", root)
+    lines = (root / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join(lines[:11]) + "\n")  # header + 10 of 24 images
+    reports = _pipeline(_coco_params(root, labels=True), tmp_path)
+    assert reports["align"]["labelled_pairs"] == 50 and reports["align"]["unlabelled_pairs"] == 70
+    assert reports["shard"]["labels"] == "partial"
+
+
+def test_shards_are_byte_identical_wherever_the_data_lives(shared_data, tmp_path):
+    """Same data at two places (and two project dirs): the same shard bytes."""
+    import os
+
+    from mmpipe.data import load_manifest
+
+    shas = []
+    old = os.umask(0o002)  # a group-shared project: outputs must be group-readable
+    try:
+        for place in ("a/deep/copy", "b"):
+            root = tmp_path / place / "coco-mini"
+            shutil.copytree(shared_data / "coco-mini", root)
+            _pipeline(_coco_params(root, labels=True), tmp_path / f"project-{place[0]}")
+            manifest = load_manifest(tmp_path / f"project-{place[0]}" / "shards")
+            shas.append([s["sha256"] for e in manifest["splits"].values() for s in e["shards"]])
+    finally:
+        os.umask(old)
+    assert shas[0] == shas[1]
+    for name in ("ingest/images.parquet", "ingest/records.parquet", "align/pairs.parquet"):
+        assert (tmp_path / "project-a" / name).read_bytes() == (
+            tmp_path / "project-b" / name
+        ).read_bytes(), name
+    for path in (tmp_path / "project-b").rglob("*"):
+        if path.is_file() and "source" not in path.parts:
+            assert path.stat().st_mode & 0o777 == 0o664, path

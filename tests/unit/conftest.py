@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +66,6 @@ def write_ingest(out_dir: Path, root: Path, n_images: int = 10, start: int = 0) 
         images.append(
             {
                 "image_id": image_id,
-                "path": str(path.resolve()),
                 "rel_path": path.name,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "width": w,
@@ -82,7 +82,7 @@ def write_ingest(out_dir: Path, root: Path, n_images: int = 10, start: int = 0) 
                 _caption_row(path.name, image_id, f"picture {k} caption {c}", LABELS[k % 3], line)
             )
     dup_src = images[1]
-    (root / "dup.jpg").write_bytes(Path(dup_src["path"]).read_bytes())
+    (root / "dup.jpg").write_bytes((root / dup_src["rel_path"]).read_bytes())
     line += 1
     records.append(
         _caption_row("dup.jpg", dup_src["image_id"], "a duplicate's caption", "cat", line)
@@ -94,6 +94,9 @@ def write_ingest(out_dir: Path, root: Path, n_images: int = 10, start: int = 0) 
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(records).to_parquet(out_dir / "records.parquet", index=False)
     pd.DataFrame(images).to_parquet(out_dir / "images.parquet", index=False)
+    # ingest records where the data root is, relative to the ingest dir (shard reads it)
+    data_root = os.path.relpath(root.resolve(), out_dir.resolve())
+    (out_dir / "report.json").write_text(json.dumps({"data_root": data_root}))
     return out_dir
 
 

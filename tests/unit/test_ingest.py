@@ -96,7 +96,7 @@ IMAGE_CASES: dict[str, tuple[dict[str, Callable[[], bytes]], dict]] = {
     "not_an_image": ({"images/text.jpg": lambda: b"hello, I am not a picture\n" * 4}, {}),
     "corrupt": ({"images/broken.png": _corrupt_png}, {}),
     "truncated": ({"images/cut.jpg": _truncated_jpeg}, {}),
-    "extension_mismatch": ({"images/png_named.jpg": lambda: _image_bytes("PNG", seed=5)}, {}),
+    "unsupported_format": ({"images/anim.jpg": lambda: _image_bytes("GIF", seed=5)}, {}),
     "bad_extension": ({"images/scan.tif": lambda: _image_bytes("TIFF", seed=6)}, {}),
     "too_small": ({"images/tiny.jpg": lambda: _image_bytes(size=(4, 30), seed=7)}, {}),
     # 200x200 = 40k px: above max_pixels (header check) ...
@@ -183,12 +183,13 @@ def test_jsonl_bad_rows_are_rejected_not_fatal(root, tmp_path):
 # --------------------------------------------------------------------------- invariants
 
 
-GOOD, BAD = "good", ("zero_bytes", "not_an_image", "truncated", "extension_mismatch", "too_small")
+GOOD, PNG_AS_JPG = "good", "png_named_jpg"
+BAD = ("zero_bytes", "not_an_image", "truncated", "too_small")
 MAKERS = {
     "zero_bytes": (".jpg", lambda i: b""),
     "not_an_image": (".jpg", lambda i: f"text {i}".encode()),
     "truncated": (".jpg", lambda i: _truncated_jpeg()),
-    "extension_mismatch": (".jpg", lambda i: _image_bytes("PNG", seed=i)),
+    PNG_AS_JPG: (".jpg", lambda i: _image_bytes("PNG", seed=i)),
     "too_small": (".png", lambda i: _image_bytes("PNG", (3, 3), seed=i)),
     GOOD: (".jpg", lambda i: _image_bytes(seed=i + 100)),
 }
@@ -196,7 +197,7 @@ MAKERS = {
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    kinds=st.lists(st.sampled_from([GOOD, *BAD]), min_size=1, max_size=8),
+    kinds=st.lists(st.sampled_from([GOOD, PNG_AS_JPG, *BAD]), min_size=1, max_size=8),
     missing=st.integers(0, 2),
     empty=st.integers(0, 2),
 )
@@ -221,15 +222,17 @@ def test_seen_equals_accepted_plus_rejected(kinds, missing, empty):
                 == c["accepted"] + sum(c["by_reason"].values())
             )
         # "truncated" files are all byte-identical, but they are rejected before dedupe
+        good = kinds.count(GOOD) + kinds.count(PNG_AS_JPG)
         assert report["images"]["seen"] == len(kinds)
-        assert report["images"]["accepted"] == kinds.count(GOOD)
-        assert report["captions"]["rejected"] == empty
+        assert report["images"]["accepted"] == good
+        # every caption that will not reach a shard is a named reject
+        assert report["captions"]["rejected"] == empty + missing + len(kinds) - good
+        assert report["captions"]["by_reason"].get("missing_image", 0) == missing
         records = pd.read_parquet(Path(tmp) / "out" / "records.parquet")
         images = pd.read_parquet(Path(tmp) / "out" / "images.parquet")
-        assert len(records) == len(kinds) + missing
-        assert len(images) == kinds.count(GOOD)
-        # only captions of accepted images carry an image_id
-        assert records["image_id"].notna().sum() == kinds.count(GOOD)
+        assert len(records) == good == len(images)
+        assert records["image_id"].notna().all()
+        assert set(images["format"]) <= {"JPEG", "PNG"}
 
 
 # --------------------------------------------------------------------------- behaviour
@@ -246,20 +249,20 @@ def test_exif_orientation_transposes_size(root, tmp_path):
     assert tuple(images.loc["images/good.jpg", ["width", "height"]]) == (24, 16)
 
 
-def test_duplicates_keep_captions_on_canonical_image(root, tmp_path):
+def test_duplicates_keep_the_first_in_record_order(root, tmp_path):
     data = (root / "images" / "good.jpg").read_bytes()
     _write(root, "images/zz_copy.jpg", data)
-    _write(root, "a_first.jpg", data)  # sorts first: canonical
+    _write(root, "a_first.jpg", data)  # first in path order, but no caption refers to it
     _csv(root, [("images/zz_copy.jpg", "caption of the copy"), ("images/good.jpg", "original")])
     _ingest(root, tmp_path / "out")
     images = pd.read_parquet(tmp_path / "out" / "images.parquet")
     records = pd.read_parquet(tmp_path / "out" / "records.parquet")
-    assert list(images["rel_path"]) == ["a_first.jpg"]
+    assert list(images["rel_path"]) == ["images/zz_copy.jpg"]  # the first the captions name
     assert records["image_id"].tolist() == [images["image_id"][0]] * 2
     dups = _rejects(tmp_path / "out")
-    assert [(d["file"], d["reason"], d["duplicate_of"]) for d in dups] == [
-        ("images/good.jpg", "duplicate", "a_first.jpg"),
-        ("images/zz_copy.jpg", "duplicate", "a_first.jpg"),
+    assert sorted((d["file"], d["reason"], d["duplicate_of"]) for d in dups) == [
+        ("a_first.jpg", "duplicate", "images/zz_copy.jpg"),
+        ("images/good.jpg", "duplicate", "images/zz_copy.jpg"),
     ]
 
 
@@ -274,19 +277,23 @@ def test_records_and_images_tables(root, tmp_path):
     report = _ingest(root, tmp_path / "out")
     records = pd.read_parquet(tmp_path / "out" / "records.parquet")
     images = pd.read_parquet(tmp_path / "out" / "images.parquet")
-    first, second = pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()
+    [first] = pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()
+    [missing] = _rejects(tmp_path / "out")
+    assert (missing["reason"], missing["line"]) == ("missing_image", 3)
     assert first["caption"] == "Caf\u00e9 on the left"  # NFC + whitespace collapsed
     assert (first["label"], first["line"], first["source"]) == ("pos", 2, "folder")
     assert json.loads(first["meta"]) == {"shape": "circle"}
-    assert second["image_id"] is None and second["label"] is None
-    assert len(first["caption_id"]) == 16 and first["caption_id"] != second["caption_id"]
+    assert len(first["caption_id"]) == 16
     assert sorted(images["rel_path"]) == ["images/good.jpg", "images/sub/orphan.png"]
+    assert "path" not in images.columns  # paths are relative to the root: no absolute path
     row = images.set_index("rel_path").loc["images/good.jpg"]
-    assert Path(row["path"]).is_absolute() and Path(row["path"]).is_file()
     assert row["image_id"] == row["sha256"][:16] == first["image_id"]
     assert (row["format"], row["bytes"]) == ("JPEG", (root / "images/good.jpg").stat().st_size)
     assert report["images"]["seen"] == 2 and report["source"] == "folder"
-    assert read_json(tmp_path / "out" / "report.json") == report
+    assert report["labelled_captions"] == 1
+    on_disk = read_json(tmp_path / "out" / "report.json")
+    assert on_disk == {k: v for k, v in report.items() if k not in ("seconds", "images_per_second")}
+    assert not {"seconds", "validate_seconds", "images_per_second"} & set(on_disk)
     # stable ids: a second run gives the same tables
     _ingest(root, tmp_path / "again")
     pd.testing.assert_frame_equal(records, pd.read_parquet(tmp_path / "again" / "records.parquet"))
@@ -329,13 +336,117 @@ def test_missing_column_names_file_and_found_columns(root, tmp_path):
         _ingest(root, tmp_path / "out")
 
 
-def test_bad_jsonl_line_names_the_line(root, tmp_path):
+def test_malformed_jsonl_lines_are_rejects(root, tmp_path):
+    """A trailing comma, single quotes or an unterminated string costs one record, not the file."""
     (root / "c.jsonl").write_text(
-        '{"image": "images/good.jpg", "caption": "a"}\n\n{"image": "images/good.jpg", caption}\n'
+        '{"image": "images/good.jpg", "caption": "a"}\n'
+        '{"image": "images/good.jpg", "caption": "trailing",}\n'
+        "{'image': 'images/good.jpg', 'caption': 'single quotes'}\n"
+        '{"image": "images/good.jpg", "caption": "unterminated}\n'
+        '{"image": "images/good.jpg", "caption": "b"}\n'
     )
-    with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
-        _ingest(root, tmp_path / "out", captions="c.jsonl")
-    assert not (tmp_path / "out" / "report.json").exists()
+    report = _ingest(root, tmp_path / "out", captions="c.jsonl")
+    rejects = _rejects(tmp_path / "out")
+    assert [(r["reason"], r["file"], r["line"]) for r in rejects] == [
+        ("bad_json", "c.jsonl", 2),
+        ("bad_json", "c.jsonl", 3),
+        ("bad_json", "c.jsonl", 4),
+    ]
+    assert report["captions"] == {
+        "seen": 5,
+        "accepted": 2,
+        "rejected": 3,
+        "by_reason": {"bad_json": 3},
+    }
+    with pytest.raises(ValidationFailed, match=r"c\.jsonl:2.*bad_json"):
+        _ingest(root, tmp_path / "strict", captions="c.jsonl", strict=True)
+    assert not (tmp_path / "strict" / "report.json").exists()
+
+
+def test_captions_of_missing_or_rejected_images_are_rejects(root, tmp_path):
+    _write(root, "images/empty.jpg", b"")
+    _csv(
+        root,
+        [("images/good.jpg", "fine"), ("images/gone.jpg", "no file"), ("images/empty.jpg", "x")],
+    )
+    report = _ingest(root, tmp_path / "out")
+    by_kind = {(r["kind"], r["reason"]): r for r in _rejects(tmp_path / "out")}
+    assert by_kind[("caption", "missing_image")]["line"] == 3
+    rejected = by_kind[("caption", "image_rejected")]
+    assert rejected["line"] == 4 and "zero_bytes" in rejected["detail"]
+    assert by_kind[("image", "zero_bytes")]["file"] == "images/empty.jpg"
+    assert report["captions"]["accepted"] == 1 and report["captions"]["rejected"] == 2
+    assert report["images"] == {
+        "seen": 2,
+        "accepted": 1,
+        "rejected": 1,
+        "by_reason": {"zero_bytes": 1},
+    }
+
+
+@pytest.mark.parametrize(
+    "caption", ["nul \x00 byte", "escape \x1b[31m red", "c1 \x85 next line", "del \x7f"]
+)
+def test_control_characters_are_invalid_text(root, tmp_path, caption):
+    (root / "c.jsonl").write_text(
+        json.dumps({"image": "images/good.jpg", "caption": caption})
+        + "\n"
+        + json.dumps({"image": "images/good.jpg", "caption": "tab\there\nnewline"})
+        + "\n"
+    )
+    _ingest(root, tmp_path / "out", captions="c.jsonl")
+    assert [(r["reason"], r["line"]) for r in _rejects(tmp_path / "out")] == [("invalid_text", 1)]
+    [kept] = pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()
+    assert kept["caption"] == "tab here newline"  # tab and newline are whitespace, collapsed
+
+
+def test_png_named_jpg_is_accepted_with_its_real_format(root, tmp_path):
+    _write(root, "images/really_png.jpg", _image_bytes("PNG", seed=5))
+    _csv(root, [("images/really_png.jpg", "a png in disguise")])
+    report = _ingest(root, tmp_path / "out")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet").set_index("rel_path")
+    assert images.loc["images/really_png.jpg", "format"] == "PNG"
+    assert report["images"]["rejected"] == 0
+
+
+def test_pixel_limit_message_states_the_configured_limit(root, tmp_path):
+    _write(root, "images/big.png", _image_bytes("PNG", (200, 200), seed=8))
+    _csv(root, [("images/good.jpg", "fine")])
+    for limit in (30_000, 10_000):  # below and beyond Pillow's own 2x bomb threshold
+        _ingest(root, tmp_path / f"out{limit}", max_pixels=limit, min_side=1)
+        [reject] = _rejects(tmp_path / f"out{limit}")
+        assert reject["reason"] == "too_many_pixels"
+        assert reject["detail"] == f"200x200 = 40,000 pixels > ingest.max_pixels {limit:,}"
+
+
+def _corruptions() -> dict[str, bytes]:
+    """A large noisy JPEG (draft applies: 512 px -> 64 px) cut or damaged in several ways."""
+    data = _image_bytes("JPEG", (512, 512), noise=True)
+    sos = data.index(b"\xff\xda")
+    mid = (sos + len(data)) // 2
+    return {
+        "cut_mid_scan": data[:mid],
+        "cut_near_the_end": data[: len(data) - 40],
+        "header_only": data[: sos + 20],
+        "marker_in_scan": data[:mid] + b"\xff\xd9" + data[mid:],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_corruptions()))
+def test_reduced_scale_check_catches_what_a_full_decode_catches(case):
+    """The 1/8-scale JPEG check still decodes every entropy-coded byte: same verdict as full."""
+    from mmpipe.ingest import check_image_bytes
+
+    data = _corruptions()[case]
+    full_error = None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as exc:  # noqa: BLE001
+        full_error = exc
+    reason, _, _ = check_image_bytes(data, {"JPEG", "MPO"}, 10**8, 8)
+    assert (reason is not None) == (full_error is not None), (case, reason, full_error)
+    assert full_error is not None or case == "marker_in_scan"
 
 
 @pytest.mark.parametrize(
@@ -405,18 +516,45 @@ def test_coco_source(tmp_path):
         tmp_path / "out",
     )
     rec = {r["line"]: r for r in pq.read_table(tmp_path / "out" / "records.parquet").to_pylist()}
-    assert list(rec) == [1, 2, 3]
+    assert list(rec) == [1, 2]
     assert rec[1]["label"] == "cat" and rec[2]["label"] is None
     assert rec[1]["image_ref"] == "imgs/1.jpg" and rec[1]["image_id"] is not None
-    assert rec[3]["image_ref"] == "image_id:99" and rec[3]["image_id"] is None
     assert json.loads(rec[1]["meta"]) == {"coco_annotation_id": 10, "coco_image_id": 1}
-    assert report["captions"]["by_reason"] == {"bad_row": 1}
+    assert report["captions"]["by_reason"] == {"bad_row": 1, "unknown_image_id": 1}
+    unknown = [r for r in _rejects(tmp_path / "out") if r["reason"] == "unknown_image_id"]
+    assert [(u["file"], u["line"]) for u in unknown] == [("caps.json", 3)]
+    assert "annotation 12" in unknown[0]["detail"]
     assert report["images"]["accepted"] == 2 and report["source"] == "coco"
+
+
+def test_coco_paths_leaving_images_dir_and_missing_dir(tmp_path):
+    root = tmp_path / "coco"
+    _coco(root)
+    doc = json.loads((root / "caps.json").read_text())
+    doc["images"] += [
+        {"id": 3, "file_name": "/etc/hostname"},
+        {"id": 4, "file_name": "../caps.json"},
+    ]
+    doc["annotations"] = doc["annotations"][:2] + [
+        {"id": 20, "image_id": 3, "caption": "absolute"},
+        {"id": 21, "image_id": 4, "caption": "dot dot"},
+    ]
+    (root / "caps.json").write_text(json.dumps(doc))
+    params = dict(source="coco", root=str(root), captions="caps.json", images_dir="imgs", workers=1)
+    report = run_ingest(IngestParams(**params), tmp_path / "out")
+    assert [(r["reason"], r["line"]) for r in _rejects(tmp_path / "out")] == [
+        ("path_escapes_root", 3),
+        ("path_escapes_root", 4),
+    ]
+    assert report["captions"]["accepted"] == 2
+    params["images_dir"] = "no_such_dir"
+    with pytest.raises(InputError, match="COCO images directory not found.*no_such_dir"):
+        run_ingest(IngestParams(**params), tmp_path / "out2")
 
 
 def test_coco_invalid_json_names_line(tmp_path):
     root = tmp_path / "coco"
-    root.mkdir()
+    (root / "images").mkdir(parents=True)
     (root / "caps.json").write_text('{"images": [],\n "annotations": [\n oops]}')
     with pytest.raises(InputError, match=r"caps\.json:3: not valid JSON"):
         run_ingest(
@@ -438,4 +576,22 @@ def test_synthetic_source_reads_through_folder_path(tmp_path):
     assert set(json.loads(rec["meta"][0])) == {"main_shape", "mood", "sentiment"}
     assert set(rec["label"]) <= {"consistent", "inconsistent"}
     assert report["synthetic"]["n_images"] == 10
-    assert run_ingest(p, tmp_path)["synthetic"]["skipped"] is True
+    assert report["data_root"] == "source"  # relative to the ingest dir: survives a rename
+    assert "seconds" not in (tmp_path / "report.json").read_text()
+
+
+def test_readme_lists_every_reject_reason():
+    from mmpipe.ingest import REJECT_REASONS
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for code, meaning in REJECT_REASONS.items():
+        assert f"| `{code}` | {meaning} |" in readme, code
+
+
+def test_absolute_image_path_inside_the_root_is_stored_relative(root, tmp_path):
+    _csv(root, [(str(root / "images" / "good.jpg"), "absolute but inside")])
+    report = _ingest(root, tmp_path / "out")
+    images = pd.read_parquet(tmp_path / "out" / "images.parquet")
+    assert report["captions"]["accepted"] == 1
+    assert list(images["rel_path"]) == ["images/good.jpg"]

@@ -64,6 +64,9 @@ def test_round_trip(aligned, tmp_path):
             assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
     assert report["samples"] == sum(e["count"] for e in manifest["splits"].values())
     assert report["images_per_second"] > 0
+    assert manifest["labels"] == "partial"
+    assert sum(manifest["labelled_pairs_per_split"].values()) == align_report["labelled_pairs"]
+    assert "seconds" not in (out / "manifest.json").read_text()
 
 
 def test_identical_bytes_for_one_and_two_workers(aligned, tmp_path):
@@ -129,8 +132,10 @@ def test_loader_reads_what_shard_wrote(aligned, tmp_path):
 def test_stored_image_equals_preprocess_image(aligned, tmp_path):
     """predict.py feeds preprocess_image output to the model: it must equal the stored bytes."""
     shard(aligned, tmp_path / "s", jpeg_quality=85)
+    root = aligned[1].parent / "raw"  # the fixture's data root
     for s in iterate_split(tmp_path / "s", "val"):
-        with Image.open(s["json"]["image_path"]) as img:
+        assert not Path(s["json"]["image_path"]).is_absolute()
+        with Image.open(root / s["json"]["image_path"]) as img:
             assert preprocess_image(img, 16, 85) == s["jpg"]
 
 
@@ -158,7 +163,8 @@ def test_input_errors(aligned, tmp_path):
     bad = [TransformSpec(name="RandomResizedCrop", params={"height": 8, "width": 8})]
     with pytest.raises(InputError, match="RandomResizedCrop.*size=\\(h, w\\)"):
         shard(aligned, tmp_path / "s", train_augment=bad)
-    Path(pd.read_parquet(aligned[0] / "pairs.parquet")["image_path"].iloc[0]).unlink()
+    rel = pd.read_parquet(aligned[0] / "pairs.parquet")["image_path"].iloc[0]
+    (aligned[1].parent / "raw" / rel).unlink()
     with pytest.raises(InputError, match="image file not found"):
         shard(aligned, tmp_path / "s", workers=2)
     assert not (tmp_path / "s" / "manifest.json").exists()

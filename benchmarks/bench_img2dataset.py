@@ -1,0 +1,216 @@
+"""mmpipe ingest + align + shard vs img2dataset, images per CPU-second, on the same real photos.
+
+Source: the 24 real COCO photos of ``../shared/data/coco-mini`` (about 640x480 JPEGs), copied N
+times into one folder, each copy made distinct by one changed pixel (re-encoded at q95), so
+neither side can skip work by content hash. Captions: the photo's first COCO caption; label:
+coco-mini's label of the photo (``--before`` code crashes on unlabelled data).
+
+mmpipe: ``python -m mmpipe ingest``, ``align`` and ``shard`` (the CLI a user runs, in fresh
+processes: imports included), folder source, ``workers=1``, ``shard.image_size=256``,
+``jpeg_quality=95``, ``copies=0`` (one sample per image, as img2dataset writes).
+img2dataset (installed by this script into a throw-away venv, never into the project's):
+``file://`` URLs, ``--processes_count 1 --resize_mode keep_ratio --image_size 256
+--encode_quality 95``, webdataset output.
+CPU time = user + sys of each side's processes and their children (``getrusage``). The two
+sides run interleaved ``repeats`` times; the ratio of each interleaved pair is reported with
+its spread. Target (issue 9): mmpipe >= 1.3x img2dataset's images per CPU-second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _common as c
+
+NAME = "img2dataset"
+TARGET = 1.3
+I2D_VERSION = "1.47.0"
+COCO = c.REPO.parent / "shared" / "data" / "coco-mini"
+
+
+def make_photos(dest: Path, n: int) -> list[tuple[Path, str, str]]:
+    """n distinct real photos: coco-mini's, each copy with one pixel changed; (path, caption,
+    label) with coco-mini's label of the photo."""
+    from PIL import Image
+
+    doc = json.loads((COCO / "captions.json").read_text())
+    files = {im["id"]: im["file_name"] for im in doc["images"]}
+    first: dict[str, str] = {}
+    for ann in doc["annotations"]:
+        first.setdefault(files[ann["image_id"]], ann["caption"].strip())
+    names = sorted(first)
+    labels = dict(line.split(",", 1) for line in (COCO / "labels.csv").read_text().splitlines()[1:])
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        name = names[i % len(names)]
+        path = dest / "images" / f"{i:06d}.jpg"
+        if not path.exists():
+            with Image.open(COCO / "images" / name) as im:
+                im = im.convert("RGB")
+                im.putpixel((i % im.width, 0), (i % 256, (i // 256) % 256, 7))
+                im.save(path, "JPEG", quality=95)
+        out.append((path, first[name], labels.get(name, "")))
+    with (dest / "captions.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "caption", "label"])  # labelled: the old code needs labels
+        w.writerows((f"images/{p.name}", cap, label) for p, cap, label in out)
+    with (dest / "urls.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["url", "caption"])
+        w.writerows((p.resolve().as_uri(), cap) for p, cap, _ in out)
+    return out
+
+
+def img2dataset_venv(work: Path) -> Path:
+    """A throw-away venv with img2dataset (reused across runs of this script in the same dir)."""
+    venv = work / "i2d-venv"
+    exe = venv / "bin" / "img2dataset"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, f"img2dataset=={I2D_VERSION}"], check=True)
+    return exe
+
+
+def cpu_run(cmd: list[str], **kw: Any) -> tuple[float, float]:
+    """Run ``cmd`` to completion; (CPU seconds of it and its children, wall seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, wall
+
+
+def run_mmpipe(src: Path, project: Path, code: Path | None = None) -> tuple[float, float, int]:
+    """ingest, align, shard through the CLI; (CPU s, wall s, samples written).
+
+    ``code``: a directory holding another ``mmpipe`` package (e.g. ``git archive main mmpipe``),
+    put first on PYTHONPATH to measure that version side by side ("before").
+    """
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    sets = [
+        "ingest.source=folder",
+        f"ingest.root={src}",
+        "ingest.captions=captions.csv",
+        "ingest.workers=1",
+        "shard.image_size=256",
+        "shard.jpeg_quality=95",
+        "shard.copies=0",
+        "shard.workers=1",
+    ]
+    args = [f"--set={s}" for s in sets]
+    params = ["--params", str(c.REPO / "params.yaml"), "--project-dir", str(project)]
+    cpu = wall = 0.0
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
+    for stage in ("ingest", "align", "shard"):
+        cmd = [sys.executable, "-m", "mmpipe", stage, *params, *args]
+        s_cpu, s_wall = cpu_run(cmd, cwd=project, env=env)
+        cpu, wall = cpu + s_cpu, wall + s_wall
+    manifest = json.loads((project / "data" / "shards" / "manifest.json").read_text())
+    return cpu, wall, sum(e["count"] for e in manifest["splits"].values())
+
+
+def run_img2dataset(exe: Path, src: Path, out: Path) -> tuple[float, float, int]:
+    """img2dataset on file:// URLs; (CPU s, wall s, images written)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        str(exe),
+        f"--url_list={src / 'urls.csv'}",
+        "--input_format=csv",
+        "--url_col=url",
+        "--caption_col=caption",
+        "--output_format=webdataset",
+        f"--output_folder={out}",
+        "--processes_count=1",
+        "--thread_count=4",
+        "--image_size=256",
+        "--resize_mode=keep_ratio",
+        "--encode_quality=95",
+        "--number_sample_per_shard=100000",
+        "--distributor=multiprocessing",
+        "--enable_wandb=False",
+    ]
+    cpu, wall = cpu_run(cmd, cwd=out.parent)
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    return cpu, wall, sum(s.get("successes", 0) for s in stats)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    ap = c.parser(NAME, __doc__)
+    ap.add_argument(
+        "--before", type=Path, default=None, help="dir with an older mmpipe package to compare"
+    )
+    args = ap.parse_args(argv)
+    n = c.pick(args, 48, 600, 2400)
+    repeats = c.pick(args, 1, 2, 3)
+    rows = []
+    with c.workdir(args, NAME) as work:
+        exe = img2dataset_venv(work)
+        make_photos(work / "photos", n)
+        for r in range(repeats):
+            row: dict[str, Any] = {"repeat": r}
+            sides = {"mmpipe": None, "before": args.before} if args.before else {"mmpipe": None}
+            for side, code in sides.items():
+                cpu, wall, done = run_mmpipe(work / "photos", work / f"{side}-project", code)
+                row[side] = {"cpu_s": cpu, "wall_s": wall, "images": done}
+            i_cpu, i_wall, i_n = run_img2dataset(exe, work / "photos", work / "i2d-out")
+            row["img2dataset"] = {"cpu_s": i_cpu, "wall_s": i_wall, "images": i_n}
+            for side in sides:
+                rate = row[side]["images"] / row[side]["cpu_s"]
+                row[f"ratio_{side}"] = rate / (i_n / i_cpu)
+            rows.append(row)
+            print(f"  repeat {r}: {json.dumps(row)}", flush=True)
+    figures = []
+    for side in ("mmpipe", "before"):
+        if f"ratio_{side}" not in rows[0]:
+            continue
+        ratios = sorted(r[f"ratio_{side}"] for r in rows)
+        median = ratios[len(ratios) // 2]
+        rate = max(r[side]["images"] / r[side]["cpu_s"] for r in rows)
+        label = "mmpipe (this tree)" if side == "mmpipe" else f"mmpipe ({args.before})"
+        figures.append(c.figure(f"{label} ingest+align+shard", rate, "images/CPU-s"))
+        figures.append(
+            c.figure(
+                f"{label} / img2dataset, images per CPU-second",
+                median,
+                "x",
+                ratio=median,
+                target=f">= {TARGET}" if side == "mmpipe" else None,
+                met=(ratios[0] >= TARGET) if side == "mmpipe" else None,
+                note=f"median; {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(rows)} interleaved runs",
+            )
+        )
+    i2d = max(r["img2dataset"]["images"] / r["img2dataset"]["cpu_s"] for r in rows)
+    figures.append(c.figure(f"img2dataset {I2D_VERSION}", i2d, "images/CPU-s"))
+    conditions = {
+        "images": n,
+        "source": "coco-mini photos, one pixel changed per copy, q95",
+        "image_size": 256,
+        "jpeg_quality": 95,
+        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased BICUBIC",
+        "img2dataset": f"{I2D_VERSION}, file:// URLs, processes_count=1, resize_mode=keep_ratio",
+        "repeats": repeats,
+    }
+    return c.finish(NAME, args, argv, figures, conditions, {"rows": rows}, started)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
