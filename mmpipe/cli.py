@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,13 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="print the validated params (after --set) as JSON")
     _add_common(p)
     _add_predict_parsers(sub)
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the runs page URL")
-    p.add_argument("--project-dir", default=".")
-    p.add_argument("--port", type=int, default=5000)
     p = sub.add_parser(
-        "schedule", help="serve the nightly flow as a cron deployment on a local Prefect server"
+        "ui",
+        help="start the MLflow UI on the project's tracking store (127.0.0.1), print its URL",
+        description="Serve the MLflow UI on the store that tracking.uri names (a tracking "
+        "server's own UI is used as is) and print the runs page: one row per night.",
     )
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m flows.schedule`")
+    _add_common(p)
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    # `mmpipe schedule ...` never reaches argparse (see main); listed for `mmpipe --help`
+    sub.add_parser("schedule", help="serve the nightly flow on a cron schedule (see its --help)")
     return parser
 
 
@@ -142,11 +144,11 @@ def _run_predict(args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmpipe` and `python -m mmpipe`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["schedule"] and not {"-h", "--help"} & set(argv[1:2]):
-        # every option belongs to flows.schedule (argparse REMAINDER would reject "--cron ...");
-        # Prefect lives in flows/, which mmpipe must not import, hence the subprocess
-        cmd = [sys.executable, "-m", "flows.schedule", *argv[1:]]
-        return subprocess.call(cmd, env=os.environ.copy())
+    if argv[:1] == ["schedule"]:
+        # every argument, --help included, belongs to flows.schedule. Prefect lives in flows/,
+        # which mmpipe must not import; exec (not a child process) so that SIGTERM/SIGHUP from
+        # make, systemd or the terminal reach the process that stops the Prefect server
+        os.execv(sys.executable, [sys.executable, "-m", "flows.schedule", *argv[1:]])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -161,13 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             result = load_params(path, args.overrides).model_dump(mode="json")
         elif args.command in ("predict", "search"):
             result = _run_predict(args)
-        elif args.command == "ui":
-            from mmpipe.ui import serve_ui
+        else:  # ui
+            from mmpipe.ui import create_ui_target, serve_ui
 
-            serve_ui(Path(args.project_dir), port=args.port)
+            params = load_params(params_file(args.params, args.project_dir), args.overrides)
+            serve_ui(create_ui_target(params, args.project_dir), port=args.port)
             return 0
-        else:  # schedule --help
-            return subprocess.call([sys.executable, "-m", "flows.schedule", "--help"])
     except (ParamsError, MmpipeError) as exc:
         print(f"mmpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
