@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Tests never touch the user's state. `make test` exports PREFECT_HOME=<repo>/.mmpipe/prefect (and
+# flows/__init__ defaults to the cwd's): Prefect's DB and persisted task results of the tests'
+# temporary projects went there. A shell may also point at a shared Prefect API or MLflow server.
+# Set before anything imports prefect (its settings are read at import); inherited by subprocesses.
+TEST_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="mmpipe-tests-prefect-"))
+os.environ["PREFECT_HOME"] = str(TEST_PREFECT_HOME)
+for _var in (
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "PREFECT_PROFILE",
+    "PREFECT_PROFILES_PATH",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+):
+    os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -21,8 +41,15 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 def shared_data() -> Path:
     """The real image+text samples beside the repo (../shared/data); CI always has them."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"real samples missing: expected {SHARED_DATA} (CI clones shared/ beside the repo)")
+        pytest.fail(
+            f"real samples missing: expected {SHARED_DATA} (CI clones shared/ beside the repo)"
+        )
     return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the tests' Prefect home."""
+    shutil.rmtree(TEST_PREFECT_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,7 +110,9 @@ def make_project(dest: Path, overrides: list[str] | None = None) -> Path:
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
     shutil.copy(REPO / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
     params = load_params(REPO / "params.yaml", overrides or TINY_OVERRIDES)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    (dest / "params.yaml").write_text(
+        yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    )
     (dest / ".gitignore").write_text((REPO / ".gitignore").read_text())
     env = git_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
