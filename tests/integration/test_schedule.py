@@ -243,13 +243,19 @@ def _client(port: int):
 
 
 def _deployment(client, proc, log):
+    """The served deployment, once the runner of the serve process ``proc`` has polled it: from
+    then on its signal handling (pause the schedule on SIGTERM) is in place."""
+    import psutil
+
     name = f"tiny-nightly/{schedule.DEPLOYMENT}"
+    started = datetime.fromtimestamp(psutil.Process(proc.pid).create_time(), UTC)
 
     def read():
         try:
-            return client.read_deployment_by_name(name)
+            dep = client.read_deployment_by_name(name)
         except Exception:  # ObjectNotFound until the serve process has registered it
             return None
+        return dep if dep.last_polled is not None and dep.last_polled > started else None
 
     return _wait_for("the deployment", read, 60, proc, log)
 
