@@ -132,8 +132,16 @@ def project(tmp_path_factory) -> Path:
     return project
 
 
+def _env() -> dict[str, str]:
+    """This process's environment without the MLFLOW_TRACKING_URI that earlier tests' calls of
+    mlflow.set_tracking_uri() exported: the UI must find the store through the params."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
 def _target(project: Path, *overrides: str) -> ui.UiTarget:
-    return ui.create_ui_target(load_params(project / "params.yaml", list(overrides)), project)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return ui.create_ui_target(load_params(project / "params.yaml", list(overrides)), project)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +268,9 @@ def test_mmpipe_ui_stopped_by_a_signal_leaves_no_process(project, sig):
     MLflow server: nothing listens on the port and none of its processes survive."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mmpipe", "ui", "--project-dir", str(project), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=_env()
+    )
     server_procs: list[psutil.Process] = []
     try:
         assert proc.stdout is not None

@@ -20,4 +20,3 @@ def test_prefect_home_and_result_storage_are_the_tests_own():
     assert storage.is_relative_to(TEST_PREFECT_HOME), storage
     assert not storage.is_relative_to(REPO)
     assert "PREFECT_API_URL" not in os.environ  # no shared server from the user's shell
-    assert "MLFLOW_TRACKING_URI" not in os.environ

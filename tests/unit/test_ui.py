@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import pytest
 from mmpipe import ui
 from mmpipe.config import TrackingParams, load_params
 from mmpipe.errors import InputError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(metrics: dict[str, float], tags: dict[str, str] | None = None) -> dict:
@@ -42,6 +49,12 @@ def test_store_uri_is_the_one_the_pipeline_logs_to(uri, tmp_path, monkeypatch):
     assert ui.store_uri(uri, tmp_path) == "http://tracking.internal:5000"  # env wins, as there
 
 
+@pytest.fixture(autouse=True)
+def no_env_uri(monkeypatch):
+    """mlflow.set_tracking_uri() in earlier tests of this process exports MLFLOW_TRACKING_URI."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def test_target_follows_the_params(tmp_path):
     params = load_params(
         None,
@@ -71,7 +84,7 @@ def test_command_binds_loopback_and_keeps_the_store_uri_out_of_argv(tmp_path):
 def test_missing_sqlite_store_is_a_clear_error_and_creates_nothing(tmp_path):
     target = ui.create_ui_target(load_params(None), tmp_path)
     with pytest.raises(InputError, match="no MLflow store"):
-        ui.start_ui(target, port=1)
+        ui.start_ui(target, port=_free_port()).stop()  # stop: no server left if this fails
     assert not (tmp_path / ".mmpipe").exists()
 
 
