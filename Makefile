@@ -7,6 +7,7 @@ STAMP := $(VENV)/.mmpipe-installed
 # Project-local state for Prefect and the model hubs (offline); MLflow lives in .mmpipe/ too.
 export PREFECT_HOME := $(CURDIR)/.mmpipe/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -36,11 +37,14 @@ lint: setup
 bench: setup
 	$(PY) -m benchmarks
 
+# `make ui PORT=5001 ARGS="--set tracking.experiment=other"`; `make schedule PORT=4201 ARGS="--cron '0 3 * * *'"`
+# Each recipe is one command, so the shell execs it and make's SIGTERM/SIGHUP reach mmpipe,
+# which stops its server (the MLflow UI, the Prefect server) before exiting.
 ui: setup
-	$(PY) -m mmpipe ui
+	$(PY) -m mmpipe ui --port $(or $(PORT),5000) $(ARGS)
 
 schedule: setup
-	$(PY) -m mmpipe schedule
+	$(PY) -m mmpipe schedule --port $(or $(PORT),4200) $(ARGS)
 
 clean:
 	rm -rf data models reports .mmpipe

@@ -5,32 +5,30 @@
     mmpipe schedule [same arguments]
 
 What it does:
-1. Starts ``prefect server start --host 127.0.0.1 --port PORT`` in a subprocess, with its state
+1. Checks the arguments and the params (file + ``--set``) first, and exits 2 on an error: a bad
+   override fails now, not at 02:00.
+2. Starts ``prefect server start --host 127.0.0.1 --port PORT`` in a subprocess, with its state
    (SQLite DB, logs) under ``<project>/.mmpipe/prefect`` (``PREFECT_HOME``) and analytics off, or
    reuses a Prefect server that already answers ``/api/health`` on that port. A server this
-   command started is stopped when it exits; its log is ``<project>/.mmpipe/prefect/server.log``.
-2. Serves the nightly flow as deployment ``mmpipe-nightly/nightly`` with a cron schedule in the
+   command started is stopped when it exits (Ctrl-C, SIGTERM, SIGHUP); its log is
+   ``<project>/.mmpipe/prefect/server.log``.
+3. Serves the nightly flow as deployment ``mmpipe-nightly/nightly`` with a cron schedule in the
    given timezone (Prefect's cron is UTC unless the schedule carries one) and the given
    parameters. The server's scheduler creates the flow runs; this process executes them when they
-   are due (each in a subprocess) and only while it is alive: stop it and the runs go Late.
-   Ctrl-C stops serving (and pauses the schedule, Prefect's default for served deployments).
+   are due (each in a subprocess) and only while it is alive.
 
-The Prefect UI (runs, schedule, logs) is at ``http://127.0.0.1:PORT``.
+One nightly run at a time: the deployment has a concurrency limit of 1 with the CANCEL_NEW
+collision strategy. A run that becomes due while another one runs (a night that overran, an
+ad-hoc run during the nightly one) is Cancelled ("Deployment concurrency limit reached") rather
+than queued behind it. Missed nights: if this process was *killed* (crash, OOM, SIGKILL), the
+runs that fell due meanwhile are Late; the restarted process picks them up at once, one of them
+runs and the others are cancelled by the limit: one catch-up run. A clean stop (Ctrl-C, SIGTERM,
+``systemctl stop``) pauses the schedule (Prefect's default for served deployments), so no runs
+pile up while it is stopped; serving again resumes it (``paused=False``) with no catch-up.
 
-A shared Prefect server and a work pool, instead of this one-process set-up:
-
-    export PREFECT_API_URL=http://prefect.internal:4200/api   # the shared server
-    prefect work-pool create mmpipe --type process            # once
-    prefect deploy flows/nightly.py:nightly -n nightly -p mmpipe \\
-        --cron "0 2 * * *" --timezone Europe/Paris \\
-        --param project_dir=/srv/mmpipe --param params_file=params.yaml
-    prefect worker start -p mmpipe                            # on the training machine(s)
-
-(or in Python: ``nightly.deploy(name="nightly", work_pool_name="mmpipe",
-schedules=[Cron("0 2 * * *", timezone="Europe/Paris")], parameters={...})`` with the code reachable
-by the worker, e.g. ``nightly.from_source(<git url>, "flows/nightly.py:nightly")``). The worker,
-not a ``serve`` process, then has to be alive at 02:00; the server keeps the schedule. To reuse a
-running server with this module instead, pass its ``--port`` (it must listen on 127.0.0.1).
+Unattended: run it under a service manager that restarts it (``deploy/mmpipe-schedule.service``,
+a systemd user unit), or deploy to a work pool served by a worker (``deploy/prefect.yaml``).
+README "Scheduling" has the commands.
 """
 
 from __future__ import annotations
@@ -38,18 +36,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # prefect is imported lazily: `--help` and the CLI stay fast
+from mmpipe import services
+from mmpipe.config import ParamsError, load_params, params_file
+from mmpipe.errors import MmpipeError
+
+if TYPE_CHECKING:  # prefect is imported lazily: `--help` and argument errors stay fast
     from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
 
@@ -57,8 +54,10 @@ DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_PORT = 4200
 DEPLOYMENT = "nightly"
-HOST = "127.0.0.1"
-SERVER_ENTRY = "_server"  # argv[0] of the internal server entry point (see main)
+HOST = services.LOOPBACK
+# At most one nightly run at a time; one that collides with a running one is cancelled.
+CONCURRENCY_LIMIT = 1
+COLLISION_STRATEGY = "CANCEL_NEW"
 
 
 def prefect_home(project_dir: str | Path) -> Path:
@@ -72,7 +71,7 @@ def api_url(port: int) -> str:
 
 
 def server_env(project_dir: str | Path, port: int) -> dict[str, str]:
-    """Environment of the Prefect server subprocess (and of this process's Prefect client)."""
+    """Environment of the Prefect server subprocess."""
     home = prefect_home(project_dir)
     return {
         **os.environ,
@@ -85,109 +84,25 @@ def server_env(project_dir: str | Path, port: int) -> dict[str, str]:
 
 def server_healthy(port: int, timeout: float = 2.0) -> bool:
     """True if a Prefect API answers /api/health on 127.0.0.1:port."""
-    try:
-        with urllib.request.urlopen(f"{api_url(port)}/health", timeout=timeout) as resp:  # noqa: S310
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """End a process group we started (SIGTERM, then SIGKILL)."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def patch_prefect_for_sqlalchemy_2_1() -> bool:
-    """Let Prefect 3.8.8's scheduler insert runs under SQLAlchemy 2.1; True if it patched.
-
-    The scheduler bulk-inserts flow-run dicts that carry a ``state`` key, which is a hybrid
-    property of the FlowRun/TaskRun ORM models. SQLAlchemy 2.0 ignored such non-column keys;
-    2.1 calls the hybrid's ``bulk_dml`` hook and raises "Can't evaluate bulk DML statement; please
-    supply a bulk_dml decorated function" when there is none, so no cron run is ever created.
-    Prefect inserts the states itself right after, so a no-op hook restores 2.0's behaviour.
-    Remove once SQLAlchemy is pinned <2.1 or Prefect defines the hook.
-    """
-    import sqlalchemy
-
-    if tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) < (2, 1):
-        return False
-    from prefect.server.database import orm_models
-
-    patched = False
-    for model in (orm_models.FlowRun, orm_models.TaskRun):
-        hybrid = model.__dict__.get("state")
-        if hybrid is not None and getattr(hybrid, "bulk_dml_setter", "n/a") is None:
-            hybrid.inplace.bulk_dml(_ignore_state_in_bulk_insert)
-            patched = True
-    return patched
-
-
-def _ignore_state_in_bulk_insert(cls: type, mapping: dict[str, Any], value: Any) -> None:
-    """SQLAlchemy 2.0 behaviour: the ``state`` key of a bulk-inserted row sets no column."""
-
-
-def _run_prefect_server(argv: list[str]) -> int:
-    """`prefect server start ARGS` in this process, after the SQLAlchemy 2.1 patch."""
-    patch_prefect_for_sqlalchemy_2_1()
-    from prefect.cli import app
-
-    sys.argv = ["prefect", "server", "start", *argv]
-    app()
-    return 0
+    return services.http_ok(f"{api_url(port)}/health", timeout)
 
 
 def start_server(
     project_dir: str | Path, port: int, timeout: float = 90.0
 ) -> subprocess.Popen[bytes]:
-    """Start `prefect server start` on 127.0.0.1:port and wait for /api/health."""
+    """Start `prefect server start` on 127.0.0.1:port, wait for /api/health; the Popen."""
     home = prefect_home(project_dir)
-    home.mkdir(parents=True, exist_ok=True)
-    log_file = home / "server.log"
-    # `python -m flows.schedule _server ...` == `prefect server start ...` plus the compat patch
-    cmd = [sys.executable, "-m", "flows.schedule", SERVER_ENTRY]
+    cmd = [sys.executable, "-m", "prefect", "server", "start"]
     cmd += ["--host", HOST, "--port", str(port), "--analytics-off"]
-    with log_file.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=server_env(project_dir, port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parents[1],  # so `-m flows.schedule` imports this repo
-            start_new_session=True,  # own process group: _stop() ends uvicorn and services too
-        )
-    try:
-        _wait_healthy(proc, port, log_file, timeout)
-    except BaseException:  # timeout, crash, Ctrl-C or SIGTERM while waiting: leave no server
-        _stop(proc)
-        raise
-    return proc
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_file: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"prefect server exited with {proc.returncode}; {log_file}:\n{tail}")
-        if server_healthy(port):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server did not answer on {api_url(port)} within {timeout:.0f} s")
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM -> SystemExit, so `finally` blocks stop the server we started."""
-    raise SystemExit(128 + signum)
+    return services.start_server(
+        cmd,
+        name="the Prefect server",
+        health_url=f"{api_url(port)}/health",
+        log_file=home / "server.log",
+        env=server_env(project_dir, port),
+        cwd=home,
+        timeout=timeout,
+    )
 
 
 @contextlib.contextmanager
@@ -202,7 +117,7 @@ def prefect_server(project_dir: str | Path, port: int = DEFAULT_PORT) -> Iterato
     try:
         yield api_url(port)
     finally:
-        _stop(proc)
+        services.stop_group(proc)
 
 
 def nightly_parameters(
@@ -225,7 +140,8 @@ def build_deployment(
     parameters: dict[str, Any] | None = None,
     name: str = DEPLOYMENT,
 ) -> RunnerDeployment:
-    """The served deployment: the flow on a cron schedule in `timezone`, with fixed parameters."""
+    """The served deployment: the flow on a cron schedule in `timezone`, one run at a time."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
@@ -235,6 +151,12 @@ def build_deployment(
         parameters=parameters or {},
         description=f"{flow.name} at cron {cron!r} ({timezone})",
         tags=["mmpipe"],
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=CONCURRENCY_LIMIT,
+            collision_strategy=ConcurrencyLimitStrategy(COLLISION_STRATEGY),
+        ),
+        # a clean stop paused the schedule (Prefect's default): serving again resumes it
+        paused=False,
         # import the flow by module path (flows.nightly.nightly): no cwd-relative file path
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -249,8 +171,7 @@ def serve_schedule(
     overrides: list[str] | None = None,
     flow: Flow[..., Any] | None = None,
 ) -> None:
-    """Start/reuse the server and serve the nightly deployment until interrupted (blocks)."""
-    _validate(cron, timezone)
+    """Start/reuse the server and serve the nightly deployment until stopped (blocks)."""
     if flow is None:
         from flows.nightly import nightly as flow
     from prefect import serve
@@ -262,10 +183,6 @@ def serve_schedule(
     )
 
     params = nightly_parameters(params_file, overrides, project_dir)
-    if threading.current_thread() is threading.main_thread():
-        # until Prefect's runner installs its own SIGTERM handler (which also exits cleanly),
-        # the default action would kill this process and orphan the server it started
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with prefect_server(project_dir, port) as url:
         # settings (not only os.environ) reach the client here and the flow-run subprocesses
         updates = {
@@ -280,49 +197,75 @@ def serve_schedule(
             serve(deployment, print_starting_message=False)
 
 
-def _validate(cron: str, timezone: str) -> None:
-    """Fail before starting anything on a bad cron string or an unknown timezone."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Fail before starting anything: bad cron, unknown timezone, params that do not validate."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
     try:
-        CronSchedule(cron=cron, timezone=timezone)
+        CronSchedule(cron=args.cron, timezone=args.timezone)
     except ValidationError as exc:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise ValueError(f"{reasons} (cron e.g. '0 2 * * *', timezone e.g. Europe/Paris)") from exc
+    # what each scheduled run will load: nightly() reads the same file with the same overrides
+    load_params(params_file(args.params, args.project_dir), args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     """Arguments of `python -m flows.schedule` / `mmpipe schedule`."""
     ap = argparse.ArgumentParser(
-        prog="python -m flows.schedule", description=__doc__.split("\n")[0]
+        prog="mmpipe schedule",
+        description=__doc__.split("\n")[0],
+        epilog="Unattended use, missed and overlapping nights: README, section 'Scheduling'.",
     )
     ap.add_argument(
         "--cron", default=DEFAULT_CRON, help=f"cron schedule (default {DEFAULT_CRON!r})"
     )
-    ap.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="IANA timezone of the cron")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help="Prefect server port")
+    ap.add_argument(
+        "--timezone", default=DEFAULT_TIMEZONE, help="IANA timezone of the cron (default UTC)"
+    )
+    ap.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"Prefect server port (default {DEFAULT_PORT})",
+    )
     ap.add_argument("--params", default="params.yaml", help="params file (relative: to project)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--project-dir", default=".")
-    return ap
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one param in every scheduled run (repeatable); checked before serving",
+    )
+    ap.add_argument("--project-dir", default=".", help="project directory (default: .)")
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, flow: Flow[..., Any] | None = None) -> int:
     """CLI entry point; `flow` replaces the nightly flow (tests)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [SERVER_ENTRY]:  # internal: the server subprocess started by start_server
-        return _run_prefect_server(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        _validate(args.cron, args.timezone)
-    except ValueError as exc:
+        check_arguments(args)
+    except (ValueError, ParamsError) as exc:
         print(f"mmpipe schedule: error: {exc}", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        serve_schedule(
-            args.project_dir, args.cron, args.timezone, args.port, args.params, args.overrides, flow
-        )
+    try:
+        # SIGTERM/SIGHUP -> SystemExit, so the Prefect server started here is stopped too
+        with services.stop_on_signals(), contextlib.suppress(KeyboardInterrupt):
+            serve_schedule(
+                args.project_dir,
+                args.cron,
+                args.timezone,
+                args.port,
+                args.params,
+                args.overrides,
+                flow,
+            )
+    except MmpipeError as exc:  # the server did not start: its log tail is in the message
+        print(f"mmpipe schedule: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -97,13 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_predict_parsers(sub)
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the runs page URL")
-    p.add_argument("--project-dir", default=".")
-    p.add_argument("--port", type=int, default=5000)
     p = sub.add_parser(
-        "schedule", help="serve the nightly flow as a cron deployment on a local Prefect server"
+        "ui",
+        help="start the MLflow UI on the project's tracking store (127.0.0.1), print its URL",
+        description="Serve the MLflow UI on the store that tracking.uri names (a tracking "
+        "server's own UI is used as is) and print the runs page: one row per night.",
     )
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to `python -m flows.schedule`")
+    add_params_arguments(p)
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    # `mmpipe schedule ...` never reaches argparse (see main); listed for `mmpipe --help`
+    sub.add_parser("schedule", help="serve the nightly flow on a cron schedule (see its --help)")
     return parser
 
 
@@ -164,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `mmpipe` and `python -m mmpipe`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["schedule"]:
-        # every option belongs to flows.schedule (argparse REMAINDER would reject "--cron ...");
-        # Prefect lives in flows/, which mmpipe must not import, hence the subprocess
-        cmd = [sys.executable, "-m", "flows.schedule", *argv[1:]]
-        return subprocess.call(cmd, env=os.environ.copy())
+        # every argument, --help included, belongs to flows.schedule. Prefect lives in flows/,
+        # which mmpipe must not import; exec (not a child process) so that SIGTERM/SIGHUP from
+        # make, systemd or the terminal reach the process that stops the Prefect server
+        os.execv(sys.executable, [sys.executable, "-m", "flows.schedule", *argv[1:]])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -175,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "ui":
-            from mmpipe.ui import serve_ui
+            from mmpipe.ui import create_ui_target, serve_ui
 
-            serve_ui(Path(args.project_dir), port=args.port)
+            serve_ui(create_ui_target(params_from_args(args), args.project_dir), port=args.port)
             return 0
         result = _dispatch(args)
     except (ParamsError, MmpipeError) as exc:

@@ -1,77 +1,169 @@
-"""Start the MLflow UI on a project's tracking store and point the user at the runs table.
+"""Start the MLflow UI on a project's tracking store and point the user at each night's result.
 
-    mmpipe ui [--project-dir .] [--port 5000]
+    mmpipe ui [--params params.yaml] [--set section.key=value ...] [--project-dir .] [--port 5000]
 
-The UI is ``python -m mlflow server`` in a subprocess (this module never imports mlflow, so the
-CLI stays fast), bound to 127.0.0.1, reading the project's store: backend
-``sqlite:///<project>/.mmpipe/mlflow.db`` and artifacts ``<project>/.mmpipe/mlartifacts`` (the
-defaults of ``mmpipe/tracking.py``). Its log goes to ``<project>/.mmpipe/ui.log``.
+Which store: the project's params, as every other command reads them: ``MLFLOW_TRACKING_URI`` (env)
+> ``tracking.uri`` > ``sqlite:///<project>/.mmpipe/mlflow.db``; experiment ``tracking.experiment``,
+registered model ``register.model_name``. A SQLite or other database URI (PostgreSQL, MySQL) is
+served by ``python -m mlflow server`` in a subprocess (this module never imports mlflow: the CLI
+stays fast and ~150 MB lighter while it waits), bound to 127.0.0.1, its log in
+``<project>/.mmpipe/ui.log``. An ``http(s)://`` URI is a tracking server that serves its own UI:
+nothing is started, the URL points there.
 
-MLflow 3.17 opens in "GenAI" mode (a traces overview). That mode is a *UI-wide* setting, not an
-experiment property: the web app keeps ``workflowType`` ("genai" | "machine_learning") in browser
-localStorage (key ``mlflow.workflowType``, default "genai"), and a ``?workflowType=...`` query
-parameter in the page's hash route overrides it. The experiment tag ``mlflow.experimentKind`` is
-ignored for this choice in 3.17 (its feature flag is hard-wired on). So the printed URL carries the
-parameter: ``http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning``.
+The server runs without MLflow 3.17's job runner and its huey workers
+(``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``: GenAI jobs mmpipe does not use) and without
+telemetry (``MLFLOW_DISABLE_TELEMETRY=true``), in its own process group, stopped as a whole on
+Ctrl-C, SIGTERM or SIGHUP (see mmpipe/services.py).
 
-The 3.17 runs table also shows no metric columns by default (only Source, Models, Dataset), and
-column choices live in localStorage, not the URL. A *shared view* can carry them: the experiment
-tag ``mlflow.sharedViewState.<key>`` holds the view state as JSON (``{"selectedColumns":
-["metrics.`accuracy`", ...]}``) and ``&viewStateShareKey=<key>`` in the URL applies it. So
-``start_ui`` keeps the tag ``mlflow.sharedViewState.mmpipe-training`` listing the metrics of the
-latest runs (it only rewrites a tag it wrote itself, marked ``"mmpipeAuto": true``; a tag someone
-else wrote, e.g. tracking.py at experiment creation, is left alone) and links to it.
+The page the printed URL opens (MLflow 3.17 specifics):
+* "Model training" mode, not the GenAI traces overview: ``?workflowType=machine_learning`` in the
+  hash route (the mode is a UI-wide localStorage setting that this parameter overrides).
+* A *shared view*: the experiment tag ``mlflow.sharedViewState.mmpipe-training`` holds a view
+  state (columns, search filter, order) and ``&viewStateShareKey=mmpipe-training`` applies it. The
+  3.17 table shows no metric columns by default, and which columns/filter to show only lives in
+  the browser otherwise. ``start_ui`` rewrites that tag on each start from the recent runs (only
+  a tag it wrote itself, marked ``"mmpipeAuto": true``; a view someone saved is left alone).
+* Columns: ``HEADLINE_COLUMNS`` in that order, the ones some recent run has.
+* Rows: one per night with its result. The view cannot expand nested runs (3.17 keeps
+  ``runsExpanded`` out of shared views) and a flow's parent run collapses its children, so the
+  view filters on the runs that carry the results: the flow's parent runs once they log the
+  headline metrics, else the ``train`` runs (where the nightly flow logs ``test.*``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from mmpipe.errors import InputError, MmpipeError
+from mmpipe import services
+from mmpipe.config import Params
+from mmpipe.errors import InputError
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "mmpipe"
-REGISTERED_MODEL = "mmpipe-fusion"
 # The UI's "Model training" mode (see the module docstring): a query parameter of the hash route.
 ML_MODE = "workflowType=machine_learning"
 VIEW_KEY = "mmpipe-training"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-MAX_METRIC_COLUMNS = 16
+RECENT_RUNS = 50
+
+# The runs table's columns, in this order: "metrics.<key>", "tags.<key>" or "attributes.<name>".
+# One list for the flow's parent run and the train run, which log the same `test.*` names. A
+# column shows only when a recent run has it, so an unlabelled collection (no accuracy) or a
+# regression task (test.rmse) gets no empty columns. The task's own metric (`register.metric`)
+# comes first in any case. `promoted` (1/0 or true/false): whether that night moved the alias.
+HEADLINE_COLUMNS: tuple[str, ...] = (
+    "attributes.Models",  # the registered version each night produced
+    "metrics.test.accuracy",
+    "metrics.test.macro_f1",
+    "metrics.test.rmse",
+    "metrics.test.mae",
+    "metrics.test.i2t_r1",
+    "metrics.test.t2i_r1",
+    "metrics.test.fusion_gain",
+    "metrics.best_val_accuracy",
+    "metrics.val_accuracy",
+    "metrics.val_rmse",
+    "metrics.promoted",
+    "tags.promoted",
+    "metrics.test.n_test_pairs",
+    "metrics.test.n_labelled",
+    "metrics.epoch",
+)
+# Which runs are a night's result (see the module docstring).
+FLOW_FILTER = "tags.`mmpipe.kind` = 'flow'"
+TRAIN_FILTER = "attributes.run_name = 'train'"
 
 
-def store_paths(project_dir: str | Path) -> tuple[Path, Path]:
-    """The project's MLflow sqlite DB and artifacts directory (absolute)."""
-    state = Path(project_dir).resolve() / ".mmpipe"
-    return state / "mlflow.db", state / "mlartifacts"
+@dataclass(frozen=True)
+class UiTarget:
+    """What the UI shows: a tracking store, the experiment and registered model in it."""
+
+    tracking_uri: str
+    experiment: str = "mmpipe"
+    model_name: str = "mmpipe-fusion"
+    task_metric: str = "accuracy"
+    state_dir: Path = Path(".mmpipe")  # the project's .mmpipe/ (ui.log, default artifacts)
 
 
-def ui_command(project_dir: str | Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The argv that serves the MLflow UI + REST API on the project's store."""
-    db, artifacts = store_paths(project_dir)
+def create_ui_target(params: Params, project_dir: str | Path) -> UiTarget:
+    """The UI target of a project's params (tracking.*, register.*)."""
+    return UiTarget(
+        tracking_uri=store_uri(params.tracking.uri, project_dir),
+        experiment=params.tracking.experiment,
+        model_name=params.register.model_name,
+        task_metric=params.register.metric,
+        state_dir=Path(project_dir).resolve() / ".mmpipe",
+    )
+
+
+def store_uri(uri: str | None, project_dir: str | Path) -> str:
+    """The tracking URI the pipeline logs to: env MLFLOW_TRACKING_URI, else ``uri``, else default.
+
+    The same rule as ``mmpipe.tracking.tracking_uri`` (a test checks they agree), repeated here
+    because importing that module imports mlflow: ~2 s and ~150 MB in a process that lives as
+    long as the UI. A relative sqlite path is relative to the project.
+    """
+    root = Path(project_dir).resolve()
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env
+    if uri:
+        db = _sqlite_path(uri)
+        if db is not None and not db.is_absolute():
+            return f"sqlite:///{(root / db).as_posix()}"
+        return uri
+    return f"sqlite:///{(root / '.mmpipe' / 'mlflow.db').as_posix()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def is_remote(uri: str) -> bool:
+    """An MLflow tracking server (it serves its own UI), not a store to serve."""
+    return uri.startswith(("http://", "https://"))
+
+
+def artifacts_dir(target: UiTarget) -> Path:
+    """Where the server puts artifacts it proxies: beside a SQLite DB, else in .mmpipe/."""
+    db = _sqlite_path(target.tracking_uri)
+    return (db.parent if db is not None else target.state_dir) / "mlartifacts"
+
+
+def ui_command(target: UiTarget, host: str = services.LOOPBACK, port: int = 5000) -> list[str]:
+    """The argv of the MLflow server (the store URI goes in the environment: see ``ui_env``)."""
     return [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{db.as_posix()}",
         # experiments created through the UI/REST API put artifacts beside the DB too
-        "--artifacts-destination", artifacts.as_posix(),
+        "--artifacts-destination", artifacts_dir(target).as_posix(),
         "--host", host,
         "--port", str(port),
         "--workers", "1",  # a local single-user UI; more workers only slow the start
     ]  # fmt: skip
+
+
+def ui_env(target: UiTarget) -> dict[str, str]:
+    """The server's environment: the store (not in argv, where `ps` would show a DB password),
+    no job runner, no telemetry."""
+    return {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": target.tracking_uri,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
 
 
 def runs_url(base_url: str, experiment_id: str | None, view: bool = False) -> str:
@@ -82,52 +174,42 @@ def runs_url(base_url: str, experiment_id: str | None, view: bool = False) -> st
     return f"{base_url}/#/experiments/{experiment_id}/runs?{ML_MODE}{share}"
 
 
-def model_url(base_url: str, name: str = REGISTERED_MODEL) -> str:
+def model_url(base_url: str, name: str) -> str:
     """The registered model's page (its versions and aliases)."""
     return f"{base_url}/#/models/{urllib.parse.quote(name)}?{ML_MODE}"
 
 
 @dataclass
 class UiServer:
-    """A running MLflow UI subprocess; ``stop()`` ends it (and its workers)."""
+    """A UI at ``base_url``: a server subprocess started here, or a remote tracking server."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: a remote tracking server
     base_url: str
+    target: UiTarget
     experiment_id: str | None
-    log_file: Path
+    log_file: Path | None
     has_view: bool = False
     runs_url: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.runs_url = runs_url(self.base_url, self.experiment_id, self.has_view)
 
+    @property
+    def model_url(self) -> str:
+        """The registered model's page."""
+        return model_url(self.base_url, self.target.model_name)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server's process group, then kill it if it lingers."""
-        if self.process.poll() is not None:
-            return
-        _signal_group(self.process, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(self.process, signal.SIGKILL)
-            self.process.wait(timeout)
+        """Stop the server's whole process group (nothing to do for a remote server)."""
+        if self.process is not None:
+            services.stop_group(self.process, timeout)
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    # the server runs in its own session (start_new_session), so its group id is its pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+# --------------------------------------------------------------------------- REST helpers
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """True if something already listens on host:port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+def _get_json(url: str, timeout: float = 10.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - the user's store
         return json.loads(resp.read().decode())
 
 
@@ -135,11 +217,11 @@ def _post_json(url: str, body: dict, timeout: float = 10.0) -> dict:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the user's store
         return json.loads(resp.read().decode() or "{}")
 
 
-def get_experiment(base_url: str, name: str = EXPERIMENT) -> dict | None:
+def get_experiment(base_url: str, name: str) -> dict | None:
     """Experiment ``name`` as the REST API returns it, or None if it does not exist yet."""
     query = urllib.parse.urlencode({"experiment_name": name})
     try:
@@ -151,44 +233,79 @@ def get_experiment(base_url: str, name: str = EXPERIMENT) -> dict | None:
     return body["experiment"]
 
 
-def experiment_id(base_url: str, name: str = EXPERIMENT) -> str | None:
-    """The id of experiment ``name`` via the REST API, or None if it does not exist yet."""
-    exp = get_experiment(base_url, name)
-    return None if exp is None else str(exp["experiment_id"])
-
-
-def _recent_metric_keys(base_url: str, exp_id: str) -> list[str]:
+def recent_runs(base_url: str, exp_id: str, n: int = RECENT_RUNS) -> list[dict]:
+    """The experiment's ``n`` latest runs as the REST API returns them."""
     body = _post_json(
         f"{base_url}/api/2.0/mlflow/runs/search",
-        {"experiment_ids": [exp_id], "max_results": 50, "order_by": ["attributes.start_time DESC"]},
+        {"experiment_ids": [exp_id], "max_results": n, "order_by": ["attributes.start_time DESC"]},
     )
-    keys = {
-        m["key"] for run in body.get("runs", []) for m in run.get("data", {}).get("metrics", [])
+    return body.get("runs", [])
+
+
+# --------------------------------------------------------------------------- the landing view
+
+
+def _run_keys(run: dict) -> set[str]:
+    data = run.get("data", {})
+    return {f"metrics.{m['key']}" for m in data.get("metrics", [])} | {
+        f"tags.{t['key']}" for t in data.get("tags", [])
     }
-    return sorted(keys)[:MAX_METRIC_COLUMNS]
 
 
-def ensure_training_view(base_url: str, exp: dict) -> bool:
-    """Keep the shared view with the recent runs' metric columns; True if the view exists."""
+def _is_flow_run(run: dict) -> bool:
+    tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+    return tags.get("mmpipe.kind") == "flow"
+
+
+def headline_columns(runs: Iterable[dict], task_metric: str = "accuracy") -> list[str]:
+    """The declared columns that some of ``runs`` has, in order (the task's metric first of the
+    metrics), as MLflow column ids (``metrics.`test.accuracy```)."""
+    present = set().union(set(), *(_run_keys(r) for r in runs))
+    attrs = [c for c in HEADLINE_COLUMNS if c.startswith("attributes.")]
+    rest = [c for c in HEADLINE_COLUMNS if not c.startswith("attributes.")]
+    wanted = dict.fromkeys([*attrs, f"metrics.test.{task_metric}", *rest])
+    columns = [c for c in wanted if c.startswith("attributes.") or c in present]
+    return [f"{kind}.`{key}`" for kind, key in (c.split(".", 1) for c in columns)]
+
+
+def landing_filter(runs: Iterable[dict]) -> str:
+    """The search filter whose rows are each night's result (see the module docstring)."""
+    metric_cols = {c for c in HEADLINE_COLUMNS if c.startswith("metrics.test.")}
+    runs = list(runs)
+    if any(_is_flow_run(r) and _run_keys(r) & metric_cols for r in runs):
+        return FLOW_FILTER
+    if any(_run_keys(r) & metric_cols for r in runs):
+        return TRAIN_FILTER
+    return ""
+
+
+def landing_view(runs: Iterable[dict], task_metric: str = "accuracy") -> dict[str, Any]:
+    """The shared view state: headline columns in order, one row per night, newest first."""
+    runs = list(runs)
+    columns = headline_columns(runs, task_metric)
+    search = landing_filter(runs)
+    return {
+        "selectedColumns": columns,
+        "columnOrder": columns,  # else the table sorts the selected columns alphabetically
+        "searchFilter": search,
+        # 3.17 nests child runs under their parent (collapsed, and the parents of matching
+        # children are fetched too) only when sorted by start time: the train runs, children
+        # of the flow's runs, show as rows of their own when sorted by end time instead
+        "orderByKey": "attributes.end_time" if search == TRAIN_FILTER else "attributes.start_time",
+        "orderByAsc": False,
+        "mmpipeAuto": True,  # ours: safe to rewrite when the runs change
+    }
+
+
+def ensure_landing_view(base_url: str, exp: dict, task_metric: str = "accuracy") -> bool:
+    """Keep the shared landing view up to date with the recent runs; True if the view exists."""
     tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
-    if VIEW_TAG in tags:
-        try:
-            if not json.loads(tags[VIEW_TAG]).get("mmpipeAuto"):
-                return True  # someone chose this view on purpose: leave it
-        except (ValueError, AttributeError):
-            return True
-    metrics = _recent_metric_keys(base_url, str(exp["experiment_id"]))
-    if not metrics:
+    if VIEW_TAG in tags and not _is_ours(tags[VIEW_TAG]):
+        return True  # someone chose this view on purpose: leave it
+    runs = recent_runs(base_url, str(exp["experiment_id"]))
+    if not runs:
         return VIEW_TAG in tags
-    state = {
-        "selectedColumns": [
-            "attributes.`Source`",
-            "attributes.`Models`",
-            *(f"metrics.`{k}`" for k in metrics),
-        ],
-        "mmpipeAuto": True,  # ours: safe to refresh when new metrics appear
-    }
-    value = json.dumps(state)
+    value = json.dumps(landing_view(runs, task_metric))
     if tags.get(VIEW_TAG) != value:
         _post_json(
             f"{base_url}/api/2.0/mlflow/experiments/set-experiment-tag",
@@ -197,96 +314,102 @@ def ensure_training_view(base_url: str, exp: dict) -> bool:
     return True
 
 
-def _log_tail(path: Path, n: int = 15) -> str:
+def _is_ours(value: str) -> bool:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+        return bool(json.loads(value).get("mmpipeAuto"))
+    except (ValueError, AttributeError):
+        return False
 
 
-def _wait_healthy(
-    proc: subprocess.Popen[bytes], base_url: str, log_file: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MmpipeError(
-                f"the MLflow UI exited with code {proc.returncode} before answering; "
-                f"last lines of {log_file}:\n{_log_tail(log_file)}"
-            )
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise MmpipeError(
-        f"the MLflow UI did not answer on {base_url} within {timeout:.0f} s; see {log_file}"
-    )
+# --------------------------------------------------------------------------- start / serve
 
 
 def start_ui(
-    project_dir: str | Path, host: str = "127.0.0.1", port: int = 5000, timeout: float = 90.0
+    target: UiTarget, host: str = services.LOOPBACK, port: int = 5000, timeout: float = 90.0
 ) -> UiServer:
-    """Start the UI subprocess on the project's store and wait until it answers; don't block."""
-    db, artifacts = store_paths(project_dir)
-    if not db.is_file():
+    """Start the UI server on the target's store (or use a remote one); return once it answers."""
+    if target.tracking_uri.startswith("databricks"):
+        raise InputError(f"tracking URI {target.tracking_uri!r}: open the Databricks workspace UI")
+    if is_remote(target.tracking_uri):
+        base_url = target.tracking_uri.rstrip("/")
+        if not services.http_ok(f"{base_url}/health", timeout=10):
+            raise InputError(f"the MLflow tracking server {base_url} does not answer /health")
+        return _finish_start(None, base_url, target, None)
+    db = _sqlite_path(target.tracking_uri)
+    if db is not None and not db.is_file():
         raise InputError(
-            f"no MLflow store at {db}: run the pipeline first (`mmpipe run` or "
-            f"`python -m flows.nightly --project-dir {Path(project_dir)}`)"
+            f"no MLflow store at {db}: run the pipeline first (`make run`, `mmpipe run` or "
+            f"`python -m flows.nightly`)"
         )
-    if port_in_use(host, port):
-        raise InputError(f"port {port} on {host} is already in use: pass another --port")
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log_file = db.parent / "ui.log"
+    if services.port_in_use(host, port):
+        raise InputError(
+            f"port {port} on {host} is already in use: pass another (`mmpipe ui --port "
+            f"{port + 1}`, `make ui PORT={port + 1}`)"
+        )
+    artifacts_dir(target).mkdir(parents=True, exist_ok=True)
+    log_file = target.state_dir / "ui.log"
     base_url = f"http://{host}:{port}"
-    with log_file.open("wb") as out:
-        proc = subprocess.Popen(
-            ui_command(project_dir, host, port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # one process group: stop() ends the workers too
-            cwd=db.parent,  # anything MLflow writes relative to the cwd stays in .mmpipe/
-        )
+    proc = services.start_server(
+        ui_command(target, host, port),
+        name="the MLflow UI",
+        health_url=f"{base_url}/health",
+        log_file=log_file,
+        env=ui_env(target),
+        cwd=target.state_dir,  # anything MLflow writes relative to the cwd stays in .mmpipe/
+        timeout=timeout,
+    )
     try:
-        _wait_healthy(proc, base_url, log_file, timeout)
-        exp = get_experiment(base_url)
-        has_view = exp is not None and ensure_training_view(base_url, exp)
+        return _finish_start(proc, base_url, target, log_file)
     except BaseException:
-        UiServer(proc, base_url, None, log_file).stop()
+        services.stop_group(proc)
         raise
+
+
+def _finish_start(
+    proc: subprocess.Popen[bytes] | None, base_url: str, target: UiTarget, log_file: Path | None
+) -> UiServer:
+    exp = get_experiment(base_url, target.experiment)
+    has_view = exp is not None and ensure_landing_view(base_url, exp, target.task_metric)
     exp_id = None if exp is None else str(exp["experiment_id"])
-    return UiServer(proc, base_url, exp_id, log_file, has_view)
+    return UiServer(proc, base_url, target, exp_id, log_file, has_view)
 
 
 def serve_ui(
-    project_dir: str | Path,
-    host: str = "127.0.0.1",
+    target: UiTarget,
+    host: str = services.LOOPBACK,
     port: int = 5000,
     *,
     block: bool = True,
     timeout: float = 90.0,
     out: TextIO | None = None,
 ) -> UiServer:
-    """Start the UI, print the runs-table URL; with ``block`` serve until Ctrl-C, then stop it."""
+    """Start the UI and print its URLs; with ``block``, serve until Ctrl-C/SIGTERM/SIGHUP."""
     out = out or sys.stdout
-    server = start_ui(project_dir, host, port, timeout)
+    with services.stop_on_signals():
+        server = start_ui(target, host, port, timeout)
+        try:
+            _print_urls(server, out)
+            if block and server.process is not None:
+                server.process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if block:
+                server.stop()
+    return server
+
+
+def _print_urls(server: UiServer, out: TextIO) -> None:
     if server.experiment_id is None:
         log.warning(
-            "experiment %r does not exist yet in %s", EXPERIMENT, store_paths(project_dir)[0]
-        )
+            "experiment %r does not exist yet in %s", server.target.experiment,
+            server.target.tracking_uri,
+        )  # fmt: skip
     # the URL is the command's output (what `mmpipe ui` is for), so it goes to stdout
     print(f"MLflow UI: {server.runs_url}", file=out)
-    print(f"  registered model: {model_url(server.base_url)}", file=out)
-    print(f"  log: {server.log_file}   (Ctrl-C stops the UI)", file=out, flush=True)
-    if not block:
-        return server
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return server
+    print(f"  registered model: {server.model_url}", file=out)
+    if server.process is None:
+        print(f"  (served by the tracking server {server.base_url}; nothing started)", file=out)
+    else:
+        print(f"  log: {server.log_file}   (Ctrl-C stops the UI)", file=out)
+    out.flush()

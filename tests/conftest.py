@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Tests never touch the user's state. `make test` exports PREFECT_HOME=<repo>/.mmpipe/prefect (and
+# flows/__init__ defaults to the cwd's): Prefect's DB and persisted task results of the tests'
+# temporary projects went there. A shell may also point at a shared Prefect API or MLflow server.
+# Set before anything imports prefect (its settings are read at import); inherited by subprocesses.
+# A subprocess of the test session that imports this module (a benchmark script) keeps the
+# isolated PREFECT_HOME its environment already has, and creates no directory of its own.
+_INHERITED = os.environ.get("MMPIPE_TEST_PREFECT_HOME")
+if _INHERITED:
+    TEST_PREFECT_HOME = Path(_INHERITED)
+else:
+    TEST_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="mmpipe-tests-prefect-"))
+    os.environ["MMPIPE_TEST_PREFECT_HOME"] = str(TEST_PREFECT_HOME)
+    os.environ["PREFECT_HOME"] = str(TEST_PREFECT_HOME)
+    for _var in (
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_PROFILE",
+        "PREFECT_PROFILES_PATH",
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        "PREFECT_LOCAL_STORAGE_PATH",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_REGISTRY_URI",
+    ):
+        os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,6 +52,12 @@ def shared_data() -> Path:
             f"real samples missing: expected {SHARED_DATA} (CI clones shared/ beside the repo)"
         )
     return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the tests' Prefect home (the session that created it)."""
+    if not _INHERITED:
+        shutil.rmtree(TEST_PREFECT_HOME, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

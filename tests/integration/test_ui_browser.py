@@ -1,24 +1,31 @@
 """`mmpipe ui` in a real browser: headless Debian Chromium (Playwright) against the MLflow UI.
 
-Builds a project-like store (<tmp>/.mmpipe/mlflow.db + mlartifacts) with one run in experiment
-"mmpipe" and a registered "mmpipe-fusion" version aliased "champion", starts the UI through
-mmpipe.ui.serve_ui, and checks what a training user must see: the runs table (not the GenAI
-traces overview) with the run's metric, and the champion alias on the model page. Screenshots go
-to test-artifacts/ (gitignored).
+The store is shaped like the nightly flow's: per night a parent run ``nightly`` (tag
+``mmpipe.kind=flow``) with nested stage runs, the ``train`` run carrying ``test.*`` metrics and the
+model, a registered ``mmpipe-fusion`` version per night and the ``champion`` alias on the better
+one. The UI is started through mmpipe.ui with the project's params, and each landing page is
+checked for what a training user must see there (``LANDING``). Screenshots go to
+test-artifacts/ (gitignored).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import shutil
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from mmpipe import ui
+from mmpipe import services, ui
+from mmpipe.config import load_params
 
 pytestmark = [
     pytest.mark.browser,
@@ -38,8 +45,18 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-RUN_NAME = "nightly-browser-check"
-ACCURACY = 0.8125
+EXPERIMENT = "nightly-retraining"  # not the default: the UI must follow tracking.experiment
+# Two nights: (test accuracy, macro F1); night 2 is better, so it holds the champion alias.
+NIGHTS = [(0.6875, 0.6512), (0.8125, 0.7934)]
+# What each landing page must show, in order where it matters (table headers left to right).
+# The champion's model card (written by the register stage) is one more entry under "model".
+HEADLINE_HEADERS = ["Models", "test.accuracy", "test.macro_f1", "test.i2t_r1", "test.t2i_r1",
+                    "test.fusion_gain", "val_accuracy", "test.n_test_pairs"]  # fmt: skip
+LANDING = {
+    "runs": [str(acc) for acc, _ in NIGHTS],
+    "model": ["champion", "Version 2"],
+}
+NOT_SHOWN = ["lr", "bytes", "captions.accepted"]  # logged, but not headline metrics
 
 
 def _require_chromium() -> None:
@@ -56,9 +73,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _log_night(client, exp_id: str, night: int, model_cls) -> str:
+    """One night as the flow logs it: parent, a data stage, train with test.* and the model."""
+    import mlflow
+
+    acc, f1 = NIGHTS[night]
+    parent = client.create_run(exp_id, run_name="nightly", tags={"mmpipe.kind": "flow"})
+    pid = parent.info.run_id
+    stage = client.create_run(
+        exp_id, run_name="ingest", tags={"mlflow.parentRunId": pid, "mmpipe.kind": "stage"}
+    )
+    client.log_metric(stage.info.run_id, "captions.accepted", 96)
+    client.log_metric(stage.info.run_id, "bytes", 123456)
+    client.set_terminated(stage.info.run_id)
+    with mlflow.start_run(experiment_id=exp_id, run_name="train", parent_run_id=pid):
+        mlflow.log_metrics({"lr": 0.001, "val_accuracy": acc - 0.05, "epoch": 3})
+        mlflow.log_metrics({"test.accuracy": acc, "test.macro_f1": f1, "test.i2t_r1": 0.25})
+        mlflow.log_metrics({"test.t2i_r1": 0.5, "test.fusion_gain": 0.125})
+        mlflow.log_metrics({"test.n_test_pairs": 32})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=model_cls(), pip_requirements=["mlflow"]
+        )
+    client.set_terminated(pid)
+    return info.model_uri
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[Path, str]:
-    """A project dir whose MLflow store holds one run + a champion model version."""
+def project(tmp_path_factory) -> Path:
+    """A project whose params name the experiment, with two nights in its MLflow store."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -67,38 +109,46 @@ def store(tmp_path_factory) -> tuple[Path, str]:
             return model_input
 
     project = tmp_path_factory.mktemp("ui-project")
+    (project / "params.yaml").write_text(f"tracking:\n  experiment: {EXPERIMENT}\n")
     state = project / ".mmpipe"
     state.mkdir()
     uri = f"sqlite:///{state / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     exp_id = client.create_experiment(
-        ui.EXPERIMENT, artifact_location=(state / "mlartifacts").as_uri()
+        EXPERIMENT, artifact_location=(state / "mlartifacts").as_uri()
     )
     # both: an earlier test in this process may have pointed the registry elsewhere
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with mlflow.start_run(experiment_id=exp_id, run_name=RUN_NAME) as run:
-            mlflow.log_metrics({"accuracy": ACCURACY, "val_loss": 0.4321})
-            mlflow.log_param("train.lr", 0.001)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=Echo(), pip_requirements=["mlflow"]
+        for night in range(len(NIGHTS)):
+            version = mlflow.register_model(
+                _log_night(client, exp_id, night, Echo), "mmpipe-fusion"
             )
-        version = mlflow.register_model(info.model_uri, ui.REGISTERED_MODEL).version
-        client.set_registered_model_alias(ui.REGISTERED_MODEL, "champion", version)
+        client.set_registered_model_alias("mmpipe-fusion", "champion", version.version)
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    assert run.info.run_name == RUN_NAME
-    return project, str(version)
+    return project
+
+
+def _env() -> dict[str, str]:
+    """This process's environment without the MLFLOW_TRACKING_URI that earlier tests' calls of
+    mlflow.set_tracking_uri() exported: the UI must find the store through the params."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def _target(project: Path, *overrides: str) -> ui.UiTarget:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return ui.create_ui_target(load_params(project / "params.yaml", list(overrides)), project)
 
 
 @pytest.fixture(scope="module")
-def server(store):
-    project, _ = store
+def server(project):
     out = io.StringIO()
     t0 = time.monotonic()
-    srv = ui.serve_ui(project, port=_free_port(), block=False, out=out)
+    srv = ui.serve_ui(_target(project), port=_free_port(), block=False, out=out)
     print(f"MLflow UI up in {time.monotonic() - t0:.1f} s")
     try:
         yield srv, out.getvalue()
@@ -120,12 +170,6 @@ def browser():
             b.close()
 
 
-def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
-    page.goto(url)
-    return page
-
-
 def _close_assistant(page) -> None:
     """MLflow 3.17 auto-opens an "MLflow Assistant" side panel a moment after load: close it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -138,7 +182,25 @@ def _close_assistant(page) -> None:
     page.get_by_text("Ask questions about your").first.wait_for(state="hidden", timeout=5_000)
 
 
-def test_serve_ui_prints_the_model_training_runs_url(server):
+def _open(browser, url: str, page_name: str):
+    """The landing page, after checking every ``LANDING[page_name]`` text shows on it."""
+    page = browser.new_page(viewport={"width": 1900, "height": 1000})
+    page.goto(url)
+    for text in LANDING[page_name]:
+        page.get_by_text(text).first.wait_for(timeout=60_000)
+    _close_assistant(page)
+    return page
+
+
+def _header_x(page, text: str) -> float:
+    """Left edge of the runs table's column header ``text``."""
+    header = page.get_by_role("columnheader").filter(has_text=re.compile(f"^{re.escape(text)}$"))
+    box = header.first.bounding_box(timeout=10_000)
+    assert box is not None, f"column {text!r} not rendered"
+    return box["x"]
+
+
+def test_serve_ui_prints_the_landing_url_of_the_configured_experiment(server):
     srv, printed = server
     assert srv.experiment_id is not None
     expected = (
@@ -147,54 +209,85 @@ def test_serve_ui_prints_the_model_training_runs_url(server):
     )
     assert srv.runs_url == expected
     assert f"MLflow UI: {expected}" in printed
+    assert f"{srv.base_url}/#/models/mmpipe-fusion?" in printed
     assert srv.base_url.startswith("http://127.0.0.1:")
 
 
-def test_runs_page_shows_the_run_and_its_metric(server, browser):
+def test_runs_page_shows_each_nights_result_in_the_headline_columns(server, browser):
     srv, _ = server
     ARTIFACTS.mkdir(exist_ok=True)
-    page = _page(browser, srv.runs_url)
+    page = _open(browser, srv.runs_url, "runs")
     try:
-        page.get_by_text(RUN_NAME).first.wait_for(timeout=60_000)
         # the "Model training" runs table, not the GenAI overview/traces landing page
         page.get_by_role("heading", name="Runs").first.wait_for(timeout=10_000)
         assert page.get_by_text("Training runs", exact=True).count() == 0  # GenAI-mode title
-        # the metric column comes from the shared view (not shown by default in 3.17)
-        page.get_by_text(str(ACCURACY), exact=True).first.wait_for(timeout=20_000)
-        page.get_by_text("accuracy", exact=True).first.wait_for(timeout=5_000)
-        _close_assistant(page)
+        xs = [_header_x(page, h) for h in HEADLINE_HEADERS]
+        assert xs == sorted(xs), dict(zip(HEADLINE_HEADERS, xs, strict=True))  # declared order
+        for name in NOT_SHOWN:
+            assert page.get_by_role("columnheader", name=name, exact=True).count() == 0
+        # one row per night with its own result, not a collapsed parent run without metrics
+        for _acc, f1 in NIGHTS:
+            page.get_by_text(str(f1), exact=True).first.wait_for(timeout=5_000)
+        assert page.get_by_text("mmpipe-fusion", exact=True).count() == len(NIGHTS)
         page.screenshot(path=str(ARTIFACTS / "mlflow-runs.png"))
     finally:
         page.close()
 
 
-def test_model_page_shows_the_champion_alias(server, store, browser):
+def test_model_page_shows_the_champion(server, browser):
     srv, _ = server
-    _, version = store
     ARTIFACTS.mkdir(exist_ok=True)
-    page = _page(browser, ui.model_url(srv.base_url))
+    page = _open(browser, srv.model_url, "model")
     try:
-        page.get_by_text(f"Version {version}", exact=True).first.wait_for(timeout=60_000)
-        page.get_by_text("champion").first.wait_for(timeout=10_000)
-        _close_assistant(page)
-    finally:
         page.screenshot(path=str(ARTIFACTS / "mlflow-model-champion.png"))
+    finally:
         page.close()
 
 
-def test_missing_store_is_a_clear_error(tmp_path):
-    from mmpipe.errors import InputError
+def test_a_tracking_server_uri_uses_that_servers_ui(server, project):
+    """tracking.uri = http://...: nothing is started, the URLs point at that server."""
+    srv, _ = server
+    out = io.StringIO()
+    remote = ui.serve_ui(_target(project, f"tracking.uri={srv.base_url}"), port=1, out=out)
+    assert remote.process is None
+    assert remote.runs_url == srv.runs_url
+    assert "nothing started" in out.getvalue()
 
-    with pytest.raises(InputError, match="no MLflow store"):
-        ui.serve_ui(tmp_path, port=_free_port(), block=False)
-    assert not (tmp_path / ".mmpipe").exists()  # nothing created as a side effect
+
+def _listeners(port: int) -> list[int]:
+    return [
+        c.pid or -1
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
 
 
-def test_ui_command_binds_loopback_on_the_project_store(tmp_path):
-    cmd = ui.ui_command(tmp_path, port=5123)
-    db = tmp_path.resolve() / ".mmpipe" / "mlflow.db"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{db}"
-    assert cmd[cmd.index("--artifacts-destination") + 1] == str(db.parent / "mlartifacts")
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--port") + 1] == "5123"
-    assert shutil.which(cmd[0]) or Path(cmd[0]).exists()
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_mmpipe_ui_stopped_by_a_signal_leaves_no_process(project, sig):
+    """`mmpipe ui` ended by SIGTERM (kill, make) or SIGHUP (terminal closed) stops the whole
+    MLflow server: nothing listens on the port and none of its processes survive."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mmpipe", "ui", "--project-dir", str(project), "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=_env()
+    )
+    server_procs: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the server answers
+        assert line.startswith("MLflow UI: http://127.0.0.1:"), line
+        server_procs += psutil.Process(proc.pid).children(recursive=True)
+        assert server_procs and _listeners(port)
+        # job runner off: the server is `mlflow server` + one uvicorn worker, no huey consumers
+        assert len(server_procs) == 2, [p.cmdline()[:4] for p in server_procs]
+        proc.send_signal(sig)  # to `mmpipe ui` only, as kill or a terminal would
+        assert proc.wait(30) == 128 + sig
+        gone, alive = psutil.wait_procs(server_procs, timeout=10)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+        assert not _listeners(port) and not services.port_in_use("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in server_procs:  # only if the test failed: leave nothing behind
+            with contextlib.suppress(psutil.Error):
+                p.kill()
