@@ -93,8 +93,14 @@ def test_predict_works_outside_a_project_without_params_yaml(tmp_path, monkeypat
 
 def test_schedule_hands_every_argument_to_flows_schedule(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.append(cmd) or 0)
-    assert cli.main(["schedule", "--cron", "0 3 * * *", "--help"]) == 0
+    # exec, not a child process: SIGTERM/SIGHUP must reach the process that owns the server
+    def execv(exe, argv):
+        seen.append(argv)
+        raise SystemExit(0)  # a real exec never returns
+
+    monkeypatch.setattr(cli.os, "execv", execv)
+    with pytest.raises(SystemExit):
+        cli.main(["schedule", "--cron", "0 3 * * *", "--help"])
     assert seen[0][1:] == ["-m", "flows.schedule", "--cron", "0 3 * * *", "--help"]
 
 
