@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks._common import REPO, RESULTS, machine
 from benchmarks._common import _fmt as fmt
 
-SCRIPTS = ("ingest_shard", "loader", "memory", "growth", "orchestration", "train")
+SCRIPTS = ("ingest_shard", "loader", "memory", "growth", "orchestration", "train", "ui")
 
 
 def markdown(payloads: list[dict[str, Any]]) -> str:
@@ -62,10 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== benchmarks.bench_{name} {' '.join(flag)}", flush=True)
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *flag, "--out-dir", str(args.out_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            f"benchmarks.bench_{name}",
+            *flag,
+            "--out-dir",
+            str(args.out_dir),
+        ]
         rc = subprocess.run(cmd, cwd=REPO).returncode
         out = args.out_dir / f"{name}.json"
-        if rc != 0 or not out.exists() or out.stat().st_mtime < time.time() - (time.perf_counter() - t0) - 1:
+        if (
+            rc != 0
+            or not out.exists()
+            or out.stat().st_mtime < time.time() - (time.perf_counter() - t0) - 1
+        ):
             failed.append(name)
             print(f"!! bench_{name} failed (exit {rc})", file=sys.stderr, flush=True)
             continue

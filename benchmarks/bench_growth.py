@@ -58,8 +58,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warm = c.synthetic_source(work / "warm-source", sizes[0], 96)
         run_ingest(c.folder_ingest_params(warm, workers), work / "warm" / "ingest")
         run_align(work / "warm" / "ingest", AlignParams(), work / "warm" / "align")
-        run_shard(work / "warm" / "align", work / "warm" / "ingest", c.shard_params(64, workers),
-                  work / "warm" / "shards")
+        run_shard(
+            work / "warm" / "align",
+            work / "warm" / "ingest",
+            c.shard_params(64, workers),
+            work / "warm" / "shards",
+        )
         run_train(work / "warm" / "shards", tp, work / "warm" / "model")
         for n in sizes:
             src = c.synthetic_source(work / f"source-{n}", n, 96)
@@ -73,11 +77,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t3 = time.perf_counter()
             tr = run_train(w / "shards", tp, w / "model")
             epoch = tr["history"][0]
-            rows.append({
-                "n": n, "ingest": t1 - t0, "align": t2 - t1, "shard": t3 - t2,
-                "train_epoch": epoch["epoch_seconds"], "train_samples": rep["samples_per_split"]["train"],
-                "train_samples_per_s": epoch["samples_per_s"],
-            })
+            rows.append(
+                {
+                    "n": n,
+                    "ingest": t1 - t0,
+                    "align": t2 - t1,
+                    "shard": t3 - t2,
+                    "train_epoch": epoch["epoch_seconds"],
+                    "train_samples": rep["samples_per_split"]["train"],
+                    "train_samples_per_s": epoch["samples_per_s"],
+                }
+            )
             print(f"  N={n}: " + ", ".join(f"{k}={v:.2f}" for k, v in rows[-1].items()), flush=True)
 
     figures = []
@@ -96,15 +106,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "per_item_ratio_largest_vs_smallest": round(per_item[-1] / per_item[0], 4),
             "marginal_ratio_high_vs_low": round(marg_hi / marg_lo, 4) if marg_lo > 0 else None,
         }
-        figures.append(c.figure(
-            f"{stage}: s per 1k images", f["slope"] * 1000, "s/1k", ratio=f["r2"],
-            target=f"R^2 >= {R2_TARGET}", met=f["r2"] >= R2_TARGET,
-            note=f"fixed {f['intercept']:.2f}s; per-item cost N={xs[-1]} vs N={xs[0]}: "
-            f"{per_item[-1] / per_item[0]:.2f}x",
-        ))
+        figures.append(
+            c.figure(
+                f"{stage}: s per 1k images",
+                f["slope"] * 1000,
+                "s/1k",
+                ratio=f["r2"],
+                target=f"R^2 >= {R2_TARGET}",
+                met=f["r2"] >= R2_TARGET,
+                note=f"fixed {f['intercept']:.2f}s; per-item cost N={xs[-1]} vs N={xs[0]}: "
+                f"{per_item[-1] / per_item[0]:.2f}x",
+            )
+        )
     conditions = {
-        "sizes": sizes, "source_size": 96, "captions_per_image": 1, "stored_size": 64,
-        "shard_copies": 0, "workers": workers, "train": tp.model_dump(mode="json"),
+        "sizes": sizes,
+        "source_size": 96,
+        "captions_per_image": 1,
+        "stored_size": 64,
+        "shard_copies": 0,
+        "workers": workers,
+        "train": tp.model_dump(mode="json"),
         "ratio_column": "R^2 of the linear fit",
     }
     data = {"rows": [{k: round(v, 4) for k, v in r.items()} for r in rows], "fits": fits}

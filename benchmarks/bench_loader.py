@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         src = c.synthetic_source(work / "source", n, 96)
         ingest_dir, align_dir, _ = c.ingest_align(src, work, workers=2)
         shard_dir = work / "shards"
-        run_shard(align_dir, ingest_dir, c.shard_params(stored, workers=2, maxcount=1000), shard_dir)
+        run_shard(
+            align_dir, ingest_dir, c.shard_params(stored, workers=2, maxcount=1000), shard_dir
+        )
         manifest = json.loads((shard_dir / "manifest.json").read_text())
         tars = [shard_dir / s["name"] for s in manifest["splits"]["train"]["shards"]]
         train_count = manifest["splits"]["train"]["count"]
@@ -157,30 +159,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r_folder1 = rate["loader_w1"] / rate["folder_w1"]
     figures = [
         c.figure("raw tar read + decode, main process", rate["raw_tar"], "samples/s"),
-        c.figure("create_dataloader, num_workers=0", rate["loader_w0"], "samples/s", ratio=r_raw,
-                 target="ratio >= 0.9 of raw tar", met=r_raw >= 0.9),
-        c.figure("folder Dataset/DataLoader, num_workers=0", rate["folder_w0"], "samples/s",
-                 note=f"loader/folder = {r_folder:.2f}"),
-        c.figure("create_dataloader, num_workers=1", rate["loader_w1"], "samples/s",
-                 ratio=rate["loader_w1"] / rate["raw_tar"], note=f"loader/folder = {r_folder1:.2f}"),
+        c.figure(
+            "create_dataloader, num_workers=0",
+            rate["loader_w0"],
+            "samples/s",
+            ratio=r_raw,
+            target="ratio >= 0.9 of raw tar",
+            met=r_raw >= 0.9,
+        ),
+        c.figure(
+            "folder Dataset/DataLoader, num_workers=0",
+            rate["folder_w0"],
+            "samples/s",
+            note=f"loader/folder = {r_folder:.2f}",
+        ),
+        c.figure(
+            "create_dataloader, num_workers=1",
+            rate["loader_w1"],
+            "samples/s",
+            ratio=rate["loader_w1"] / rate["raw_tar"],
+            note=f"loader/folder = {r_folder1:.2f}",
+        ),
         c.figure("folder Dataset/DataLoader, num_workers=1", rate["folder_w1"], "samples/s"),
-        c.figure("create_dataloader, shuffle_buffer=1000", rate["loader_w0_shuffle1000"],
-                 "samples/s", ratio=rate["loader_w0_shuffle1000"] / rate["raw_tar"]),
-        c.figure("loader vs folder files (num_workers=0)", r_folder, "x", ratio=r_folder,
-                 note=">1 = shards faster than one file per sample"),
+        c.figure(
+            "create_dataloader, shuffle_buffer=1000",
+            rate["loader_w0_shuffle1000"],
+            "samples/s",
+            ratio=rate["loader_w0_shuffle1000"] / rate["raw_tar"],
+        ),
+        c.figure(
+            "loader vs folder files (num_workers=0)",
+            r_folder,
+            "x",
+            ratio=r_folder,
+            note=">1 = shards faster than one file per sample",
+        ),
     ]
     conditions = {
-        "n_images": n, "train_samples": train_count, "stored_size": stored, "batch_size": batch,
-        "source_size": 96, "shards_train": len(tars), "maxcount": 1000,
-        "repeats_interleaved": repeats, "torch_threads": torch.get_num_threads(),
+        "n_images": n,
+        "train_samples": train_count,
+        "stored_size": stored,
+        "batch_size": batch,
+        "source_size": 96,
+        "shards_train": len(tars),
+        "maxcount": 1000,
+        "repeats_interleaved": repeats,
+        "torch_threads": torch.get_num_threads(),
     }
     data = {
         "best_seconds": {k: round(v, 4) for k, v in best.items()},
         "all_seconds": {k: [round(x, 4) for x in v] for k, v in all_times.items()},
         "samples_per_second": {k: round(v, 1) for k, v in rate.items()},
         "counts": counts,
-        "ratios": {"loader_vs_raw": round(r_raw, 4), "loader_vs_folder": round(r_folder, 4),
-                   "loader_w1_vs_folder_w1": round(r_folder1, 4)},
+        "ratios": {
+            "loader_vs_raw": round(r_raw, 4),
+            "loader_vs_folder": round(r_folder, 4),
+            "loader_w1_vs_folder_w1": round(r_folder1, 4),
+        },
     }
     return c.finish(NAME, args, argv, figures, conditions, data, started)
 

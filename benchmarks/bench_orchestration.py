@@ -116,8 +116,13 @@ def dvc_noop(project: Path, env: dict[str, str]) -> dict[str, float]:
     subprocess.run([dvc, "version"], cwd=project, env=env, check=True, capture_output=True)
     startup = time.perf_counter() - t0
     skipped = "didn't change" in out.stdout or "Data and pipelines are up to date" in out.stdout
-    return {"first_repro": first, "noop_repro": min(times), "noop_all": times,
-            "dvc_version_cmd": startup, "noop_said_up_to_date": skipped}
+    return {
+        "first_repro": first,
+        "noop_repro": min(times),
+        "noop_all": times,
+        "dvc_version_cmd": startup,
+        "noop_said_up_to_date": skipped,
+    }
 
 
 def mlflow_epoch_cost(root: Path, calls: int) -> dict[str, float]:
@@ -141,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     args = c.parser(NAME, __doc__).parse_args(argv)
     conftest = _conftest()
-    overrides = c.pick(args, conftest.TINY_OVERRIDES, MEDIUM[:1] + ["ingest.synthetic.n_images=300"]
-                       + MEDIUM[2:], MEDIUM)
+    overrides = c.pick(
+        args,
+        conftest.TINY_OVERRIDES,
+        MEDIUM[:1] + ["ingest.synthetic.n_images=300"] + MEDIUM[2:],
+        MEDIUM,
+    )
     env = conftest.git_env()
     os.environ["PATH"] = env["PATH"]  # dvc / python of this venv first for every subprocess
 
@@ -174,33 +183,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_frac = ml["median"] / epoch_s
     figures = [
         c.figure("stages called directly (same MLflow runs)", direct_s, "s"),
-        c.figure("nightly Prefect flow, same params", flow_s, "s", ratio=flow_s / direct_s,
-                 target="overhead < 5 %", met=overhead < 0.05,
-                 note=f"overhead {overhead * 100:+.1f} %; server start excluded"),
-        c.figure("Prefect ephemeral server start (once/process)", prefect_start, "s",
-                 ratio=(flow_s + prefect_start) / direct_s,
-                 note="ratio = flow incl. this start vs direct"),
-        c.figure("dvc repro, nothing changed", dvc["noop_repro"], "s", target="< 3 s",
-                 met=dvc["noop_repro"] < 3.0, note=f"`dvc version` alone {dvc['dvc_version_cmd']:.2f}s"),
-        c.figure("MLflow epoch_logger, 20 metrics", ml["median"] * 1000, "ms/epoch",
-                 ratio=log_frac, target="< 1 % of an epoch", met=log_frac < 0.01,
-                 note=f"epoch = {epoch_s:.2f}s (flow's train)"),
+        c.figure(
+            "nightly Prefect flow, same params",
+            flow_s,
+            "s",
+            ratio=flow_s / direct_s,
+            target="overhead < 5 %",
+            met=overhead < 0.05,
+            note=f"overhead {overhead * 100:+.1f} %; server start excluded",
+        ),
+        c.figure(
+            "Prefect ephemeral server start (once/process)",
+            prefect_start,
+            "s",
+            ratio=(flow_s + prefect_start) / direct_s,
+            note="ratio = flow incl. this start vs direct",
+        ),
+        c.figure(
+            "dvc repro, nothing changed",
+            dvc["noop_repro"],
+            "s",
+            target="< 3 s",
+            met=dvc["noop_repro"] < 3.0,
+            note=f"`dvc version` alone {dvc['dvc_version_cmd']:.2f}s",
+        ),
+        c.figure(
+            "MLflow epoch_logger, 20 metrics",
+            ml["median"] * 1000,
+            "ms/epoch",
+            ratio=log_frac,
+            target="< 1 % of an epoch",
+            met=log_frac < 0.01,
+            note=f"epoch = {epoch_s:.2f}s (flow's train)",
+        ),
     ]
     conditions = {
-        "overrides": overrides, "dvc_project": "tests/conftest.TINY_OVERRIDES",
+        "overrides": overrides,
+        "dvc_project": "tests/conftest.TINY_OVERRIDES",
         "prefect": "ephemeral server, PREFECT_HOME=" + os.environ.get("PREFECT_HOME", ""),
         "mlflow": "sqlite store in the project (.mmpipe/mlflow.db)",
         "order": "warm-up direct (tiny) + trivial flow, then direct, then flow",
     }
     data = {
-        "direct_seconds": round(direct_s, 3), "flow_seconds": round(flow_s, 3),
-        "overhead_fraction": round(overhead, 4), "prefect_server_start": round(prefect_start, 3),
+        "direct_seconds": round(direct_s, 3),
+        "flow_seconds": round(flow_s, 3),
+        "overhead_fraction": round(overhead, 4),
+        "prefect_server_start": round(prefect_start, 3),
         "warmup_direct_seconds": round(warm_direct, 3),
-        "direct_stage_seconds": {k[:-8]: round(v, 3) for k, v in direct.items()
-                                 if k.endswith("_seconds")},
+        "direct_stage_seconds": {
+            k[:-8]: round(v, 3) for k, v in direct.items() if k.endswith("_seconds")
+        },
         "flow_stage_status": flow_summary,
         "dvc": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in dvc.items()},
-        "mlflow_log": {k: round(v, 5) for k, v in ml.items()}, "epoch_seconds": round(epoch_s, 3),
+        "mlflow_log": {k: round(v, 5) for k, v in ml.items()},
+        "epoch_seconds": round(epoch_s, 3),
         "log_fraction_of_epoch": round(log_frac, 6),
     }
     return c.finish(NAME, args, argv, figures, conditions, data, started)

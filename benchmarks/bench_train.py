@@ -3,7 +3,7 @@ figure is CPU (torch's default intra-op threads = cores).
 
 Batches come from the real loader (mmpipe.data) once and are kept in memory, so the figure is the
 training step alone: mmpipe.train.compute_loss + backward + optimizer_step, on the loop that
-mmpipe.train.build_loop builds. One untimed warm-up step per model, then ``steps`` timed steps;
+mmpipe.train.create_trainer builds. One untimed warm-up step per model, then ``steps`` timed steps;
 rounds are interleaved across models and the best round is kept. Ratios are vs the default model
 (cnn + transformer, width 128, fp32).
 """
@@ -26,7 +26,9 @@ def configs(smoke: bool) -> dict[str, dict[str, Any]]:
         "cnn+transformer w256": {"width": 256},
         "cnn+transformer w128 bf16 autocast": {"width": 128, "amp": "bf16"},
         "efficientnet_lite0 frozen + transformer w128": {
-            "image_encoder": "efficientnet_lite0", "freeze_image": True, "width": 128,
+            "image_encoder": "efficientnet_lite0",
+            "freeze_image": True,
+            "width": 128,
         },
     }
     if smoke:
@@ -44,10 +46,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
+    from mmpipe.checkpoint import read_manifest
     from mmpipe.config import TrainParams
     from mmpipe.data import create_dataloader
+    from mmpipe.distributed import Dist
     from mmpipe.shard import run_shard
-    from mmpipe.train import Dist, build_loop, compute_loss, optimizer_step, read_manifest
+    from mmpipe.train import compute_loss, create_trainer, optimizer_step
 
     cfgs = configs(args.smoke)
     with c.workdir(args, NAME) as work:
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_shard(align_dir, ingest_dir, c.shard_params(64, workers=2), shard_dir)
         manifest = read_manifest(shard_dir)
         batches = [
-            b for b in create_dataloader(shard_dir, "train", batch, num_workers=0)
+            b
+            for b in create_dataloader(shard_dir, "train", batch, num_workers=0)
             if len(b["label"]) == batch
         ][: steps + 1]
         assert len(batches) == steps + 1, f"need {steps + 1} full batches of {batch}"
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, kw in cfgs.items():
             try:
                 p = TrainParams(device="cpu", batch_size=batch, warmup_steps=1, **kw)
-                loops[name] = build_loop(shard_dir, p, Dist(), manifest)
+                loops[name] = create_trainer(p, Dist(), manifest)
             except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights unavailable offline
                 errors[name] = f"{type(exc).__name__}: {exc}"
 
@@ -99,25 +104,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_name = next(k for k in cfgs if "default" in k)
     base = best[base_name]
     figures = [
-        c.figure(name, best[name], "samples/s", ratio=best[name] / base,
-                 note=f"{trainable[name] / 1e6:.2f}M trainable / {total[name] / 1e6:.2f}M params")
+        c.figure(
+            name,
+            best[name],
+            "samples/s",
+            ratio=best[name] / base,
+            note=f"{trainable[name] / 1e6:.2f}M trainable / {total[name] / 1e6:.2f}M params",
+        )
         for name in loops
     ]
-    figures += [c.figure(name, 0, "samples/s", note=f"not measured: {err}")
-                for name, err in errors.items()]
+    figures += [
+        c.figure(name, 0, "samples/s", note=f"not measured: {err}") for name, err in errors.items()
+    ]
     if "cnn+transformer w128 bf16 autocast" in best:
         r = best["cnn+transformer w128 bf16 autocast"] / base
-        figures.append(c.figure("bf16 autocast vs fp32 (w128)", r, "x", ratio=r,
-                                note="train.amp=bf16 on CPU; auto = off on CPU"))
+        figures.append(
+            c.figure(
+                "bf16 autocast vs fp32 (w128)",
+                r,
+                "x",
+                ratio=r,
+                note="train.amp=bf16 on CPU; auto = off on CPU",
+            )
+        )
     conditions = {
-        "device": "cpu (no GPU lent)", "torch_threads": torch.get_num_threads(),
-        "batch_size": batch, "image_size": 64, "timed_steps": steps, "rounds": rounds,
-        "text_encoder": "transformer (2 layers)", "max_tokens": 32,
-        "configs": cfgs, "kept": "best round",
+        "device": "cpu (no GPU lent)",
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": batch,
+        "image_size": 64,
+        "timed_steps": steps,
+        "rounds": rounds,
+        "text_encoder": "transformer (2 layers)",
+        "max_tokens": 32,
+        "configs": cfgs,
+        "kept": "best round",
     }
-    data = {"samples_per_second": {k: [round(x, 2) for x in v] for k, v in rates.items()},
-            "best": {k: round(v, 2) for k, v in best.items()}, "errors": errors,
-            "trainable_params": trainable, "params": total, "baseline": base_name}
+    data = {
+        "samples_per_second": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+        "best": {k: round(v, 2) for k, v in best.items()},
+        "errors": errors,
+        "trainable_params": trainable,
+        "params": total,
+        "baseline": base_name,
+    }
     return c.finish(NAME, args, argv, figures, conditions, data, started)
 
 

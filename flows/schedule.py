@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmpipe import services
-from mmpipe.config import ParamsError, load_params, params_file
+from mmpipe.config import ParamsError, add_params_arguments, params_from_args
 from mmpipe.errors import MmpipeError
+from mmpipe.layout import Layout
 
 if TYPE_CHECKING:  # prefect is imported lazily: `--help` and argument errors stay fast
     from prefect import Flow
@@ -62,7 +63,7 @@ COLLISION_STRATEGY = "CANCEL_NEW"
 
 def prefect_home(project_dir: str | Path) -> Path:
     """Where this project's Prefect server keeps its database and logs."""
-    return Path(project_dir).resolve() / ".mmpipe" / "prefect"
+    return Layout(Path(project_dir).resolve()).prefect_home
 
 
 def api_url(port: int) -> str:
@@ -208,7 +209,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise ValueError(f"{reasons} (cron e.g. '0 2 * * *', timezone e.g. Europe/Paris)") from exc
     # what each scheduled run will load: nightly() reads the same file with the same overrides
-    load_params(params_file(args.params, args.project_dir), args.overrides)
+    params_from_args(args)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -230,16 +231,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_PORT,
         help=f"Prefect server port (default {DEFAULT_PORT})",
     )
-    ap.add_argument("--params", default="params.yaml", help="params file (relative: to project)")
-    ap.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one param in every scheduled run (repeatable); checked before serving",
-    )
-    ap.add_argument("--project-dir", default=".", help="project directory (default: .)")
+    add_params_arguments(ap)  # applied to every scheduled run; checked before serving
     return ap.parse_args(argv)
 
 

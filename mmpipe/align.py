@@ -30,36 +30,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmpipe.config import AlignParams, section_hash
-from mmpipe.errors import InputError
+from mmpipe.errors import InputError, check
 from mmpipe.io import (
     atomic_path,
     locked_temp_dir,
     read_json,
     release_arrow_memory,
     remove_stale_temps,
+    table_schema,
     use_system_arrow_allocator,
     write_json_atomic,
 )
+from mmpipe.layout import SPLITS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 RECORD_COLUMNS = ("caption_id", "caption", "image_id", "label", "source", "meta")
 IMAGE_COLUMNS = ("image_id", "rel_path")
-PAIR_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("image_id", pa.string()),
-        ("caption_id", pa.string()),
-        ("caption", pa.string()),
-        ("label", pa.string()),
-        ("label_index", pa.int64()),
-        ("split", pa.string()),
-        ("image_path", pa.string()),  # relative to the data root (ingest report's data_root)
-        ("source", pa.string()),
-        ("meta", pa.string()),
-    ]
-)
+PAIR_SCHEMA = table_schema(
+    "pair_id", "image_id", "caption_id", "caption", "label", ("label_index", pa.int64()), "split",
+    "image_path",  # relative to the data root (ingest report's data_root)
+    "source", "meta",
+)  # fmt: skip
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
 BUCKET_ROWS = 65536  # at most this many pairs are sorted in memory at once
@@ -267,8 +259,8 @@ def make_report(
         "params_hash": section_hash(p),
     }
     # every accepted record is either paired or an orphan, never both, never lost
-    assert report["images"] == sum(groups.values()) + report["orphan_images"], report
-    assert report["captions"] == report["pairs"] + report["orphan_captions"], report
+    check(report["images"] == sum(groups.values()) + report["orphan_images"], f"images: {report}")
+    check(report["captions"] == report["pairs"] + report["orphan_captions"], f"captions: {report}")
     return report
 
 

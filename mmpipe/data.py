@@ -39,9 +39,6 @@ from mmpipe.parallel import pool_context
 
 log = logging.getLogger(__name__)
 
-# tests/unit/test_shard.py (the datapath engineer's) imports the manifest reader from here
-load_manifest = read_manifest
-
 
 @dataclass(frozen=True)
 class ShardRef:

@@ -11,3 +11,13 @@ class InputError(MmpipeError):
 
 class ValidationFailed(MmpipeError):
     """Strict ingest: the first rejected record stops the stage."""
+
+
+class InvariantBroken(RuntimeError):
+    """An accounting identity of a stage does not hold: a bug in mmpipe, never bad input."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise InvariantBroken(message) unless ``condition`` (unlike ``assert``, also under -O)."""
+    if not condition:
+        raise InvariantBroken(message)

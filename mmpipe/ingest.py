@@ -60,7 +60,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmpipe.config import IngestParams, section_hash
-from mmpipe.errors import InputError, ValidationFailed
+from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.io import (
     atomic_path,
     locked_temp_dir,
@@ -68,6 +68,7 @@ from mmpipe.io import (
     release_arrow_memory,
     remove_stale_temps,
     resolve_inside,
+    table_schema,
     use_system_arrow_allocator,
     write_json_atomic,
 )
@@ -113,52 +114,15 @@ LOOKUP_BATCH = 8192
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
 SWAPS_SIDES = {5, 6, 7, 8}
 
-RECORD_SCHEMA = pa.schema(
-    [
-        ("caption_id", pa.string()),
-        ("caption", pa.string()),
-        ("image_ref", pa.string()),
-        ("image_id", pa.string()),
-        ("label", pa.string()),
-        ("source", pa.string()),
-        ("line", pa.int64()),
-        ("meta", pa.string()),
-    ]
-)
-IMAGE_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("rel_path", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("format", pa.string()),
-        ("bytes", pa.int64()),
-    ]
-)
+RECORD_SCHEMA = table_schema(
+    "caption_id", "caption", "image_ref", "image_id", "label", "source",
+    ("line", pa.int64()), "meta",
+)  # fmt: skip
+_SIZE = (("width", pa.int64()), ("height", pa.int64()), "format", ("bytes", pa.int64()))
+IMAGE_SCHEMA = table_schema("image_id", "rel_path", "sha256", *_SIZE)
 # work files (inside out_dir, removed at the end)
-DRAFT_SCHEMA = pa.schema(
-    [
-        ("line", pa.int64()),
-        ("image_ref", pa.string()),
-        ("rel", pa.string()),
-        ("caption", pa.string()),
-        ("label", pa.string()),
-        ("meta", pa.string()),
-    ]
-)
-RESULT_SCHEMA = pa.schema(
-    [
-        ("rel_path", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("format", pa.string()),
-        ("bytes", pa.int64()),
-    ]
-)
+DRAFT_SCHEMA = table_schema(("line", pa.int64()), "image_ref", "rel", "caption", "label", "meta")
+RESULT_SCHEMA = table_schema("rel_path", "reason", "detail", "sha256", *_SIZE)
 
 
 @dataclass
@@ -201,7 +165,7 @@ class Rejects:
         duplicate_of: str | None = None,
     ) -> None:
         """Record one rejected image or caption."""
-        assert reason in REJECT_REASONS, reason
+        check(reason in REJECT_REASONS, f"undocumented reject reason {reason!r}")
         if self.strict:
             where = f"{file}:{line}" if line is not None else file
             raise ValidationFailed(f"{where}: rejected {kind} ({reason}): {detail}")
@@ -352,7 +316,8 @@ def _report(
     # The accounting invariant of the stage: every item seen is either accepted or rejected.
     for kind, c in counts.items():
         n_rejects = sum(c["by_reason"].values())
-        assert c["seen"] == c["accepted"] + c["rejected"] == c["accepted"] + n_rejects, (kind, c)
+        ok = c["seen"] == c["accepted"] + c["rejected"] == c["accepted"] + n_rejects
+        check(ok, f"{kind}: seen != accepted + rejected: {c}")
     return {
         "source": source.name,
         **counts,

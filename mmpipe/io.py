@@ -42,7 +42,8 @@ def output_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def _try_lock(fd: int) -> bool:
+def try_flock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if another holder has it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,7 +100,7 @@ def _is_stale(path: Path, now: float) -> bool:
     except OSError:
         return path.is_dir()  # a dir without its lock file was abandoned before locking
     try:
-        return _try_lock(fd)
+        return try_flock(fd)
     finally:
         os.close(fd)
 
@@ -220,3 +221,10 @@ def use_system_arrow_allocator() -> None:
 
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+def table_schema(*columns: str | tuple[str, Any]) -> Any:
+    """An Arrow schema from column names (string columns) and ``(name, type)`` pairs."""
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.string()) if isinstance(c, str) else c for c in columns])

@@ -45,11 +45,9 @@ STAGES: dict[str, StageSpec] = {
         help="augment + write WebDataset shards and manifest.json",
         params=("shard",),
         code=("mmpipe/shard.py", "mmpipe/augment.py"),
-        inputs=(
-            "data/align/pairs.parquet",
-            "data/align/report.json",
-            "data/ingest/records.parquet",
-        ),
+        # the images themselves are named by pairs.parquet's content-hash image ids; the data
+        # root they live under is in ingest's report
+        inputs=("data/align/pairs.parquet", "data/align/report.json", "data/ingest/report.json"),
         out="data/shards",
     ),
     "train": StageSpec(
@@ -127,3 +125,27 @@ class Layout:
     mlflow_db = _state_path("mlflow.db", "The default MLflow tracking store (SQLite).")
     mlflow_artifacts = _state_path("mlartifacts", "Artifacts of the default MLflow store.")
     prefect_home = _state_path("prefect", "PREFECT_HOME: the local Prefect server's DB and logs.")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def store_uri(uri: str | None, root: str | Path) -> str:
+    """``tracking.uri`` made absolute for the project at ``root`` (no env lookup, no mlflow import).
+
+    None means the project's own ``sqlite:///<root>/.mmpipe/mlflow.db``; a relative sqlite path
+    is relative to the project, never the cwd. ``mmpipe.tracking`` puts a user's
+    ``MLFLOW_TRACKING_URI`` before this; the UI process uses it as is.
+    """
+    root = Path(root).resolve()
+    if not uri:
+        return f"sqlite:///{Layout(root).mlflow_db.as_posix()}"
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return f"sqlite:///{(root / db).as_posix()}"
+    return uri

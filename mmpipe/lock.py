@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.errors import MmpipeError
+from mmpipe.io import try_flock
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +89,12 @@ def read_owner(state_dir: str | Path) -> dict[str, Any]:
         os.close(fd)
 
 
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _acquire(path: Path, what: str, run_id: str | None, wait: float) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     deadline = time.monotonic() + wait
     told = False
-    while not _try_flock(fd):
+    while not try_flock(fd):
         owner = _read_owner(fd)
         if time.monotonic() >= deadline:
             os.close(fd)

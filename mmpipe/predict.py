@@ -57,9 +57,8 @@ class Predictor:
 
     def _tensor(self, image: ImageInput) -> torch.Tensor:
         from mmpipe.data import decode_image
-        from mmpipe.shard import preprocess_image
 
-        jpg = preprocess_image(_open_image(image), self.image_size)  # bytes, as stored in shards
+        jpg = _preprocess(image, self.image_size)  # bytes, as stored in shards
         return decode_image(jpg)  # (3, S, S)
 
     @torch.no_grad()
@@ -178,14 +177,19 @@ def _name(item: ImageInput) -> str:
     return str(item) if isinstance(item, str | Path) else f"<{type(item).__name__}>"
 
 
-def _open_image(image: ImageInput) -> Image.Image:
-    """Open a path / bytes / PIL image; unreadable input is the user's error, naming the file."""
+def _preprocess(image: ImageInput, size: int) -> bytes:
+    """A path / bytes / PIL image as the stored sample's JPEG bytes; unreadable input names the file.
+
+    The file is opened, not loaded, before ``shard.preprocess_image``: a large JPEG is then
+    decoded at the same reduced scale as in shard, so a file scores here as in evaluation.
+    """
+    from mmpipe.shard import preprocess_image
+
     if isinstance(image, Image.Image):
-        return image
+        return preprocess_image(image, size)
     try:
-        img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image))
-        img.load()
-        return img
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image)) as img:
+            return preprocess_image(img, size)
     except FileNotFoundError:
         raise InputError(f"{image}: image file not found") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:

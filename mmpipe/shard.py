@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmpipe.config import ShardParams, section_hash
-from mmpipe.errors import InputError
+from mmpipe.errors import InputError, check
 from mmpipe.io import (
     locked_temp_dir,
     remove_stale_temps,
@@ -46,11 +46,11 @@ from mmpipe.io import (
     use_system_arrow_allocator,
     write_json_atomic,
 )
+from mmpipe.layout import SPLITS
 from mmpipe.parallel import ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TMP_PREFIX = ".shard-tmp."
 MTIME = 0  # fixed tar member mtime: identical bytes run to run
@@ -316,7 +316,14 @@ class TarWriter:
 
 
 class SplitWriter:
-    """Sequential shards of one split in a temp dir, rotated on maxcount / maxsize (file bytes)."""
+    """Sequential shards of one split in a temp dir, rotated on maxcount / maxsize (file bytes).
+
+    Why not ``wds.ShardWriter``: it rotates only *after* a shard has passed ``maxsize``, so a
+    shard can exceed it by a whole sample; here a sample that would push the closed tar over
+    ``maxsize`` starts the next shard (computed from tar's own block arithmetic), so ``maxsize``
+    is a hard bound that storage and DDP shard-count planning can rely on. It also lets the
+    stage write tars without importing webdataset/torch (see ``TarWriter``).
+    """
 
     def __init__(self, tmp_dir: Path, split: str, maxcount: int, maxsize: int) -> None:
         self.tmp_dir, self.split, self.maxcount, self.maxsize = tmp_dir, split, maxcount, maxsize
@@ -331,7 +338,6 @@ class SplitWriter:
         full = self.count >= self.maxcount or _tar_bytes(self.size + grow) > self.maxsize
         if self.writer is None or (self.count and full):
             self._next()
-        assert self.writer is not None
         self.writer.write(sample)
         self.count += 1
         self.size += grow
@@ -462,7 +468,7 @@ def output_params_hash(p: ShardParams) -> str:
 def build_manifest(
     splits: dict[str, Any], align_report: dict[str, Any], p: ShardParams
 ) -> dict[str, Any]:
-    """manifest.json, with the sample-count identity asserted.
+    """manifest.json, with the sample-count identity checked.
 
     ``labels`` says whether labels exist: "none" (train contrastive only), "partial" or "all",
     with the labelled pairs per split (label_index -1 marks an unlabelled sample).
@@ -470,7 +476,8 @@ def build_manifest(
     per_split = align_report["pairs_per_split"]
     for split in SPLITS:
         want = per_split[split] * (1 + p.copies if split == "train" else 1)
-        assert splits[split]["count"] == want, (split, splits[split]["count"], want)
+        got = splits[split]["count"]
+        check(got == want, f"{split}: {got} samples written, {want} expected from align's report")
     labelled = align_report.get("labelled_pairs", 0)
     status = "none" if not labelled else "all" if labelled == sum(per_split.values()) else "partial"
     return {

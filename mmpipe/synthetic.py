@@ -95,31 +95,43 @@ POSITION_NAMES = tuple(POSITIONS)
 RADIUS = {"small": 0.10, "large": 0.17}  # fraction of the side
 SECONDARY_SCALE = 0.75
 
-COLOUR_WORDS = {
-    "red": ("red", "crimson", "scarlet"),
-    "green": ("green", "emerald", "lime"),
-    "blue": ("blue", "azure", "navy"),
-    "yellow": ("yellow", "golden", "lemon"),
-    "white": ("white", "snowy", "ivory"),
-    "black": ("black", "jet-black", "ebony"),
-    "purple": ("purple", "violet", "lilac"),
-    "orange": ("orange", "tangerine", "amber"),
-}
-SHAPE_WORDS = {
-    "circle": ("circle", "circle", "circle", "disc"),
-    "square": ("square",),
-    "triangle": ("triangle",),
-    "star": ("star", "star", "star", "five-pointed star"),
-    "cross": ("cross", "cross", "cross", "plus sign"),
-}
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
-POSITION_WORDS = {
-    "left": ("on the left", "at the left side", "to the left"),
-    "right": ("on the right", "at the right side", "to the right"),
-    "top": ("at the top", "near the top", "up high"),
-    "bottom": ("at the bottom", "near the bottom", "down low"),
-    "centre": ("in the centre", "in the middle", "at the center"),
-}
+
+def _words(table: str) -> dict[str, tuple[str, ...]]:
+    """``key: word | word | ...`` lines -> {key: (word, ...)}: synonyms, in sampling order."""
+    rows = (line.split(":", 1) for line in table.strip().splitlines())
+    return {key.strip(): tuple(w.strip() for w in words.split("|")) for key, words in rows}
+
+
+# A repeated word is more likely to be drawn ("circle" 3 of 4 times, "disc" 1 of 4).
+COLOUR_WORDS = _words("""
+    red: red | crimson | scarlet
+    green: green | emerald | lime
+    blue: blue | azure | navy
+    yellow: yellow | golden | lemon
+    white: white | snowy | ivory
+    black: black | jet-black | ebony
+    purple: purple | violet | lilac
+    orange: orange | tangerine | amber
+""")
+SHAPE_WORDS = _words("""
+    circle: circle | circle | circle | disc
+    square: square
+    triangle: triangle
+    star: star | star | star | five-pointed star
+    cross: cross | cross | cross | plus sign
+""")
+SIZE_WORDS = _words("""
+    small: small | little | tiny
+    large: large | big | huge
+""")
+POSITION_WORDS = _words("""
+    left: on the left | at the left side | to the left
+    right: on the right | at the right side | to the right
+    top: at the top | near the top | up high
+    bottom: at the bottom | near the bottom | down low
+    centre: in the centre | in the middle | at the center
+""")
+
 SENTIMENT_WORDS = {
     "positive": ("cheerful", "lovely", "delightful", "bright", "happy", "wonderful"),
     "negative": ("gloomy", "dreary", "sad", "bleak", "depressing", "miserable"),

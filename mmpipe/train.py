@@ -137,11 +137,6 @@ def create_trainer(p: TrainParams, d: Dist, manifest: dict[str, Any]) -> Trainer
                    steps_per_epoch, val_count, meta)  # fmt: skip
 
 
-def build_loop(shard_dir: Path, p: TrainParams, d: Dist, manifest: dict[str, Any]) -> Trainer:
-    """The former name of ``create_trainer``; benchmarks/bench_train.py still calls it."""
-    return create_trainer(p, d, manifest)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 

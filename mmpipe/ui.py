@@ -48,6 +48,8 @@ from typing import Any, TextIO
 from mmpipe import services
 from mmpipe.config import Params
 from mmpipe.errors import InputError
+from mmpipe.layout import Layout, sqlite_path
+from mmpipe.layout import store_uri as layout_store_uri
 
 log = logging.getLogger(__name__)
 
@@ -103,33 +105,18 @@ def create_ui_target(params: Params, project_dir: str | Path) -> UiTarget:
         experiment=params.tracking.experiment,
         model_name=params.register.model_name,
         task_metric=params.register.metric,
-        state_dir=Path(project_dir).resolve() / ".mmpipe",
+        state_dir=Layout(Path(project_dir).resolve()).state_dir,
     )
 
 
 def store_uri(uri: str | None, project_dir: str | Path) -> str:
     """The tracking URI the pipeline logs to: env MLFLOW_TRACKING_URI, else ``uri``, else default.
 
-    The same rule as ``mmpipe.tracking.tracking_uri`` (a test checks they agree), repeated here
-    because importing that module imports mlflow: ~2 s and ~150 MB in a process that lives as
-    long as the UI. A relative sqlite path is relative to the project.
+    ``layout.store_uri`` is the rule ``mmpipe.tracking`` applies too (a test checks they agree);
+    loading ``mmpipe.tracking`` loads mlflow too: ~2 s and ~150 MB in a process that lives
+    as long as the UI.
     """
-    root = Path(project_dir).resolve()
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    if uri:
-        db = _sqlite_path(uri)
-        if db is not None and not db.is_absolute():
-            return f"sqlite:///{(root / db).as_posix()}"
-        return uri
-    return f"sqlite:///{(root / '.mmpipe' / 'mlflow.db').as_posix()}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :]
-    return None if path in ("", ":memory:") else Path(path)
+    return os.environ.get("MLFLOW_TRACKING_URI") or layout_store_uri(uri, project_dir)
 
 
 def is_remote(uri: str) -> bool:
@@ -139,7 +126,7 @@ def is_remote(uri: str) -> bool:
 
 def artifacts_dir(target: UiTarget) -> Path:
     """Where the server puts artifacts it proxies: beside a SQLite DB, else in .mmpipe/."""
-    db = _sqlite_path(target.tracking_uri)
+    db = sqlite_path(target.tracking_uri)
     return (db.parent if db is not None else target.state_dir) / "mlartifacts"
 
 
@@ -335,7 +322,7 @@ def start_ui(
         if not services.http_ok(f"{base_url}/health", timeout=10):
             raise InputError(f"the MLflow tracking server {base_url} does not answer /health")
         return _finish_start(None, base_url, target, None)
-    db = _sqlite_path(target.tracking_uri)
+    db = sqlite_path(target.tracking_uri)
     if db is not None and not db.is_file():
         raise InputError(
             f"no MLflow store at {db}: run the pipeline first (`make run`, `mmpipe run` or "

@@ -10,7 +10,13 @@ Callers connect once at the edge (``connect(params.tracking, project_dir)``, or 
 ``start_run``) and pass the ``Run`` handle down.
 """
 
-from mmpipe.tracking.models import (
+import os
+
+# MLflow's client telemetry off, as Prefect's analytics are (before mlflow is first imported);
+# an explicit MLFLOW_DISABLE_TELEMETRY=false in the environment still wins
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mmpipe.tracking.models import (  # noqa: E402 - after the telemetry switch
     FusionPyfunc,
     champion_uri,
     download_model,

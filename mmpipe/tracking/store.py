@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mmpipe.config import TrackingParams
-from mmpipe.layout import Layout
+from mmpipe.layout import sqlite_path, store_uri
 
 _initialised: set[tuple[str, str]] = set()
 # mlflow.set_tracking_uri() also *exports* MLFLOW_TRACKING_URI (for its subprocesses). That value is
@@ -66,22 +66,7 @@ def tracking_uri(p: TrackingParams | None, root: str | Path) -> str:
 
     A relative sqlite path in params (``sqlite:///x.db``) is taken relative to ``root``.
     """
-    if env := _user_env_uri():
-        return env
-    if p is not None and p.uri:
-        db = sqlite_path(p.uri)
-        if db is not None and not db.is_absolute():  # relative to the project, never the cwd
-            return f"sqlite:///{(Path(root).resolve() / db).as_posix()}"
-        return p.uri
-    return f"sqlite:///{Layout(Path(root).resolve()).mlflow_db.as_posix()}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :]
-    return None if path in ("", ":memory:") else Path(path)
+    return _user_env_uri() or store_uri(p.uri if p is not None else None, root)
 
 
 def artifact_location(uri: str) -> str | None:

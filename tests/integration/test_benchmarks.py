@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-FAST = ["ingest_shard", "loader", "memory", "growth", "train"]
+FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui"]
 
 
 def run_bench(name: str, out: Path, tmp: Path) -> dict:
@@ -56,6 +56,8 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
     elif name == "train":
         assert not payload["data"]["errors"], payload["data"]["errors"]
         assert all(v > 0 for v in values.values())
+    elif name == "ui":  # both servers came up and were measured
+        assert all(v > 0 for v in values.values())
 
 
 def test_orchestration_benchmark_smoke(tmp_path: Path) -> None:
@@ -68,10 +70,22 @@ def test_summary_table_from_payloads(tmp_path: Path) -> None:
     from benchmarks.__main__ import markdown
 
     payload = {
-        "name": "x", "mode": "smoke", "command": "python -m benchmarks.bench_x", "seconds": 1.0,
+        "name": "x",
+        "mode": "smoke",
+        "command": "python -m benchmarks.bench_x",
+        "seconds": 1.0,
         "finished_at": "now",
-        "figures": [{"figure": "f", "value": 2.0, "unit": "x", "ratio": 0.5, "target": ">= 0.8",
-                     "met": False, "note": ""}],
+        "figures": [
+            {
+                "figure": "f",
+                "value": 2.0,
+                "unit": "x",
+                "ratio": 0.5,
+                "target": ">= 0.8",
+                "met": False,
+                "note": "",
+            }
+        ],
     }
     table = markdown([payload])
     assert "| x | f | 2 x | 0.5 | >= 0.8 | **no** |" in table

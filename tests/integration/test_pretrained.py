@@ -96,7 +96,9 @@ def _coco_features(model, root, tmp_path):
     )
     records = pq.read_table(tmp_path / "records.parquet").to_pylist()
     index = {im["image_id"]: i for i, im in enumerate(images)}
-    pixels = np.stack([np.asarray(square_resize(load_rgb(root / im["rel_path"]), 160)) for im in images])
+    pixels = np.stack(
+        [np.asarray(square_resize(load_rgb(root / im["rel_path"]), 160)) for im in images]
+    )
     x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5  # loader's scale
     with torch.no_grad():
         fi = model.image_encoder(x)  # (24, 1280)

@@ -1,7 +1,8 @@
 """Unit fixtures: a tiny ingest output (real JPEG/PNG files) and hand-written WebDataset shards.
 
-Both follow CONTRACT.md directly, so align/shard/data tests do not depend on ingest.py or on
-each other.
+Both follow the stages' output schemas (ingest.RECORD_SCHEMA / IMAGE_SCHEMA, the shard sample
+of shard._sample) directly, so align/shard/data tests do not depend on ingest.py or
+on each other.
 """
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ def test_predict_works_outside_a_project_without_params_yaml(tmp_path, monkeypat
 
 def test_schedule_hands_every_argument_to_flows_schedule(monkeypatch):
     seen = []
+
     # exec, not a child process: SIGTERM/SIGHUP must reach the process that owns the server
     def execv(exe, argv):
         seen.append(argv)

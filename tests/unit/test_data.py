@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mmpipe.checkpoint import read_manifest
 from mmpipe.config import TransformSpec
-from mmpipe.data import create_dataloader, decode_image, iterate_split, load_manifest
+from mmpipe.data import create_dataloader, decode_image, iterate_split
 from mmpipe.errors import InputError
 
 COUNTS = {"train": [7, 5, 9], "val": [4]}  # uneven shards on purpose
@@ -146,7 +147,7 @@ def test_iterate_split_and_manifest(make_shards):
     assert [s["__key__"] for s in samples] == [f"val{n:05d}" for n in range(4)]
     assert samples[0]["txt"] == "caption 0" and samples[0]["json"]["label_index"] == 0
     assert samples[0]["jpg"][:2] == b"\xff\xd8"
-    assert load_manifest(shards)["splits"]["val"]["count"] == 4
+    assert read_manifest(shards)["splits"]["val"]["count"] == 4
 
 
 def test_missing_inputs_are_input_errors(tmp_path, make_shards):
@@ -160,4 +161,4 @@ def test_missing_inputs_are_input_errors(tmp_path, make_shards):
         create_dataloader(shards, "val", 2)
     (shards / "manifest.json").write_text(json.dumps({"oops": 1}))
     with pytest.raises(InputError, match="no 'splits'"):
-        load_manifest(shards)
+        read_manifest(shards)

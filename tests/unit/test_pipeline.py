@@ -51,16 +51,20 @@ def test_a_params_change_invalidates_only_its_own_stage(layout):
 
 
 def test_a_changed_input_invalidates_the_stages_that_read_it(layout):
-    """shard reads records.parquet (the source of each pair): a change there re-runs shard even
-    though pairs.parquet is unchanged."""
+    """shard reads ingest's report.json (where the data root is): a change there re-runs shard
+    though pairs.parquet is unchanged, and not align, which does not read it; a changed
+    records.parquet re-runs align (and shard only once align has rewritten pairs.parquet)."""
     params = _params()
+    report = layout.ingest_dir / "report.json"
+    report.write_text(report.read_text().replace("}", ', "data_root": "elsewhere"}', 1))
+    assert not pipeline.stage_is_current("shard", params, layout)
+    assert pipeline.stage_is_current("align", params, layout)
+    assert pipeline.stage_is_current("ingest", params, layout)
     records = layout.ingest_dir / "records.parquet"
     table = pd.read_parquet(records)
     table.loc[0, "source"] = "elsewhere"
     table.to_parquet(records, index=False)
-    assert not pipeline.stage_is_current("shard", params, layout)
     assert not pipeline.stage_is_current("align", params, layout)
-    assert pipeline.stage_is_current("ingest", params, layout)
 
 
 def test_a_missing_stamp_or_output_is_not_current(layout):

@@ -58,6 +58,19 @@ def test_preprocessing_matches_the_shard_path(proj):
     torch.testing.assert_close(p.load_images([images[0].read_bytes()])[0], expected)
 
 
+def test_a_large_photo_is_decoded_at_the_same_reduced_scale_as_in_shard(proj, shared_data):
+    from mmpipe.data import decode_image
+    from mmpipe.shard import preprocess_image
+
+    root, ckpt, _ = proj
+    photo = next((shared_data / "coco-mini" / "images").glob("*.jpg"))  # 640 px: JPEG draft applies
+    p = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
+    with Image.open(photo) as opened:  # as shard does: opened, not loaded, then preprocessed
+        stored = decode_image(preprocess_image(opened, IMAGE_SIZE))
+    torch.testing.assert_close(p.load_images([photo])[0], stored, rtol=0, atol=0)
+    torch.testing.assert_close(p.load_images([photo.read_bytes()])[0], stored, rtol=0, atol=0)
+
+
 def test_search_and_classify(proj):
     root, ckpt, images = proj
     p = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")

@@ -11,8 +11,9 @@ from PIL import Image
 
 from mmpipe import shard as shard_mod
 from mmpipe.align import run_align
+from mmpipe.checkpoint import read_manifest
 from mmpipe.config import AlignParams, ShardParams, TransformSpec
-from mmpipe.data import create_dataloader, iterate_split, load_manifest
+from mmpipe.data import create_dataloader, iterate_split
 from mmpipe.errors import InputError
 from mmpipe.io import read_json, sha256_file
 from mmpipe.shard import preprocess_image, run_shard
@@ -37,7 +38,7 @@ def test_round_trip(aligned, tmp_path):
     report = shard(aligned, out)
     pairs = pd.read_parquet(aligned[0] / "pairs.parquet").set_index("pair_id")
     align_report = read_json(aligned[0] / "report.json")
-    manifest = load_manifest(out)
+    manifest = read_manifest(out)
     assert manifest["align_report_pairs_per_split"] == align_report["pairs_per_split"]
     assert manifest["classes"] == ["cat", "dog"] and manifest["image_size"] == 16
     for split in ("train", "val", "test"):
@@ -88,10 +89,10 @@ def test_augmented_copies_differ_from_the_pair(aligned, tmp_path):
 
 def test_maxcount_and_maxsize_rotation(aligned, tmp_path):
     shard(aligned, tmp_path / "a", maxcount=5)
-    counts = [s["count"] for s in load_manifest(tmp_path / "a")["splits"]["train"]["shards"]]
+    counts = [s["count"] for s in read_manifest(tmp_path / "a")["splits"]["train"]["shards"]]
     assert len(counts) > 2 and all(c == 5 for c in counts[:-1]) and 1 <= counts[-1] <= 5
     shard(aligned, tmp_path / "b", maxsize=12 * 1024)
-    shards = load_manifest(tmp_path / "b")["splits"]["train"]["shards"]
+    shards = read_manifest(tmp_path / "b")["splits"]["train"]["shards"]
     assert len(shards) > 2 and all(s["bytes"] <= 12 * 1024 for s in shards)
 
 
@@ -102,7 +103,7 @@ def test_rerun_replaces_shards_cleanly(aligned, tmp_path):
     shard(aligned, out, maxcount=3)
     assert len(list(out.glob("train-*.tar"))) > 3
     shard(aligned, out, maxcount=1000)
-    manifest = load_manifest(out)
+    manifest = read_manifest(out)
     listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
     assert {p.name for p in out.iterdir()} == listed | {"manifest.json", ".stamp.json"}
 
@@ -123,7 +124,7 @@ def test_interrupted_run_keeps_previous_output(aligned, tmp_path, monkeypatch):
 
 def test_loader_reads_what_shard_wrote(aligned, tmp_path):
     shard(aligned, tmp_path / "s")
-    manifest = load_manifest(tmp_path / "s")
+    manifest = read_manifest(tmp_path / "s")
     batches = list(create_dataloader(tmp_path / "s", "train", 8, shuffle_buffer=10))
     assert sum(len(b["key"]) for b in batches) == manifest["splits"]["train"]["count"]
     assert batches[0]["image"].shape[1:] == (3, 16, 16)
