@@ -61,11 +61,17 @@ def detail(stage: str, result: dict[str, Any]) -> str:
         keys = {
             "align": ("pairs", "orphan_images", "orphan_captions"),
             "shard": ("samples", "shards"),
-            "evaluate": ("accuracy", "i2t_r1", "t2i_r1"),
+            "evaluate": (_headline(result), "i2t_r1", "t2i_r1"),
             "register": ("version", "promoted", "champion_version"),
         }[stage]
         parts = {k: result[k] for k in keys if k in result}
     return ", ".join(f"{k}={_fmt(v)}" for k, v in parts.items())
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    """The task's main test metric in evaluate's metrics (mean_r1 without labels)."""
+    keys = ("accuracy", "vqa_accuracy", "map", "rmse", "mean_r1")
+    return next((k for k in keys if k in metrics), "mean_r1")
 
 
 @flow(name="mmpipe-nightly")

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from mmpipe.config import AlignParams, section_hash
 from mmpipe.errors import InputError, check
 from mmpipe.io import (
+    LABEL_SEPARATOR_KEY,
     atomic_path,
     locked_temp_dir,
     read_json,
@@ -51,6 +52,7 @@ PAIR_SCHEMA = table_schema(
     "pair_id", "image_id", "caption_id", "caption", "label", ("label_index", pa.int64()), "split",
     "image_path",  # relative to the data root (ingest report's data_root)
     "source", "meta",
+    ("label_indices", pa.list_(pa.int64())),  # every class of the label (multi-hot), known ones
 )  # fmt: skip
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
@@ -171,6 +173,7 @@ def _pairs_of_batch(batch: pa.RecordBatch, images: ImageTable) -> tuple[pa.Table
             "image_path": images.paths.take(pa.array(idx)),
             "source": kept["source"].cast(pa.string()),
             "meta": pc.fill_null(kept["meta"].cast(pa.string()), "{}"),
+            "label_indices": pa.nulls(len(idx), pa.list_(pa.int64())),  # set by _write_pairs
             "_split": pa.array(split, pa.int8()),
         }
     )
@@ -178,12 +181,18 @@ def _pairs_of_batch(batch: pa.RecordBatch, images: ImageTable) -> tuple[pa.Table
 
 
 class Tally:
-    """Counts for the report: pairs per split, labelled pairs per split and per class."""
+    """Counts for the report: pairs per split, labelled pairs per split and per class.
 
-    def __init__(self) -> None:
+    With a label separator (multi-labels) a pair counts once for each of its classes.
+    """
+
+    def __init__(self, separator: str | None = None) -> None:
+        self.separator = separator
         self.pairs = Counter[str]()
         self.labelled = Counter[str]()
         self.per_class = Counter[str]()
+        self.train_per_class = Counter[str]()  # what top_k_labels ranks
+        self.multi_label = 0
         self.orphan_captions = Counter[str]()
         self.records = 0
 
@@ -193,8 +202,54 @@ class Tally:
         labelled = pairs.filter(pc.is_valid(pairs["label"]))
         for split, n in zip(*_value_counts(labelled["split"]), strict=True):
             self.labelled[split] += n
-        for label, n in zip(*_value_counts(labelled["label"]), strict=True):
+        parts = split_labels(labelled["label"], self.separator)
+        self.multi_label += int(pc.sum(pc.greater(pc.list_value_length(parts), 1)).as_py() or 0)
+        for label, n in zip(*_value_counts(pc.list_flatten(parts)), strict=True):
             self.per_class[label] += n
+        in_train = pc.equal(labelled["split"], "train")
+        for label, n in zip(*_value_counts(pc.list_flatten(parts.filter(in_train))), strict=True):
+            self.train_per_class[label] += n
+
+    def classes(self, top_k: int | None) -> list[str]:
+        """The class list: every label, or the top_k most frequent in train (ties by name)."""
+        if top_k is None:
+            return sorted(self.per_class)
+        ranked = sorted(self.train_per_class.items(), key=lambda kv: (-kv[1], kv[0]))
+        return sorted(label for label, _ in ranked[:top_k])
+
+
+def split_labels(labels: pa.Array | pa.ChunkedArray, separator: str | None) -> pa.ListArray:
+    """Each label as the list of its classes (a null label: a null list).
+
+    Without a separator every label is one class: split on NUL, which ingest never lets into a
+    label (control characters are rejected).
+    """
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks() if labels.num_chunks else pa.array([], pa.string())
+    return pc.split_pattern(labels, separator or "\x00")
+
+
+def label_indices(
+    labels: pa.Array | pa.ChunkedArray, classes: pa.Array, separator: str | None
+) -> tuple[pa.ListArray, np.ndarray]:
+    """(known class indices per row, label_index per row) of a column of labels.
+
+    label_index is the class of a one-class label and -1 otherwise: no label, several classes,
+    or a class outside ``classes`` (``<unk>`` with top_k_labels).
+    """
+    parts = split_labels(labels, separator)
+    lengths = pc.fill_null(pc.list_value_length(parts), 0).to_numpy(zero_copy_only=False)
+    flat = pc.index_in(pc.list_flatten(parts), value_set=classes)
+    idx = pc.fill_null(flat, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    known = idx >= 0
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    kept = np.bincount(rows[known], minlength=len(lengths))
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int32)
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(idx[known], pa.int64()))
+    single = np.full(len(lengths), -1, dtype=np.int64)
+    one = (lengths == 1) & (kept == 1)
+    single[one] = idx[np.concatenate([[0], np.cumsum(lengths)])[:-1][one]]
+    return lists, single
 
 
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[Any], list[int]]:
@@ -217,9 +272,15 @@ def _write_orphan_images(fh: IO[str], images: ImageTable) -> int:
     return len(unused)
 
 
-def _write_pairs(buckets: Buckets, classes: list[str], dest: Path, where: Path) -> None:
-    """Sorted buckets -> pairs.parquet, with label_index and a unique-pair_id check."""
+def _write_pairs(
+    buckets: Buckets, classes: list[str], dest: Path, where: Path, separator: str | None
+) -> Counter[str]:
+    """Sorted buckets -> pairs.parquet, with the label indices and a unique-pair_id check.
+
+    Returns the labelled pairs per split with no known class (``<unk>`` under top_k_labels).
+    """
     value_set = pa.array(classes, pa.string())
+    unknown = Counter[str]()
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, PAIR_SCHEMA) as writer:
         for table in buckets.sorted_tables():
             ids = table["pair_id"]
@@ -228,15 +289,22 @@ def _write_pairs(buckets: Buckets, classes: list[str], dest: Path, where: Path) 
                 if pc.any(same).as_py():
                     dup = ids.filter(pa.concat_arrays([pa.array([False]), *same.chunks]))[0]
                     raise InputError(f"{where}: duplicate caption_id {dup.as_py()!r}")
-            index = pc.fill_null(pc.index_in(table["label"], value_set=value_set), -1)
-            table = table.set_column(
-                table.schema.get_field_index("label_index"), "label_index", index.cast(pa.int64())
-            )
+            lists, single = label_indices(table["label"], value_set, separator)
+            for name, column in (("label_index", pa.array(single)), ("label_indices", lists)):
+                table = table.set_column(table.schema.get_field_index(name), name, column)
+            none = pc.and_(pc.is_valid(table["label"]), pc.equal(pc.list_value_length(lists), 0))
+            for split, n in zip(*_value_counts(table["split"].filter(none)), strict=True):
+                unknown[split] += n
             writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
+    return unknown
 
 
 def make_report(
-    tally: Tally, images: ImageTable, orphan_images: int, p: AlignParams
+    tally: Tally,
+    images: ImageTable,
+    orphan_images: int,
+    p: AlignParams,
+    unknown: Counter[str] | None = None,
 ) -> dict[str, Any]:
     """The align report, with the accounting identities asserted."""
     n_pairs = sum(tally.pairs.values())
@@ -251,7 +319,11 @@ def make_report(
         "orphan_captions_by_reason": dict(sorted(tally.orphan_captions.items())),
         "images_per_split": {s: groups.get(i, 0) for i, s in enumerate(SPLITS)},
         "pairs_per_split": {s: tally.pairs.get(s, 0) for s in SPLITS},
-        "classes": sorted(tally.per_class),
+        "classes": tally.classes(p.top_k_labels),
+        "label_separator": tally.separator,
+        "multi_label_pairs": tally.multi_label,
+        # labelled, but no class of the label is a class (top_k_labels' <unk>): never a target
+        "unknown_label_pairs_per_split": {s: (unknown or {}).get(s, 0) for s in SPLITS},
         "labelled_pairs": labelled,
         "unlabelled_pairs": n_pairs - labelled,
         "labelled_pairs_per_split": {s: tally.labelled.get(s, 0) for s in SPLITS},
@@ -276,7 +348,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
     images = ImageTable(ingest_dir / "images.parquet", p)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    tally = Tally()
+    tally = Tally(label_separator(records_pf))
     with (
         atomic_path(out_dir / "orphans.jsonl") as orphans_path,
         orphans_path.open("w", encoding="utf-8") as fh,
@@ -296,8 +368,9 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
             )
         orphan_images = _write_orphan_images(fh, images)
         where = ingest_dir / "records.parquet"
-        _write_pairs(buckets, sorted(tally.per_class), out_dir / "pairs.parquet", where)
-    report = make_report(tally, images, orphan_images, p)
+        classes = tally.classes(p.top_k_labels)
+        unknown = _write_pairs(buckets, classes, out_dir / "pairs.parquet", where, tally.separator)
+    report = make_report(tally, images, orphan_images, p, unknown)
     _warn_empty_splits(report)
     write_json_atomic(out_dir / "report.json", report)
     seconds = time.perf_counter() - start
@@ -311,6 +384,13 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         json.dumps(report["pairs_per_split"]),
     )
     return {**report, "seconds": round(seconds, 3)}
+
+
+def label_separator(records: pq.ParquetFile) -> str | None:
+    """The separator of multi-labels that ingest recorded in records.parquet (None: one label)."""
+    metadata = records.schema_arrow.metadata or {}
+    value = metadata.get(LABEL_SEPARATOR_KEY.encode())
+    return value.decode("utf-8") if value else None
 
 
 def _warn_empty_splits(report: dict[str, Any]) -> None:

@@ -43,6 +43,19 @@ class SyntheticParams(Section):
         0.05, ge=0.0, le=0.5, description="Fraction of pairs whose label is flipped at random."
     )
     seed: int = Field(0, description="Seed; the same seed gives byte-identical files.")
+    label: Literal["consistency", "sentiment", "score", "tags"] = Field(
+        "consistency",
+        description="What the label says (mmpipe/synthetic.py): consistency = caption sentiment "
+        "agrees with the image mood (2 classes); sentiment = both positive / both negative / "
+        "mixed (3 classes); score = a 1-5 rating, mood plus sentiment strength (regression); "
+        "tags = the shapes in the image plus the caption's sentiment, '|'-separated (multilabel).",
+    )
+    questions: bool = Field(
+        False,
+        description="Question mode (VQA): each image gets questions whose answers need the "
+        "image (colour of a shape, how many of a shape, is A left of B) instead of captions; "
+        "the label is the answer, `label` is ignored.",
+    )
 
 
 class IngestParams(Section):
@@ -65,6 +78,32 @@ class IngestParams(Section):
     caption_column: str = Field("caption", description="Column with the caption text (folder).")
     label_column: str = Field(
         "label", description="Optional column with the label (folder); absent means unlabelled."
+    )
+    label_separator: str | None = Field(
+        None,
+        description="Split each label on this string into several labels (multi-hot, e.g. "
+        "'|' for 'cat|dog'); null = one label per record.",
+    )
+    text_columns: list[str] = Field(
+        default_factory=list,
+        description="Several text fields joined into the one text input (folder), e.g. "
+        "[premise, hypothesis]; empty = caption_column alone. A record missing one is rejected.",
+    )
+    text_template: str | None = Field(
+        None,
+        description="How text_columns are joined: {column} placeholders, e.g. '{premise} "
+        "[SEP] {hypothesis}'; null = the columns in order, joined by ' [SEP] '.",
+    )
+    question_column: str | None = Field(
+        None,
+        description="VQA (folder): the column with the question, used as the text input "
+        "instead of caption_column.",
+    )
+    answer_column: str | None = Field(
+        None,
+        description="VQA (folder): the column with the answer, used as the label instead of "
+        "label_column, after the standard VQA answer normalisation (lower case, no "
+        "punctuation or articles, number words as digits).",
     )
     labels_file: str | None = Field(
         None,
@@ -99,6 +138,13 @@ class AlignParams(Section):
     val: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of image groups in val.")
     test: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of image groups in test.")
     seed: int = Field(0, description="Seed of the hash-based split (stable as data grows).")
+    top_k_labels: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the K most frequent labels of the train split as the classes (VQA's "
+        "answer vocabulary); other labels are `<unk>`: kept for evaluation, excluded from the "
+        "loss. null = every label seen is a class.",
+    )
 
     @model_validator(mode="after")
     def _ratios_sum_to_one(self) -> AlignParams:
@@ -180,11 +226,43 @@ class ModelConfig(Section):
     )
     head_hidden: int = Field(256, ge=8, description="Hidden width of the task head MLP.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the task head.")
-    task: Literal["multiclass", "binary", "multilabel", "regression"] = Field(
-        "multiclass", description="Task head and loss: CE, BCE, BCE or MSE."
+    task: Literal["multiclass", "binary", "multilabel", "regression", "vqa"] = Field(
+        "multiclass",
+        description="Task head and loss: multiclass (CE), binary (BCE), multilabel (BCE over "
+        "multi-hot labels), regression (MSE on the numeric label), vqa (CE over the answer "
+        "vocabulary; `<unk>` answers excluded). Unlabelled data trains contrastive only.",
     )
     init_temperature: float = Field(
         0.07, gt=0.0, description="Initial softmax temperature of InfoNCE."
+    )
+
+
+class TrainStage(Section):
+    """One stage of a staged training (``train.stages``): its epochs, lr, losses and freezing.
+
+    Fields left null take the train section's value.
+    """
+
+    name: str = Field("stage", description="Name in logs and train_report.json.")
+    epochs: int = Field(1, ge=1, description="Epochs of this stage.")
+    lr: float | None = Field(None, gt=0.0, description="Peak lr of this stage; null = train.lr.")
+    lambda_task: float | None = Field(
+        None, ge=0.0, description="Task loss weight; 0 = contrastive only; null = train's."
+    )
+    lambda_contrastive: float | None = Field(
+        None, ge=0.0, description="Contrastive loss weight; 0 = task only; null = train's."
+    )
+    freeze_image: bool | None = Field(
+        None, description="Freeze the image encoder in this stage; null = train.freeze_image."
+    )
+    freeze_text: bool | None = Field(
+        None, description="Freeze the text encoder in this stage; null = train.freeze_text."
+    )
+    unfreeze_last: int = Field(
+        0,
+        ge=0,
+        description="With freeze_image/freeze_text: keep the last N blocks of each frozen "
+        "encoder trainable (layers, residual/conv stages).",
     )
 
 
@@ -192,7 +270,26 @@ class TrainParams(ModelConfig):
     """Stage `train`: the model (the fields of ModelConfig), then the loss, optimiser and loader."""
 
     lambda_task: float = Field(
-        1.0, ge=0.0, description="Multitask loss = contrastive + lambda * task."
+        1.0,
+        ge=0.0,
+        description="Multitask loss = lambda_contrastive * contrastive + lambda_task * task.",
+    )
+    lambda_contrastive: float = Field(
+        1.0, ge=0.0, description="Weight of the contrastive (InfoNCE) loss; 0 = task loss only."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Warm start: load the matching weights of a checkpoint file, a models "
+        "directory, a model URI (models:/mmpipe-fusion@champion) or `champion` (the registry's "
+        "register.model_name@register.alias); train_report.json lists what was loaded, "
+        "skipped and newly initialised. null = random init. A registry source is outside "
+        "DVC's view: pin a checkpoint path for `dvc repro`.",
+    )
+    stages: list[TrainStage] = Field(
+        default_factory=list,
+        description="Staged training in one run, e.g. a contrastive-only stage (lambda_task: 0) "
+        "then a task stage with freeze_image; each stage has its own epochs, lr and warm-up. "
+        "Empty = one stage of train.epochs at train.lr. When given, train.epochs is ignored.",
     )
     # optimisation
     epochs: int = Field(8, ge=1, description="Passes over the train shards.")
@@ -200,7 +297,19 @@ class TrainParams(ModelConfig):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
     lr: float = Field(2e-3, gt=0.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps before the cosine decay.")
+    warmup_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=0.5,
+        description="Linear warm-up over this fraction of the optimiser steps (of each stage), "
+        "then cosine decay to 0.",
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Warm-up steps instead of warmup_fraction; capped at half of the (stage's) "
+        "steps, so on small data the lr still peaks and decays.",
+    )
     grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm (0 = no clipping).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="Mixed precision: auto = bf16 on capable CUDA, off on CPU."
@@ -222,6 +331,23 @@ class TrainParams(ModelConfig):
         """The model part of these params (what a checkpoint stores as ``model_args``)."""
         return ModelConfig.model_validate(self.model_dump(include=set(ModelConfig.model_fields)))
 
+    def stage_plan(self) -> list[TrainStage]:
+        """The stages to run, every field filled in (one stage when ``stages`` is empty)."""
+        base = {
+            "lr": self.lr, "lambda_task": self.lambda_task,
+            "lambda_contrastive": self.lambda_contrastive,
+            "freeze_image": self.freeze_image, "freeze_text": self.freeze_text,
+        }  # fmt: skip
+        stages = self.stages or [TrainStage(name="train", epochs=self.epochs)]
+        return [
+            s.model_copy(update={k: v for k, v in base.items() if getattr(s, k) is None})
+            for s in stages
+        ]
+
+    def total_epochs(self) -> int:
+        """Epochs of the whole training (the stages' sum when staged)."""
+        return sum(s.epochs for s in self.stages) if self.stages else self.epochs
+
 
 class EvaluateParams(Section):
     """Stage `evaluate`: retrieval, classification, zero-shot and the fusion ablation."""
@@ -238,6 +364,11 @@ class EvaluateParams(Section):
     zero_shot_template: str = Field(
         "a {}", description="Prompt template for zero-shot class names."
     )
+    zero_shot_classes: list[str] = Field(
+        default_factory=list,
+        description="Class names for zero-shot; images whose zero_shot_field value is not "
+        "among them are left out. Empty = the field's distinct values in the test split.",
+    )
 
 
 class RegisterParams(Section):
@@ -245,8 +376,16 @@ class RegisterParams(Section):
 
     model_name: str = Field("mmpipe-fusion", description="MLflow registered model name.")
     alias: str = Field("champion", description="Alias given to the best version.")
-    metric: str = Field("accuracy", description="metrics.json key compared against the champion.")
-    greater_is_better: bool = Field(True, description="Direction of `metric`.")
+    metric: str | None = Field(
+        None,
+        description="metrics.json key compared against the champion; null = the task's "
+        "default: accuracy (multiclass), macro_f1 (binary), map (multilabel), rmse "
+        "(regression), vqa_accuracy (vqa), mean_r1 (retrieval) without labelled pairs. A metric "
+        "the run cannot produce is an error before training.",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Direction of `metric`; null = the metric's own (rmse, mae: lower)."
+    )
 
 
 class TrackingParams(Section):
@@ -276,6 +415,13 @@ class Params(Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Stage evaluate.")
     register: RegisterParams = Field(default_factory=RegisterParams, description="Stage register.")
     tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _register_metric_fits_the_task(self) -> Params:
+        from mmpipe.objectives import check_metric_for_task
+
+        check_metric_for_task(self.register.metric, self.train.task, self.evaluate.ks)
+        return self
 
 
 class ParamsError(ValueError):
@@ -308,8 +454,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid params in {origin}:"]
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
         lines.append(f"  {where}: {msg}")

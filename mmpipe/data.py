@@ -201,10 +201,15 @@ class DecodeSample:
         image = decode_rgb(sample["jpg"])
         if compose is not None:
             image = apply_augment(compose, image, derive_seed("online", self.seed, self.epoch, key))
+        label = int(meta.get("label_index", -1))
         return {
             "image": to_tensor(image),
             "text": sample["txt"].decode("utf-8"),
-            "label": int(meta.get("label_index", -1)),
+            "label": label,
+            # every class of a multi-label; shards without label_indices: the one label, if any
+            "labels": list(meta.get("label_indices") or ([label] if label >= 0 else [])),
+            "value": label_value(meta.get("label")),
+            "label_text": meta.get("label"),
             "key": key,
             "image_id": meta.get("image_id"),
             "caption_id": meta.get("caption_id"),
@@ -239,12 +244,33 @@ class Chunk:
 # ----------------------------------------------------------------------------- main-process stages
 
 
+def label_value(label: Any) -> float:
+    """A label as a number (regression targets); nan when there is none or it is not numeric."""
+    try:
+        return float(label)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def pad_labels(label_sets: list[list[int]]) -> torch.Tensor:
+    """Class-index lists as (B, L) long, padded with -1 (L >= 1)."""
+    width = max([1, *(len(s) for s in label_sets)])
+    out = torch.full((len(label_sets), width), -1, dtype=torch.long)
+    for i, s in enumerate(label_sets):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
 def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str, Any]:
-    """A batch: image (B, 3, H, W), label (B,) (-1 = unlabelled), lists for the rest."""
+    """A batch: image (B, 3, H, W), label (B,) (-1 = none), labels (B, L) (the classes of a
+    multi-label, -1 padded), value (B,) (numeric label, nan = none), lists for the rest."""
     return {
         "image": torch.stack(images),  # (B, 3, H, W)
         "text": [r["text"] for r in rows],
         "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # (B,)
+        "labels": pad_labels([r["labels"] for r in rows]),  # (B, L)
+        "value": torch.tensor([r["value"] for r in rows], dtype=torch.float32),  # (B,)
+        "label_text": [r["label_text"] for r in rows],
         "key": [r["key"] for r in rows],
         "image_id": [r["image_id"] for r in rows],
         "caption_id": [r["caption_id"] for r in rows],

@@ -1,12 +1,20 @@
 """Stage `evaluate`: retrieval, zero-shot, classification and the fusion ablation on the test split.
 
 Outputs under ``out_dir`` (atomic writes):
-    metrics.json          flat numbers for `dvc metrics show` (accuracy, macro_f1, i2t_r1, ...)
-    per_class.json        precision / recall / F1 / support per class of the trained head
-    ablation.json         every fusion head trained on frozen features, with accuracy / macro-F1
-    evaluation_report.json  counts, chance levels, skipped parts with their reasons, timings
+    metrics.json          flat numbers for `dvc metrics show`: retrieval (i2t_r1, mean_r1, median
+                          ranks, ...) always; the task's metrics when the test split has labels
+                          (mmpipe/objectives.py), with ``<primary>_chance`` and the ablation's
+                          best_unimodal_<primary> / fusion_gain
+    per_class.json        precision / recall / F1 / support (multilabel: + AP) per class
+    per_question_type.json  VQA accuracy per question type (vqa)
+    ablation.json         every fusion head trained on frozen features, with the task's metrics
+    evaluation_report.json  task, counts, skipped parts with their reasons, timings
     plots/confusion_matrix.png, plots/confusion.json (rows for `dvc plots` confusion template),
+    plots/roc.png + roc.json (binary), plots/predicted_vs_true.png + .json (regression),
     plots/recall_at_k.json, plots/ablation.json
+
+Unlabelled data (no labelled test or train pairs): retrieval and zero-shot only; the task
+metrics and the ablation are skipped, and the log says why.
     examples/             a few test images as thumbnails + their top-3 captions (for report.md)
     report.md, report.html
 
@@ -31,12 +39,14 @@ import numpy as np
 import torch
 
 from mmpipe import metrics as M
+from mmpipe import scoring
 from mmpipe.checkpoint import load_model, pick_checkpoint, read_manifest
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, write_json_atomic
-from mmpipe.model import create_fusion_head, predict_labels
+from mmpipe.model import create_fusion_head, labelled_rows, predict_labels, task_loss_sum
+from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,13 @@ class SplitOutputs:
     text_to_image: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)  # scoring.task_target per batch
+    answers: list[str | None] = field(default_factory=list)  # the raw labels (VQA answers)
+    qtypes: list[str] = field(default_factory=list)  # VQA question types
+
+    def target(self) -> torch.Tensor:
+        """Every pair's target, concatenated."""
+        return torch.cat(self.targets)
 
 
 def batches(shard_dir: Path, split: str, batch_size: int, what: str) -> Iterator[dict[str, Any]]:
@@ -93,8 +110,15 @@ def embed_split(
     """One pass: pair logits + caption embeddings, image embeddings deduplicated by image_id."""
     out = SplitOutputs()
     index: dict[str, int] = {}
+    task = model.task
     for batch in batches(shard_dir, split, batch_size, "embedding"):
         res = model(batch["image"], list(batch["text"]))
+        out.targets.append(scoring.task_target(batch, task, res["logits"].shape[1]))
+        out.answers.extend(batch["label_text"])
+        out.qtypes.extend(
+            scoring.question_type(q, m or {})
+            for q, m in zip(batch["text"], batch["meta"], strict=True)
+        )
         for i, image_id in enumerate(batch["image_id"]):
             if image_id not in index:
                 index[image_id] = len(out.image_ids)
@@ -128,6 +152,10 @@ def retrieval_metrics(
         flat[f"i2t_chance_r{k}"], flat[f"t2i_chance_r{k}"] = chance["i2t"][k], chance["t2i"][k]
         rows.append({"k": k, "direction": "i2t", "recall": i2t[k], "chance": chance["i2t"][k]})
         rows.append({"k": k, "direction": "t2i", "recall": t2i[k], "chance": chance["t2i"][k]})
+    r1 = M.recall_at_k_i2t(sim, out.text_to_image, [1])[1]
+    flat[RETRIEVAL_METRIC] = 0.5 * (r1 + M.recall_at_k_t2i(sim, out.text_to_image, [1])[1])
+    ranks = M.median_rank(sim, out.text_to_image)
+    flat["median_rank_i2t"], flat["median_rank_t2i"] = ranks["i2t"], ranks["t2i"]
     return flat, rows
 
 
@@ -139,11 +167,16 @@ def zero_shot(
     field_name = p.zero_shot_field
     if not field_name:
         return {}, "evaluate.zero_shot_field is null"
-    keep = [i for i, m in enumerate(out.image_meta) if m.get(field_name) not in (None, "")]
+    allowed = set(p.zero_shot_classes)
+    keep = [
+        i for i, m in enumerate(out.image_meta)
+        if m.get(field_name) not in (None, "") and (not allowed or str(m[field_name]) in allowed)
+    ]  # fmt: skip
     if not keep:
-        return {}, f"no test sample has meta field {field_name!r}"
+        wanted = f" with a value among {sorted(allowed)}" if allowed else ""
+        return {}, f"no test sample has meta field {field_name!r}{wanted}"
     truth = [str(out.image_meta[i][field_name]) for i in keep]
-    names = sorted(set(truth))
+    names = list(p.zero_shot_classes) or sorted(set(truth))
     if len(names) < 2:
         return {}, f"meta field {field_name!r} has fewer than 2 distinct values in the test split"
     prompts = [p.zero_shot_template.format(name) for name in names]
@@ -164,26 +197,54 @@ def zero_shot(
     return result, None
 
 
-def classification(
-    out: SplitOutputs, classes: list[str], task: str
-) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray | None, str | None]:
-    """Accuracy, macro-F1, per-class report and confusion matrix of the trained head."""
-    if task not in ("multiclass", "binary"):
-        return {}, [], None, f"task {task!r}: single-label classification metrics do not apply"
-    labels = np.array(out.labels)
-    mask = labels >= 0
-    if not mask.any():
-        return {}, [], None, "the test split has no labelled pairs"
-    y = labels[mask]
-    pred = predict_labels(torch.cat(out.logits), task).numpy()[mask]
-    n = max(len(classes), int(max(y.max(), pred.max())) + 1)
-    names = [classes[i] if i < len(classes) else str(i) for i in range(n)]
-    flat = {
-        "accuracy": M.accuracy(y, pred),
-        "macro_f1": M.macro_f1(y, pred, n),
-        "n_labelled": float(mask.sum()),
-    }
-    return flat, M.per_class_report(y, pred, n, names), M.confusion_matrix(y, pred, n), None
+@dataclass
+class TaskResult:
+    """The trained head's test results: flat metrics, per-class rows, plot data, or a skip."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+    plots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # plots/<name>.json
+    per_question_type: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+
+
+def task_metrics(out: SplitOutputs, classes: list[str], task: str, trained: bool) -> TaskResult:
+    """The task's metrics on the labelled test pairs (mmpipe/objectives.py), with the chance
+    level, per-class rows and plot data; skipped (with the reason) when there is nothing to
+    score. ``trained``: the head saw labelled train pairs."""
+    logits, target = torch.cat(out.logits), out.target()
+    if not trained:
+        return TaskResult(skipped="no labelled train pairs: the task head was never trained")
+    scores = scoring.score_outputs(task, logits, target)
+    if not scores:
+        return TaskResult(skipped="the test split has no labelled pairs")
+    result = TaskResult(metrics={**scores, **scoring.chance_scores(task, logits, target)})
+    if task == "vqa":
+        accuracy, result.per_question_type = scoring.vqa_by_type(
+            logits, out.answers, out.qtypes, classes
+        )
+        result.metrics["vqa_accuracy"] = accuracy
+        for row in result.per_question_type:
+            result.metrics[f"vqa_accuracy_{_slug(row['question_type'])}"] = row["vqa_accuracy"]
+        return result
+    if task == "regression":
+        result.plots["predicted_vs_true"] = scoring.regression_rows(logits, target)
+        return result
+    result.per_class = scoring.per_class(task, logits, target, classes)
+    if task == "multilabel":
+        return result
+    rows = labelled_rows(target, task)
+    y, pred = target[rows], predict_labels(logits[rows], task)
+    result.confusion = M.confusion_matrix(y, pred, len(result.per_class))
+    if task == "binary":
+        result.plots["roc"] = scoring.roc_rows(logits, target)
+    return result
+
+
+def _slug(text: str) -> str:
+    """A metric-name-safe form of a question type ('what colour' -> 'what_colour')."""
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split()) or "other"
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], dest: Path) -> None:
@@ -210,6 +271,29 @@ def plot_confusion(cm: np.ndarray, names: list[str], dest: Path) -> None:
             color="white" if v > cm.max() / 2 else "black",
             fontsize=8,
         )
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_points(rows: list[dict[str, Any]], x: str, y: str, dest: Path, diagonal: bool) -> None:
+    """A scatter (predicted vs true) or a curve (ROC) as a PNG, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys = [r[x] for r in rows], [r[y] for r in rows]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if diagonal:  # ROC: the curve from (0, 0) to (1, 1)
+        ax.plot(xs, ys, lw=1.5)
+    else:
+        ax.scatter(xs, ys, s=6, alpha=0.5)
+    low, high = (0.0, 1.0) if diagonal else (min(xs + ys), max(xs + ys))
+    ax.plot([low, high], [low, high], ls="--", c="grey", lw=1)  # chance (ROC) / perfect (scatter)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
     fig.tight_layout()
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -267,19 +351,20 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
 def extract_features(
     model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen pooled (pre-fusion) features of labelled pairs: img (N, Fi), txt (N, Ft), y (N,)."""
+    """Frozen pooled (pre-fusion) features of the scored pairs: img (N, Fi), txt (N, Ft) and
+    their targets (scoring.task_target's form)."""
     feats_i, feats_t, ys = [], [], []
+    k = int(model.config["num_outputs"])
     for batch in batches(shard_dir, split, batch_size, "ablation features"):
-        keep = batch["label"] >= 0
+        target = scoring.task_target(batch, model.task, k)
+        keep = scoring.scored_rows(model.task, target)
         if not keep.any():
             continue
-        img, txt = model.features(
-            batch["image"][keep],
-            [t for t, k in zip(batch["text"], keep.tolist(), strict=True) if k],
-        )
+        texts = [t for t, kept in zip(batch["text"], keep.tolist(), strict=True) if kept]
+        img, txt = model.features(batch["image"][keep], texts)
         feats_i.append(img.float().cpu())
         feats_t.append(txt.float().cpu())
-        ys.append(batch["label"][keep])
+        ys.append(target[keep])
     if not ys:
         return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats_i), torch.cat(feats_t), torch.cat(ys)
@@ -290,18 +375,24 @@ def _train_head(
     x_i: torch.Tensor,
     x_t: torch.Tensor,
     y: torch.Tensor,
+    task: str,
     epochs: int,
     seed: int,
 ) -> None:
-    """Mini-batch AdamW on frozen features; seeded so every mode sees the same batches."""
+    """Mini-batch AdamW with the task's loss on frozen features; seeded so every mode sees the
+    same batches. ``y``: scoring.task_target's form (multi-hot for multilabel)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    if task == "multilabel":  # the loss takes class lists: the multi-hot rows as index lists
+        y = torch.where(y > 0, torch.arange(y.shape[1]), -1)
     head.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=gen).split(256):
-            loss = torch.nn.functional.cross_entropy(head(x_i[idx], x_t[idx]), y[idx])
+            total, n = task_loss_sum(head(x_i[idx], x_t[idx]), y[idx], task)
+            if n == 0:
+                continue
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (total / n).backward()
             opt.step()
     head.eval()
 
@@ -311,12 +402,13 @@ def run_ablation(
     shard_dir: Path,
     p: EvaluateParams,
     train_params: TrainParams,
-    num_classes: int,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Train each fusion head on frozen train features, score on test; (rows, skip reason).
 
-    The heads get the trained model's head width, dropout and (weighted) alpha, and its seed.
+    The heads get the trained model's task, output count, head width, dropout and (weighted)
+    alpha, and its seed. Each row has the task's metrics and ``score`` (its primary metric).
     """
+    task, k = model.task, int(model.config["num_outputs"])
     tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size)
     te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size)
     if len(tr_y) == 0 or len(te_y) == 0:
@@ -325,37 +417,34 @@ def run_ablation(
     for mode in ABLATION_MODES:
         torch.manual_seed(train_params.seed)  # same init stream for every head
         head = create_fusion_head(
-            mode, tr_i.shape[1], tr_t.shape[1], num_classes,
+            mode, tr_i.shape[1], tr_t.shape[1], k,
             hidden=train_params.head_hidden, dropout=train_params.dropout,
             alpha=train_params.fusion_alpha,
         )  # fmt: skip
         t0 = time.perf_counter()
-        _train_head(head, tr_i, tr_t, tr_y, p.ablation_epochs, train_params.seed)
+        _train_head(head, tr_i, tr_t, tr_y, task, p.ablation_epochs, train_params.seed)
         with torch.no_grad():
-            pred = head(te_i, te_t).argmax(dim=-1).numpy()
-        y = te_y.numpy()
-        rows.append(
-            {
-                "fusion": mode,
-                "accuracy": M.accuracy(y, pred),
-                "macro_f1": M.macro_f1(y, pred, num_classes),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
-        log.info(
-            "evaluate: ablation head %d/%d %s: accuracy %.4f (%.1f s)",
-            *(len(rows), len(ABLATION_MODES), mode, rows[-1]["accuracy"], rows[-1]["seconds"]),
-        )
+            scores = scoring.score_outputs(task, head(te_i, te_t), te_y)
+        scores.pop("n_labelled", None)
+        score = scoring.primary_score(task, scores)
+        seconds = round(time.perf_counter() - t0, 3)
+        rows.append({"fusion": mode, **scores, "score": score, "seconds": seconds})
+        log.info("evaluate: ablation head %d/%d %s: %s %.4f (%.1f s)", len(rows),
+                 len(ABLATION_MODES), mode, DEFAULT_METRIC[task], score, seconds)  # fmt: skip
     return rows, None
 
 
-def ablation_summary(rows: list[dict[str, Any]], fusion: str) -> dict[str, float]:
-    """best_unimodal_accuracy and fusion_gain (configured mode - best unimodal, same features)."""
-    acc = {r["fusion"]: r["accuracy"] for r in rows}
-    best_uni = max(acc["image_only"], acc["text_only"])
-    out = {"best_unimodal_accuracy": best_uni, "ablation_best_accuracy": max(acc.values())}
-    if fusion in acc:
-        out["fusion_gain"] = acc[fusion] - best_uni
+def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict[str, float]:
+    """best_unimodal_<primary>, ablation_best_<primary> and fusion_gain (configured mode minus
+    the best unimodal head on the same features; positive = fusion is better, also for errors)."""
+    primary = DEFAULT_METRIC[task]
+    sign = 1.0 if greater_is_better(primary) else -1.0
+    score = {r["fusion"]: r["score"] for r in rows}
+    best = max if sign > 0 else min
+    best_uni = best(score["image_only"], score["text_only"])
+    out = {f"best_unimodal_{primary}": best_uni, f"ablation_best_{primary}": best(score.values())}
+    if fusion in score:
+        out["fusion_gain"] = sign * (score[fusion] - best_uni)
     return out
 
 
@@ -364,11 +453,11 @@ def fusion_ablation(
     shard_dir: Path,
     p: EvaluateParams,
     train_params: TrainParams,
-    num_classes: int | None,
+    labelled: bool,
 ) -> tuple[dict[str, Any], dict[str, float], str | None]:
     """ablation.json's content, its summary metrics, and why it was skipped (None if it ran).
 
-    ``num_classes`` None: the test split has no single-label classes to compare heads on.
+    ``labelled`` False: the task metrics were skipped, so there is nothing to compare heads on.
     """
     fusion = train_params.fusion
     ablation: dict[str, Any] = {
@@ -381,11 +470,46 @@ def fusion_ablation(
     }
     if not p.ablation:
         return ablation, {}, None
-    if num_classes is None:
-        return ablation, {}, "no classification labels"
-    rows, reason = run_ablation(model, shard_dir, p, train_params, num_classes)
+    if not labelled:
+        return ablation, {}, "no labelled pairs to train and score the heads on"
+    rows, reason = run_ablation(model, shard_dir, p, train_params)
     ablation["results"] = rows
-    return ablation, ablation_summary(rows, fusion) if rows else {}, reason
+    ablation["metric"] = DEFAULT_METRIC[model.task]
+    summary = ablation_summary(rows, fusion, model.task) if rows else {}
+    return ablation, summary, reason
+
+
+# per-task plots: a run removes those of another task a previous run left behind
+TASK_PLOTS = ("confusion_matrix.png", "confusion.json", "roc.png", "roc.json",
+              "predicted_vs_true.png", "predicted_vs_true.json")  # fmt: skip
+
+
+def labelled_train(manifest: dict[str, Any]) -> bool:
+    """Whether the task head saw labelled train pairs (older manifests: whether they list
+    classes)."""
+    per_split = manifest.get("labelled_pairs_per_split")
+    if per_split is None:
+        return bool(manifest.get("classes"))
+    return per_split.get("train", 0) > 0
+
+
+def write_task_outputs(result: TaskResult, out_dir: Path, test: SplitOutputs, task: str) -> None:
+    """per_class.json, per_question_type.json (vqa) and the task's plots (PNG + JSON rows)."""
+    plots = out_dir / "plots"
+    for name in TASK_PLOTS:
+        (plots / name).unlink(missing_ok=True)
+    write_json_atomic(out_dir / "per_class.json", result.per_class)
+    if task == "vqa":
+        write_json_atomic(out_dir / "per_question_type.json", result.per_question_type)
+    if result.confusion is not None:
+        names = [r["class"] for r in result.per_class]
+        plot_confusion(result.confusion, names, plots / "confusion_matrix.png")
+        write_json_atomic(plots / "confusion.json", confusion_rows(test, names, task))
+    axes = {"roc": ("fpr", "tpr", True), "predicted_vs_true": ("true", "predicted", False)}
+    for name, rows in result.plots.items():
+        write_json_atomic(plots / f"{name}.json", rows)
+        if rows:
+            plot_points(rows, *axes[name][:2], plots / f"{name}.png", diagonal=axes[name][2])
 
 
 def run_evaluate(
@@ -407,6 +531,8 @@ def run_evaluate(
     checkpoint = pick_checkpoint(model_dir)
     model, info = load_model(checkpoint)
     tp = TrainParams.model_validate(info["params"])
+    log.info("evaluate: %s (task %s) on the test split; labels: %s", checkpoint, model.task,
+             manifest.get("labels", "unknown"))  # fmt: skip
     classes = list(manifest.get("classes") or info.get("classes") or [])
     test = embed_split(model, shard_dir, "test", p.batch_size)
     metrics: dict[str, float] = {
@@ -417,30 +543,25 @@ def run_evaluate(
 
     retrieval, recall_rows = retrieval_metrics(test, p.ks)
     metrics.update(retrieval)
+    write_json_atomic(out_dir / "plots" / "recall_at_k.json", recall_rows)
     zs, reason = zero_shot(model, test, p)
     metrics.update(zs)
     if reason:
         skipped["zero_shot"] = reason
-    cls, per_class, cm, reason = classification(test, classes, tp.task)
-    metrics.update(cls)
-    if reason:
-        skipped["classification"] = reason
-    plots = out_dir / "plots"
-    write_json_atomic(plots / "recall_at_k.json", recall_rows)
-    write_json_atomic(out_dir / "per_class.json", per_class)
-    if cm is not None:
-        names = [r["class"] for r in per_class]
-        plot_confusion(cm, names, plots / "confusion_matrix.png")
-        write_json_atomic(plots / "confusion.json", confusion_rows(test, names, tp.task))
+    result = task_metrics(test, classes, model.task, trained=labelled_train(manifest))
+    metrics.update(result.metrics)
+    if result.skipped:
+        skipped["task_metrics"] = result.skipped
+    write_task_outputs(result, out_dir, test, model.task)
 
-    num_classes = None if cm is None else cm.shape[0]
-    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, num_classes)
+    labelled = result.skipped is None
+    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, labelled)
     metrics.update(summary)
     if reason:
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
-    plot_rows = [{k: r[k] for k in ("fusion", "accuracy", "macro_f1")} for r in ablation["results"]]
-    write_json_atomic(plots / "ablation.json", plot_rows)
+    plot_rows = [{"fusion": r["fusion"], "score": r["score"]} for r in ablation["results"]]
+    write_json_atomic(out_dir / "plots" / "ablation.json", plot_rows)
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
@@ -449,6 +570,8 @@ def run_evaluate(
         out_dir / "evaluation_report.json",
         {
             "checkpoint": str(checkpoint),
+            "task": model.task,
+            "labels": manifest.get("labels"),
             "skipped": skipped,
             "classes": classes,
             "seconds": round(time.perf_counter() - t0, 3),

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import unicodedata
 from collections import Counter
@@ -62,6 +63,7 @@ from tqdm import tqdm
 from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.io import (
+    LABEL_SEPARATOR_KEY,
     atomic_path,
     locked_temp_dir,
     read_json,
@@ -114,6 +116,7 @@ LOOKUP_BATCH = 8192
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
 SWAPS_SIDES = {5, 6, 7, 8}
 
+TEXT_JOIN = " [SEP] "  # joins ingest.text_columns when no text_template is given
 RECORD_SCHEMA = table_schema(
     "caption_id", "caption", "image_ref", "image_id", "label", "source",
     ("line", pa.int64()), "meta",
@@ -215,8 +218,9 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         index = _finish_images(work / "results.parquet", rejects, out_dir / "images.parquet")
         release_arrow_memory()
         accepted = _finish_captions(
-            work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet"
-        )
+            work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet",
+            records_schema(p),
+        )  # fmt: skip
         fh.flush()
     report = _report(source, p, rejects, index, n_rows, accepted)
     report["data_root"] = _data_root_record(p, source.root, out_dir)
@@ -247,16 +251,23 @@ def open_source(p: IngestParams, out_dir: Path) -> tuple[Source, dict[str, Any] 
     from mmpipe.synthetic import generate
 
     generated = generate(out_dir / "source", p.synthetic, workers=p.workers)
-    folder_p = p.model_copy(
-        update={
-            "root": str(out_dir / "source"),
-            "captions": "captions.csv",
-            "image_column": "image",
-            "caption_column": "caption",
-            "label_column": "label",
-        }
-    )
+    folder_p = p.model_copy(update={"root": str(out_dir / "source"), **synthetic_columns(p)})
     return read_folder(folder_p, name="synthetic"), generated
+
+
+def synthetic_columns(p: IngestParams) -> dict[str, Any]:
+    """How the folder reader reads the generated captions.csv (mmpipe/synthetic.py's columns)."""
+    from mmpipe.synthetic import LABEL_SEPARATOR
+
+    columns: dict[str, Any] = {
+        "captions": "captions.csv", "image_column": "image", "caption_column": "caption",
+        "label_column": "label", "text_columns": [], "question_column": None,
+        "answer_column": None,
+        "label_separator": LABEL_SEPARATOR if p.synthetic.label == "tags" else None,
+    }  # fmt: skip
+    if p.synthetic.questions:
+        columns.update(question_column="question", answer_column="answer", label_separator=None)
+    return columns
 
 
 def _data_root_record(p: IngestParams, root: Path, out_dir: Path) -> str:
@@ -360,12 +371,25 @@ def _decode(data: bytes) -> str:
     return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
 
 
+def text_columns(p: IngestParams) -> list[str]:
+    """The columns the text input is made of: the question (VQA), text_columns, or the caption."""
+    if p.question_column:
+        return [p.question_column]
+    return list(p.text_columns) or [p.caption_column]
+
+
+def label_column(p: IngestParams) -> str:
+    """The column holding the label: the answer (VQA) or label_column."""
+    return p.answer_column or p.label_column
+
+
 def _missing_columns(path: Path, found: list[str], p: IngestParams) -> None:
-    missing = [c for c in (p.image_column, p.caption_column) if c not in found]
+    missing = [c for c in (p.image_column, *text_columns(p)) if c not in found]
     if missing:
         raise InputError(
             f"{path}: required column(s) {missing} missing; found columns {found} "
-            f"(set ingest.image_column / ingest.caption_column)"
+            f"(set ingest.image_column / ingest.caption_column / ingest.text_columns / "
+            f"ingest.question_column)"
         )
 
 
@@ -424,7 +448,7 @@ def _read_jsonl(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, An
                 keys.update(obj)
             n_objects += 1
             yield line, obj
-    if n_objects and not {p.image_column, p.caption_column} & keys:
+    if n_objects and not {p.image_column, *text_columns(p)} & keys:
         _missing_columns(path, sorted(keys), p)
 
 
@@ -442,17 +466,33 @@ def _read_parquet(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, 
 
 
 def _to_raw(row: dict[str, Any], line: int, p: IngestParams) -> RawCaption:
-    """Map a parsed row to a RawCaption: the three known columns, the rest into meta."""
+    """Map a parsed row to a RawCaption: image, text and label columns, the rest into meta."""
     if "__error__" in row:
         return RawCaption(line, None, None, error=row["__error__"])
-    known = (p.image_column, p.caption_column, p.label_column)
+    texts, label = text_columns(p), label_column(p)
+    known = (p.image_column, *texts, label)
     meta = {k: v for k, v in row.items() if k not in known}
-    raw = RawCaption(
-        line, row.get(p.image_column), row.get(p.caption_column), row.get(p.label_column), meta
-    )
-    if p.image_column not in row or p.caption_column not in row:
-        raw.error = ("bad_row", f"missing {p.image_column!r} or {p.caption_column!r}")
-    return raw
+    image = row.get(p.image_column)
+    missing = [c for c in (p.image_column, *texts) if c not in row]
+    if missing:
+        error = ("bad_row", f"missing {', '.join(map(repr, missing))}")
+        return RawCaption(line, image, None, meta=meta, error=error)
+    if len(texts) == 1:
+        return RawCaption(line, image, row[texts[0]], row.get(label), meta)
+    empty = [c for c in texts if not isinstance(row[c], str) or not row[c].strip()]
+    if empty:
+        error = ("empty_caption", f"text column(s) {', '.join(map(repr, empty))} empty")
+        return RawCaption(line, image, None, meta=meta, error=error)
+    return RawCaption(line, image, join_texts(row, texts, p.text_template), row.get(label), meta)
+
+
+def join_texts(row: dict[str, Any], columns: list[str], template: str | None) -> str:
+    """A row's text fields as one text: ``template``'s ``{column}`` placeholders filled in, or
+    the fields joined by TEXT_JOIN. Plain substitution: a template cannot reach attributes as
+    ``str.format`` could."""
+    if template is None:
+        return TEXT_JOIN.join(str(row[c]) for c in columns)
+    return re.sub(r"\{(\w+)\}", lambda m: str(row.get(m.group(1), m.group(0))), template)
 
 
 def read_coco(p: IngestParams) -> Source:
@@ -565,7 +605,7 @@ def _check_caption(row: RawCaption, p: IngestParams) -> tuple[dict[str, Any] | N
             f"image {row.image_ref!r:.80} / caption {row.caption!r:.80}: expected non-empty strings"
         )
         return None, ("bad_row", detail)
-    label = None if _is_missing(row.label) else str(row.label)
+    label = None if _is_missing(row.label) or row.label == "" else str(row.label)
     for name, text in (("caption", row.caption), ("label", label)):
         if text is not None and has_control_chars(text):
             return None, ("invalid_text", f"{name} {text!r:.80} holds control characters")
@@ -578,9 +618,29 @@ def _check_caption(row: RawCaption, p: IngestParams) -> tuple[dict[str, Any] | N
         "line": row.line,
         "image_ref": row.image_ref,
         "caption": caption,
-        "label": None if label is None else normalise_text(label) or None,
+        "label": None if label is None else canonical_label(normalise_text(label), p),
         "meta": json.dumps(row.meta, sort_keys=True, ensure_ascii=False, default=str),
     }, ()
+
+
+def canonical_label(label: str, p: IngestParams) -> str | None:
+    """One spelling per label: a VQA answer normalised as the VQA evaluation does; several labels
+    (``label_separator``) stripped, deduplicated and sorted, so "dog| cat|dog" is "cat|dog"."""
+    if p.answer_column:
+        from mmpipe.metrics import vqa_normalize
+
+        label = vqa_normalize(label)
+    if p.label_separator:
+        parts = sorted({part.strip() for part in label.split(p.label_separator)} - {""})
+        label = p.label_separator.join(parts)
+    return label or None
+
+
+def records_schema(p: IngestParams) -> pa.Schema:
+    """records.parquet's schema; its metadata tells align how to split multi-labels."""
+    if not p.label_separator:
+        return RECORD_SCHEMA
+    return RECORD_SCHEMA.with_metadata({LABEL_SEPARATOR_KEY: p.label_separator})
 
 
 # Consecutive captions usually share an image; a small cache saves the disk lookups without
@@ -891,12 +951,17 @@ def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
 
 
 def _finish_captions(
-    drafts: Path, index: ImageIndex, src: Source, rejects: Rejects, dest: Path
+    drafts: Path,
+    index: ImageIndex,
+    src: Source,
+    rejects: Rejects,
+    dest: Path,
+    schema: pa.Schema = RECORD_SCHEMA,
 ) -> dict[str, int]:
     """Pass 2: give each draft its image's outcome; write records.parquet, reject the rest."""
     file = src.captions_file.relative_to(src.root).as_posix()
     counts = {"captions": 0, "labelled": 0}
-    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, RECORD_SCHEMA) as writer:
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batch in pq.ParquetFile(drafts).iter_batches(batch_size=LOOKUP_BATCH):
             at = pc.index_in(batch.column("rel"), value_set=index.rels)
             ids, reasons = index.image_ids.take(at), index.reasons.take(at)
@@ -914,7 +979,7 @@ def _finish_captions(
                     rows.append(_record(d, image_id, src.name))
                 counts["captions"] += len(rows)
                 counts["labelled"] += sum(r["label"] is not None for r in rows)
-                writer.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     return counts
 
 

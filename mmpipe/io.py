@@ -223,6 +223,10 @@ def use_system_arrow_allocator() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
+# records.parquet's schema metadata: the separator of multi-labels (ingest writes, align reads)
+LABEL_SEPARATOR_KEY = "mmpipe.label_separator"
+
+
 def table_schema(*columns: str | tuple[str, Any]) -> Any:
     """An Arrow schema from column names (string columns) and ``(name, type)`` pairs."""
     import pyarrow as pa

@@ -30,7 +30,7 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec(
         help="read a source, validate every record, write records + rejects",
         params=("ingest",),
-        code=("mmpipe/ingest.py", "mmpipe/synthetic.py"),
+        code=("mmpipe/ingest.py", "mmpipe/synthetic.py", "mmpipe/metrics.py"),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
     ),
@@ -59,6 +59,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/data.py",
             "mmpipe/checkpoint.py",
             "mmpipe/distributed.py",
+            "mmpipe/metrics.py",
         ),
         inputs=("data/shards",),
         out="models",
@@ -68,7 +69,13 @@ STAGES: dict[str, StageSpec] = {
         help="retrieval, classification, ablation",
         # the model, the task and the ablation's seed come from the checkpoint, not params.train
         params=("evaluate",),
-        code=("mmpipe/evaluate.py", "mmpipe/metrics.py", "mmpipe/report.py"),
+        code=(
+            "mmpipe/evaluate.py",
+            "mmpipe/scoring.py",
+            "mmpipe/objectives.py",
+            "mmpipe/metrics.py",
+            "mmpipe/report.py",
+        ),
         inputs=("models", "data/shards"),
         out="reports",
         tracked=True,
@@ -76,7 +83,7 @@ STAGES: dict[str, StageSpec] = {
     "register": StageSpec(
         help="register the model; promote if it beats the champion",
         params=("register",),
-        code=("mmpipe/tracking", "mmpipe/predict.py"),
+        code=("mmpipe/tracking", "mmpipe/predict.py", "mmpipe/objectives.py"),
         inputs=("models", "reports/metrics.json", "data/shards/manifest.json"),
         out=None,
         tracked=True,

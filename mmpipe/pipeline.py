@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.checkpoint import MANIFEST
-from mmpipe.config import Params, section_hash
+from mmpipe.config import Params, RegisterParams, section_hash
 from mmpipe.errors import InputError
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
@@ -168,6 +168,7 @@ def stage_train(
     from mmpipe.train import run_train
 
     data_hash = manifest_hash(layout)
+    init = init_checkpoint(params, layout)
     with tracking.start_run(
         params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
     ) as run:
@@ -178,11 +179,56 @@ def stage_train(
             layout.model_dir,
             resume=resume,
             on_epoch_end=tracking.epoch_logger(run),
+            init_checkpoint=init,
         )
         report["mlflow_run_id"] = run.id
         report["data_hash"] = data_hash
         write_json_atomic(layout.model_dir / "train_report.json", report)
     return report
+
+
+def init_checkpoint(params: Params, layout: Layout) -> Path | None:
+    """The local checkpoint ``train.init_from`` names: a model URI or ``champion`` (the
+    registry's register.model_name@register.alias) is fetched from the store; a path is used as
+    is. Not found is an error, before training: a warm start that silently started cold would
+    hide it."""
+    from mmpipe import tracking
+
+    source = params.train.init_from
+    if not source:
+        return None
+    if source == "champion":
+        source = tracking.champion_uri(params.register)
+    checkpoint, _ = tracking.resolve_model(source, params.tracking, params.register, layout)
+    log.info("train.init_from %s: %s", params.train.init_from, checkpoint)
+    return checkpoint
+
+
+def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
+    """The register metric this run will be compared on (register.metric or the task's
+    default); InputError now, before training, if the shards cannot produce it (e.g.
+    accuracy on an unlabelled collection)."""
+    from mmpipe.checkpoint import read_manifest
+    from mmpipe.objectives import check_metric_for_data
+
+    manifest = read_manifest(layout.shard_dir)
+    return check_metric_for_data(
+        params.register.metric, params.train.task, manifest, params.evaluate.ks
+    )
+
+
+def register_params(params: Params, layout: Layout) -> RegisterParams:
+    """params.register with the metric and its direction resolved for the trained model's task
+    and the shards' labels (null = the task's default, or mean_r1 without labels)."""
+    from mmpipe.checkpoint import read_manifest
+    from mmpipe.objectives import has_task_labels, resolve_metric
+
+    p = params.register
+    report = layout.model_dir / "train_report.json"
+    task = read_json(report).get("task") if report.is_file() else None
+    labelled = has_task_labels(read_manifest(layout.shard_dir))
+    metric, greater = resolve_metric(p.metric, p.greater_is_better, task or "multiclass", labelled)
+    return p.model_copy(update={"metric": metric, "greater_is_better": greater})
 
 
 def _train_run_id(layout: Layout) -> str | None:
@@ -224,7 +270,7 @@ def stage_register(
     model_uri = tracking.log_model(run, predictor)
     metrics, data_hash = read_json(metrics_path), manifest_hash(layout)
     return tracking.register_and_maybe_promote(
-        run, model_uri, metrics, params.register, data_hash=data_hash
+        run, model_uri, metrics, register_params(params, layout), data_hash=data_hash
     )
 
 
@@ -251,8 +297,15 @@ def run_stage(
 
 
 def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
-    """Every stage in order in this process (no orchestration): handy for debugging."""
-    return {name: run_stage(name, params, layout, resume=resume) for name in ORDER}
+    """Every stage in order in this process (no orchestration): handy for debugging.
+
+    The register metric is checked against the shards before training starts."""
+    results = {}
+    for name in ORDER:
+        if name == "train":
+            check_register_metric(params, layout)
+        results[name] = run_stage(name, params, layout, resume=resume)
+    return results
 
 
 # ----------------------------------------------------------------------------- a flow's run

@@ -144,14 +144,24 @@ class Predictor:
 
 
 def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """Turn task-head logits (B, C) into per-row predictions for the configured task."""
-    names = list(classes) or [str(i) for i in range(logits.shape[-1])]
+    """Turn task-head logits (B, C) into per-row predictions for the configured task.
+
+    multilabel: ``label`` joins every class with probability > 0.5 by "|" (``labels`` lists
+    them); vqa: ``label`` is the answer. A model trained without labels has no task prediction.
+    """
     if task == "regression":
         return [
             {"label": f"{v:.6g}", "label_index": -1, "confidence": float("nan"), "value": float(v)}
             for v in logits.reshape(len(logits), -1)[:, 0].tolist()
         ]
-    if task in ("binary", "multilabel") or logits.shape[-1] == 1:
+    if not classes:  # an untrained head's outputs mean nothing: say so instead
+        note = "the model was trained without labels (retrieval only): no task prediction"
+        return [{"label": "", "label_index": -1, "confidence": float("nan"), "note": note}
+                for _ in range(len(logits))]  # fmt: skip
+    names = list(classes)
+    if task == "multilabel":
+        return _decode_multilabel(logits, names)
+    if task == "binary" or logits.shape[-1] == 1:
         probs = torch.sigmoid(logits)
         if probs.shape[-1] == 1:  # one logit: P(class 1)
             probs = torch.cat([1 - probs, probs], dim=-1)
@@ -170,6 +180,22 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
         }
         for i, c, row in zip(idx.tolist(), conf.tolist(), probs.tolist(), strict=True)
     ]
+
+
+def _decode_multilabel(logits: torch.Tensor, names: list[str]) -> list[dict[str, Any]]:
+    """Every class above 0.5; label_index and confidence are those of the most likely class."""
+    probs = torch.sigmoid(logits.float())  # (B, K)
+    hot = predict_labels(logits, "multilabel")  # (B, K)
+    rows = []
+    for p, h in zip(probs.tolist(), hot.tolist(), strict=True):
+        chosen = [names[j] for j, on in enumerate(h) if on and j < len(names)]
+        top = max(range(len(p)), key=p.__getitem__)
+        rows.append({
+            "label": "|".join(chosen), "labels": chosen, "label_index": top,
+            "confidence": p[top],
+            "probabilities": {names[j] if j < len(names) else str(j): q for j, q in enumerate(p)},
+        })  # fmt: skip
+    return rows
 
 
 def _name(item: ImageInput) -> str:
@@ -201,12 +227,21 @@ def _image_from_cell(value: Any, row: int) -> ImageInput:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     text = str(value)
-    if len(text) < 4096 and Path(text).is_file():
+    if _is_file(text):
         return Path(text)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"row {row}: image is neither a file path nor base64 data") from None
+
+
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names an existing file; False for what cannot be a path (base64 data:
+    a segment over the file-name limit raises "File name too long", a NUL raises ValueError)."""
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def load_predictor(

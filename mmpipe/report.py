@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = "examples"
 EXAMPLES_JSON = "examples.json"
+PLOTS = (  # (title, file in plots/) shown when evaluate wrote them (they depend on the task)
+    ("Confusion matrix", "confusion_matrix.png"),
+    ("ROC curve", "roc.png"),
+    ("Predicted vs true", "predicted_vs_true.png"),
+)
 
 
 def _fmt(value: Any) -> str:
@@ -52,11 +57,15 @@ def _sections(eval_dir: Path) -> list[tuple[str, list[str], list[list[Any]]]]:
     metrics = _read(eval_dir / "metrics.json") or {}
     out.append(("Metrics", ["metric", "value"], [[k, v] for k, v in sorted(metrics.items())]))
     ablation = _read(eval_dir / "ablation.json") or {}
-    rows = [[r["fusion"], r["accuracy"], r["macro_f1"]] for r in ablation.get("results", [])]
-    if rows:
-        out.append(
-            ("Fusion ablation (heads on frozen features)", ["fusion", "accuracy", "macro_f1"], rows)
-        )
+    results = ablation.get("results", [])
+    if results:  # the task's metrics, whatever the task (accuracy, map, rmse, vqa_accuracy, ...)
+        keys = [k for k in results[0] if k not in ("fusion", "score", "seconds")]
+        rows = [[r["fusion"], *(r.get(k) for k in keys)] for r in results]
+        out.append(("Fusion ablation (heads on frozen features)", ["fusion", *keys], rows))
+    by_type = _read(eval_dir / "per_question_type.json") or []
+    if by_type:
+        rows = [[r["question_type"], r["n"], r["vqa_accuracy"]] for r in by_type]
+        out.append(("VQA accuracy per question type", ["question type", "n", "accuracy"], rows))
     per_class = _read(eval_dir / "per_class.json") or []
     rows = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in per_class]
     if rows:
@@ -73,8 +82,9 @@ def render_markdown(eval_dir: Path, title: str = "mmpipe evaluation") -> str:
     lines = [f"# {title}", ""]
     for name, headers, rows in _sections(eval_dir):
         lines += [f"## {name}", "", *_md_table(headers, rows)]
-    if (eval_dir / "plots" / "confusion_matrix.png").is_file():
-        lines += ["## Confusion matrix", "", "![confusion matrix](plots/confusion_matrix.png)", ""]
+    for title, name in PLOTS:
+        if (eval_dir / "plots" / name).is_file():
+            lines += [f"## {title}", "", f"![{title.lower()}](plots/{name})", ""]
     examples = _examples(eval_dir)
     if examples:
         lines += ["## Retrieval examples (image → top-3 captions)", ""]
@@ -98,8 +108,9 @@ def render_html(eval_dir: Path, title: str = "mmpipe evaluation") -> str:
     ]
     for name, headers, rows in _sections(eval_dir):
         parts += [f"<h2>{html.escape(name)}</h2>", _html_table(headers, rows)]
-    if (eval_dir / "plots" / "confusion_matrix.png").is_file():
-        parts.append("<h2>Confusion matrix</h2><img src='plots/confusion_matrix.png' width='480'>")
+    for title, name in PLOTS:
+        if (eval_dir / "plots" / name).is_file():
+            parts.append(f"<h2>{html.escape(title)}</h2><img src='plots/{name}' width='480'>")
     examples = _examples(eval_dir)
     if examples:
         parts.append("<h2>Retrieval examples</h2>")

@@ -235,6 +235,7 @@ def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, 
         "caption_id": pair["caption_id"],
         "label": pair["label"],
         "label_index": pair["label_index"],
+        "label_indices": pair["label_indices"],  # multi-hot classes (multilabel)
         "split": pair["split"],
         "source": pair["source"],
         "image_path": pair["image_path"],  # relative to the data root
@@ -471,7 +472,9 @@ def build_manifest(
     """manifest.json, with the sample-count identity checked.
 
     ``labels`` says whether labels exist: "none" (train contrastive only), "partial" or "all",
-    with the labelled pairs per split (label_index -1 marks an unlabelled sample).
+    with the labelled pairs per split (label_index -1 marks an unlabelled sample). A multi-label
+    (``label_separator``) has its classes in the sample's ``label_indices``; a label outside the
+    classes (``<unk>`` under align.top_k_labels) has none and is counted per split.
     """
     per_split = align_report["pairs_per_split"]
     for split in SPLITS:
@@ -486,6 +489,9 @@ def build_manifest(
         "classes": list(align_report.get("classes", [])),
         "labels": status,
         "labelled_pairs_per_split": align_report.get("labelled_pairs_per_split", {}),
+        "label_separator": align_report.get("label_separator"),
+        "multi_label_pairs": align_report.get("multi_label_pairs", 0),
+        "unknown_label_pairs_per_split": align_report.get("unknown_label_pairs_per_split", {}),
         "splits": splits,
         "align_report_pairs_per_split": per_split,
     }

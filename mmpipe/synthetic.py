@@ -32,8 +32,27 @@ so image ``index`` is the same whatever ``n_images`` is and whichever process re
    probability ``label_noise``. Mood and sentiment are independent fair coins, so each is
    independent of the label on its own: a unimodal model is at chance, a fused one is not.
 
+Other labels (``label``), from the same scenes and captions (the images are identical):
+
+* ``sentiment``: ``positive`` when mood and caption sentiment are both positive, ``negative``
+  when both are negative, else ``mixed`` (3 classes; each modality alone narrows it to two).
+* ``score``: a 1-5 rating, 3 + the mood (+-0.9, +-0.27 when ambiguous) + 0.9 x the sentiment
+  word's strength (+-0.4 to +-1, ``WORD_STRENGTH``) + Gaussian noise (sd 0.25), clipped to
+  [1, 5]: the image explains one part, the caption the other (regression).
+* ``tags``: the shapes in the image plus the caption's sentiment (``positive``/``negative``),
+  '|'-separated: the image shows every shape, the caption only some, and only the caption has
+  the sentiment (multilabel).
+
+Question mode (``questions``, VQA): instead of captions, ``captions_per_image`` questions per
+image, each answerable only from the image: "what colour is the star?" (a shape that occurs
+once; 8 colours), "how many circles are there?" (any shape, 0-3, answers written as words or
+digits: the VQA normalisation maps both to digits), "is the square left of the cross?" (two
+objects at different heights of the grid's columns; yes/no). From the question alone a model is
+at the answer prior of its type.
+
 Output: ``out_dir/images/{index:06d}.jpg`` and ``out_dir/captions.csv`` with columns image
-(relative path), caption, label, main_shape, mood, sentiment. ``out_dir/.complete`` holds the hash
+(relative path), caption, label, main_shape, mood, sentiment (question mode: image, question,
+answer, question_type, main_shape, mood). ``out_dir/.complete`` holds the hash
 of the params and of this module's source; when it matches, generation is skipped.
 """
 
@@ -60,6 +79,8 @@ from mmpipe.parallel import process_pool
 log = logging.getLogger(__name__)
 
 COLUMNS = ("image", "caption", "label", "main_shape", "mood", "sentiment")
+QUESTION_COLUMNS = ("image", "question", "answer", "question_type", "main_shape", "mood")
+LABEL_SEPARATOR = "|"  # between the tags of label=tags
 COMPLETE = ".complete"
 AMBIGUOUS_FRACTION = 0.10
 JPEG_QUALITY = 90
@@ -136,6 +157,13 @@ SENTIMENT_WORDS = {
     "positive": ("cheerful", "lovely", "delightful", "bright", "happy", "wonderful"),
     "negative": ("gloomy", "dreary", "sad", "bleak", "depressing", "miserable"),
 }
+# how strongly each sentiment word pushes a `score` rating (label=score)
+WORD_STRENGTH = {
+    "cheerful": 0.6, "lovely": 0.8, "delightful": 1.0, "bright": 0.4, "happy": 0.7,
+    "wonderful": 1.0, "gloomy": 0.6, "dreary": 0.5, "sad": 0.8, "bleak": 0.7,
+    "depressing": 1.0, "miserable": 1.0,
+}  # fmt: skip
+COUNT_WORDS = ("zero", "one", "two", "three")
 LEADS = ("Honestly, ", "I think ", "In this picture, ", "As you can see, ")
 LINKS = (" and ", " next to ", " beside ")
 
@@ -182,7 +210,7 @@ def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
     job = functools.partial(_make_one, p=p, images_dir=str(tmp / "images"))
     with (tmp / "captions.csv").open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
+        writer.writerow(QUESTION_COLUMNS if p.questions else COLUMNS)
         indices = range(p.n_images)
         bar = dict(total=p.n_images, desc="synthetic", unit="img", disable=None)
         if workers > 1 and p.n_images >= POOL_MIN_IMAGES:
@@ -202,6 +230,12 @@ def _make_one(index: int, p: SyntheticParams, images_dir: str) -> list[tuple[str
     image = render(scene, p.image_size, rng)
     name = f"{index:06d}.jpg"
     image.save(os.path.join(images_dir, name), "JPEG", quality=JPEG_QUALITY)
+    main_shape = scene["objects"][0]["shape"]
+    if p.questions:
+        return [
+            (f"images/{name}", *write_question(scene, rng), main_shape, scene["mood"])
+            for _ in range(p.captions_per_image)
+        ]
     rows = []
     for _ in range(p.captions_per_image):
         sentiment = "positive" if rng.random() < 0.5 else "negative"
@@ -210,17 +244,58 @@ def _make_one(index: int, p: SyntheticParams, images_dir: str) -> list[tuple[str
         if rng.random() < p.label_noise:
             consistent = not consistent
         label = "consistent" if consistent else "inconsistent"
-        rows.append(
-            (
-                f"images/{name}",
-                caption,
-                label,
-                scene["objects"][0]["shape"],
-                scene["mood"],
-                sentiment,
-            )
-        )
+        if p.label != "consistency":  # the default's draws stay as they were: same bytes
+            label = other_label(p.label, scene, sentiment, caption, consistent, rng)
+        rows.append((f"images/{name}", caption, label, main_shape, scene["mood"], sentiment))
     return rows
+
+
+def other_label(
+    kind: str,
+    scene: dict[str, Any],
+    sentiment: str,
+    caption: str,
+    consistent: bool,
+    rng: np.random.Generator,
+) -> str:
+    """The label of a caption for ``label`` = sentiment, score or tags (see the module docstring).
+
+    ``consistent`` carries the label noise already drawn: a noisy sentiment label says "mixed"
+    for an agreeing pair and the image's mood for a disagreeing one.
+    """
+    mood = scene["mood"]
+    if kind == "sentiment":
+        return mood if consistent else "mixed"
+    if kind == "score":
+        word = next(w for w in WORD_STRENGTH if w in caption.lower())
+        mood_part = (0.9 if mood == "positive" else -0.9) * (0.3 if scene["ambiguous"] else 1.0)
+        text_part = 0.9 * WORD_STRENGTH[word] * (1.0 if sentiment == "positive" else -1.0)
+        value = 3.0 + mood_part + text_part + rng.normal(0.0, 0.25)
+        return f"{min(5.0, max(1.0, value)):.2f}"
+    shapes = sorted({obj["shape"] for obj in scene["objects"]})
+    return LABEL_SEPARATOR.join(sorted([*shapes, sentiment]))
+
+
+def write_question(scene: dict[str, Any], rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, answer, question type) about ``scene`` that only the image can answer."""
+    objects = scene["objects"]
+    unique = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
+    columns = [(a, b) for a in unique for b in unique
+               if POSITIONS[a["position"]][0] < POSITIONS[b["position"]][0]]  # fmt: skip
+    kind = int(rng.integers(3))
+    if kind == 2 and columns:
+        a, b = columns[int(rng.integers(len(columns)))]
+        if rng.random() < 0.5:  # ask both ways round: the answer is yes or no
+            return f"is the {a['shape']} left of the {b['shape']}?", "yes", "is left of"
+        return f"is the {b['shape']} left of the {a['shape']}?", "no", "is left of"
+    if kind == 1 or not unique:
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        n = sum(o["shape"] == shape for o in objects)
+        answer = COUNT_WORDS[n] if rng.random() < 0.5 else str(n)
+        return f"how many {shape}s are there?", answer, "how many"
+    obj = unique[int(rng.integers(len(unique)))]
+    word = _pick(rng, ("colour", "colour", "color"))
+    return f"what {word} is the {obj['shape']}?", obj["colour"], "what colour"
 
 
 def sample_scene(rng: np.random.Generator) -> dict[str, Any]:

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from mmpipe import metrics as M
 from mmpipe.checkpoint import BEST, LAST, read_checkpoint, read_manifest, save_checkpoint
-from mmpipe.config import TrainParams
-from mmpipe.data import create_dataloader
+from mmpipe.config import TrainParams, TrainStage
+from mmpipe.data import create_dataloader, label_value
 from mmpipe.distributed import (
     Dist,
     all_gather_grad,
@@ -52,7 +52,16 @@ from mmpipe.distributed import (
 )
 from mmpipe.errors import InputError
 from mmpipe.io import write_json_atomic
-from mmpipe.model import MultimodalModel, create_model, info_nce, predict_labels, task_loss_sum
+from mmpipe.model import (
+    MultimodalModel,
+    batch_targets,
+    create_model,
+    info_nce,
+    labelled_rows,
+    multi_hot,
+    predict_labels,
+    task_loss_sum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,11 @@ class Trainer:
     steps_per_epoch: int
     val_count: int
     meta: dict[str, Any]  # classes, num_classes, image_size, model_args, ...: in every checkpoint
+    stages: list[TrainStage] = field(default_factory=list)  # p.stage_plan()
+    stage: int = 0  # the stage the optimizer and scheduler belong to
+    warmup: int = 0  # warm-up steps of the current stage
+    task_loss: str = "on"  # "on", or why it is off (no labelled train pairs)
+    init: dict[str, Any] | None = None  # what init_from loaded, skipped and left new
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16/fp16 autocast, or nothing."""
@@ -99,32 +113,23 @@ class Progress:
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
 
 
-def create_trainer(p: TrainParams, d: Dist, manifest: dict[str, Any]) -> Trainer:
-    """Model, optimiser, schedule, AMP and (if distributed) the DDP wrapper, all seeded."""
+def create_trainer(
+    p: TrainParams, d: Dist, manifest: dict[str, Any], init_checkpoint: Path | None = None
+) -> Trainer:
+    """Model (warm-started from ``init_checkpoint``), the first stage's optimiser and schedule,
+    AMP and (if distributed) the DDP wrapper, all seeded."""
     device, classes = resolve_device(p, d), list(manifest.get("classes") or [])
-    if p.task == "binary" and len(classes) > 2:
-        raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
+    check_task_data(p, manifest)
     amp = resolve_amp(p, device)
     seed_everything(p.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = create_model(p.model_args(), len(classes)).to(device)
-    net: torch.nn.Module = model
-    if d.enabled:
-        if device.type == "cuda" and not p.freeze_image:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # EfficientNet's BN
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if p.compile and device.type == "cuda":
-        net = torch.compile(net)
-    elif p.compile:
+    init = load_matching(model, init_checkpoint) if init_checkpoint is not None else None
+    if p.compile and device.type != "cuda":
         log.warning("train.compile is ignored on CPU")
     micro = micro_batch_size(p, d)
     per_rank = manifest["splits"]["train"]["count"] // d.world_size
     batches = per_rank // micro if d.enabled else math.ceil(per_rank / micro)
     steps_per_epoch = max(1, math.ceil(batches / p.grad_accum))
-    optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay), lr=p.lr, betas=(0.9, 0.98))
-    schedule = partial(warmup_cosine, warmup=p.warmup_steps, total=steps_per_epoch * p.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     meta = {
         "classes": classes, "num_classes": len(classes), "image_size": manifest.get("image_size"),
@@ -133,8 +138,126 @@ def create_trainer(p: TrainParams, d: Dist, manifest: dict[str, Any]) -> Trainer
         "params_hash": manifest.get("params_hash"),
     }  # fmt: skip
     val_count = (manifest["splits"].get("val") or {}).get("count", 0)
-    return Trainer(p, d, device, amp, model, net, optimizer, scheduler, scaler, micro,
-                   steps_per_epoch, val_count, meta)  # fmt: skip
+    t = Trainer(p, d, device, amp, model, model, None, None, scaler, micro,  # type: ignore[arg-type]
+                steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
+    t.task_loss = task_loss_status(p, manifest)
+    enter_stage(t, 0)
+    return t
+
+
+def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
+    """InputError when the shards' labels cannot train ``p.task`` (before any work)."""
+    classes, multi = list(manifest.get("classes") or []), manifest.get("multi_label_pairs", 0)
+    if p.task == "binary" and len(classes) > 2:
+        raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
+    if multi and p.task != "multilabel":
+        raise InputError(
+            f"train.task={p.task} but {multi} pairs carry several labels "
+            f"(ingest.label_separator={manifest.get('label_separator')!r}); use "
+            "train.task=multilabel"
+        )
+    if p.task == "regression":
+        bad = next((c for c in classes if math.isnan(label_value(c))), None)
+        if bad is not None:
+            raise InputError(f"train.task=regression but label {bad!r} is not a number")
+
+
+def task_loss_status(p: TrainParams, manifest: dict[str, Any]) -> str:
+    """ "on", or why the task loss is off: contrastive training only, said once in the log."""
+    labelled = (manifest.get("labelled_pairs_per_split") or {}).get("train")
+    if labelled is None:  # shards older than the label counts: labelled if they list classes
+        labelled = 1 if manifest.get("classes") else 0
+    if labelled:
+        return "on"
+    reason = f"off: no labelled train pairs (labels: {manifest.get('labels', 'none')})"
+    log.info("train: task loss %s; training the contrastive objective only", reason)
+    return reason
+
+
+def wrap_model(t: Trainer) -> torch.nn.Module:
+    """What the loop calls: the model, in DDP (re-made when freezing changes), compiled on CUDA."""
+    net: torch.nn.Module = t.model
+    if t.d.enabled:
+        if t.device.type == "cuda" and not t.model.freeze_image:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # EfficientNet's BN
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[t.device.index] if t.device.type == "cuda" else None
+        )
+    if t.p.compile and t.device.type == "cuda":
+        net = torch.compile(net)
+    return net
+
+
+def enter_stage(t: Trainer, index: int) -> None:
+    """Start stage ``index``: its freezing, a fresh AdamW at its lr, its warm-up + cosine."""
+    s = t.stages[index]
+    t.model.set_frozen(bool(s.freeze_image), bool(s.freeze_text), s.unfreeze_last)
+    t.net = wrap_model(t)
+    steps = t.steps_per_epoch * s.epochs
+    t.warmup = warmup_steps(t.p, steps)
+    groups = param_groups(t.model, t.p.weight_decay)
+    t.optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98))
+    schedule = partial(warmup_cosine, warmup=t.warmup, total=steps)
+    t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, schedule)
+    t.stage = index
+    if len(t.stages) > 1:
+        log.info("train: stage %d/%d %r: %d epochs, lr %g, warm-up %d of %d steps, %s",
+                 index + 1, len(t.stages), s.name, s.epochs, s.lr, t.warmup, steps,
+                 describe_freezing(s))  # fmt: skip
+
+
+def describe_freezing(s: TrainStage) -> str:
+    """'image frozen (last 2 blocks trainable), text trainable' for logs and the report."""
+    parts = []
+    for name, frozen in (("image", s.freeze_image), ("text", s.freeze_text)):
+        tail = f" (last {s.unfreeze_last} blocks trainable)" if frozen and s.unfreeze_last else ""
+        parts.append(f"{name} {'frozen' if frozen else 'trainable'}{tail}")
+    return ", ".join(parts)
+
+
+def stage_at(t: Trainer, epoch: int) -> int:
+    """The index of the stage that epoch ``epoch`` (0-based) belongs to."""
+    end = 0
+    for i, s in enumerate(t.stages):
+        end += s.epochs
+        if epoch < end:
+            return i
+    return len(t.stages) - 1
+
+
+def warmup_steps(p: TrainParams, steps: int) -> int:
+    """Warm-up steps of a stage of ``steps`` steps: warmup_steps or warmup_fraction of them,
+    at most half, so the lr peaks and decays on any data size."""
+    wanted = p.warmup_steps if p.warmup_steps is not None else round(p.warmup_fraction * steps)
+    return min(wanted, steps // 2)
+
+
+def load_matching(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Copy the checkpoint's weights whose name and shape match; what was loaded, skipped, new.
+
+    Skipped: in the checkpoint but absent here or shaped differently (e.g. a head for other
+    classes); new: here but not loaded (they keep their fresh initialisation).
+    """
+    source = read_checkpoint(path)["model"]
+    own = model.state_dict()
+    loaded = [k for k, v in source.items() if k in own and own[k].shape == v.shape]
+    model.load_state_dict({**own, **{k: source[k] for k in loaded}})
+    skipped = sorted(
+        f"{k} ({'not in this model' if k not in own else 'shape differs'})"
+        for k in source if k not in loaded
+    )  # fmt: skip
+    new = sorted(k for k in own if k not in set(loaded))
+    if not loaded:
+        log.warning("train.init_from %s: no weight matches this model; nothing loaded", path)
+    log.info("train.init_from %s: %d tensors loaded, %d skipped, %d newly initialised",
+             path, len(loaded), len(skipped), len(new))  # fmt: skip
+    return {"source": str(path), "loaded": len(loaded), "loaded_modules": _modules(loaded),
+            "skipped": skipped, "new": new}  # fmt: skip
+
+
+def _modules(names: list[str]) -> list[str]:
+    """Top-level module names of state_dict keys ('image_encoder', 'head', ...), in order."""
+    return list(dict.fromkeys(k.split(".", 1)[0] for k in names))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -148,20 +271,25 @@ def run_train(
     resume: bool = False,
     max_steps: int | None = None,
     on_epoch_end: EpochCallback | None = None,
+    init_checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Train on ``shard_dir`` into ``out_dir`` (last.pt, best.pt, train_report.json); the report.
 
     ``on_epoch_end(epoch, metrics)`` runs on rank 0 after each epoch (MLflow logging).
     ``max_steps`` stops (with a checkpoint) after that many optimiser steps in total; ``resume``
-    continues from out_dir/last.pt.
+    continues from out_dir/last.pt. ``init_checkpoint``: the checkpoint file ``p.init_from``
+    names (a registry source resolved by the caller); a path in ``p.init_from`` is used as is.
+    A resumed run ignores it: its weights come from last.pt.
     """
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     manifest = read_manifest(shard_dir, require="train")
+    last = out_dir / LAST
+    if init_checkpoint is None and p.init_from and not (resume and last.is_file()):
+        init_checkpoint = local_init_checkpoint(p.init_from)
     d = init_distributed(p.device)
     try:
-        t = create_trainer(p, d, manifest)
+        t = create_trainer(p, d, manifest, None if resume and last.is_file() else init_checkpoint)
         at, rng = Progress(), None
-        last = out_dir / LAST
         if resume and last.is_file():
             at, rng = restore(t, read_checkpoint(last), last)
         elif resume:
@@ -169,6 +297,18 @@ def run_train(
         return train_loop(shard_dir, out_dir, t, at, rng, max_steps, on_epoch_end)
     finally:
         close_distributed(d)
+
+
+def local_init_checkpoint(source: str) -> Path:
+    """The checkpoint file of a local ``train.init_from`` (a file, or a models directory)."""
+    from mmpipe.checkpoint import pick_checkpoint
+
+    if "://" in source or source.startswith(("models:/", "runs:/")) or source == "champion":
+        raise InputError(
+            f"train.init_from={source!r} names the model registry: run train through "
+            "`mmpipe train`/`mmpipe run` (they fetch it), or give a checkpoint path"
+        )
+    return pick_checkpoint(source)
 
 
 def train_loop(
@@ -191,14 +331,16 @@ def train_loop(
         *(t.model.config, t.device, t.amp, d.world_size, t.micro_batch, t.steps_per_epoch),
     )
     with StopFlag() as stop:
-        while at.epoch < p.epochs:
+        while at.epoch < p.total_epochs():
+            if stage_at(t, at.epoch) != t.stage:
+                enter_stage(t, stage_at(t, at.epoch))
             epoch_start = time.perf_counter()
             t.net.train()
             loader = train_batches(shard_dir, t, at)
             if rng is not None:
                 set_rng_state(rng)
                 rng = None
-            desc, total = f"epoch {at.epoch + 1}/{p.epochs}", t.steps_per_epoch * accum
+            desc, total = f"epoch {at.epoch + 1}/{p.total_epochs()}", t.steps_per_epoch * accum
             bar = tqdm(total=total, initial=at.batch_in_epoch, desc=desc, leave=False,
                        disable=not d.main or None)  # fmt: skip
             for batch, stopping in agreed_batches(loader, t, stop):
@@ -241,6 +383,7 @@ def end_epoch(
         "epoch": at.epoch + 1, "step": at.step,
         "train_loss": s.get("loss", 0.0) / nb, "train_contrastive": s.get("contrastive", 0.0) / nb,
         "train_task": s.get("task", 0.0) / nb, "lr": t.scheduler.get_last_lr()[0],
+        "train_labelled_pairs": s.get("labelled", 0.0), "stage": t.stages[t.stage].name,
         "temperature": 1.0 / float(t.model.scale().detach()),
         "samples_per_s": s.get("samples", 0.0) / max(seconds, 1e-9), "epoch_seconds": seconds,
     }  # fmt: skip
@@ -271,6 +414,7 @@ def write_report(
         "epochs_completed": at.epoch, "steps": at.step, "interrupted": interrupted,
         "history": at.history, "best_metric": at.best,
         "selection_metric": selection_metric(last, t.p.task)[0], "final": last,
+        "task": t.p.task, "task_loss": t.task_loss, "stages": stage_reports(t), "init": t.init,
         "classes": t.meta["classes"], "num_classes": t.meta["num_classes"],
         "model": t.model.config, "device": str(t.device),
         "amp": str(t.amp).replace("torch.", "") if t.amp else "off",
@@ -282,31 +426,43 @@ def write_report(
     return report
 
 
+def stage_reports(t: Trainer) -> list[dict[str, Any]]:
+    """Each stage as run: its settings, steps and warm-up (train_report.json's ``stages``)."""
+    rows = []
+    for s in t.stages:
+        steps = t.steps_per_epoch * s.epochs
+        rows.append({**s.model_dump(mode="json"), "steps": steps,
+                     "warmup_steps": warmup_steps(t.p, steps), "freezing": describe_freezing(s)})  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------------------- one step
 
 
 def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Multitask loss of one micro-batch over the GLOBAL batch, and its logged parts."""
-    p, d = t.p, t.d
+    p, d, stage = t.p, t.d, t.stages[t.stage]
     images = batch["image"].to(t.device, non_blocking=True)
-    labels = batch["label"].to(t.device)
+    target = batch_targets(batch, p.task).to(t.device)
     with t.autocast():
         out = t.net(images, list(batch["text"]))
     img = all_gather_grad(out["image_emb"].float(), d)  # (N, D), N = global micro-batch
     txt = all_gather_grad(out["text_emb"].float(), d)  # (N, D)
     groups = all_gather_grad(group_ids(batch["image_id"]).to(t.device), d)  # (N,)
     contrastive = info_nce(img, txt, out["logit_scale"], groups)
-    t_sum, n = task_loss_sum(out["logits"], labels, p.task)
+    t_sum, n = task_loss_sum(out["logits"], target, p.task)
     t_global, n_global = all_reduce_sum([float(t_sum.detach()), float(n)], d, t.device)
     # DDP averages gradients over ranks: scale the local sum by W / n_global so the average
     # is the global mean task loss, exactly as in one process
     task = t_sum * (d.world_size / max(n_global, 1.0))
-    loss = contrastive + p.lambda_task * task
+    w_con, w_task = stage.lambda_contrastive or 0.0, stage.lambda_task or 0.0
+    loss = w_con * contrastive + w_task * task
     parts = {
-        "loss": float(contrastive.detach()) + p.lambda_task * t_global / max(n_global, 1.0),
+        "loss": w_con * float(contrastive.detach()) + w_task * t_global / max(n_global, 1.0),
         "contrastive": float(contrastive.detach()),
         "task": t_global / max(n_global, 1.0),
         "samples": float(len(img)),
+        "labelled": n_global,
     }
     return loss, parts
 
@@ -364,16 +520,16 @@ def agreed_batches(
 
 @torch.no_grad()
 def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
-    """Val loss parts, accuracy (labelled rows), MAE/RMSE (regression), in-batch t->i R@1."""
+    """Val loss parts, the task's metric on labelled rows (``val_metrics``), in-batch t->i R@1."""
     if not t.val_count:
         return {}
     t.model.eval()
     sums: dict[str, float] = {}
-    labels, preds, values = [], [], []  # labelled rows only
+    targets, logits = [], []  # labelled rows only
     loader = create_dataloader(shard_dir, "val", t.p.batch_size, num_workers=t.p.num_workers)
     with torch.random.fork_rng(devices=[]):  # validation must not move the training RNG
         for batch in loader:
-            y = batch["label"].to(t.device)
+            y = batch_targets(batch, t.p.task).to(t.device)
             with t.autocast():
                 out = t.model(batch["image"].to(t.device), list(batch["text"]))
             img, txt = out["image_emb"].float(), out["text_emb"].float()  # (B, D) each
@@ -381,47 +537,55 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
             con = info_nce(img, txt, out["logit_scale"], groups)
             t_sum, n = task_loss_sum(out["logits"], y, t.p.task)
             hit = groups[(txt @ img.T).argmax(dim=1)] == groups  # (B,): caption finds its image
-            labelled = y >= 0
-            z = out["logits"].float()[labelled]  # (L, K)
-            labels.append(y[labelled])
-            preds.append(predict_labels(z, t.p.task))
-            values.append(z[:, 0])
+            rows = labelled_rows(y, t.p.task)
+            z = out["logits"].float()[rows]  # (L, K)
+            y = multi_hot(y[rows], z.shape[1]) if t.p.task == "multilabel" else y[rows]
+            targets.append(y)
+            logits.append(z)
             add(sums, batches=1, con=float(con), task_sum=float(t_sum), labelled=n,
                 r1=float(hit.sum()), rows=len(batch["label"]))  # fmt: skip
     if not sums:
         return {}
-    return val_metrics(sums, torch.cat(labels), torch.cat(preds), torch.cat(values), t.p)
+    return val_metrics(sums, torch.cat(targets), torch.cat(logits), t)
 
 
 def val_metrics(
-    sums: dict[str, float],
-    labels: torch.Tensor,
-    preds: torch.Tensor,
-    values: torch.Tensor,
-    p: TrainParams,
+    sums: dict[str, float], targets: torch.Tensor, logits: torch.Tensor, t: Trainer
 ) -> dict[str, float]:
-    """Validation metrics from the pass's sums and its labelled rows' targets and outputs."""
+    """Validation metrics from the pass's sums and its labelled rows' targets and logits:
+    val_accuracy (classification, vqa), val_micro_f1 (multilabel), val_mae/val_rmse
+    (regression)."""
     n, lab = sums["batches"], sums.get("labelled", 0.0)
     task = sums.get("task_sum", 0.0) / lab if lab else 0.0
+    stage = t.stages[t.stage]
     out = {
         "val_contrastive": sums["con"] / n,
         "val_task": task,
-        "val_loss": sums["con"] / n + p.lambda_task * task,
+        "val_loss": (stage.lambda_contrastive or 0.0) * sums["con"] / n
+        + (stage.lambda_task or 0.0) * task,
         "val_r1_in_batch": sums["r1"] / sums["rows"],
     }
-    if lab:
-        out["val_accuracy"] = M.accuracy(labels, preds)
-    if lab and p.task == "regression":
-        out["val_mae"] = M.mae(labels, values)
-        out["val_rmse"] = M.rmse(labels, values)
+    if not lab:
+        return out
+    pred = predict_labels(logits, t.p.task)
+    if t.p.task == "regression":
+        out.update(val_mae=M.mae(targets, pred), val_rmse=M.rmse(targets, pred))
+    elif t.p.task == "multilabel":
+        out["val_micro_f1"] = M.multilabel_f1(targets, pred)["micro_f1"]
+    else:
+        out["val_accuracy"] = M.accuracy(targets, pred)
     return out
 
 
+SELECTION = {"regression": "val_rmse", "multilabel": "val_micro_f1"}  # else val_accuracy
+
+
 def selection_metric(metrics: dict[str, float], task: str) -> tuple[str, float | None]:
-    """(name, value) of what picks best.pt, higher is better: val accuracy for classification,
-    else minus the val loss."""
-    if task != "regression" and "val_accuracy" in metrics:
-        return "val_accuracy", metrics["val_accuracy"]
+    """(name, value) of what picks best.pt, higher is better: the task's validation metric
+    (minus val_rmse for regression), else minus the val loss (no labelled val pairs)."""
+    name = SELECTION.get(task, "val_accuracy")
+    if name in metrics:
+        return (f"-{name}", -metrics[name]) if name == "val_rmse" else (name, metrics[name])
     return "-val_loss", -metrics["val_loss"] if "val_loss" in metrics else None
 
 
@@ -439,7 +603,7 @@ def checkpoint_state(t: Trainer, at: Progress, full: bool = True) -> dict[str, A
     state: dict[str, Any] = {
         "model": t.model.state_dict(), "step": at.step, "epoch": at.epoch,
         "batch_in_epoch": at.batch_in_epoch, "best_metric": at.best, "history": at.history,
-        **t.meta,
+        "stage": t.stage, **t.meta,
     }  # fmt: skip
     if full:
         state.update(
@@ -455,6 +619,8 @@ def restore(t: Trainer, state: dict[str, Any], path: Path) -> tuple[Progress, di
         t.model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise InputError(f"{path}: checkpoint does not match train params ({exc})") from None
+    if int(state.get("stage", 0)) != t.stage:  # the optimizer saved is that stage's
+        enter_stage(t, int(state.get("stage", 0)))
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])

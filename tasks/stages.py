@@ -74,7 +74,9 @@ def data_stage(stage: str, params: Params, layout: Layout) -> Any:
 def train_task(
     params: Params, layout: Layout, parent_run_id: str | None = None, resume: bool = False
 ) -> dict[str, Any]:
-    """Stage train: always runs (the nightly job retrains)."""
+    """Stage train: always runs (the nightly job retrains), once the register metric is known
+    to be one this run can produce."""
+    pipeline.check_register_metric(params, layout)
     return pipeline.stage_train(params, layout, resume=resume, parent_run_id=parent_run_id)
 
 

@@ -4,8 +4,11 @@ from mmpipe.model.fusion import FUSION_MODES, create_fusion_head
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.multimodal import (
     MultimodalModel,
+    batch_targets,
     create_model,
     info_nce,
+    labelled_rows,
+    multi_hot,
     num_outputs,
     predict_labels,
     task_loss_sum,
@@ -15,12 +18,15 @@ from mmpipe.model.text import create_text_encoder, hash_tokenize
 __all__ = [
     "FUSION_MODES",
     "MultimodalModel",
+    "batch_targets",
     "create_fusion_head",
     "create_image_encoder",
     "create_model",
     "create_text_encoder",
     "hash_tokenize",
     "info_nce",
+    "labelled_rows",
+    "multi_hot",
     "num_outputs",
     "predict_labels",
     "task_loss_sum",

@@ -67,6 +67,10 @@ class CNNEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool(self.body(images), images)  # (B, 3, H, W) -> (B, F)
 
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output, what ``unfreeze_last`` counts: the conv stages, then the pool."""
+        return [*self.body, self.pool]
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block (He et al. 2016): two 3x3 convs + identity/1x1 shortcut."""
@@ -105,6 +109,10 @@ class ResNetEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool(self.blocks(self.stem(images)), images)  # (B, F)
 
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the stem, the residual blocks, the pool."""
+        return [self.stem, *self.blocks, self.pool]
+
 
 class EfficientNetLite0Encoder(nn.Module):
     """ImageNet-pretrained EfficientNet-Lite0 trunk, global-average pooled (1280 features).
@@ -133,6 +141,12 @@ class EfficientNetLite0Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
         return x.mean(dim=(2, 3))  # (B, 1280)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the stem, the 16 MBConv blocks, the head convolution."""
+        n = self.net
+        return [nn.ModuleList([n._conv_stem, n._bn0]), *n._blocks,
+                nn.ModuleList([n._conv_head, n._bn1])]  # fmt: skip
 
 
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:

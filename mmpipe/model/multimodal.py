@@ -27,7 +27,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/10
 
 
 def num_outputs(task: str, num_classes: int) -> int:
-    """Logits per sample: one for binary and regression, one per class otherwise."""
+    """Logits per sample: one for binary and regression, one per class (answer) otherwise."""
     return 1 if task in ("binary", "regression") else max(num_classes, 1)
 
 
@@ -37,7 +37,6 @@ class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         self.task, self.num_classes = cfg.task, num_classes
-        self.freeze_image, self.freeze_text = cfg.freeze_image, cfg.freeze_text
         self.image_encoder = create_image_encoder(cfg)
         self.text_encoder = create_text_encoder(cfg)
         di, dt = self.image_encoder.out_dim, self.text_encoder.out_dim
@@ -60,18 +59,29 @@ class MultimodalModel(nn.Module):
             "fusion": cfg.fusion, "task": cfg.task, "image_dim": di, "text_dim": dt,
             "embed_dim": cfg.embed_dim, "num_outputs": k,
         }  # fmt: skip
-        if self.freeze_image:
-            self.image_encoder.requires_grad_(False)
-        if self.freeze_text:
-            self.text_encoder.requires_grad_(False)
+        self.frozen: list[nn.Module] = []
+        self.set_frozen(cfg.freeze_image, cfg.freeze_text)
+
+    def set_frozen(self, image: bool, text: bool, unfreeze_last: int = 0) -> None:
+        """Freeze the image and/or text encoder, all but its last ``unfreeze_last`` blocks
+        (each encoder's ``layer_groups()``, input to output); everything else trains."""
+        self.frozen = []
+        for encoder, freeze in ((self.image_encoder, image), (self.text_encoder, text)):
+            encoder.requires_grad_(True)
+            if not freeze:
+                continue
+            blocks = encoder.layer_groups() if unfreeze_last else [encoder]
+            for block in blocks[: len(blocks) - unfreeze_last]:
+                block.requires_grad_(False)
+                self.frozen.append(block)
+        self.freeze_image, self.freeze_text = image, text
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> MultimodalModel:
-        """Frozen encoders stay in eval mode (no dropout, BatchNorm statistics untouched)."""
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics untouched)."""
         super().train(mode)
-        if self.freeze_image:
-            self.image_encoder.eval()
-        if self.freeze_text:
-            self.text_encoder.eval()
+        for block in getattr(self, "frozen", []):
+            block.eval()
         return self
 
     def features(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,37 +143,70 @@ def info_nce(
     return 0.5 * (i2t + t2i)
 
 
-def task_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, task: str
-) -> tuple[torch.Tensor, int]:
-    """Summed task loss over labelled rows (label >= 0) and their count; (B, K), (B,) -> ((), n).
+def batch_targets(batch: dict[str, Any], task: str) -> torch.Tensor:
+    """The task's target of each pair of a loader batch.
 
-    A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch.
+    multilabel: (B, L) class indices, -1 padded; regression: (B,) values, nan = none; the
+    classification tasks (multiclass, binary, vqa): (B,) class index, -1 = none (or ``<unk>``).
     """
-    mask = labels >= 0
+    if task == "multilabel":
+        return batch["labels"]
+    if task == "regression":
+        return batch["value"]
+    return batch["label"]
+
+
+def labelled_rows(target: torch.Tensor, task: str) -> torch.Tensor:
+    """(B,) bool: the rows of a ``batch_targets`` tensor that carry a target."""
+    if task == "multilabel":
+        return (target >= 0).any(dim=1)
+    if task == "regression":
+        return ~torch.isnan(target)
+    return target >= 0
+
+
+def multi_hot(label_sets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, L) class indices (-1 padded) -> (B, K) float 0/1."""
+    hot = torch.zeros(len(label_sets), num_classes + 1, device=label_sets.device)
+    index = torch.where(label_sets >= 0, label_sets, num_classes)  # padding -> a spare column
+    return hot.scatter_(1, index, 1.0)[:, :num_classes]
+
+
+def task_loss_sum(
+    logits: torch.Tensor, target: torch.Tensor, task: str
+) -> tuple[torch.Tensor, int]:
+    """Summed task loss over labelled rows and their count; (B, K), ``batch_targets`` -> ((), n).
+
+    A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch. Multilabel
+    BCE is averaged over the classes of a row, so a row weighs the same whatever K.
+    """
+    mask = labelled_rows(target, task)
     n = int(mask.sum())
     if n == 0:
         return logits.float().sum() * 0.0, 0  # keeps the graph whole for DDP
-    z, y = logits[mask].float(), labels[mask]
-    if task == "multiclass":
+    z, y = logits[mask].float(), target[mask]
+    if task in ("multiclass", "vqa"):
         return F.cross_entropy(z, y, reduction="sum"), n
     if task == "binary":
         return F.binary_cross_entropy_with_logits(z[:, 0], y.float(), reduction="sum"), n
-    if task == "multilabel":  # single-label data as one-hot targets; mean over classes per row
-        target = F.one_hot(y, z.shape[1]).float()
-        return F.binary_cross_entropy_with_logits(z, target, reduction="sum") / z.shape[1], n
+    if task == "multilabel":
+        hot = multi_hot(y, z.shape[1])
+        return F.binary_cross_entropy_with_logits(z, hot, reduction="sum") / z.shape[1], n
     return F.mse_loss(z[:, 0], y.float(), reduction="sum"), n
 
 
 def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Label index per row (B,): argmax, logit > 0 (binary) or the rounded value (regression).
+    """Labels of each row: (B,) class index (argmax; binary: logit > 0), (B, K) 0/1 multi-hot
+    (multilabel: logit > 0), or (B,) the predicted value (regression, float).
 
     The one place task-head logits become labels: training's validation, evaluate and predict.
     """
     if task == "binary":
         return (logits[:, 0] > 0).long()
+    if task == "multilabel":
+        return (logits > 0).long()
     if task == "regression":
-        return logits[:, 0].round().long()
+        return logits[:, 0].float()
     return logits.argmax(dim=-1)
 
 

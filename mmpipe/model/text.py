@@ -66,6 +66,10 @@ class LSTMTextEncoder(nn.Module):
         x, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])  # (B, T, 2h)
         return masked_mean(x, mask)  # (B, 2*hidden)
 
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output, what ``unfreeze_last`` counts: the embedding, the LSTM."""
+        return [self.embed, self.lstm]
+
 
 class TransformerTextEncoder(nn.Module):
     """Pre-norm transformer encoder from scratch with learned positions; cls or mean pooling."""
@@ -99,6 +103,10 @@ class TransformerTextEncoder(nn.Module):
         x = self.embed(ids) + self.pos(pos)  # (B, T, C)
         x = self.norm(self.layers(x, src_key_padding_mask=~mask))  # (B, T, C)
         return x[:, 0] if self.pool == "cls" else masked_mean(x, mask)  # (B, C)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the embeddings, each transformer layer, the final norm."""
+        return [nn.ModuleList([self.embed, self.pos]), *self.layers.layers, self.norm]
 
 
 class MiniLMTextEncoder(nn.Module):
@@ -141,6 +149,10 @@ class MiniLMTextEncoder(nn.Module):
         batch = {k: v.to(self.bert.device) for k, v in batch.items()}
         x = self.bert(**batch).last_hidden_state  # (B, T, 384)
         return masked_mean(x, batch["attention_mask"].bool())  # (B, 384)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the embeddings, then the 6 transformer layers."""
+        return [self.bert.embeddings, *self.bert.encoder.layer]
 
 
 def create_text_encoder(cfg: ModelConfig) -> nn.Module:

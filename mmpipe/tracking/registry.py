@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mmpipe.config import RegisterParams
 from mmpipe.errors import InputError
+from mmpipe.objectives import metric_of
 from mmpipe.tracking.runs import numeric
 from mmpipe.tracking.store import Run, point_fluent_api_at
 
@@ -58,6 +59,10 @@ def register_and_maybe_promote(
     a warning is logged, but the comparison still decides.
     """
     scores = numeric(metrics)
+    if p.metric is None or p.greater_is_better is None:  # the pipeline resolves them per task
+        p = p.model_copy(update=dict(zip(("metric", "greater_is_better"),
+                                         metric_of(p.metric, p.greater_is_better, scores),
+                                         strict=True)))  # fmt: skip
     if p.metric not in scores:
         raise InputError(
             f"metrics have no numeric {p.metric!r} (register.metric); available: {sorted(scores)}"

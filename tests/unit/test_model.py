@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from mmpipe.config import ModelConfig
 from mmpipe.model import (
     FUSION_MODES,
+    batch_targets,
     create_fusion_head,
     create_model,
     hash_tokenize,
     info_nce,
+    multi_hot,
     num_outputs,
+    predict_labels,
     task_loss_sum,
 )
 
@@ -27,7 +30,15 @@ def tiny(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel", "regression"])
+# one batch's targets, as the loader gives them: the third pair is unlabelled
+BATCH_TARGETS = {
+    "label": torch.tensor([0, 1, -1, 2]),
+    "labels": torch.tensor([[0, 2], [1, -1], [-1, -1], [2, -1]]),  # multi-hot class lists
+    "value": torch.tensor([0.5, 2.0, float("nan"), -1.0]),
+}
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel", "regression", "vqa"])
 @pytest.mark.parametrize("fusion", FUSION_MODES)
 def test_every_fusion_and_task_forward_backward(fusion, task):
     torch.manual_seed(0)
@@ -39,8 +50,8 @@ def test_every_fusion_and_task_forward_backward(fusion, task):
     assert out["logits"].shape == (4, k)
     assert torch.allclose(out["image_emb"].norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(out["text_emb"].norm(dim=-1), torch.ones(4), atol=1e-5)
-    labels = torch.tensor([0, 1, -1, 2 if k > 2 else 1])
-    t_sum, n = task_loss_sum(out["logits"], labels, task)
+    batch = {**BATCH_TARGETS, "label": torch.tensor([0, 1, -1, 2 if k > 2 else 1])}
+    t_sum, n = task_loss_sum(out["logits"], batch_targets(batch, task), task)
     assert n == 3
     loss = info_nce(out["image_emb"], out["text_emb"], out["logit_scale"]) + t_sum / n
     loss.backward()
@@ -166,6 +177,40 @@ def test_task_loss_ignores_unlabelled():
     )
     none, n0 = task_loss_sum(logits, torch.tensor([-1, -1, -1]), "multiclass")
     assert n0 == 0 and none.item() == 0.0 and none.requires_grad is False
+
+
+def test_multilabel_loss_is_bce_on_the_multi_hot_labels():
+    """Several classes per pair: the target is multi-hot; -1 pads a short list, and a pair
+    without any class is unlabelled."""
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -3.0], [9.0, 9.0, 9.0]])
+    lists = torch.tensor([[0, 2], [1, -1], [-1, -1]])
+    hot = multi_hot(lists, 3)
+    assert hot.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    total, n = task_loss_sum(logits, lists, "multilabel")
+    want = F.binary_cross_entropy_with_logits(logits[:2], hot[:2], reduction="sum") / 3
+    assert n == 2 and total.item() == pytest.approx(want.item())
+
+
+def test_regression_loss_is_mse_on_the_values_and_skips_nan():
+    out = torch.tensor([[1.0], [2.0], [3.0]])
+    total, n = task_loss_sum(out, torch.tensor([1.5, float("nan"), 1.0]), "regression")
+    assert n == 2 and total.item() == pytest.approx(0.25 + 4.0)
+    assert predict_labels(out, "regression").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_freezing_all_but_the_last_blocks():
+    """unfreeze_last: a frozen encoder's last N layer groups train; the rest stay in eval."""
+    model = create_model(tiny(text_encoder="transformer", text_layers=2), 2)
+    model.set_frozen(image=True, text=True, unfreeze_last=1)
+    image_groups = model.image_encoder.layer_groups()
+    assert all(not q.requires_grad for g in image_groups[:-1] for q in g.parameters())
+    assert all(q.requires_grad for q in image_groups[-1].parameters())
+    text_groups = model.text_encoder.layer_groups()  # embeddings, 2 layers, the final norm
+    assert len(text_groups) == 4 and all(q.requires_grad for q in text_groups[-1].parameters())
+    model.train()
+    assert not text_groups[1].training and text_groups[-1].training
+    model.set_frozen(image=False, text=False)
+    assert all(q.requires_grad for q in model.parameters()) and model.text_encoder.training
 
 
 def test_train_params_carry_exactly_the_model_config():

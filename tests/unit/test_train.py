@@ -137,12 +137,15 @@ def test_bf16_autocast_on_cpu(shards, tmp_path):
     assert torch.isfinite(torch.tensor(report["history"][0]["train_loss"]))
 
 
-@pytest.mark.parametrize("task", ["binary", "multilabel", "regression"])
+@pytest.mark.parametrize("task", ["binary", "multilabel", "vqa"])
 def test_other_tasks_train(shards, tmp_path, task):
     report = run_train(shards, tiny_train_params(epochs=1, task=task), tmp_path)
     last = report["history"][-1]
     assert torch.isfinite(torch.tensor(last["train_loss"]))
-    assert ("val_mae" in last) == (task == "regression")
+    assert ("val_micro_f1" in last) == (task == "multilabel")
+    assert report["selection_metric"] == (
+        "val_micro_f1" if task == "multilabel" else "val_accuracy"
+    )
 
 
 def test_user_errors(shards, tmp_path):
@@ -154,6 +157,8 @@ def test_user_errors(shards, tmp_path):
         run_train(shards, tiny_train_params(batch_size=9, grad_accum=2), tmp_path / "o")
     with pytest.raises(InputError, match="checkpoint"):
         load_model(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="regression but label 'agree' is not a number"):
+        run_train(shards, tiny_train_params(task="regression"), tmp_path / "o")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,131 @@
+"""What each task is scored on, and which metric decides the champion.
+
+    task        head        target of a pair                test metrics (metrics.json)
+    multiclass  K logits    class index                     accuracy, macro_f1 (+ per class)
+    binary      1 logit     class index 0/1                 accuracy, macro_f1, auroc (+ ROC)
+    multilabel  K logits    a set of class indices          micro_f1, macro_f1, map
+    regression  1 output    float(label)                    mae, rmse, r2 (+ predicted vs true)
+    vqa         K logits    answer index (<unk>: none)      vqa_accuracy (+ per question type)
+
+Every run, labelled or not, is also scored on retrieval: ``i2t_rK``, ``t2i_rK``, ``mean_r1``
+(the mean of i2t_r1 and t2i_r1) and the median ranks. A run whose train or test split has no
+labelled pair has retrieval only, so its register metric defaults to ``mean_r1``.
+
+Pure Python: the params validation (config), the pipeline's pre-flight check and evaluate use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mmpipe.errors import InputError
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "multiclass": ("accuracy", "macro_f1"),
+    "binary": ("accuracy", "macro_f1", "auroc"),
+    "multilabel": ("micro_f1", "macro_f1", "map"),
+    "regression": ("mae", "rmse", "r2"),
+    "vqa": ("vqa_accuracy",),
+}
+# register.metric: null picks these; each is the first thing a user of that task looks at
+DEFAULT_METRIC: dict[str, str] = {
+    "multiclass": "accuracy",
+    "binary": "macro_f1",
+    "multilabel": "map",
+    "regression": "rmse",
+    "vqa": "vqa_accuracy",
+}
+RETRIEVAL_METRIC = "mean_r1"
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "median_rank_i2t", "median_rank_t2i"})
+COUNTS = ("n_test_pairs", "n_test_images")
+
+
+def retrieval_metric_names(ks: Iterable[int]) -> list[str]:
+    """What evaluate writes for every run: R@K both ways, their chance levels, mean R@1, ranks."""
+    names = [f"{d}_{kind}{k}" for k in ks for d in ("i2t", "t2i") for kind in ("r", "chance_r")]
+    return names + [RETRIEVAL_METRIC, "median_rank_i2t", "median_rank_t2i", *COUNTS]
+
+
+def labelled_metric_names(task: str) -> list[str]:
+    """What evaluate adds when the test split has labelled pairs (ablation summaries included)."""
+    primary = DEFAULT_METRIC[task]
+    return [
+        *TASK_METRICS[task], "n_labelled", f"{primary}_chance",
+        f"best_unimodal_{primary}", f"ablation_best_{primary}", "fusion_gain",
+    ]  # fmt: skip
+
+
+ZERO_SHOT = ("zero_shot_accuracy", "zero_shot_macro_f1", "zero_shot_chance", "zero_shot_n")
+
+
+def possible_metrics(task: str, ks: Iterable[int], labelled: bool = True) -> list[str]:
+    """Every metrics.json key a run of ``task`` can have (zero-shot depends on the test data)."""
+    names = retrieval_metric_names(ks) + list(ZERO_SHOT)
+    return names + (labelled_metric_names(task) if labelled else [])
+
+
+def greater_is_better(metric: str) -> bool:
+    """The natural direction of a metric: errors and ranks are better lower."""
+    return metric not in LOWER_IS_BETTER
+
+
+def check_metric_for_task(metric: str | None, task: str, ks: Iterable[int]) -> None:
+    """ValueError when ``metric`` (register.metric) is never produced by a run of ``task``."""
+    names = possible_metrics(task, ks)
+    if metric is not None and metric not in names:
+        raise ValueError(
+            f"register.metric={metric!r} is not a metric of train.task={task!r}; it has "
+            f"{', '.join(TASK_METRICS[task])}, retrieval ({RETRIEVAL_METRIC}, i2t_r1, ...) and "
+            "the rest of metrics.json; null picks the task's default"
+        )
+
+
+def has_task_labels(manifest: Mapping[str, Any]) -> bool:
+    """True when the shards let a task head be trained AND scored: labelled train and test pairs.
+
+    Shards written before the manifest counted labels are taken as labelled when they list
+    classes.
+    """
+    per_split = manifest.get("labelled_pairs_per_split")
+    if per_split is None:
+        return bool(manifest.get("classes"))
+    return per_split.get("train", 0) > 0 and per_split.get("test", 0) > 0
+
+
+def resolve_metric(
+    metric: str | None, greater: bool | None, task: str, labelled: bool
+) -> tuple[str, bool]:
+    """(register metric, greater_is_better) of a run: the params' or the task's default."""
+    name = metric or (DEFAULT_METRIC[task] if labelled else RETRIEVAL_METRIC)
+    return name, greater_is_better(name) if greater is None else greater
+
+
+def check_metric_for_data(
+    metric: str | None, task: str, manifest: Mapping[str, Any], ks: Iterable[int]
+) -> tuple[str, bool]:
+    """The register metric of a run on these shards; InputError if it cannot be produced.
+
+    Called before training, so a run that could never be registered fails in seconds.
+    """
+    labelled = has_task_labels(manifest)
+    name, _ = resolve_metric(metric, None, task, labelled)
+    if name in possible_metrics(task, ks, labelled):
+        return name, greater_is_better(name)
+    counts = manifest.get("labelled_pairs_per_split", {})
+    raise InputError(
+        f"register.metric={name!r} needs labelled train and test pairs, but the shards have "
+        f"labels: {manifest.get('labels', 'none')} (labelled pairs per split: {counts}); "
+        f"use register.metric={RETRIEVAL_METRIC} (or null) for a retrieval-only run"
+    )
+
+
+def metric_of(
+    metric: str | None, greater: bool | None, scores: Mapping[str, Any]
+) -> tuple[str, bool]:
+    """(metric, greater_is_better) for scores of an unknown task: the first task default they
+    hold (accuracy, vqa_accuracy, map, rmse, macro_f1), else mean_r1."""
+    if metric is None:
+        order = ("accuracy", "vqa_accuracy", "map", "rmse", "macro_f1")
+        metric = next((m for m in order if m in scores), RETRIEVAL_METRIC)
+    return metric, greater_is_better(metric) if greater is None else greater
