@@ -149,6 +149,7 @@ class Source:
     captions_file: Path
     rows: Iterator[RawCaption]
     image_tree: Path
+    params: IngestParams  # what the rows are read with (the synthetic source sets its columns)
 
 
 class Rejects:
@@ -210,7 +211,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         locked_temp_dir(out_dir, ".ingest-work.") as work,
     ):
         rejects = Rejects(fh, p.strict)
-        n_rows = _write_drafts(source, p, rejects, work / "drafts.parquet")
+        n_rows = _write_drafts(source, source.params, rejects, work / "drafts.parquet")
         candidates = _candidates(source, _distinct_refs(work / "drafts.parquet"), p)
         _validate_images(candidates, source.root, p, work / "results.parquet")
         del candidates
@@ -219,7 +220,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         release_arrow_memory()
         accepted = _finish_captions(
             work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet",
-            records_schema(p),
+            records_schema(source.params),
         )  # fmt: skip
         fh.flush()
     report = _report(source, p, rejects, index, n_rows, accepted)
@@ -354,7 +355,7 @@ def read_folder(p: IngestParams, name: str = "folder") -> Source:
             f"{sorted(readers)} for source 'folder' (.json is read by source 'coco')"
         )
     rows = (_to_raw(r, line, p) for line, r in reader(path, p))
-    return Source(name, root, path, rows, root)
+    return Source(name, root, path, rows, root, p)
 
 
 def _require_root(p: IngestParams) -> Path:
@@ -522,7 +523,7 @@ def read_coco(p: IngestParams) -> Source:
     files = _coco_files(path, doc["images"])
     labels = _read_labels(root, p.labels_file) if p.labels_file else {}
     rows = (_coco_row(i, ann, files, labels, p) for i, ann in enumerate(doc["annotations"], 1))
-    return Source("coco", root, path, rows, images_dir)
+    return Source("coco", root, path, rows, images_dir, p)
 
 
 def _coco_files(path: Path, images: list[Any]) -> dict[Any, str]:

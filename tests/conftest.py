@@ -169,7 +169,9 @@ def _mood_image(rng, warm: bool, shape: str, left: bool, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _mood_samples(split: str, n_images: int, captions: int, size: int, seed: int) -> list[dict]:
+def _mood_samples(
+    split: str, n_images: int, captions: int, size: int, seed: int, unlabelled_every: int = 0
+) -> list[dict]:
     import hashlib
     import json
     import random
@@ -186,9 +188,12 @@ def _mood_samples(split: str, n_images: int, captions: int, size: int, seed: int
             text = f"a {shape} on the {'left' if left else 'right'}, {mood}"
             label = MOOD_CLASSES[0] if warm == positive else MOOD_CLASSES[1]
             pair_id = f"{image_id}{c:02d}"
+            if unlabelled_every and (i * captions + c) % unlabelled_every == 0:
+                label = None
             meta = {
                 "pair_id": pair_id, "image_id": image_id, "caption_id": pair_id, "label": label,
-                "label_index": MOOD_CLASSES.index(label), "split": split, "source": "synthetic",
+                "label_index": MOOD_CLASSES.index(label) if label else -1, "split": split,
+                "source": "synthetic",
                 "image_path": f"/x/{i}.jpg", "meta": {"main_shape": shape}, "copy": 0,
             }  # fmt: skip
             rows.append(
@@ -209,18 +214,23 @@ def write_mood_shards(
     size: int = 32,
     per_shard: int = 16,
     seed: int = 0,
+    unlabelled_every: int = 0,
 ) -> Path:
     """Shards of a toy task like the synthetic data's: the label says whether the image's palette
-    (warm/cool) agrees with the caption's sentiment. Returns ``out``."""
+    (warm/cool) agrees with the caption's sentiment. ``unlabelled_every`` = n: every n-th pair
+    has no label (a partly labelled collection). Returns ``out``."""
     import json
 
     import webdataset as wds
 
     n_images = n_images or {"train": 16, "val": 8}
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"params_hash": "tiny", "image_size": size, "classes": MOOD_CLASSES, "splits": {}}
+    manifest = {"params_hash": "tiny", "image_size": size, "classes": MOOD_CLASSES, "splits": {},
+                "labelled_pairs_per_split": {}}  # fmt: skip
     for split, n in n_images.items():
-        rows, shards = _mood_samples(split, n, captions, size, seed), []
+        rows = _mood_samples(split, n, captions, size, seed, unlabelled_every)
+        labelled = sum(json.loads(r["json"])["label_index"] >= 0 for r in rows)
+        manifest["labelled_pairs_per_split"][split], shards = labelled, []
         for k in range(0, len(rows), per_shard):
             name = f"{split}-{k // per_shard:06d}.tar"
             with wds.TarWriter(str(out / name)) as sink:

@@ -35,6 +35,7 @@ def test_one_image_many_captions(make_ingest, tmp_path):
         "image_path",
         "source",
         "meta",
+        "label_indices",
     ]
     assert set(pairs["image_path"]) <= {
         f"img{k:03d}.{e}" for k in range(10) for e in ("jpg", "png")
@@ -134,3 +135,57 @@ def test_missing_ingest_outputs(tmp_path, make_ingest):
     with pytest.raises(InputError, match="images.parquet: missing column.*rel_path"):
         run_align(ingest, AlignParams(), tmp_path / "out")
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def _relabel(ingest, labels, separator=None):
+    """Rewrite records.parquet's labels (cycled over the rows), as ingest would with a separator."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmpipe.io import LABEL_SEPARATOR_KEY
+
+    table = pq.read_table(ingest / "records.parquet")
+    column = pa.array([labels[i % len(labels)] for i in range(len(table))], pa.string())
+    table = table.set_column(table.schema.get_field_index("label"), "label", column)
+    if separator:
+        table = table.replace_schema_metadata({LABEL_SEPARATOR_KEY: separator})
+    pq.write_table(table, ingest / "records.parquet")
+
+
+def test_multi_labels_become_class_lists(make_ingest, tmp_path):
+    """With ingest's label separator, each class of a label is a class; label_indices lists a
+    pair's classes (multi-hot), label_index is set only for a one-class label."""
+    ingest = make_ingest(n_images=20)
+    _relabel(ingest, ["cat|dog", "dog", None, "bird|cat|dog"], separator="|")
+    report = run_align(ingest, AlignParams(), tmp_path / "a")
+    pairs = pd.read_parquet(tmp_path / "a" / "pairs.parquet")
+    assert report["classes"] == ["bird", "cat", "dog"] and report["label_separator"] == "|"
+    for label, indices, index in zip(
+        pairs["label"], pairs["label_indices"], pairs["label_index"], strict=True
+    ):
+        names = [] if pd.isna(label) else label.split("|")
+        assert [report["classes"][i] for i in indices] == names
+        assert index == (report["classes"].index(names[0]) if len(names) == 1 else -1)
+    assert report["multi_label_pairs"] == sum(
+        not pd.isna(label) and "|" in label for label in pairs["label"]
+    )
+    counts = pairs["label"].dropna().str.split("|").explode().value_counts().to_dict()
+    assert report["pairs_per_class"] == counts
+
+
+def test_top_k_labels_are_the_train_vocabulary(make_ingest, tmp_path):
+    """top_k_labels (VQA's answer vocabulary): the K most frequent train labels are the classes;
+    the rest keep their label for evaluation but have no class (counted per split)."""
+    ingest = make_ingest(n_images=40)
+    _relabel(ingest, ["yes", "yes", "yes", "no", "no", "2", "red", None])
+    report = run_align(ingest, AlignParams(top_k_labels=2), tmp_path / "a")
+    pairs = pd.read_parquet(tmp_path / "a" / "pairs.parquet")
+    train = pairs[pairs["split"] == "train"]["label"].value_counts()
+    assert report["classes"] == sorted(train.index[:2]) == ["no", "yes"]
+    unknown = pairs["label"].notna() & ~pairs["label"].isin(["yes", "no"])
+    assert (pairs.loc[unknown, "label_index"] == -1).all()
+    assert pairs.loc[unknown, "label_indices"].map(len).eq(0).all()
+    assert report["unknown_label_pairs_per_split"] == {
+        s: int(unknown[pairs["split"] == s].sum()) for s in ("train", "val", "test")
+    }
+    assert report["labelled_pairs"] == int(pairs["label"].notna().sum())  # <unk> is labelled

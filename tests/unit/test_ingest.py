@@ -595,3 +595,78 @@ def test_absolute_image_path_inside_the_root_is_stored_relative(root, tmp_path):
     images = pd.read_parquet(tmp_path / "out" / "images.parquet")
     assert report["captions"]["accepted"] == 1
     assert list(images["rel_path"]) == ["images/good.jpg"]
+
+
+# --------------------------------------------------------------------------- tasks' columns
+
+
+def _jsonl(root: Path, rows: list[dict], name: str = "c.jsonl") -> None:
+    (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_text_columns_are_joined_into_the_text_input(root, tmp_path):
+    """SNLI-VE-style premise + hypothesis: one text, by a template or the default separator; a
+    record missing one of them is rejected, naming the column."""
+    rows = [
+        {"image": "images/good.jpg", "premise": "A dog runs.", "hypothesis": "An animal moves."},
+        {"image": "images/good.jpg", "premise": "A cat sits.", "hypothesis": "  "},
+        {"image": "images/good.jpg", "premise": "Rain.", "hypothesis": "Wet.", "label": "neutral"},
+    ]
+    _jsonl(root, rows)
+    cols = {"captions": "c.jsonl", "text_columns": ["premise", "hypothesis"]}
+    report = _ingest(root, tmp_path / "a", **cols, text_template="P: {premise} H: {hypothesis}")
+    assert report["captions"]["by_reason"] == {"empty_caption": 1}
+    assert "'hypothesis'" in _rejects(tmp_path / "a")[0]["detail"]
+    rec = pd.read_parquet(tmp_path / "a" / "records.parquet")
+    assert list(rec["caption"]) == ["P: A dog runs. H: An animal moves.", "P: Rain. H: Wet."]
+    assert rec["label"].isna().tolist() == [True, False] and rec["label"][1] == "neutral"
+    assert json.loads(rec["meta"][0]) == {}  # the text columns are the text, not meta
+    _ingest(root, tmp_path / "b", **cols)
+    rec = pd.read_parquet(tmp_path / "b" / "records.parquet")
+    assert rec["caption"][0] == "A dog runs. [SEP] An animal moves."
+    with pytest.raises(InputError, match=r"required column\(s\) \['hypothesis'\] missing"):
+        _csv(root, [("images/good.jpg", "x")], header="image,premise")
+        _ingest(root, tmp_path / "c", text_columns=["premise", "hypothesis"])
+
+
+def test_vqa_answers_are_normalised_and_questions_are_the_text(root, tmp_path):
+    rows = [
+        {"image": "images/good.jpg", "q": "How many dogs?", "a": "Two"},
+        {"image": "images/good.jpg", "q": "What is it?", "a": "A Dog."},
+    ]
+    _jsonl(root, rows)
+    _ingest(root, tmp_path / "a", captions="c.jsonl", question_column="q", answer_column="a")
+    rec = pd.read_parquet(tmp_path / "a" / "records.parquet")
+    assert list(rec["caption"]) == ["How many dogs?", "What is it?"]
+    assert list(rec["label"]) == ["2", "dog"]  # the VQA evaluation's normalisation
+
+
+def test_label_separator_canonicalises_multi_labels(root, tmp_path):
+    rows = [{"image": "images/good.jpg", "caption": "c", "label": lab}
+            for lab in ("dog| cat|dog", "|", "bird")]  # fmt: skip
+    _jsonl(root, rows)
+    _ingest(root, tmp_path / "a", captions="c.jsonl", label_separator="|")
+    table = pq.read_table(tmp_path / "a" / "records.parquet")
+    assert table["label"].to_pylist() == ["cat|dog", None, "bird"]
+    assert table.schema.metadata[b"mmpipe.label_separator"] == b"|"  # align splits on it
+
+
+def test_synthetic_tasks_keep_the_images_and_change_the_labels(tmp_path):
+    """label=... and question mode draw the same scenes: identical image files."""
+    base = {"n_images": 8, "captions_per_image": 2, "image_size": 24}
+    reports = {}
+    for name, extra in {"default": {}, "tags": {"label": "tags"}, "qa": {"questions": True},
+                        "score": {"label": "score"}}.items():  # fmt: skip
+        p = IngestParams(workers=1, synthetic=SyntheticParams(**base, **extra))
+        reports[name] = run_ingest(p, tmp_path / name)
+    images = {n: pd.read_parquet(tmp_path / n / "images.parquet")["sha256"].tolist()
+              for n in reports}  # fmt: skip
+    assert images["default"] == images["tags"] == images["qa"] == images["score"]
+    tags = pd.read_parquet(tmp_path / "tags" / "records.parquet")["label"]
+    assert all(t.count("|") >= 1 for t in tags)  # shapes + the caption's sentiment
+    qa = pd.read_parquet(tmp_path / "qa" / "records.parquet")
+    assert qa["caption"].str.endswith("?").all()
+    assert set(json.loads(qa["meta"][0])) == {"question_type", "main_shape", "mood"}
+    assert not ({"zero", "one", "two", "three"} & set(qa["label"]))  # normalised to digits
+    scores = pd.read_parquet(tmp_path / "score" / "records.parquet")["label"].astype(float)
+    assert scores.between(1.0, 5.0).all() and scores.nunique() > 4

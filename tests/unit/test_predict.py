@@ -100,6 +100,37 @@ def test_decode_logits_tasks():
     rows = predict.decode_logits(torch.tensor([[2.0], [-2.0]]), "binary", ["neg", "pos"])
     assert [r["label"] for r in rows] == ["pos", "neg"]
     assert rows[0]["confidence"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    rows = predict.decode_logits(torch.tensor([[2.0, -1.0, 0.5]]), "multilabel", ["a", "b", "c"])
+    assert (rows[0]["label"], rows[0]["labels"], rows[0]["label_index"]) == ("a|c", ["a", "c"], 0)
+    rows = predict.decode_logits(torch.tensor([[0.1, 3.0]]), "vqa", ["2", "red"])
+    assert rows[0]["label"] == "red"
+    rows = predict.decode_logits(torch.tensor([[0.3]]), "regression", [])
+    assert rows[0]["value"] == pytest.approx(0.3)
+    # a model trained without labels (retrieval only) has no task prediction, and says so
+    rows = predict.decode_logits(torch.tensor([[0.3]]), "multiclass", [])
+    assert rows[0]["label"] == "" and "without labels" in rows[0]["note"]
+
+
+@pytest.mark.parametrize("size", [32, 96, 128, 224])
+def test_register_at_every_image_size(proj, size):
+    """The logged model's input example is a base64 PNG of the shards' image size: at 96 and 128
+    a 255+ character run without '/' once made `Path(...).is_file()` raise 'File name too long'
+    inside the signature inference, so register crashed."""
+    root, ckpt, images = proj
+    store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    predictor = predict.load_predictor(ckpt, image_size=size)
+    with tracking.start_run(store, root, run_name="train") as run:
+        pass
+    uri = tracking.log_model(run, predictor)
+    result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
+    assert result["version"] == 1 and result["promoted"]
+    loaded = tracking.load_pyfunc(uri)
+    frame = _frame(images)
+    pd.testing.assert_frame_equal(loaded.predict(frame), predictor.predict_frame(frame))
+    cell = base64.b64encode(b"\xff" * 900).decode()  # 1200 chars of '/': every segment short
+    long_run = base64.b64encode(bytes(range(256)) * 3).decode().replace("/", "+")
+    for text in (cell, long_run):
+        assert predict._image_from_cell(text, 0) == base64.b64decode(text)
 
 
 def _frame(images) -> pd.DataFrame:

@@ -173,3 +173,92 @@ def test_cuda_amp(shards, tmp_path, amp):
 def test_cuda_compile(shards, tmp_path):
     report = run_train(shards, tiny_train_params(epochs=1, device="cuda", compile=True), tmp_path)
     assert torch.isfinite(torch.tensor(report["history"][0]["train_loss"]))
+
+
+# ----------------------------------------------------------------------------- tasks' training
+
+
+def test_partly_labelled_data_trains_the_task_on_the_labelled_pairs(tmp_path):
+    shards = write_mood_shards(tmp_path / "shards", unlabelled_every=3)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    labelled = manifest["labelled_pairs_per_split"]["train"]
+    assert 0 < labelled < manifest["splits"]["train"]["count"]
+    report = run_train(shards, tiny_train_params(epochs=1), tmp_path / "m")
+    assert report["task_loss"] == "on"
+    row = report["history"][0]
+    assert row["train_labelled_pairs"] == labelled and row["train_task"] > 0
+    assert "val_accuracy" in row  # scored on the labelled val pairs
+
+
+def test_unlabelled_shards_train_contrastive_only(tmp_path):
+    shards = write_mood_shards(tmp_path / "shards", unlabelled_every=1)
+    report = run_train(shards, tiny_train_params(epochs=1), tmp_path / "m")
+    assert report["task_loss"].startswith("off: no labelled train pairs")
+    row = report["history"][0]
+    assert row["train_task"] == 0.0 and row["train_loss"] == row["train_contrastive"]
+    assert report["selection_metric"] == "-val_loss"
+
+
+def test_two_stages_in_one_run_and_resume_across_the_boundary(shards, tmp_path):
+    """A contrastive-only stage, then a task stage with the image encoder frozen but its last
+    block: one report with both stages; stopped at the boundary and resumed, the frozen blocks
+    end exactly where stage 1 left them."""
+    from mmpipe.config import TrainStage
+
+    stages = [
+        TrainStage(name="pretrain", epochs=1, lambda_task=0.0),
+        TrainStage(name="finetune", epochs=2, lr=1e-3, lambda_contrastive=0.0,
+                   freeze_image=True, unfreeze_last=1),
+    ]  # fmt: skip
+    p = tiny_train_params(stages=stages)
+    first = run_train(shards, p, tmp_path, max_steps=4)  # 4 steps = the first stage's
+    assert first["interrupted"] and first["steps"] == 4
+    after_pretrain = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    report = run_train(shards, p, tmp_path, resume=True)
+    assert [r["stage"] for r in report["history"]] == ["pretrain", "finetune", "finetune"]
+    row = report["history"][0]
+    assert row["train_loss"] == pytest.approx(row["train_contrastive"])  # no task loss
+    assert [s["name"] for s in report["stages"]] == ["pretrain", "finetune"]
+    assert report["stages"][1]["freezing"].startswith("image frozen (last 1 blocks trainable)")
+    assert report["steps"] == 12 and report["history"][-1]["train_contrastive"] > 0
+    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    frozen = [k for k in final if k.startswith("image_encoder.body.")]
+    trainable = [k for k in final if k.startswith("image_encoder.pool.")]
+    assert frozen and all(torch.equal(final[k], after_pretrain[k]) for k in frozen)
+    assert any(not torch.equal(final[k], after_pretrain[k]) for k in trainable)
+
+
+def test_init_from_loads_matching_weights_and_reports_the_rest(shards, tmp_path):
+    from mmpipe.checkpoint import read_manifest
+    from mmpipe.distributed import init_distributed
+    from mmpipe.train import create_trainer
+
+    run_train(shards, tiny_train_params(epochs=1), tmp_path / "source")
+    source = torch.load(tmp_path / "source" / "best.pt", weights_only=True)["model"]
+    # a binary head has 1 output where the source's multiclass head has 2: re-initialised
+    p = tiny_train_params(task="binary", init_from=str(tmp_path / "source"))
+    t = create_trainer(
+        p, init_distributed("cpu"), read_manifest(shards), tmp_path / "source" / "best.pt"
+    )
+    own = t.model.state_dict()
+    assert t.init["loaded"] == len(source) - 2 and t.init["source"].endswith("best.pt")
+    assert t.init["skipped"] == sorted(f"{k} (shape differs)" for k in source
+                                       if own[k].shape != source[k].shape)  # fmt: skip
+    assert {k.split(" ")[0] for k in t.init["skipped"]} == set(t.init["new"])
+    assert all(k.startswith("head.") for k in t.init["new"])
+    assert all(torch.equal(own[k], source[k]) for k in own if k not in t.init["new"])
+    report = run_train(shards, p, tmp_path / "warm")  # a path in init_from: loaded by train
+    assert report["init"]["loaded"] == t.init["loaded"]
+    with pytest.raises(InputError, match="names the model registry"):
+        run_train(shards, tiny_train_params(init_from="champion"), tmp_path / "x")
+
+
+def test_warmup_is_a_fraction_of_the_run_capped_at_half():
+    from mmpipe.config import TrainParams
+    from mmpipe.train import warmup_steps
+
+    assert warmup_steps(TrainParams(), 36) == 2  # 5 % of a 36-step run (it was 50 steps)
+    assert warmup_steps(TrainParams(warmup_steps=50), 36) == 18  # capped: the lr still peaks
+    assert warmup_steps(TrainParams(warmup_fraction=0.1), 1000) == 100
+    lrs = [warmup_cosine(s, 2, 36) for s in range(36)]
+    assert max(lrs) == 1.0 and lrs[-1] < 0.01

@@ -1,0 +1,148 @@
+"""The classic multimodal systems (configs/*.yaml) at full size: the README's tasks table.
+
+    python -m benchmarks.classic_systems                 # every config, full size (~1 h, 2 cores)
+    python -m benchmarks.classic_systems --update-readme # ... and rewrite the README's table
+    python -m benchmarks.classic_systems --only vqa_lstm_resnet --work-dir runs
+    python -m benchmarks.classic_systems --smoke         # tiny params: checks the script
+
+Each config runs as ``mmpipe run --params configs/<name>.yaml`` in its own project directory
+(its own MLflow store), on the synthetic source. The table reports each run's headline test
+metric (the task's default register metric), the chance level (the best input-blind guess on
+the test split: majority class or answer, mean value, class prevalences) and the best unimodal
+baseline (an image-only and a text-only head trained on the model's frozen features, the better
+of the two; see evaluate's ablation), so the fused model's figure reads against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import REPO, RESULTS, machine
+
+CONFIGS = {  # config -> the system it reproduces (README order)
+    "sentiment_lstm_cnn": "LSTM text + CNN image, softmax over sentiment classes",
+    "regression_cnn_rnn": "CNN + RNN fusion trained with MSE (a 1-5 rating)",
+    "multilabel_cnn_lstm": "small CNN + LSTM concatenation, BCE over multi-hot tags",
+    "vqa_lstm_resnet": "VQA: LSTM question + ResNet image, concatenated -> answer",
+    "clip_pretrain_finetune": "CLIP contrastive pretraining, then fine-tuning (binary)",
+    "pretrained_attention": "pretrained features (EfficientNet-Lite0, MiniLM) + attention fusion",
+}
+SMOKE = [  # what tests/conftest.py's TINY_OVERRIDES set: seconds per config
+    "ingest.synthetic.n_images=48", "ingest.synthetic.captions_per_image=2",
+    "ingest.synthetic.image_size=32", "ingest.workers=1", "shard.image_size=32",
+    "shard.workers=1", "train.epochs=1", "train.batch_size=16", "train.num_workers=0",
+    "evaluate.ablation_epochs=1",
+]  # fmt: skip
+README_START, README_END = "<!-- classic-systems:start -->", "<!-- classic-systems:end -->"
+
+
+def run_config(name: str, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """``mmpipe run`` of one config in ``work/name``; its metrics, ablation and wall time."""
+    project = work / name
+    project.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(REPO / "configs" / f"{name}.yaml"),
+           "--project-dir", str(project)] + [a for o in overrides for a in ("--set", o)]  # fmt: skip
+    started = time.perf_counter()
+    with (project / "run.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: mmpipe run failed ({proc.returncode}); see {project}/run.log")
+    reports = project / "reports"
+    return {
+        "name": name,
+        "system": CONFIGS[name],
+        "seconds": round(time.perf_counter() - started, 1),
+        "task": json.loads((project / "models" / "train_report.json").read_text())["task"],
+        "metrics": json.loads((reports / "metrics.json").read_text()),
+        "ablation": json.loads((reports / "ablation.json").read_text()),
+    }
+
+
+def headline(row: dict[str, Any]) -> tuple[str, float, float, float]:
+    """(metric, fused model, chance, best unimodal) of one run."""
+    metric = row["ablation"].get("metric") or next(iter(row["metrics"]))
+    m = row["metrics"]
+    return metric, m[metric], m.get(f"{metric}_chance", float("nan")), m.get(
+        f"best_unimodal_{metric}", float("nan")
+    )
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The README table, plus VQA's question-only vs image + question line."""
+    lines = [
+        "| system | config | task | test metric | fused model | chance | best unimodal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        metric, value, chance, unimodal = headline(row)
+        lines.append(
+            f"| {row['system']} | `configs/{row['name']}.yaml` | {row['task']} | {metric} | "
+            f"**{value:.3f}** | {chance:.3f} | {unimodal:.3f} |"
+        )
+    for row in rows:
+        if row["task"] == "vqa":
+            heads = {r["fusion"]: r["score"] for r in row["ablation"]["results"]}
+            m = row["metrics"]
+            per_type = ", ".join(
+                f"{k.removeprefix('vqa_accuracy_').replace('_', ' ')} {v:.3f}"
+                for k, v in sorted(m.items())
+                if k.startswith("vqa_accuracy_") and k != "vqa_accuracy_chance"
+            )
+            lines += [
+                "",
+                f"VQA accuracy: question only (text-only head) **{heads['text_only']:.3f}**, "
+                f"image only {heads['image_only']:.3f}, image + question (the trained model) "
+                f"**{m['vqa_accuracy']:.3f}**, answer prior {m['vqa_accuracy_chance']:.3f}; "
+                f"per question type: {per_type}.",
+            ]
+    return "\n".join(lines)
+
+
+def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -> None:
+    """Replace the text between the README's classic-systems markers."""
+    text = readme.read_text(encoding="utf-8")
+    block = f"{README_START}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{README_END}"
+    pattern = re.escape(README_START) + ".*?" + re.escape(README_END)
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(f"{readme}: no {README_START} ... {README_END} markers")
+    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.classic_systems", description=__doc__)
+    ap.add_argument("--only", default=None, help="comma-separated config names")
+    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/classic"), help="project dirs")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where classic_systems.json goes")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
+    args = ap.parse_args(argv)
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    overrides = (SMOKE if args.smoke else []) + args.overrides
+    rows = []
+    for name in names:
+        print(f"classic systems: {name} ...", flush=True)
+        rows.append(run_config(name, args.work_dir.resolve(), overrides))
+        print(f"  {headline(rows[-1])} in {rows[-1]['seconds']} s", flush=True)
+    table = markdown(rows)
+    print(table)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"mode": "smoke" if args.smoke else "full", "machine": machine(), "rows": rows,
+               "overrides": overrides, "table": table}  # fmt: skip
+    (args.out_dir / "classic_systems.json").write_text(json.dumps(payload, indent=2))
+    if args.update_readme and (args.smoke or args.only or args.overrides):
+        raise SystemExit("--update-readme needs the full run of every config, as configured")
+    if args.update_readme:
+        update_readme(table, "python -m benchmarks.classic_systems --update-readme")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
