@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -49,9 +50,14 @@ def run_config(name: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     project.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(REPO / "configs" / f"{name}.yaml"),
            "--project-dir", str(project)] + [a for o in overrides for a in ("--set", o)]  # fmt: skip
+    # one intra-op thread: on this shared 2-core machine two OpenMP threads per process ran a
+    # CNN + LSTM step up to 20x slower than one (spinning threads fighting the neighbours)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
     with (project / "run.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+        )
     if proc.returncode != 0:
         raise SystemExit(f"{name}: mmpipe run failed ({proc.returncode}); see {project}/run.log")
     reports = project / "reports"
@@ -69,8 +75,11 @@ def headline(row: dict[str, Any]) -> tuple[str, float, float, float]:
     """(metric, fused model, chance, best unimodal) of one run."""
     metric = row["ablation"].get("metric") or next(iter(row["metrics"]))
     m = row["metrics"]
-    return metric, m[metric], m.get(f"{metric}_chance", float("nan")), m.get(
-        f"best_unimodal_{metric}", float("nan")
+    return (
+        metric,
+        m[metric],
+        m.get(f"{metric}_chance", float("nan")),
+        m.get(f"best_unimodal_{metric}", float("nan")),
     )
 
 
