@@ -135,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else list(CONFIGS)
     overrides = (SMOKE if args.smoke else []) + args.overrides
-    rows = []
+    rows: list[dict[str, Any]] = []
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"classic systems: {name} ...", flush=True)
         rows.append(run_config(name, args.work_dir.resolve(), overrides))
         print(f"  {headline(rows[-1])} in {rows[-1]['seconds']} s", flush=True)
+        # written after every config: an interrupted full run keeps the rows it measured
+        payload = {"mode": "smoke" if args.smoke else "full", "machine": machine(),
+                   "rows": rows, "overrides": overrides, "table": markdown(rows),
+                   "complete": len(rows) == len(names)}  # fmt: skip
+        (args.out_dir / "classic_systems.json").write_text(json.dumps(payload, indent=2))
     table = markdown(rows)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"mode": "smoke" if args.smoke else "full", "machine": machine(), "rows": rows,
-               "overrides": overrides, "table": table}  # fmt: skip
-    (args.out_dir / "classic_systems.json").write_text(json.dumps(payload, indent=2))
     if args.update_readme and (args.smoke or args.only or args.overrides):
         raise SystemExit("--update-readme needs the full run of every config, as configured")
     if args.update_readme:
