@@ -52,16 +52,8 @@ from mmpipe.distributed import (
 )
 from mmpipe.errors import InputError
 from mmpipe.io import write_json_atomic
-from mmpipe.model import (
-    MultimodalModel,
-    batch_targets,
-    create_model,
-    info_nce,
-    labelled_rows,
-    multi_hot,
-    predict_labels,
-    task_loss_sum,
-)
+from mmpipe.model import MultimodalModel, create_model, info_nce, predict_labels
+from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 
 log = logging.getLogger(__name__)
 

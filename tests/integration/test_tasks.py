@@ -116,8 +116,9 @@ def _check_clip_pretrain_finetune(project: Path, metrics: dict, train: dict) -> 
 def test_visual_entailment_two_text_columns_then_warm_start_from_the_champion(
     shared_data, tmp_path, capsys, monkeypatch
 ):
-    """SNLI-VE (premise + hypothesis columns, 3 classes) with no file edited; the second run
-    fine-tunes from the registry's champion (train.init_from: champion)."""
+    """SNLI-VE (premise + hypothesis columns, 3 classes) with no file edited; the second and
+    third runs fine-tune from the registry's champion (train.init_from: champion, then the
+    alias's model URI)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = [
         "ingest.source=folder", f"ingest.root={SHARED_DATA / 'visual-entailment-sample'}",
@@ -136,6 +137,11 @@ def test_visual_entailment_two_text_columns_then_warm_start_from_the_champion(
     init = second["train"]["init"]
     assert init["loaded"] > 0 and init["skipped"] == [] and init["new"] == []
     assert init["source"].endswith(".pt") and second["register"]["version"] == 2
+    # the same alias by its model URI
+    uri = "train.init_from=models:/mmpipe-fusion@champion"
+    third = mmpipe_run(tmp_path, None, [*source, uri], capsys)
+    assert third["train"]["init"]["loaded"] == init["loaded"]
+    assert third["register"]["version"] == 3
 
 
 def test_train_help_says_how_warm_up_is_sized():
