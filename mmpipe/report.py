@@ -67,9 +67,10 @@ def _sections(eval_dir: Path) -> list[tuple[str, list[str], list[list[Any]]]]:
         rows = [[r["question_type"], r["n"], r["vqa_accuracy"]] for r in by_type]
         out.append(("VQA accuracy per question type", ["question type", "n", "accuracy"], rows))
     per_class = _read(eval_dir / "per_class.json") or []
-    rows = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in per_class]
-    if rows:
-        out.append(("Per class", ["class", "precision", "recall", "f1", "support"], rows))
+    cols = ["precision", "recall", "f1", *(["ap"] if per_class and "ap" in per_class[0] else [])]
+    rows = [[r["class"], *(r[c] for c in cols), r["support"]] for r in per_class]
+    if rows:  # multilabel adds each class's average precision
+        out.append(("Per class", ["class", *cols, "support"], rows))
     return out
 
 

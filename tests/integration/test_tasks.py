@@ -93,6 +93,8 @@ def _check_multilabel_cnn_lstm(project: Path, metrics: dict, train: dict) -> Non
     assert {"positive", "negative", "circle"} <= set(manifest["classes"])  # one class per tag
     per_class = json.loads((project / "reports" / "per_class.json").read_text())
     assert {r["class"] for r in per_class} == set(manifest["classes"]) and "ap" in per_class[0]
+    report = (project / "reports" / "report.md").read_text()
+    assert "| class | precision | recall | f1 | ap | support |" in report
 
 
 def _check_vqa_lstm_resnet(project: Path, metrics: dict, train: dict) -> None:
