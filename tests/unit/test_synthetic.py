@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from PIL import Image
 
 from mmpipe import synthetic
 from mmpipe.config import SyntheticParams
-from mmpipe.synthetic import SENTIMENT_WORDS, SHAPE_WORDS, generate
+from mmpipe.metrics import vqa_normalize
+from mmpipe.synthetic import SENTIMENT_WORDS, SHAPE_WORDS, generate, sample_scene, write_question
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -139,3 +141,33 @@ def test_mood_is_visible_in_the_palette(tmp_path):
         warm = px[..., 0].mean() > px[..., 2].mean()
         agree += warm == (r["mood"] == "positive")
     assert agree / len(rows) > 0.85  # ~10 % ambiguous images may go either way
+
+
+def test_questions_need_the_image_text_alone_is_at_the_answer_prior():
+    """Question mode: knowing the exact question (the best text-only guess, fitted on half the
+    questions) scores no better on the other half than the answer prior of its type, while
+    the scene answers every question."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(4000):
+        scene = sample_scene(rng)
+        question, answer, kind = write_question(scene, rng)
+        rows.append((question, vqa_normalize(answer), kind))
+        if kind == "how many":  # the image answers it: the count of that shape in the scene
+            shape = question.removeprefix("how many ").removesuffix("s are there?")
+            assert int(vqa_normalize(answer)) == sum(o["shape"] == shape for o in scene["objects"])
+    fit, held = rows[::2], rows[1::2]
+
+    def majority(key):
+        counts = collections.defaultdict(collections.Counter)
+        for row in fit:
+            counts[key(row)][row[1]] += 1
+        return {k: c.most_common(1)[0][0] for k, c in counts.items()}
+
+    by_question, by_type = majority(lambda r: r[0]), majority(lambda r: r[2])
+    for kind in ("what colour", "how many", "is left of"):
+        rows_of = [r for r in held if r[2] == kind]
+        assert len(rows_of) > 100, kind
+        text_only = np.mean([by_question.get(r[0]) == r[1] for r in rows_of])
+        prior = np.mean([by_type[kind] == r[1] for r in rows_of])
+        assert text_only <= prior + 0.05 and prior < 0.7, (kind, text_only, prior)
