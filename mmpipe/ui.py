@@ -50,6 +50,7 @@ from mmpipe.config import Params
 from mmpipe.errors import InputError
 from mmpipe.layout import Layout, sqlite_path
 from mmpipe.layout import store_uri as layout_store_uri
+from mmpipe.objectives import resolve_metric
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def create_ui_target(params: Params, project_dir: str | Path) -> UiTarget:
         tracking_uri=store_uri(params.tracking.uri, project_dir),
         experiment=params.tracking.experiment,
         model_name=params.register.model_name,
-        task_metric=params.register.metric,
+        # null = the task's default (the UI cannot see whether the data is labelled)
+        task_metric=resolve_metric(params.register.metric, None, params.train.task, True)[0],
         state_dir=Layout(Path(project_dir).resolve()).state_dir,
     )
 

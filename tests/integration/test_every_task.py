@@ -19,6 +19,14 @@ from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
+    undone after each test, so later in-process runs use their own project's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 def mmpipe_run(project: Path, params: Path | None, overrides: list[str], capsys) -> dict:
     """`mmpipe run` in-process; the printed result (every stage's report). No params file: the
     defaults."""
@@ -66,8 +74,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_classic_system_config_runs_to_a_registered_model(name, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_classic_system_config_runs_to_a_registered_model(name, tmp_path, capsys):
     task, metric, lower, expected, plots = CASES[name]
     out = mmpipe_run(tmp_path, REPO / "configs" / f"{name}.yaml", [], capsys)
     metrics, report = _reports(tmp_path)
@@ -116,12 +123,11 @@ def _check_clip_pretrain_finetune(project: Path, metrics: dict, train: dict) -> 
 
 
 def test_visual_entailment_two_text_columns_then_warm_start_from_the_champion(
-    shared_data, tmp_path, capsys, monkeypatch
+    shared_data, tmp_path, capsys
 ):
     """SNLI-VE (premise + hypothesis columns, 3 classes) with no file edited; the second and
     third runs fine-tune from the registry's champion (train.init_from: champion, then the
     alias's model URI)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = [
         "ingest.source=folder", f"ingest.root={SHARED_DATA / 'visual-entailment-sample'}",
         "ingest.captions=pairs.csv", "ingest.text_columns=[premise, caption]",

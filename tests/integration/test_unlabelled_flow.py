@@ -16,6 +16,15 @@ from tests.conftest import SHARED_DATA, TINY_OVERRIDES, make_project
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
+    undone after each test, so later in-process runs use their own project's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1",
              "median_rank_i2t", "median_rank_t2i")  # fmt: skip
 

@@ -122,5 +122,5 @@ def test_stage_help_lists_enum_choices_and_only_the_stages_sections(capsys):
     assert (
         "One of: concat, sum, weighted, gated, cross_attention, late, image_only, text_only." in out
     )
-    assert "One of: multiclass, binary, multilabel, regression." in out
+    assert "One of: multiclass, binary, multilabel, regression, vqa." in out
     assert "tracking.uri" in out and "evaluate.ks" not in out

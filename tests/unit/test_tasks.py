@@ -34,10 +34,13 @@ def test_model_tasks_pass_resume_and_the_parent_run(params, tmp_path, monkeypatc
     seen = []
     monkeypatch.setattr(pipeline, "stage_train", lambda *a, **kw: seen.append((a, kw)) or {})
     monkeypatch.setattr(pipeline, "run_stage", lambda *a, **kw: seen.append((a, kw)) or {})
+    # the register metric is checked against the shards before training
+    monkeypatch.setattr(pipeline, "check_register_metric", lambda *a: seen.append(("check", a)))
     layout = Layout(tmp_path)
     stages.train_task.fn(params, layout, parent_run_id="p1", resume=True)
     stages.model_task.fn("register", params, layout, parent_run_id="p1")
     assert seen == [
+        ("check", (params, layout)),
         ((params, layout), {"resume": True, "parent_run_id": "p1"}),
         (("register", params, layout), {"parent_run_id": "p1"}),
     ]

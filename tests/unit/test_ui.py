@@ -59,11 +59,14 @@ def test_target_follows_the_params(tmp_path):
     params = load_params(
         None,
         ["tracking.uri=sqlite:///db/x.db", "tracking.experiment=exp", "register.model_name=m",
-         "register.metric=rmse"],
+         "train.task=regression", "register.metric=mae"],
     )  # fmt: skip
     target = ui.create_ui_target(params, tmp_path)
     assert target.tracking_uri == f"sqlite:///{tmp_path.resolve()}/db/x.db"
-    assert (target.experiment, target.model_name, target.task_metric) == ("exp", "m", "rmse")
+    assert (target.experiment, target.model_name, target.task_metric) == ("exp", "m", "mae")
+    # register.metric: null shows the task's default metric
+    default = load_params(None, ["train.task=regression"])
+    assert ui.create_ui_target(default, tmp_path).task_metric == "rmse"
     assert ui.artifacts_dir(target) == tmp_path.resolve() / "db" / "mlartifacts"
 
 
