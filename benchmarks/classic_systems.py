@@ -4,6 +4,7 @@
     python -m benchmarks.classic_systems --update-readme # ... and rewrite the README's table
     python -m benchmarks.classic_systems --only vqa_lstm_resnet --work-dir runs
     python -m benchmarks.classic_systems --smoke         # tiny params: checks the script
+    python -m benchmarks.classic_systems --readme-from benchmarks/results/classic_systems.json
 
 Each config runs as ``mmpipe run --params configs/<name>.yaml`` in its own project directory
 (its own MLflow store), on the synthetic source. The table reports each run's headline test
@@ -124,6 +125,16 @@ def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -
     readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
 
 
+def readme_from(path: Path) -> int:
+    """README.md's table from a saved run: only a complete full-size run of every config."""
+    saved = json.loads(path.read_text())
+    names = [row["name"] for row in saved["rows"]]
+    if saved["mode"] != "full" or saved["overrides"] or names != list(CONFIGS):
+        raise SystemExit(f"{path}: not a complete full-size run of every config ({names})")
+    update_readme(markdown(saved["rows"]), "python -m benchmarks.classic_systems --update-readme")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.classic_systems", description=__doc__)
     ap.add_argument("--only", default=None, help="comma-separated config names")
@@ -132,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where classic_systems.json goes")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
+    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
+                    help="rewrite README.md's table from a saved full run's classic_systems.json "
+                    "(no training)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.readme_from is not None:
+        return readme_from(args.readme_from)
     names = args.only.split(",") if args.only else list(CONFIGS)
     overrides = (SMOKE if args.smoke else []) + args.overrides
     rows: list[dict[str, Any]] = []
