@@ -54,6 +54,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
+    undone after the test, so later in-process runs use their own project's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove the tests' Prefect home (the session that created it)."""
     if not _INHERITED:

@@ -16,15 +16,7 @@ import pytest
 from mmpipe.cli import main
 from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
-    undone after each test, so later in-process runs use their own project's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
 
 def mmpipe_run(project: Path, params: Path | None, overrides: list[str], capsys) -> dict:

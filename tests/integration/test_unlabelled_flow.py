@@ -14,15 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.nightly import nightly
 from tests.conftest import SHARED_DATA, TINY_OVERRIDES, make_project
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
-    undone after each test, so later in-process runs use their own project's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
 
 RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1",
