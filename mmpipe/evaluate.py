@@ -4,11 +4,14 @@ Outputs under ``out_dir`` (atomic writes):
     metrics.json          flat numbers for `dvc metrics show` (accuracy, macro_f1, i2t_r1, ...)
     per_class.json        precision / recall / F1 / support per class of the trained head
     ablation.json         every fusion head trained on frozen features, with accuracy / macro-F1
-    evaluation_report.json  counts, chance levels, skipped parts with their reasons, timings
-    plots/confusion_matrix.png, plots/confusion.json (rows for `dvc plots` confusion template),
-    plots/recall_at_k.json, plots/ablation.json
-    examples/             a few test images as thumbnails + their top-3 captions (for report.md)
-    report.md, report.html
+    plots/                recall_at_k, ablation, confusion, training: JSON rows for `dvc plots`
+                          and the same charts as PNG (mmpipe.plots)
+    evaluation_report.json  the checkpoint used, classes, skipped parts with their reasons
+    examples/             a few test images as thumbnails + their top-3 captions (for the report)
+    report.md, report.html  written by the caller (mmpipe.report), with the run's context
+
+The versioned outputs (metrics.json, per_class.json, ablation.json, plots/) hold no timings or
+paths: the same model and data give the same bytes, so DVC sees no change (timings are logged).
 
 Honest caveat on the ablation: every head is trained on pooled features of the SAME encoders,
 which were trained jointly with the configured fusion head (and the contrastive loss). It
@@ -37,6 +40,7 @@ from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, write_json_atomic
 from mmpipe.model import create_fusion_head, predict_labels
+from mmpipe.plots import plot_confusion, recall_rows, training_rows, write_plot
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +126,10 @@ def retrieval_metrics(
     t2i = M.recall_at_k_t2i(sim, out.text_to_image, ks)
     chance = M.retrieval_chance(out.text_to_image, len(out.image_ids), ks)
     flat: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
     for k in ks:
         flat[f"i2t_r{k}"], flat[f"t2i_r{k}"] = i2t[k], t2i[k]
         flat[f"i2t_chance_r{k}"], flat[f"t2i_chance_r{k}"] = chance["i2t"][k], chance["t2i"][k]
-        rows.append({"k": k, "direction": "i2t", "recall": i2t[k], "chance": chance["i2t"][k]})
-        rows.append({"k": k, "direction": "t2i", "recall": t2i[k], "chance": chance["t2i"][k]})
-    return flat, rows
+    return flat, recall_rows(ks, i2t, t2i, chance)
 
 
 @torch.no_grad()
@@ -184,36 +185,6 @@ def classification(
         "n_labelled": float(mask.sum()),
     }
     return flat, M.per_class_report(y, pred, n, names), M.confusion_matrix(y, pred, n), None
-
-
-def plot_confusion(cm: np.ndarray, names: list[str], dest: Path) -> None:
-    """Write the confusion matrix as a PNG (matplotlib, Agg backend, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.5 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues", vmin=0)  # 0 = white, so the text colour rule below holds
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (r, c), v in np.ndenumerate(cm):
-        ax.text(
-            c,
-            r,
-            str(v),
-            ha="center",
-            va="center",
-            color="white" if v > cm.max() / 2 else "black",
-            fontsize=8,
-        )
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def confusion_rows(out: SplitOutputs, names: list[str], task: str) -> list[dict[str, str]]:
@@ -339,12 +310,12 @@ def run_ablation(
                 "fusion": mode,
                 "accuracy": M.accuracy(y, pred),
                 "macro_f1": M.macro_f1(y, pred, num_classes),
-                "seconds": round(time.perf_counter() - t0, 3),
             }
         )
         log.info(
             "evaluate: ablation head %d/%d %s: accuracy %.4f (%.1f s)",
-            *(len(rows), len(ABLATION_MODES), mode, rows[-1]["accuracy"], rows[-1]["seconds"]),
+            *(len(rows), len(ABLATION_MODES), mode, rows[-1]["accuracy"]),
+            time.perf_counter() - t0,
         )
     return rows, None
 
@@ -415,7 +386,7 @@ def run_evaluate(
     }
     skipped: dict[str, str] = {}
 
-    retrieval, recall_rows = retrieval_metrics(test, p.ks)
+    retrieval, recall = retrieval_metrics(test, p.ks)
     metrics.update(retrieval)
     zs, reason = zero_shot(model, test, p)
     metrics.update(zs)
@@ -426,12 +397,16 @@ def run_evaluate(
     if reason:
         skipped["classification"] = reason
     plots = out_dir / "plots"
-    write_json_atomic(plots / "recall_at_k.json", recall_rows)
+    write_plot(plots, "recall_at_k", recall)
+    write_plot(plots, "training", training_rows(info.get("history") or []))
     write_json_atomic(out_dir / "per_class.json", per_class)
     if cm is not None:
         names = [r["class"] for r in per_class]
-        plot_confusion(cm, names, plots / "confusion_matrix.png")
+        plot_confusion(cm, names, plots / "confusion.png")
         write_json_atomic(plots / "confusion.json", confusion_rows(test, names, tp.task))
+    else:  # no stale matrix of an earlier run beside this run's metrics
+        for name in ("confusion.json", "confusion.png"):
+            (plots / name).unlink(missing_ok=True)
 
     num_classes = None if cm is None else cm.shape[0]
     ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, num_classes)
@@ -440,20 +415,15 @@ def run_evaluate(
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
     plot_rows = [{k: r[k] for k in ("fusion", "accuracy", "macro_f1")} for r in ablation["results"]]
-    write_json_atomic(plots / "ablation.json", plot_rows)
+    write_plot(plots, "ablation", plot_rows, tp.fusion)
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(
         out_dir / "evaluation_report.json",
-        {
-            "checkpoint": str(checkpoint),
-            "skipped": skipped,
-            "classes": classes,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "metrics": metrics,
-        },
+        {"checkpoint": checkpoint.name, "skipped": skipped, "classes": classes, "metrics": metrics},
     )
     write_report(out_dir)
+    log.info("evaluate took %.1f s", time.perf_counter() - t0)
     return metrics
