@@ -67,11 +67,28 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     assert m["images.seen"] == m["images.accepted"] + m["images.rejected"] > 0
     train_run = next(r for r in children if r.info.run_name == "train")
     assert "test.accuracy" in train_run.data.metrics  # evaluate logs onto the training run
+    # each night's result on its parent run (the runs page's rows): headline metrics + promoted
+    for night, promoted in ((first, 1.0), (second, float(second["promoted"]))):
+        parent = client.get_run(night["parent_run_id"]).data
+        assert parent.tags["mmpipe.kind"] == "flow" and parent.metrics["promoted"] == promoted
+        assert {"test.accuracy", "test.i2t_r1", "test.t2i_r1", "test.fusion_gain"} <= set(
+            parent.metrics
+        )
+    assert (
+        client.get_run(first["parent_run_id"]).data.metrics["test.accuracy"]
+        == (train_run.data.metrics["test.accuracy"])
+    )
     versions = client.search_model_versions("name='mmpipe-fusion'")
     assert len(versions) == 2
     champion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
     acc = {int(v.version): float(v.tags["accuracy"]) for v in versions}
     assert int(champion.version) == max(acc, key=lambda v: (acc[v], -v))
+    # a short, rounded tag set, and the model card as each version's description
+    v2 = next(v for v in versions if int(v.version) == 2)
+    assert len(v2.tags) <= 8 and all(len(v) <= 8 for k, v in v2.tags.items() if k != "data_hash")
+    assert v2.description.startswith("### mmpipe-fusion v2: ")
+    assert "**Trained on** mmpipe's generated default data" in v2.description
+    assert "| metric (test split) | v2 | champion v1 | change |" in v2.description
 
     # outputs deleted behind the cache's back: that stage re-runs, its upstream stays cached
     import shutil
