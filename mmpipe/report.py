@@ -196,25 +196,26 @@ def _changes(ctx: Mapping[str, Any]) -> Section | None:
     return sec
 
 
+def _chart(eval_dir: Path, name: str, title: str) -> tuple[Section, list[dict[str, Any]]]:
+    """A section opening with the ``plots/<name>.png`` chart, and the chart's rows (may be [])."""
+    sec = Section(title)
+    if (eval_dir / "plots" / f"{name}.png").is_file():
+        sec.image(f"plots/{name}.png", title.lower())
+    return sec, _read(eval_dir / "plots" / f"{name}.json") or []
+
+
 def _training(eval_dir: Path) -> Section | None:
-    rows = _read(eval_dir / "plots" / "training.json") or []
+    sec, rows = _chart(eval_dir, "training", "Training")
     if not rows:
         return None
-    sec = Section("Training")
-    if (eval_dir / "plots" / "training.png").is_file():
-        sec.image("plots/training.png", "training curves")
     keys = [k for k in ("train_loss", "val_loss", "val_accuracy", "val_rmse") if k in rows[-1]]
-    sec.table(["epoch", *keys], [[r["epoch"], *(r.get(k) for k in keys)] for r in rows])
-    return sec
+    return sec.table(["epoch", *keys], [[r["epoch"], *(r.get(k) for k in keys)] for r in rows])
 
 
 def _retrieval(eval_dir: Path) -> Section | None:
-    rows = _read(eval_dir / "plots" / "recall_at_k.json") or []
+    sec, rows = _chart(eval_dir, "recall_at_k", "Retrieval")
     if not rows:
         return None
-    sec = Section("Retrieval")
-    if (eval_dir / "plots" / "recall_at_k.png").is_file():
-        sec.image("plots/recall_at_k.png", "recall at K")
     keys = ("k", "i2t", "t2i", "i2t_chance", "t2i_chance")
     return sec.table(
         ["K", "image → text", "text → image", "chance i→t", "chance t→i"],

@@ -39,23 +39,14 @@ def _rows() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _fields(node: Any) -> set[str]:
-    """Every ``field`` a Vega-Lite spec encodes, at any depth."""
+def _named(node: Any, key: str) -> set[str]:
+    """Every string under ``key`` in a Vega-Lite spec, at any depth (``field``: what it encodes,
+    ``as``: what its transforms compute)."""
     if isinstance(node, dict):
-        own = {node["field"]} if isinstance(node.get("field"), str) else set()
-        return own.union(*(_fields(v) for v in node.values()))
+        own = {node[key]} if isinstance(node.get(key), str) else set()
+        return own.union(*(_named(v, key) for v in node.values()))
     if isinstance(node, list):
-        return set().union(*(_fields(v) for v in node))
-    return set()
-
-
-def _computed(node: Any) -> set[str]:
-    """Names a spec's transforms compute (``as``), at any depth."""
-    if isinstance(node, dict):
-        own = {node["as"]} if isinstance(node.get("as"), str) else set()
-        return own.union(*(_computed(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_computed(v) for v in node))
+        return set().union(*(_named(v, key) for v in node))
     return set()
 
 
@@ -83,8 +74,8 @@ def test_every_declared_plot_renders_with_the_fields_of_its_rows(shown):
     for title, spec in shown.items():
         values = spec["data"]["values"]
         assert values, f"{title}: no data"
-        present = set().union(*(row.keys() for row in values)) | _computed(spec) | COMPUTED
-        missing = _fields(spec) - present
+        present = set().union(*(row.keys() for row in values)) | _named(spec, "as") | COMPUTED
+        missing = _named(spec, "field") - present
         assert not missing, f"{title}: the spec encodes {missing}, the rows do not have them"
 
 
