@@ -170,3 +170,14 @@ def test_cuda_amp(shards, tmp_path, amp):
 def test_cuda_compile(shards, tmp_path):
     report = run_train(shards, tiny_train_params(epochs=1, device="cuda", compile=True), tmp_path)
     assert torch.isfinite(torch.tensor(report["history"][0]["train_loss"]))
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # the default trains with one loader worker
+def test_training_twice_gives_the_same_bytes(shards, tmp_path, workers):
+    """Same data, params and machine: the checkpoints and train_report.json are byte-identical
+    (what lets `dvc repro` after the nightly flow find nothing changed, models/ included)."""
+    p = tiny_train_params(num_workers=workers)
+    for out in ("a", "b"):
+        run_train(shards, p, tmp_path / out)
+    for name in ("best.pt", "last.pt", "train_report.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
