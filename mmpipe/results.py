@@ -7,7 +7,8 @@ evaluation outputs, ``reports/metrics.json`` and ``reports/plots/ablation.json``
 beside ``dvc.lock``), and prints the section, or with ``--readme`` replaces the text between the
 README's ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers. Every figure in it comes
 from those files: none is typed by hand. ``metric_tables`` is the part that only depends on the
-versioned files (tests/unit/test_results.py checks that the committed README holds it).
+versioned files (tests/unit/test_results.py checks that the committed README holds the tables
+of the committed reports).
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@ The decision (README, "Reproducing a stage"): the flow runs the stage functions 
 retries, caching, MLflow runs per stage) and then *records* what it made with ``dvc commit``,
 exactly as if ``dvc repro`` had made it: ``dvc.lock`` gets each stage's code, params and output
 hashes, and the outputs go into the DVC cache. Running the stages through ``dvc repro`` instead
-would hide them from Prefect (one opaque task) and retrain nothing when only the data changed
-under an unchanged path.
+would hide them from Prefect (one opaque task: no per-stage retries, caching or MLflow runs).
 
 A stage is recorded only when ``dvc.lock`` would tell the truth about it: the project is a DVC
 project, the stage finished in this flow run, and the params the flow used for it are those in
-``params.yaml`` (the file ``dvc.yaml`` reads). A run with ``--set train.epochs=2`` records ingest,
-align, shard and evaluate but not train, so `dvc status` shows train as changed: it is, relative
-to params.yaml.
+``params.yaml`` (the file ``dvc.yaml`` reads), and so were those of every stage it reads from. A
+run with ``--set train.epochs=2`` records ingest, align and shard but not train and evaluate, so
+`dvc status` shows those as changed: they are, relative to params.yaml.
 """
 
 from __future__ import annotations
@@ -49,10 +48,22 @@ def unrecordable(params: Params, layout: Layout) -> dict[str, str]:
     return reasons
 
 
+def _feeds(upstream: str, stage: str) -> bool:
+    """Whether ``stage`` reads an output of ``upstream``."""
+    out = STAGES[upstream].out
+    return out is not None and any(
+        i == out or i.startswith(f"{out}/") for i in STAGES[stage].inputs
+    )
+
+
 def record_outputs(params: Params, layout: Layout, finished: list[str]) -> dict[str, Any]:
     """``dvc commit`` the finished stages that can be recorded; what was recorded and what not."""
     skipped = {s: "did not finish in this run" for s in DVC_STAGES if s not in finished}
     skipped.update({s: r for s, r in unrecordable(params, layout).items() if s not in skipped})
+    for stage in DVC_STAGES:  # in DAG order: a stage fed by an unrecorded one is not recorded
+        upstream = [s for s in skipped if s != stage and _feeds(s, stage)]
+        if upstream and stage not in skipped:
+            skipped[stage] = f"its input comes from {', '.join(upstream)}, not recorded"
     stages = [s for s in DVC_STAGES if s not in skipped]
     for stage, reason in skipped.items():
         log.info("dvc: %s not recorded in dvc.lock: %s", stage, reason)

@@ -29,7 +29,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     project = make_project(tmp_path / "proj")
     first = nightly(project_dir=str(project))
     assert _statuses(first) == dict.fromkeys(
-        ["ingest", "align", "shard", "train", "evaluate", "register"], "done"
+        ["ingest", "align", "shard", "train", "evaluate", "register", "report", "dvc"], "done"
     )
     assert first["version"] == first["champion_version"] == 1 and first["promoted"]
     # the summary table says what each stage did, at a glance
@@ -52,7 +52,14 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
         "train": "done",
         "evaluate": "done",
         "register": "done",
+        "report": "done",
+        "dvc": "done",
     }
+    # train ran with params other than params.yaml's: dvc.lock keeps vouching for the data only
+    detail = {row["stage"]: row["detail"] for row in second["summary"]}
+    assert detail["dvc"].startswith("dvc.lock records ingest, align, shard; not ")
+    assert "not train: params differ from params.yaml in section(s) train" in detail["dvc"]
+    assert "not evaluate: its input comes from train, not recorded" in detail["dvc"]
     assert second["version"] == 2
 
     uri = f"sqlite:///{project / '.mmpipe' / 'mlflow.db'}"

@@ -62,3 +62,26 @@ def test_readme_section_is_replaced_between_the_markers(tmp_path):
     with pytest.raises(ResultsError, match="markers"):
         replace_section("no markers", "x")
     assert main(["--project-dir", str(tmp_path / "empty")]) == 2  # no reports: a clear error
+
+
+def test_the_readme_holds_the_committed_reports_figures():
+    """The README's tables are what `make results` makes of the committed metrics and plots."""
+    from pathlib import Path
+
+    import yaml
+
+    from mmpipe.io import read_json
+
+    repo = Path(__file__).resolve().parents[2]
+    reports = repo / "reports"
+    fusion = yaml.safe_load((repo / "params.yaml").read_text())["train"]["fusion"]
+    ablation = [
+        {**r, "configured": r["fusion"] == fusion}
+        for r in read_json(reports / "plots" / "ablation.json")
+    ]
+    tables = metric_tables(
+        read_json(reports / "metrics.json"),
+        ablation,
+        read_json(reports / "plots" / "confusion.json"),
+    )
+    assert tables in (repo / "README.md").read_text()
