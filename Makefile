@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test lint bench ui schedule clean
+.PHONY: setup run test lint bench ui schedule results clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ ui: setup
 
 schedule: setup
 	$(PY) -m mmpipe schedule --port $(or $(PORT),4200) $(ARGS)
+
+# README's results section from the last run's reports (reports/run.json, metrics.json, plots/)
+results: setup
+	$(PY) -m mmpipe.results --readme README.md
 
 clean:
 	rm -rf data models reports .mmpipe

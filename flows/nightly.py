@@ -4,8 +4,11 @@
 
 Data stages are skipped when their inputs and params are unchanged (content-keyed cache, see
 tasks/stages.py); train, evaluate and register always run. One MLflow parent run per flow run,
-with a nested run per stage. If a stage fails, later stages do not run (so nothing is promoted),
-and the flow logs a summary table of every stage before it fails.
+with a nested run per stage; the parent run gets the night's headline metrics (``test.*``,
+``promoted``) and the morning report (``reports/report.html``). The outputs are then recorded
+with DVC (``dvc.lock``, tasks/versioning.py), so `dvc status` is clean and `dvc repro` a no-op
+after the flow. If a stage fails, later stages do not run (so nothing is promoted), and the flow
+logs a summary table of every stage before it fails.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +31,11 @@ from tasks.stages import (
     data_stage,
     finish_tracking_task,
     model_task,
+    publish_task,
     start_tracking_task,
     train_task,
 )
+from tasks.versioning import record_outputs_task
 
 
 class StageFailed(RuntimeError):
@@ -36,14 +43,34 @@ class StageFailed(RuntimeError):
 
 
 def summary_table(rows: list[dict[str, str]]) -> str:
-    """One line per stage: its status and the figures that matter."""
-    lines = [f"{'stage':<10} {'status':<10} detail"]
-    lines += [f"{r['stage']:<10} {r['status']:<10} {r['detail']}" for r in rows]
+    """One line per stage: its status, its time and the figures that matter."""
+    lines = [f"{'stage':<10} {'status':<10} {'time':>7}  detail"]
+    lines += [
+        f"{r['stage']:<10} {r['status']:<10} {r.get('time', ''):>7}  {r['detail']}" for r in rows
+    ]
     return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def record_detail(recorded: dict[str, Any]) -> str:
+    """The summary line of the DVC record: which stages dvc.lock now vouches for, which not."""
+    done, skipped = recorded["recorded"], recorded["skipped"]
+    text = f"dvc.lock records {', '.join(done)}" if done else "nothing recorded in dvc.lock"
+    for reason in sorted(set(skipped.values())):
+        text += f"; not {', '.join(s for s, r in skipped.items() if r == reason)}: {reason}"
+    return text
+
+
+def after_row(name: str, state: Any, describe: Callable[[Any], str]) -> dict[str, str]:
+    """The summary line of a step after the stages; its failure is reported, not raised: the
+    model is trained, evaluated and registered by then."""
+    if state.is_failed() or state.is_crashed():
+        exc = state.result(raise_on_failure=False)
+        return {"stage": name, "status": "FAILED", "detail": f"{type(exc).__name__}: {exc}"}
+    return {"stage": name, "status": "done", "detail": describe(state.result())}
 
 
 def _counts(kind: dict[str, Any]) -> str:
@@ -94,8 +121,10 @@ def nightly(
     parent = start_tracking_task(params, layout)
     rows: list[dict[str, str]] = []
     results: dict[str, Any] = {}
+    timings: dict[str, float] = {}  # seconds per stage: for the log, MLflow and the report only
     failed = False
     for name in ORDER:
+        started = time.perf_counter()
         if failed:
             rows.append({"stage": name, "status": "not run", "detail": "an earlier stage failed"})
             continue
@@ -116,10 +145,22 @@ def nightly(
             )
             continue
         results[name] = state.result()
+        timings[name] = round(time.perf_counter() - started, 1)
         status = "skipped" if state.name == "Cached" else "done"
         if status == "skipped":
             logger.info("%s: inputs and params unchanged, skipped (cached)", name)
-        rows.append({"stage": name, "status": status, "detail": detail(name, results[name])})
+        rows.append(
+            {"stage": name, "status": status, "time": f"{timings[name]:.1f}s",
+             "detail": detail(name, results[name])}
+        )  # fmt: skip
+    if not failed:
+        report = publish_task(
+            params, layout, parent, results, timings, params_file, list(overrides or []),
+            return_state=True,
+        )  # fmt: skip
+        rows.append(after_row("report", report, lambda r: f"{r['html']}"))
+    recorded = record_outputs_task(params, layout, list(results), return_state=True)
+    rows.append(after_row("dvc", recorded, record_detail))
     table = summary_table(rows)
     finish_tracking_task(params, layout, parent, "FAILED" if failed else "FINISHED", table)
     logger.info("nightly summary\n%s", table)
@@ -129,7 +170,7 @@ def nightly(
         "parent_run_id": parent,
         "summary": rows,
         "ui": f"mmpipe ui --project-dir {layout.root}",
-        "report": str(layout.eval_dir),
+        "report": str(layout.eval_dir / "report.html"),
         **{k: results["register"].get(k) for k in ("version", "champion_version", "promoted")},
     }
 
@@ -154,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nmmpipe nightly: done\n"
         f"  MLflow UI:  make ui   (= .venv/bin/{out['ui']}; open the runs page it prints)\n"
-        f"  reports:    {out['report']}/ (metrics.json, report.md, plots/)\n"
+        f"  report:     {out['report']} (metrics.json and plots/ beside it)\n"
         f"  model:      version {out.get('version')} registered; champion is version {champion}"
         f" ({'promoted' if out.get('promoted') else 'not promoted'})"
     )

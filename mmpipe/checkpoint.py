@@ -33,9 +33,13 @@ RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_sums")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """torch.save through a temp file renamed over ``path`` (never a half-written checkpoint)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save through a temp file renamed over ``path`` (never a half-written checkpoint).
+
+    Saved through a file object: given a file *name*, torch names the zip archive inside after
+    it, and the random temp name would make the same weights different bytes on every run.
+    """
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(state, fh)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -141,10 +141,31 @@ def _run_predict(args: argparse.Namespace) -> Any:
     )
     predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
     if args.command == "predict":
-        return predictor.classify_pair(args.image, args.caption)
+        images, captions = [args.image], [args.caption]
+    else:
+        images = [args.image] if args.image else list(args.images)
+        captions = list(args.captions) if args.image else [args.caption]
+    label = args.model or (tracking.champion_uri(params.register) if sidecar else str(checkpoint))
+    warnings = _tell_what_it_knows(predictor, label, images, captions)
+    if args.command == "predict":
+        return {**predictor.classify_pair(args.image, args.caption), "warnings": warnings}
     if args.image:
         return predictor.search_captions(args.image, args.captions, k=args.k)
     return predictor.search_images(args.caption, args.images, k=args.k)
+
+
+def _tell_what_it_knows(
+    predictor: Any, label: str, images: list[str], captions: list[str]
+) -> list[str]:
+    """Print (stderr) what the model was trained on, and a warning per input unlike that data."""
+    print(f"model: {label}\ntrained on: {predictor.trained_on()}", file=sys.stderr)
+    if predictor.profile is None:
+        print("(no training profile with this model: inputs are not checked)", file=sys.stderr)
+        return []
+    warnings = predictor.input_warnings(images, captions)
+    for text in warnings:
+        print(f"warning: {text}", file=sys.stderr)
+    return warnings
 
 
 def _dispatch(args: argparse.Namespace) -> Any:

@@ -8,15 +8,18 @@ Outputs under ``out_dir`` (atomic writes):
     per_class.json        precision / recall / F1 / support (multilabel: + AP) per class
     per_question_type.json  VQA accuracy per question type (vqa)
     ablation.json         every fusion head trained on frozen features, with the task's metrics
-    evaluation_report.json  task, counts, skipped parts with their reasons, timings
-    plots/confusion_matrix.png, plots/confusion.json (rows for `dvc plots` confusion template),
-    plots/roc.png + roc.json (binary), plots/predicted_vs_true.png + .json (regression),
-    plots/recall_at_k.json, plots/ablation.json
+    plots/                recall_at_k, ablation, training, and per task confusion (classes), roc
+                          (binary), predicted_vs_true (regression): JSON rows for `dvc plots`
+                          and the same charts as PNG (mmpipe.plots)
+    evaluation_report.json  the checkpoint used, task, labels, skipped parts with their reasons
+    examples/             a few test images as thumbnails + their top-3 captions (for the report)
+    report.md, report.html  written by the caller (mmpipe.report), with the run's context
 
 Unlabelled data (no labelled test or train pairs): retrieval and zero-shot only; the task
 metrics and the ablation are skipped, and the log says why.
-    examples/             a few test images as thumbnails + their top-3 captions (for report.md)
-    report.md, report.html
+
+The versioned outputs (metrics.json, per_class.json, ablation.json, plots/) hold no timings or
+paths: the same model and data give the same bytes, so DVC sees no change (timings are logged).
 
 Honest caveat on the ablation: every head is trained on pooled features of the SAME encoders,
 which were trained jointly with the configured fusion head (and the contrastive loss). It
@@ -47,6 +50,7 @@ from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, write_json_atomic
 from mmpipe.model import create_fusion_head, labelled_rows, predict_labels, task_loss_sum
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
+from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +150,14 @@ def retrieval_metrics(
     t2i = M.recall_at_k_t2i(sim, out.text_to_image, ks)
     chance = M.retrieval_chance(out.text_to_image, len(out.image_ids), ks)
     flat: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
     for k in ks:
         flat[f"i2t_r{k}"], flat[f"t2i_r{k}"] = i2t[k], t2i[k]
         flat[f"i2t_chance_r{k}"], flat[f"t2i_chance_r{k}"] = chance["i2t"][k], chance["t2i"][k]
-        rows.append({"k": k, "direction": "i2t", "recall": i2t[k], "chance": chance["i2t"][k]})
-        rows.append({"k": k, "direction": "t2i", "recall": t2i[k], "chance": chance["t2i"][k]})
     r1 = M.recall_at_k_i2t(sim, out.text_to_image, [1])[1]
     flat[RETRIEVAL_METRIC] = 0.5 * (r1 + M.recall_at_k_t2i(sim, out.text_to_image, [1])[1])
     ranks = M.median_rank(sim, out.text_to_image)
     flat["median_rank_i2t"], flat["median_rank_t2i"] = ranks["i2t"], ranks["t2i"]
-    return flat, rows
+    return flat, recall_rows(ks, i2t, t2i, chance)
 
 
 @torch.no_grad()
@@ -245,59 +246,6 @@ def task_metrics(out: SplitOutputs, classes: list[str], task: str, trained: bool
 def _slug(text: str) -> str:
     """A metric-name-safe form of a question type ('what colour' -> 'what_colour')."""
     return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split()) or "other"
-
-
-def plot_confusion(cm: np.ndarray, names: list[str], dest: Path) -> None:
-    """Write the confusion matrix as a PNG (matplotlib, Agg backend, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.5 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues", vmin=0)  # 0 = white, so the text colour rule below holds
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (r, c), v in np.ndenumerate(cm):
-        ax.text(
-            c,
-            r,
-            str(v),
-            ha="center",
-            va="center",
-            color="white" if v > cm.max() / 2 else "black",
-            fontsize=8,
-        )
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def plot_points(rows: list[dict[str, Any]], x: str, y: str, dest: Path, diagonal: bool) -> None:
-    """A scatter (predicted vs true) or a curve (ROC) as a PNG, with the y = x line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs, ys = [r[x] for r in rows], [r[y] for r in rows]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    if diagonal:  # ROC: the curve from (0, 0) to (1, 1)
-        ax.plot(xs, ys, lw=1.5)
-    else:
-        ax.scatter(xs, ys, s=6, alpha=0.5)
-    low, high = (0.0, 1.0) if diagonal else (min(xs + ys), max(xs + ys))
-    ax.plot([low, high], [low, high], ls="--", c="grey", lw=1)  # chance (ROC) / perfect (scatter)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def confusion_rows(out: SplitOutputs, names: list[str], task: str) -> list[dict[str, str]]:
@@ -427,10 +375,10 @@ def run_ablation(
             scores = scoring.score_outputs(task, head(te_i, te_t), te_y)
         scores.pop("n_labelled", None)
         score = scoring.primary_score(task, scores)
-        seconds = round(time.perf_counter() - t0, 3)
-        rows.append({"fusion": mode, **scores, "score": score, "seconds": seconds})
+        rows.append({"fusion": mode, **scores, "score": score})  # no timings: versioned output
         log.info("evaluate: ablation head %d/%d %s: %s %.4f (%.1f s)", len(rows),
-                 len(ABLATION_MODES), mode, DEFAULT_METRIC[task], score, seconds)  # fmt: skip
+                 len(ABLATION_MODES), mode, DEFAULT_METRIC[task], score,
+                 time.perf_counter() - t0)  # fmt: skip
     return rows, None
 
 
@@ -480,7 +428,7 @@ def fusion_ablation(
 
 
 # per-task plots: a run removes those of another task a previous run left behind
-TASK_PLOTS = ("confusion_matrix.png", "confusion.json", "roc.png", "roc.json",
+TASK_PLOTS = ("confusion.png", "confusion.json", "roc.png", "roc.json",
               "predicted_vs_true.png", "predicted_vs_true.json")  # fmt: skip
 
 
@@ -503,7 +451,7 @@ def write_task_outputs(result: TaskResult, out_dir: Path, test: SplitOutputs, ta
         write_json_atomic(out_dir / "per_question_type.json", result.per_question_type)
     if result.confusion is not None:
         names = [r["class"] for r in result.per_class]
-        plot_confusion(result.confusion, names, plots / "confusion_matrix.png")
+        plot_confusion(result.confusion, names, plots / "confusion.png")
         write_json_atomic(plots / "confusion.json", confusion_rows(test, names, task))
     axes = {"roc": ("fpr", "tpr", True), "predicted_vs_true": ("true", "predicted", False)}
     for name, rows in result.plots.items():
@@ -541,9 +489,11 @@ def run_evaluate(
     }
     skipped: dict[str, str] = {}
 
-    retrieval, recall_rows = retrieval_metrics(test, p.ks)
+    plots = out_dir / "plots"
+    retrieval, recall = retrieval_metrics(test, p.ks)
     metrics.update(retrieval)
-    write_json_atomic(out_dir / "plots" / "recall_at_k.json", recall_rows)
+    write_plot(plots, "recall_at_k", recall)
+    write_plot(plots, "training", training_rows(info.get("history") or []))
     zs, reason = zero_shot(model, test, p)
     metrics.update(zs)
     if reason:
@@ -561,7 +511,7 @@ def run_evaluate(
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
     plot_rows = [{"fusion": r["fusion"], "score": r["score"]} for r in ablation["results"]]
-    write_json_atomic(out_dir / "plots" / "ablation.json", plot_rows)
+    write_plot(plots, "ablation", plot_rows, tp.fusion, DEFAULT_METRIC[model.task])
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
@@ -569,14 +519,14 @@ def run_evaluate(
     write_json_atomic(
         out_dir / "evaluation_report.json",
         {
-            "checkpoint": str(checkpoint),
+            "checkpoint": checkpoint.name,
             "task": model.task,
             "labels": manifest.get("labels"),
             "skipped": skipped,
             "classes": classes,
-            "seconds": round(time.perf_counter() - t0, 3),
             "metrics": metrics,
         },
     )
     write_report(out_dir)
+    log.info("evaluate took %.1f s", time.perf_counter() - t0)
     return metrics

@@ -75,6 +75,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/objectives.py",
             "mmpipe/metrics.py",
             "mmpipe/report.py",
+            "mmpipe/plots.py",
         ),
         inputs=("models", "data/shards"),
         out="reports",
@@ -132,6 +133,8 @@ class Layout:
     mlflow_db = _state_path("mlflow.db", "The default MLflow tracking store (SQLite).")
     mlflow_artifacts = _state_path("mlartifacts", "Artifacts of the default MLflow store.")
     prefect_home = _state_path("prefect", "PREFECT_HOME: the local Prefect server's DB and logs.")
+    train_run = _state_path("train_run.json", "The MLflow run that trained models/ (its sha256).")
+    last_run = _state_path("last_run.json", "The last flow run: date, commit, timings, outcome.")
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -181,10 +181,25 @@ def stage_train(
             on_epoch_end=tracking.epoch_logger(run),
             init_checkpoint=init,
         )
-        report["mlflow_run_id"] = run.id
+        tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
         report["data_hash"] = data_hash
         write_json_atomic(layout.model_dir / "train_report.json", report)
-    return report
+        record_train_run(layout, run.id)
+    return {**report, "mlflow_run_id": run.id}
+
+
+def record_train_run(layout: Layout, run_id: str) -> None:
+    """Remember which MLflow run trained the checkpoint in models/ (evaluate and register log to it).
+
+    Kept in the project's local state, not in models/: a run id differs on every run, and
+    versioned outputs must not (DVC would see a new model each time). The record names the
+    checkpoint's sha256, so a models/ swapped since (``dvc checkout``) is never logged to the
+    wrong run.
+    """
+    from mmpipe.checkpoint import pick_checkpoint
+
+    checkpoint = sha256_file(pick_checkpoint(layout.model_dir))
+    write_json_atomic(layout.train_run, {"run_id": run_id, "checkpoint_sha256": checkpoint})
 
 
 def init_checkpoint(params: Params, layout: Layout) -> Path | None:
@@ -232,8 +247,20 @@ def register_params(params: Params, layout: Layout) -> RegisterParams:
 
 
 def _train_run_id(layout: Layout) -> str | None:
-    path = layout.model_dir / "train_report.json"
-    return read_json(path).get("mlflow_run_id") if path.is_file() else None
+    """The MLflow run that trained the checkpoint now in models/, if this project recorded it."""
+    from mmpipe.checkpoint import pick_checkpoint
+
+    if not layout.train_run.is_file():
+        return None
+    record = read_json(layout.train_run)
+    try:
+        current = sha256_file(pick_checkpoint(layout.model_dir))
+    except InputError:
+        return None
+    if record.get("checkpoint_sha256") != current:
+        log.info("models/ was not trained by the recorded MLflow run %s", record.get("run_id"))
+        return None
+    return record.get("run_id")
 
 
 def stage_evaluate(
@@ -242,8 +269,10 @@ def stage_evaluate(
     """Evaluate models/ on the test shards into reports/, logged to the training run."""
     from mmpipe import tracking
     from mmpipe.evaluate import run_evaluate
+    from mmpipe.publish import stage_report
 
     metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, layout.eval_dir)
+    stage_report(params, layout)  # the flow rewrites it once the model is registered
     run_id = _train_run_id(layout)
     if run_id is not None:
         tracking.log_evaluation(params.tracking, layout.root, run_id, metrics, layout.eval_dir)
@@ -253,25 +282,40 @@ def stage_evaluate(
 def stage_register(
     params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Log the trained model, register a new version and move the champion alias if it is better."""
+    """Log the trained model, register a new version and move the champion alias if it is better.
+
+    The logged model carries what it was trained on and its training data's embedding profile
+    (for predict's out-of-distribution warning); the version's description is its model card.
+    """
     from mmpipe import tracking
+    from mmpipe.checkpoint import read_checkpoint
+    from mmpipe.modelcard import training_data
+    from mmpipe.ood import create_profile
     from mmpipe.predict import load_predictor
+    from mmpipe.publish import describe_registered
 
     run_id = _train_run_id(layout)
     if run_id is None:
         raise InputError(
-            f"{layout.model_dir / 'train_report.json'} not found: run `mmpipe train` first"
+            f"no MLflow run recorded for the model in {layout.model_dir}: run `mmpipe train` first"
         )
     metrics_path = layout.eval_dir / "metrics.json"
     if not metrics_path.is_file():
         raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
     predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
+    predictor.training = training_data(layout)
+    profile = create_profile(predictor.model, layout.shard_dir)
     run = tracking.connect(params.tracking, layout.root).run(run_id)
-    model_uri = tracking.log_model(run, predictor)
+    model_uri = tracking.log_model(run, predictor, profile=profile)
     metrics, data_hash = read_json(metrics_path), manifest_hash(layout)
-    return tracking.register_and_maybe_promote(
+    registered = tracking.register_and_maybe_promote(
         run, model_uri, metrics, register_params(params, layout), data_hash=data_hash
     )
+    model_params = read_checkpoint(predictor.source)["params"]  # what it was trained with
+    describe_registered(
+        params, layout, registered, metrics, predictor.training, predictor.task, model_params
+    )
+    return registered
 
 
 # ----------------------------------------------------------------------------- by name

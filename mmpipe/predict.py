@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
 from mmpipe.errors import InputError
 from mmpipe.model import predict_labels
+from mmpipe.ood import Profile, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,46 @@ class Predictor:
     task: str = "multiclass"
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    training: dict[str, Any] | None = None  # what it was trained on (mmpipe.modelcard)
+    profile: Profile | None = None  # the training data's embedding profile (mmpipe.ood)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (stored beside a logged model)."""
-        return {"image_size": self.image_size, "classes": self.classes, "task": self.task}
+        out: dict[str, Any] = {
+            "image_size": self.image_size,
+            "classes": self.classes,
+            "task": self.task,
+        }
+        if self.training is not None:
+            out["training"] = self.training
+        return out
+
+    def trained_on(self) -> str:
+        """What the model was trained on, in one line (from its model card's data summary)."""
+        from mmpipe.modelcard import trained_on
+
+        if self.training is None:
+            return "unknown (a checkpoint outside the registry carries no data summary)"
+        return trained_on(self.training)
+
+    @torch.no_grad()
+    def input_warnings(
+        self, images: Sequence[ImageInput] = (), captions: Sequence[str] = ()
+    ) -> list[str]:
+        """A warning per input unlike the training data (none without a profile): mmpipe.ood."""
+        from mmpipe.ood import image_statistics
+
+        if self.profile is None:
+            return []
+        x = self.load_images(images) if images else None
+        scores = self.profile.scores(
+            pixels=None if x is None else image_statistics(x.cpu()),
+            image_emb=None if x is None else self.model.encode_image(x).float().cpu(),
+            captions=list(captions),
+            caption_emb=self.embed_captions(captions) if captions else None,
+        )
+        names = {"image": [_name(i) for i in images], "caption": list(captions)}
+        return self.profile.warnings(scores, names)
 
     def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Preprocess images exactly like the shards + loader: (B, 3, S, S) normalised."""
@@ -274,6 +311,8 @@ def load_predictor(
         )
     names = classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes")
     task = sidecar.get("task") or info["model_args"]["task"]
+    profile = sidecar.get("profile_file")
     return Predictor(
-        model, int(size), list(names or []), task, str(checkpoint), torch.device(device)
-    )
+        model, int(size), list(names or []), task, str(checkpoint), torch.device(device),
+        training=sidecar.get("training"), profile=load_profile(profile) if profile else None,
+    )  # fmt: skip

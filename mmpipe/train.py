@@ -377,11 +377,13 @@ def end_epoch(
         "train_task": s.get("task", 0.0) / nb, "lr": t.scheduler.get_last_lr()[0],
         "train_labelled_pairs": s.get("labelled", 0.0), "stage": t.stages[t.stage].name,
         "temperature": 1.0 / float(t.model.scale().detach()),
-        "samples_per_s": s.get("samples", 0.0) / max(seconds, 1e-9), "epoch_seconds": seconds,
     }  # fmt: skip
     if t.d.main:
         row.update(validate(shard_dir, t))
-    at.history.append(row)
+    # the history goes into checkpoints and train_report.json: versioned outputs hold no timings
+    # (the same run twice must give the same bytes); they go to the log and MLflow only
+    at.history.append(dict(row))
+    row.update(samples_per_s=s.get("samples", 0.0) / max(seconds, 1e-9), epoch_seconds=seconds)
     at.epoch, at.batch_in_epoch, at.sums = at.epoch + 1, 0, {}
     if t.d.main:
         metric = selection_metric(row, t.p.task)[1]
@@ -400,9 +402,9 @@ def end_epoch(
 def write_report(
     out_dir: Path, t: Trainer, at: Progress, interrupted: bool, seconds: float
 ) -> dict[str, Any]:
-    """The stage report (also out_dir/train_report.json on rank 0)."""
+    """The stage report (also out_dir/train_report.json on rank 0, without its ``seconds``)."""
     last = at.history[-1] if at.history else {}
-    report = {
+    report: dict[str, Any] = {
         "epochs_completed": at.epoch, "steps": at.step, "interrupted": interrupted,
         "history": at.history, "best_metric": at.best,
         "selection_metric": selection_metric(last, t.p.task)[0], "final": last,
@@ -410,12 +412,12 @@ def write_report(
         "classes": t.meta["classes"], "num_classes": t.meta["num_classes"],
         "model": t.model.config, "device": str(t.device),
         "amp": str(t.amp).replace("torch.", "") if t.amp else "off",
-        "world_size": t.d.world_size, "seconds": round(seconds, 3),
-        "checkpoint": str(out_dir / LAST), "best_checkpoint": str(out_dir / BEST),
+        "world_size": t.d.world_size, "checkpoint": LAST, "best_checkpoint": BEST,
     }  # fmt: skip
     if t.d.main:
         write_json_atomic(out_dir / "train_report.json", report)
-    return report
+    log.info("training took %.1f s", seconds)
+    return {**report, "seconds": round(seconds, 3)}
 
 
 def stage_reports(t: Trainer) -> list[dict[str, Any]]:

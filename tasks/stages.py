@@ -94,6 +94,25 @@ def start_tracking_task(params: Params, layout: Layout) -> str:
     return pipeline.open_flow_run(params, layout)
 
 
+@task(name="publish", persist_result=False, **_IO_RETRIES)
+def publish_task(
+    params: Params,
+    layout: Layout,
+    parent_run_id: str,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    params_file: str,
+    overrides: list[str],
+) -> dict[str, str]:
+    """The night's headline metrics on the parent run, and the morning report (reports/)."""
+    from mmpipe.publish import publish_flow_run
+
+    return publish_flow_run(
+        params, layout, parent_run_id, results,
+        timings=timings, params_file=params_file, overrides=overrides,
+    )  # fmt: skip
+
+
 @task(name="finish-tracking", persist_result=False, **_IO_RETRIES)
 def finish_tracking_task(
     params: Params, layout: Layout, run_id: str, status: str, summary: str

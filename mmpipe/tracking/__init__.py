@@ -5,6 +5,7 @@
     runs.py      runs nested under a flow's parent run; params, metrics, artifacts
     models.py    log a trained model as a pyfunc, fetch one back (``resolve_model``)
     registry.py  versions and the champion alias, moved only on improvement
+    results.py   a night's headline metrics on the flow's run, a version's model card and scores
 
 Callers connect once at the edge (``connect(params.tracking, project_dir)``, or through
 ``start_run``) and pass the ``Run`` handle down.
@@ -27,6 +28,7 @@ from mmpipe.tracking.models import (  # noqa: E402 - after the telemetry switch
     try_download_model,
 )
 from mmpipe.tracking.registry import register_and_maybe_promote
+from mmpipe.tracking.results import describe_version, log_flow_results, version_info
 from mmpipe.tracking.runs import (
     PARENT_ENV,
     close_parent_run,
@@ -54,6 +56,7 @@ __all__ = [
     "close_parent_run",
     "connect",
     "create_run",
+    "describe_version",
     "download_model",
     "epoch_logger",
     "git_commit",
@@ -61,6 +64,7 @@ __all__ = [
     "load_pyfunc",
     "log_artifacts",
     "log_evaluation",
+    "log_flow_results",
     "log_metrics",
     "log_model",
     "log_params",
@@ -72,4 +76,5 @@ __all__ = [
     "start_run",
     "tracking_uri",
     "try_download_model",
+    "version_info",
 ]

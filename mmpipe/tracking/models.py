@@ -2,7 +2,8 @@
 
 Models are logged as an MLflow *pyfunc* "model from code": the artifact holds the training
 checkpoint (plain tensors, loaded with ``torch.load(weights_only=True)``), a JSON sidecar
-(image size, classes, task) and a three-line loader script. Nothing is pickled, so loading never
+(image size, classes, task, what it was trained on), the training data's embedding profile
+(``mmpipe.ood``, plain arrays) and a three-line loader script. Nothing is pickled, so loading never
 needs ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (mlflow.pytorch would pickle the module, or trace it
 to pt2, which cannot take the list[str] captions). The pyfunc takes a DataFrame with string
 columns ``image`` (base64-encoded image bytes, or a local file path) and ``caption``.
@@ -29,6 +30,7 @@ from mmpipe.config import RegisterParams, TrackingParams
 from mmpipe.errors import InputError
 from mmpipe.io import read_json
 from mmpipe.layout import Layout
+from mmpipe.ood import PROFILE_FILE, Profile
 from mmpipe.tracking.store import Run, connect, point_fluent_api_at, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 SIDECAR = "mmpipe_model.json"
 CHECKPOINT_ARTIFACT = "checkpoint"
 SIDECAR_ARTIFACT = "sidecar"
+PROFILE_ARTIFACT = "ood_profile"
 # Stored inside every logged model: keep `mmpipe.tracking.FusionPyfunc` importable.
 _LOADER_SCRIPT = (
     "import mlflow\n"
@@ -81,11 +84,14 @@ def _example_frame(image_size: int) -> Any:
     )
 
 
-def log_model(run: Run, predictor: Predictor, *, name: str = "model") -> str:
+def log_model(
+    run: Run, predictor: Predictor, *, name: str = "model", profile: Profile | None = None
+) -> str:
     """Log the predictor's checkpoint to ``run`` as the pyfunc model; returns its model URI.
 
-    The signature and input example come from running the predictor; its image size, classes
-    and task are frozen into the model's sidecar.
+    The signature and input example come from running the predictor; its image size, classes,
+    task and training data summary are frozen into the model's sidecar, and ``profile`` (the
+    training data's embedding profile) is stored beside them.
     """
     example = _example_frame(predictor.image_size)
     with warnings.catch_warnings():  # label_index is an int output and never missing
@@ -97,6 +103,9 @@ def log_model(run: Run, predictor: Predictor, *, name: str = "model") -> str:
         script = Path(tmp) / "mmpipe_pyfunc.py"
         script.write_text(_LOADER_SCRIPT, encoding="utf-8")
         artifacts = {CHECKPOINT_ARTIFACT: predictor.source, SIDECAR_ARTIFACT: str(sidecar)}
+        if profile is not None:
+            profile.save(Path(tmp) / PROFILE_FILE)
+            artifacts[PROFILE_ARTIFACT] = str(Path(tmp) / PROFILE_FILE)
         with _active(run):  # MLflow logs a model only into the fluent API's active run
             info = mlflow.pyfunc.log_model(
                 name=name,
@@ -129,7 +138,10 @@ def load_pyfunc(model_uri: str) -> Any:
 def download_model(
     model_uri: str, p: TrackingParams | None = None, root: str | Path = "."
 ) -> tuple[Path, dict[str, Any]]:
-    """A logged model's (checkpoint, sidecar), downloaded; nothing unpickled, no code run."""
+    """A logged model's (checkpoint, sidecar), downloaded; nothing unpickled, no code run.
+
+    The sidecar's ``profile_file`` is the downloaded embedding profile, when the model has one.
+    """
     store = connect(p, root)
     try:
         local = mlflow.artifacts.download_artifacts(
@@ -141,7 +153,11 @@ def download_model(
     checkpoints = sorted(Path(local).rglob("*.pt"))
     if not sidecars or not checkpoints:
         raise InputError(f"{model_uri} is not an mmpipe model (no {SIDECAR} or *.pt checkpoint)")
-    return checkpoints[0], read_json(sidecars[0])
+    sidecar = read_json(sidecars[0])
+    profiles = sorted(Path(local).rglob(PROFILE_FILE))
+    if profiles:
+        sidecar["profile_file"] = str(profiles[0])
+    return checkpoints[0], sidecar
 
 
 def try_download_model(

@@ -17,7 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from mmpipe.config import RegisterParams
 from mmpipe.errors import InputError
+from mmpipe.modelcard import HEADLINE_METRICS
 from mmpipe.objectives import metric_of
+from mmpipe.tracking.results import rounded_tags
 from mmpipe.tracking.runs import numeric
 from mmpipe.tracking.store import Run, point_fluent_api_at
 
@@ -54,9 +56,10 @@ def register_and_maybe_promote(
 
     The first version becomes champion. The comparison reads the champion version's own tag
     named after the metric (what it scored when registered); a champion without that tag is
-    replaced. A tie does not move the alias. Both scores should come from the same test split:
-    when the champion's ``data_hash`` tag differs, the result says so (``same_data: false``) and
-    a warning is logged, but the comparison still decides.
+    replaced. A tie (at the tags' 4 significant digits) does not move the alias. Both scores
+    should come from the same test split: when the champion's ``data_hash`` tag differs, the
+    result says so (``same_data: false``) and a warning is logged, but the comparison still
+    decides.
     """
     scores = numeric(metrics)
     if p.metric is None or p.greater_is_better is None:  # the pipeline resolves them per task
@@ -69,14 +72,16 @@ def register_and_maybe_promote(
         )
     value, client = scores[p.metric], run.client
     champion = _champion(client, p.model_name, p.alias)
-    tags = {k: repr(v) for k, v in scores.items()}
-    tags.update({"run_id": run.id, "data_hash": data_hash or "unknown"})
+    # a few headline numbers, rounded as people read them (the run keeps every metric in full);
+    # the champion is compared at this precision too, so a tag never disagrees with a decision
+    tags = rounded_tags(scores, [p.metric, *HEADLINE_METRICS])
+    tags["data_hash"] = data_hash or "unknown"
     # the client has no one-call equivalent (create the model if new, resolve a logged model's
     # URI, wait until READY): the fluent function, pointed at the run's store
     point_fluent_api_at(run.store)
     version = mlflow.register_model(model_uri, p.model_name, tags=tags)
     old = _champion_value(champion, p.metric) if champion is not None else None
-    promoted = _is_better(value, old, p.greater_is_better)
+    promoted = _is_better(float(tags[p.metric]), old, p.greater_is_better)
     same_data = champion is None or champion.tags.get("data_hash") == (data_hash or "unknown")
     if not same_data:
         log.warning("champion v%s was scored on other data; comparing anyway", champion.version)

@@ -29,7 +29,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     project = make_project(tmp_path / "proj")
     first = nightly(project_dir=str(project))
     assert _statuses(first) == dict.fromkeys(
-        ["ingest", "align", "shard", "train", "evaluate", "register"], "done"
+        ["ingest", "align", "shard", "train", "evaluate", "register", "report", "dvc"], "done"
     )
     assert first["version"] == first["champion_version"] == 1 and first["promoted"]
     # the summary table says what each stage did, at a glance
@@ -52,7 +52,14 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
         "train": "done",
         "evaluate": "done",
         "register": "done",
+        "report": "done",
+        "dvc": "done",
     }
+    # train ran with params other than params.yaml's: dvc.lock keeps vouching for the data only
+    detail = {row["stage"]: row["detail"] for row in second["summary"]}
+    assert detail["dvc"].startswith("dvc.lock records ingest, align, shard; not ")
+    assert "not train: params differ from params.yaml in section(s) train" in detail["dvc"]
+    assert "not evaluate: its input comes from train, not recorded" in detail["dvc"]
     assert second["version"] == 2
 
     uri = f"sqlite:///{project / '.mmpipe' / 'mlflow.db'}"
@@ -67,11 +74,28 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     assert m["images.seen"] == m["images.accepted"] + m["images.rejected"] > 0
     train_run = next(r for r in children if r.info.run_name == "train")
     assert "test.accuracy" in train_run.data.metrics  # evaluate logs onto the training run
+    # each night's result on its parent run (the runs page's rows): headline metrics + promoted
+    for night, promoted in ((first, 1.0), (second, float(second["promoted"]))):
+        parent = client.get_run(night["parent_run_id"]).data
+        assert parent.tags["mmpipe.kind"] == "flow" and parent.metrics["promoted"] == promoted
+        assert {"test.accuracy", "test.i2t_r1", "test.t2i_r1", "test.fusion_gain"} <= set(
+            parent.metrics
+        )
+    assert (
+        client.get_run(first["parent_run_id"]).data.metrics["test.accuracy"]
+        == (train_run.data.metrics["test.accuracy"])
+    )
     versions = client.search_model_versions("name='mmpipe-fusion'")
     assert len(versions) == 2
     champion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
     acc = {int(v.version): float(v.tags["accuracy"]) for v in versions}
     assert int(champion.version) == max(acc, key=lambda v: (acc[v], -v))
+    # a short, rounded tag set, and the model card as each version's description
+    v2 = next(v for v in versions if int(v.version) == 2)
+    assert len(v2.tags) <= 8 and all(len(v) <= 8 for k, v in v2.tags.items() if k != "data_hash")
+    assert v2.description.startswith("### mmpipe-fusion v2: ")
+    assert "**Trained on** mmpipe's generated default data" in v2.description
+    assert "| metric (test split) | v2 | champion v1 | change |" in v2.description
 
     # outputs deleted behind the cache's back: that stage re-runs, its upstream stays cached
     import shutil
@@ -99,33 +123,51 @@ def test_failed_stage_stops_the_flow_with_a_summary(harness, tmp_path):
     assert not (project / "models").exists()
 
 
-def test_dvc_repro_and_the_flow_make_the_same_artifacts(harness, tmp_path):
-    """Same params, two orchestrators: byte-identical shards and identical metrics."""
+def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harness, tmp_path):
+    """A fresh clone: the flow records its outputs in dvc.lock, so `dvc status` is clean and
+    `dvc repro` a no-op; `dvc repro --force` makes the same bytes (dvc.lock unchanged: data,
+    model and reports); an experiment's metrics compare with the commit's as numbers."""
     import json
-    import shutil
     import subprocess
 
     from tests.conftest import git_env
 
     project = make_project(tmp_path / "proj")
 
-    def dvc(*args: str) -> str:
+    def run(*cmd: str) -> str:
         proc = subprocess.run(
-            ["dvc", *args], cwd=project, env=git_env(), capture_output=True, text=True, timeout=600
+            cmd, cwd=project, env=git_env(), capture_output=True, text=True, timeout=600
         )
-        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-        return proc.stdout
+        assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout + proc.stderr
 
-    dvc("repro")
-    shown = json.loads(dvc("metrics", "show", "--json"))
-    assert "accuracy" in json.dumps(shown)  # DVC reads reports/metrics.json
-    dvc("plots", "show", "-o", str(tmp_path / "plots"))
-    assert (tmp_path / "plots" / "index.html").is_file()
-    manifest = (project / "data/shards/manifest.json").read_bytes()
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    def ran(output: str) -> set[str]:
+        return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running")}
 
-    for out in ("data", "models", "reports"):
-        shutil.rmtree(project / out)
-    nightly(project_dir=str(project))
-    assert (project / "data/shards/manifest.json").read_bytes() == manifest  # sha256 of every shard
-    assert json.loads((project / "reports/metrics.json").read_text()) == metrics
+    out = nightly(project_dir=str(project))
+    detail = {row["stage"]: row["detail"] for row in out["summary"]}
+    assert detail["dvc"] == "dvc.lock records ingest, align, shard, train, evaluate"
+    assert json.loads(run("dvc", "status", "--json")) == {}
+    assert ran(run("dvc", "repro")) == set()
+    # what the user commits: dvc.lock, the metrics and plots (git), nothing else of the outputs
+    run("git", "add", "-A")
+    committed = set(run("git", "diff", "--cached", "--name-only").split())
+    assert {"dvc.lock", "reports/metrics.json", "reports/plots/recall_at_k.json"} <= committed
+    assert not {p for p in committed if p.startswith(("data/", "models/", ".mmpipe/"))}
+    run("git", "commit", "-qm", "nightly")
+
+    # the other orchestrator, same params: every output the same bytes (dvc.lock's hashes)
+    assert ran(run("dvc", "repro", "--force")) == {"ingest", "align", "shard", "train", "evaluate"}
+    assert run("git", "status", "--porcelain", "dvc.lock", "reports") == ""
+
+    exp = run("dvc", "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
+    assert ran(exp) == {"train", "evaluate"}, exp  # data unchanged: cached
+    diff = json.loads(run("dvc", "metrics", "diff", "--json"))["reports/metrics.json"]
+    assert isinstance(diff["accuracy"]["old"], float) and isinstance(diff["accuracy"]["new"], float)
+    shown = json.loads(run("dvc", "exp", "show", "--json"))
+    values = [
+        r["data"]["metrics"]["reports/metrics.json"]["data"]["accuracy"]
+        for rev in shown
+        for r in [rev, *[e["revs"][0] for e in rev.get("experiments") or []]]
+    ]
+    assert len(values) >= 2 and all(isinstance(v, float) for v in values), values

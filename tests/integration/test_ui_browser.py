@@ -55,6 +55,9 @@ HEADLINE_HEADERS = ["Models", "test.accuracy", "test.macro_f1", "test.i2t_r1", "
 LANDING = {
     "runs": [str(acc) for acc, _ in NIGHTS],
     "model": ["champion", "Version 2"],
+    # the champion version's page: its description is the model card (the registered model's
+    # Description panel is collapsed by default, the version's is not)
+    "champion": ["Promoted to champion", "Trained on", "Data hash", "test split"],
 }
 NOT_SHOWN = ["lr", "bytes", "captions.accepted"]  # logged, but not headline metrics
 
@@ -98,6 +101,24 @@ def _log_night(client, exp_id: str, night: int, model_cls) -> str:
     return info.model_uri
 
 
+def _card() -> str:
+    """The champion's model card, as the register stage writes it (mmpipe.modelcard)."""
+    from mmpipe.modelcard import render_card
+
+    (old_acc, old_f1), (acc, f1) = NIGHTS
+    registered = {"model_name": "mmpipe-fusion", "version": 2, "metric": "accuracy",
+                  "value": acc, "promoted": True, "previous_champion_version": 1,
+                  "previous_champion_value": old_acc}  # fmt: skip
+    data = {"source": "synthetic", "description": "generated shapes", "images": 96,
+            "captions": 192, "pairs_per_split": {"train": 150, "val": 20, "test": 22},
+            "classes": ["consistent", "inconsistent"], "labels": "all", "data_hash": "ab" * 32}  # fmt: skip
+    return render_card(
+        registered=registered, metrics={"accuracy": acc, "macro_f1": f1}, data=data,
+        task="multiclass", champion={"version": 1, "metrics": {"accuracy": old_acc}},
+        commit="0123456789abcdef", params_note="`params.yaml`",
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project whose params name the experiment, with two nights in its MLflow store."""
@@ -126,6 +147,7 @@ def project(tmp_path_factory) -> Path:
                 _log_night(client, exp_id, night, Echo), "mmpipe-fusion"
             )
         client.set_registered_model_alias("mmpipe-fusion", "champion", version.version)
+        client.update_model_version("mmpipe-fusion", version.version, description=_card())
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
@@ -240,6 +262,58 @@ def test_model_page_shows_the_champion(server, browser):
     page = _open(browser, srv.model_url, "model")
     try:
         page.screenshot(path=str(ARTIFACTS / "mlflow-model-champion.png"))
+    finally:
+        page.close()
+
+
+def test_champion_version_page_shows_its_model_card(server, browser):
+    srv, _ = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = _open(browser, f"{srv.base_url}/#/models/mmpipe-fusion/versions/2", "champion")
+    try:
+        page.get_by_text("0.8125").first.wait_for(timeout=10_000)  # the metrics table
+        page.screenshot(path=str(ARTIFACTS / "mlflow-model-card.png"), full_page=True)
+    finally:
+        page.close()
+
+
+def test_report_page_opens_with_the_verdict_and_its_charts(browser, tmp_path):
+    """reports/report.html as a person opens it from disk: the verdict first, charts embedded."""
+    from mmpipe.io import write_json_atomic
+    from mmpipe.plots import recall_rows, write_plot
+    from mmpipe.report import write_report
+
+    (old, _), (acc, f1) = NIGHTS
+    write_json_atomic(tmp_path / "metrics.json", {"accuracy": acc, "macro_f1": f1,
+                                                  "i2t_r1": 0.25, "n_test_pairs": 32.0})  # fmt: skip
+    chance = {"i2t": {1: 0.1, 5: 0.5}, "t2i": {1: 0.1, 5: 0.5}}
+    write_plot(tmp_path / "plots", "recall_at_k",
+               recall_rows([1, 5], {1: 0.25, 5: 0.75}, {1: 0.5, 5: 0.875}, chance))  # fmt: skip
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 1.8 / e, "val_accuracy": 0.5 + e / 10}
+               for e in (1, 2, 3)]  # fmt: skip
+    write_plot(tmp_path / "plots", "training", history)
+    registered = {"model_name": "mmpipe-fusion", "version": 2, "metric": "accuracy",
+                  "value": acc, "promoted": True, "previous_champion_version": 1,
+                  "previous_champion_value": old, "champion_version": 2}  # fmt: skip
+    context = {"origin": "nightly flow", "date": "2026-11-26T02:00:05Z", "commit": "0123abcd",
+               "dirty": False, "params_file": "params.yaml", "overrides": [],
+               "params": {"train": {"task": "multiclass", "fusion": "concat"}},
+               "registered": registered, "champion": {"version": 1, "metrics": {"accuracy": old}},
+               "changes": {"params": {}, "data": False, "commit": ["aaaa", "0123abcd"]}}  # fmt: skip
+    html_path = write_report(tmp_path, context)["html"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(Path(html_path).as_uri())
+        verdict = page.locator(".verdict").first
+        assert "promoted to champion" in verdict.inner_text()
+        assert verdict.bounding_box()["y"] < 200  # the first thing on the page
+        images = page.locator("img")
+        assert images.count() >= 2 and all(
+            images.nth(i).evaluate("i => i.complete && i.naturalWidth > 100")
+            for i in range(images.count())
+        )  # the charts render from the page alone (data URIs), offline
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
     finally:
         page.close()
 

@@ -73,15 +73,23 @@ def test_predict_asks_the_registry_named_in_params(project, monkeypatch, capsys)
         return project / "ckpt.pt", {"image_size": 8}
 
     class FakePredictor:
+        profile = None
+
         def classify_pair(self, image, caption):
             return {"label": "x", "image": image, "caption": caption}
+
+        def trained_on(self):
+            return "generated shapes"
 
     monkeypatch.setattr(tracking, "resolve_model", resolve_model)
     monkeypatch.setattr(predict, "load_predictor", lambda *a, **kw: FakePredictor())
     assert cli.main(["predict", "a.jpg", "a cat", "--project-dir", str(project)]) == 0
     assert seen["source"] is None and seen["uri"] == "sqlite:///t.db"
     assert (seen["register"].model_name, seen["register"].alias) == ("my-model", "best")
-    assert '"caption": "a cat"' in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert '"caption": "a cat"' in out.out
+    # what the model knows goes to stderr, before the answer
+    assert "model: models:/my-model@best\ntrained on: generated shapes" in out.err
 
 
 def test_predict_works_outside_a_project_without_params_yaml(tmp_path, monkeypatch, capsys):

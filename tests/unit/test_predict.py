@@ -191,10 +191,10 @@ def _register(root, store, register, accuracy):
     from mmpipe.config import Params
     from mmpipe.io import write_json_atomic
 
-    if not (root / "models" / "train_report.json").is_file():
+    if pipeline._train_run_id(Layout(root)) is None:
         with tracking.start_run(store, root, run_name="train") as run:
             pass
-        write_json_atomic(root / "models" / "train_report.json", {"mlflow_run_id": run.id})
+        pipeline.record_train_run(Layout(root), run.id)
     write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy})
     params = Params(tracking=store, register=register)
     return pipeline.stage_register(params, Layout(root))
@@ -235,4 +235,6 @@ def test_register_stage_versions_and_promotes_only_a_better_model(proj):
     assert (second["version"], second["promoted"], second["champion_version"]) == (2, False, 1)
     # image size + classes came from the project's manifest into the logged sidecar
     _, sidecar = tracking.download_model(second["model_uri"], store, root)
+    training = sidecar.pop("training")  # what predict prints the model was trained on
     assert sidecar == {"image_size": IMAGE_SIZE, "classes": CLASSES, "task": "multiclass"}
+    assert training["classes"] == CLASSES and len(training["data_hash"]) == 64
