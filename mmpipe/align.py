@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 
 from mmpipe.config import AlignParams, section_hash
 from mmpipe.errors import InputError, check
+from mmpipe.faults import fault_point
 from mmpipe.io import (
     atomic_path,
-    locked_temp_dir,
     read_json,
     release_arrow_memory,
-    remove_stale_temps,
+    scratch_dir,
     table_schema,
     use_system_arrow_allocator,
     write_json_atomic,
@@ -275,12 +275,11 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
     records_pf = _parquet(ingest_dir / "records.parquet", RECORD_COLUMNS)
     images = ImageTable(ingest_dir / "images.parquet", p)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
     tally = Tally()
     with (
         atomic_path(out_dir / "orphans.jsonl") as orphans_path,
         orphans_path.open("w", encoding="utf-8") as fh,
-        locked_temp_dir(out_dir, ".align-work.") as work,
+        scratch_dir(out_dir / ".work") as work,
     ):
         buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows))
         for batch in records_pf.iter_batches(batch_size=BATCH, columns=list(RECORD_COLUMNS)):
@@ -297,6 +296,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         orphan_images = _write_orphan_images(fh, images)
         where = ingest_dir / "records.parquet"
         _write_pairs(buckets, sorted(tally.per_class), out_dir / "pairs.parquet", where)
+    fault_point("align:pairs-written")
     report = make_report(tally, images, orphan_images, p)
     _warn_empty_splits(report)
     write_json_atomic(out_dir / "report.json", report)

@@ -29,7 +29,14 @@ from mmpipe.config import RegisterParams, TrackingParams
 from mmpipe.errors import InputError
 from mmpipe.io import read_json
 from mmpipe.layout import Layout
-from mmpipe.tracking.store import Run, connect, point_fluent_api_at, sqlite_path, tracking_uri
+from mmpipe.tracking.store import (
+    Run,
+    Store,
+    connect,
+    point_fluent_api_at,
+    sqlite_path,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mmpipe.predict import Predictor
@@ -130,7 +137,11 @@ def download_model(
     model_uri: str, p: TrackingParams | None = None, root: str | Path = "."
 ) -> tuple[Path, dict[str, Any]]:
     """A logged model's (checkpoint, sidecar), downloaded; nothing unpickled, no code run."""
-    store = connect(p, root)
+    return fetch_model(connect(p, root), model_uri)
+
+
+def fetch_model(store: Store, model_uri: str) -> tuple[Path, dict[str, Any]]:
+    """``download_model`` from a store already connected."""
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=model_uri, tracking_uri=store.uri, registry_uri=store.uri

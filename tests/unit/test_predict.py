@@ -157,14 +157,19 @@ def test_default_source_falls_back_to_checkpoint_without_registry(proj):
 def _register(root, store, register, accuracy):
     """What the register stage does, on the project's trained model (pipeline.stage_register)."""
     from mmpipe import pipeline
+    from mmpipe.checkpoint import pick_checkpoint
     from mmpipe.config import Params
+    from mmpipe.evaluate import provenance
     from mmpipe.io import write_json_atomic
 
+    layout = Layout(root)
+    scored = provenance(pick_checkpoint(layout.model_dir), layout.shard_dir)  # as evaluate does
     if not (root / "models" / "train_report.json").is_file():
         with tracking.start_run(store, root, run_name="train") as run:
             pass
-        write_json_atomic(root / "models" / "train_report.json", {"mlflow_run_id": run.id})
-    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy})
+        report = {"mlflow_run_id": run.id, "data_hash": scored["data_sha256"]}
+        write_json_atomic(root / "models" / "train_report.json", report)
+    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy, **scored})
     params = Params(tracking=store, register=register)
     return pipeline.stage_register(params, Layout(root))
 
