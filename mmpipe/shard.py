@@ -21,6 +21,7 @@ preprocessing).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -306,6 +307,12 @@ class TarWriter:
         """Write the end-of-archive blocks."""
         self.tar.close()
 
+    def abort(self) -> None:
+        """Give up on a failed write (a full disk): mark the archive closed, ignoring the error
+        of flushing it, so that nothing tries to flush it again at exit (a traceback)."""
+        with contextlib.suppress(OSError):
+            self.tar.close()
+
 
 class SplitWriter:
     """Sequential shards of one split in a directory, rotated on maxcount / maxsize (file bytes).
@@ -358,6 +365,14 @@ class SplitWriter:
         """Finish the last shard; return [{name, count, bytes, sha256}] measured from the files."""
         self._finish()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop the open shard after an error (the stage's staging directory goes with it)."""
+        if self.writer is not None:
+            self.writer.abort()
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            self.writer = None
 
 
 # ----------------------------------------------------------------------------- stage
@@ -429,15 +444,20 @@ def write_splits(
     """Write every split's shards into out_dir; return the manifest's `splits` mapping."""
     writers = {s: SplitWriter(out_dir, s, p.maxcount, p.maxsize) for s in SPLITS}
     total = pairs.metadata.num_rows
-    with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
-        for samples in encode_all(pairs, p, root, where):
-            for sample in samples:
-                writers[sample["__split__"]].write(sample)
-            bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
-    splits = {}
-    for split, writer in writers.items():
-        shards = writer.close()
-        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    try:
+        with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
+            for samples in encode_all(pairs, p, root, where):
+                for sample in samples:
+                    writers[sample["__split__"]].write(sample)
+                bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
+        splits = {}
+        for split, writer in writers.items():
+            shards = writer.close()
+            splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     return splits
 
 

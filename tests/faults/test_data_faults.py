@@ -6,6 +6,7 @@ compared like for like."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,9 +113,18 @@ def test_a_champion_of_another_split_is_rescored_on_this_one(project):
 # ----------------------------------------------------------------------------- a full disk
 
 
-def _usage(path: Path) -> int:
-    """Bytes ``path`` takes on a tmpfs: whole 4 KiB pages per file, one per directory."""
-    return sum(-(-p.stat().st_size // 4096) * 4096 or 4096 for p in path.rglob("*"))
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` until only ``leave`` bytes are free."""
+    st = os.statvfs(disk)
+    free = st.f_bavail * st.f_frsize
+    with (disk / "filler").open("wb") as fh:
+        fh.truncate(0)
+        for _ in range(max(0, free - leave) // (1 << 16)):
+            fh.write(bytes(1 << 16))
 
 
 @pytest.fixture
@@ -152,14 +162,13 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_one_line_exit_2_and_keeps_the_old_output(
     project, small_disk, stage, out, args
 ):
-    # room for the project and half of the stage's new output: it fills up mid-write
-    margin = _usage(project / out) // 2 + 64 * 1024
-    disk = small_disk(_usage(project) + margin)
+    disk = small_disk(2 * _size(project) + (16 << 20))
     copy = disk / "project"
     shutil.copytree(project, copy, symlinks=True)
+    _fill(disk, leave=_size(project / out) // 2)  # room for half the new output: full mid-write
     before = snapshot(copy / out)
     proc = mmpipe(copy, stage, *args)
     line = _refused(proc, f"mmpipe {stage}")
-    assert "no space left on device" in line and "Free space and run again" in line
+    assert "no space left on device" in line and "Free space and run" in line
     assert snapshot(copy / out) == before
     assert leftovers(copy) == []
