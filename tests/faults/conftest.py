@@ -110,7 +110,10 @@ def one_line(stderr: str) -> str:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     """A tiny project after one full `mmpipe run` (data, model, reports, champion v1)."""
-    project = write_project(tmp_path_factory.mktemp("built") / "project")
+    # no fusion ablation: evaluate's 8 extra heads cost seconds per command and no fault is in them
+    project = write_project(
+        tmp_path_factory.mktemp("built") / "project", ["evaluate.ablation=false"]
+    )
     proc = mmpipe(project, "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return project
