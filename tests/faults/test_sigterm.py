@@ -15,7 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-from tests.faults.conftest import TERMINATED, client, env, mmpipe, one_line, snapshot, weights
+import pytest
+
+from tests.faults.conftest import (
+    TERMINATED,
+    client,
+    env,
+    leftovers,
+    mmpipe,
+    one_line,
+    snapshot,
+    weights,
+)
 
 MODEL = "mmpipe-fusion"
 
@@ -47,6 +58,23 @@ def _assert_stopped(project: Path, proc: subprocess.CompletedProcess[str], befor
     assert "SIGTERM" in proc.stderr
     assert (project / "models.partial" / "last.pt").is_file()  # the checkpoint --resume needs
     assert _state(project) == before  # no model installed, nothing evaluated or registered
+
+
+@pytest.mark.parametrize(
+    ("stage", "point", "args"),
+    [
+        ("shard", "shard:shard-written:2", ["--set", "shard.jpeg_quality=70"]),
+        ("evaluate", "evaluate:staged", ["--set", "evaluate.ks=[1,3]"]),
+    ],
+)
+def test_sigterm_in_a_staged_stage_keeps_the_old_output(project, stage, point, args):
+    out = project / {"shard": "data/shards", "evaluate": "reports"}[stage]
+    before = snapshot(out)
+    proc = mmpipe(project, stage, *args, fault=point, signal_name="SIGTERM")
+    assert proc.returncode == TERMINATED, proc.stderr[-3000:]
+    assert one_line(proc.stderr) == f"mmpipe {stage}: interrupted by SIGTERM"
+    assert snapshot(out) == before
+    assert leftovers(project) == []  # the staging directory went with the error
 
 
 def test_sigterm_mid_epoch_in_mmpipe_train(project):
