@@ -1,7 +1,7 @@
 """The fault battery's harness: a tiny project built once per session and copied per test, the
 commands run as users run them (subprocesses), kill points from ``mmpipe.faults``.
 
-Every test here is marked ``faults`` (``pytest -m faults`` runs the battery alone).
+Every test here is marked ``faults`` (``pytest -m faults`` runs the battery alone) and ``slow``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
             item.add_marker(pytest.mark.faults)
+            item.add_marker(pytest.mark.slow)  # subprocesses that import torch: seconds each
 
 
 def write_project(dest: Path, overrides: list[str] | None = None) -> Path:
