@@ -41,8 +41,11 @@ def write_project(dest: Path, overrides: list[str] | None = None) -> Path:
 
 
 def env(fault: str | None = None, signal_name: str | None = None) -> dict[str, str]:
-    """The environment of a command: the fault to inject, no progress bars."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("MMPIPE_FAULT")}
+    """The environment of a command: the fault to inject, no progress bars, and none of the
+    tracking URIs an in-process MLflow call of an earlier test exported (the command must use
+    its project's store)."""
+    drop = ("MMPIPE_FAULT", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MMPIPE_PARENT_RUN_ID")
+    out = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     out["TQDM_DISABLE"] = "1"
     if fault:
         out["MMPIPE_FAULT"] = fault
