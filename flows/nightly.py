@@ -1,6 +1,7 @@
 """The nightly retraining flow: ingest → align → shard → train → evaluate → register.
 
     python -m flows.nightly [--params params.yaml] [--set section.key=value ...] [--project-dir .]
+                            [--resume] [--wait-lock SECONDS]
 
 Data stages are skipped when their inputs and params are unchanged (content-keyed cache, see
 tasks/stages.py); train, evaluate and register always run. One MLflow parent run per flow run,
@@ -9,11 +10,17 @@ with a nested run per stage; the parent run gets the night's headline metrics (`
 with DVC (``dvc.lock``, tasks/versioning.py), so `dvc status` is clean and `dvc repro` a no-op
 after the flow. If a stage fails, later stages do not run (so nothing is promoted), and the flow
 logs a summary table of every stage before it fails.
+
+The flow holds the project lock for its whole run (a second run fails "project busy", or waits
+with ``--wait-lock``). SIGTERM stops it: during training the model is checkpointed first; the
+stages after the interrupted one do not run, the MLflow runs end KILLED, nothing is recorded
+with DVC, and the command exits 143 (README "Failure semantics").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -23,10 +30,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from mmpipe import lock, signals
+from mmpipe.commit import as_disk_full
 from mmpipe.config import Params, ParamsError, add_params_arguments, load_params, params_from_args
 from mmpipe.config import params_file as params_path  # `params_file` is the flow parameter
-from mmpipe.layout import Layout
-from mmpipe.pipeline import DATA_STAGES, ORDER
+from mmpipe.errors import MmpipeError
+from mmpipe.layout import Layout, sqlite_path, store_uri
+from mmpipe.pipeline import DATA_STAGES, ORDER, close_flow_run, project_lock
 from tasks.stages import (
     data_stage,
     finish_tracking_task,
@@ -44,9 +54,9 @@ class StageFailed(RuntimeError):
 
 def summary_table(rows: list[dict[str, str]]) -> str:
     """One line per stage: its status, its time and the figures that matter."""
-    lines = [f"{'stage':<10} {'status':<10} {'time':>7}  detail"]
+    lines = [f"{'stage':<10} {'status':<11} {'time':>7}  detail"]
     lines += [
-        f"{r['stage']:<10} {r['status']:<10} {r.get('time', ''):>7}  {r['detail']}" for r in rows
+        f"{r['stage']:<10} {r['status']:<11} {r.get('time', ''):>7}  {r['detail']}" for r in rows
     ]
     return "\n".join(lines)
 
@@ -108,25 +118,71 @@ def nightly(
     project_dir: str = ".",
     resume: bool = False,
     params: Params | None = None,
+    wait_lock: float = 0.0,
 ) -> dict[str, Any]:
     """Run the whole DAG once; returns where to look (UI command, report, champion version).
 
     ``params``: params already validated by the caller (the CLI); otherwise they are read from
     ``params_file`` (relative to ``project_dir``) + ``overrides``, as scheduled runs do.
+    ``wait_lock``: seconds to wait for a project another run holds (0: fail at once).
     """
-    logger = get_run_logger()
     layout = Layout(Path(project_dir).resolve())
     if params is None:
         params = load_params(params_path(params_file, layout.root), overrides)
-    parent = start_tracking_task(params, layout)
+    with project_lock(layout, "nightly flow", wait=wait_lock):
+        parent = start_tracking_task(params, layout)
+        lock.annotate(layout.state_dir, run_id=parent)
+        try:
+            rows, results, timings, stopped = run_stages(params, layout, parent, resume)
+            if stopped is None:
+                report = publish_task(
+                    params, layout, parent, results, timings, params_file, list(overrides or []),
+                    return_state=True,
+                )  # fmt: skip
+                rows.append(after_row("report", report, lambda r: f"{r['html']}"))
+            if not isinstance(stopped, signals.Interrupted):
+                recorded = record_outputs_task(params, layout, list(results), return_state=True)
+                rows.append(after_row("dvc", recorded, record_detail))
+        except BaseException:  # Prefect's SIGTERM bridge, Ctrl-C: the parent run must not hang
+            with contextlib.suppress(Exception):  # outside Prefect's machinery, which is unwinding
+                close_flow_run(params, layout, parent, "KILLED", "interrupted")
+            raise
+        table = summary_table(rows)
+        status = "KILLED" if isinstance(stopped, signals.Interrupted) else "FAILED"
+        finish_tracking_task(params, layout, parent, status if stopped else "FINISHED", table)
+    get_run_logger().info("nightly summary\n%s", table)
+    if isinstance(stopped, signals.Interrupted):
+        raise signals.Interrupted(f"nightly flow {stopped}; nothing was promoted\n{table}",
+                                  stopped.signum)  # fmt: skip
+    if stopped is not None:
+        raise StageFailed(f"nightly flow failed; nothing was promoted\n{table}")
+    return {
+        "parent_run_id": parent,
+        "summary": rows,
+        "ui": f"mmpipe ui --project-dir {layout.root}",
+        "report": str(layout.eval_dir / "report.html"),
+        **{k: results["register"].get(k) for k in ("version", "champion_version", "promoted")},
+    }
+
+
+def run_stages(
+    params: Params, layout: Layout, parent: str, resume: bool
+) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, float], BaseException | None]:
+    """Every stage in order until one fails or is interrupted: (summary rows, results, seconds
+    per stage, what stopped the run or None)."""
+    logger = get_run_logger()
     rows: list[dict[str, str]] = []
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}  # seconds per stage: for the log, MLflow and the report only
-    failed = False
+    stopped: BaseException | None = None
     for name in ORDER:
         started = time.perf_counter()
-        if failed:
-            rows.append({"stage": name, "status": "not run", "detail": "an earlier stage failed"})
+        signum = signals.requested()
+        if stopped is None and signum is not None:  # a signal came between two stages
+            why = f"stopped by {signals.signal_name(signum)} before {name}"
+            stopped = signals.Interrupted(why, signum)
+        if stopped is not None:
+            rows.append({"stage": name, "status": "not run", "detail": "an earlier stage stopped"})
             continue
         if name in DATA_STAGES:  # reuse the cached result only while outputs are current
             task = data_stage(name, params, layout)
@@ -138,11 +194,11 @@ def nightly(
         else:
             state = model_task(name, params, layout, parent_run_id=parent, return_state=True)
         if state.is_failed() or state.is_crashed():
-            failed = True
-            exc = state.result(raise_on_failure=False)
-            rows.append(
-                {"stage": name, "status": "FAILED", "detail": f"{type(exc).__name__}: {exc}"}
-            )
+            stopped = state.result(raise_on_failure=False)
+            interrupted = isinstance(stopped, signals.Interrupted)
+            text = str(stopped) if interrupted else f"{type(stopped).__name__}: {stopped}"
+            status = "INTERRUPTED" if interrupted else "FAILED"
+            rows.append({"stage": name, "status": status, "detail": text})
             continue
         results[name] = state.result()
         timings[name] = round(time.perf_counter() - started, 1)
@@ -153,44 +209,46 @@ def nightly(
             {"stage": name, "status": status, "time": f"{timings[name]:.1f}s",
              "detail": detail(name, results[name])}
         )  # fmt: skip
-    if not failed:
-        report = publish_task(
-            params, layout, parent, results, timings, params_file, list(overrides or []),
-            return_state=True,
-        )  # fmt: skip
-        rows.append(after_row("report", report, lambda r: f"{r['html']}"))
-    recorded = record_outputs_task(params, layout, list(results), return_state=True)
-    rows.append(after_row("dvc", recorded, record_detail))
-    table = summary_table(rows)
-    finish_tracking_task(params, layout, parent, "FAILED" if failed else "FINISHED", table)
-    logger.info("nightly summary\n%s", table)
-    if failed:
-        raise StageFailed(f"nightly flow failed; nothing was promoted\n{table}")
-    return {
-        "parent_run_id": parent,
-        "summary": rows,
-        "ui": f"mmpipe ui --project-dir {layout.root}",
-        "report": str(layout.eval_dir / "report.html"),
-        **{k: results["register"].get(k) for k in ("version", "champion_version", "promoted")},
-    }
+    return rows, results, timings, stopped
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI of `python -m flows.nightly` (what `make run` calls)."""
     ap = argparse.ArgumentParser(prog="python -m flows.nightly", description=__doc__.split("\n")[0])
-    add_params_arguments(ap)
-    ap.add_argument("--resume", action="store_true", help="continue training from models/last.pt")
+    add_params_arguments(ap, writes=True)
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted training in models.partial/ (same params and data only)",
+    )
     args = ap.parse_args(argv)
+    signals.install()  # SIGTERM outside training: exit 143 with one line (Prefect's bridge re-raises it here)
+    prog = "python -m flows.nightly"
     try:  # a bad params file or --set fails here, in one line, before any flow run starts
         params = params_from_args(args)
+        layout = Layout(Path(args.project_dir).resolve())
+        # taken before Prefect starts: a busy project fails (or waits) in a second, not after
+        # the server's start-up; the flow takes it again (re-entrant) for scheduled runs
+        with project_lock(layout, "nightly flow", wait=args.wait_lock):
+            out = nightly(args.params, args.overrides, args.project_dir, args.resume, params)
     except ParamsError as exc:
-        print(f"python -m flows.nightly: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        out = nightly(args.params, args.overrides, args.project_dir, args.resume, params)
+    except signals.Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except StageFailed as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except MmpipeError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        full = as_disk_full(exc, sqlite_path(store_uri(params.tracking.uri, args.project_dir)))
+        if full is None:
+            raise
+        print(f"{prog}: error: {full}", file=sys.stderr)
+        return 2
     champion = out.get("champion_version")
     print(
         "\nmmpipe nightly: done\n"

@@ -125,13 +125,18 @@ def nightly_parameters(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
     project_dir: str | Path = ".",
+    wait_lock: float = 0.0,
 ) -> dict[str, Any]:
-    """Parameters of every scheduled run; the project dir is made absolute (runs have no cwd)."""
-    return {
+    """Parameters of every scheduled run; the project dir is made absolute (runs have no cwd).
+
+    ``wait_lock``: how long a run waits for a busy project (an ad-hoc run) before failing.
+    """
+    params = {
         "params_file": params_file,  # nightly() resolves a relative path against project_dir
         "overrides": list(overrides or []),
         "project_dir": str(Path(project_dir).resolve()),
     }
+    return {**params, "wait_lock": wait_lock} if wait_lock else params
 
 
 def build_deployment(
@@ -171,6 +176,7 @@ def serve_schedule(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
     flow: Flow[..., Any] | None = None,
+    wait_lock: float = 0.0,
 ) -> None:
     """Start/reuse the server and serve the nightly deployment until stopped (blocks)."""
     if flow is None:
@@ -183,7 +189,7 @@ def serve_schedule(
         temporary_settings,
     )
 
-    params = nightly_parameters(params_file, overrides, project_dir)
+    params = nightly_parameters(params_file, overrides, project_dir, wait_lock)
     with prefect_server(project_dir, port) as url:
         # settings (not only os.environ) reach the client here and the flow-run subprocesses
         updates = {
@@ -231,7 +237,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_PORT,
         help=f"Prefect server port (default {DEFAULT_PORT})",
     )
-    add_params_arguments(ap)  # applied to every scheduled run; checked before serving
+    add_params_arguments(ap, writes=True)  # applied to every scheduled run; checked now
     return ap.parse_args(argv)
 
 
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None, flow: Flow[..., Any] | None = None) -> i
                 args.params,
                 args.overrides,
                 flow,
+                args.wait_lock,
             )
     except MmpipeError as exc:  # the server did not start: its log tail is in the message
         print(f"mmpipe schedule: error: {exc}", file=sys.stderr)

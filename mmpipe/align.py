@@ -31,13 +31,13 @@ import pyarrow.parquet as pq
 
 from mmpipe.config import AlignParams, section_hash
 from mmpipe.errors import InputError, check
+from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
-    locked_temp_dir,
     read_json,
     release_arrow_memory,
-    remove_stale_temps,
+    scratch_dir,
     table_schema,
     use_system_arrow_allocator,
     write_json_atomic,
@@ -347,12 +347,11 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
     records_pf = _parquet(ingest_dir / "records.parquet", RECORD_COLUMNS)
     images = ImageTable(ingest_dir / "images.parquet", p)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
     tally = Tally(label_separator(records_pf))
     with (
         atomic_path(out_dir / "orphans.jsonl") as orphans_path,
         orphans_path.open("w", encoding="utf-8") as fh,
-        locked_temp_dir(out_dir, ".align-work.") as work,
+        scratch_dir(out_dir / ".work") as work,
     ):
         buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows))
         for batch in records_pf.iter_batches(batch_size=BATCH, columns=list(RECORD_COLUMNS)):
@@ -370,6 +369,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         where = ingest_dir / "records.parquet"
         classes = tally.classes(p.top_k_labels)
         unknown = _write_pairs(buckets, classes, out_dir / "pairs.parquet", where, tally.separator)
+    fault_point("align:pairs-written")
     report = make_report(tally, images, orphan_images, p, unknown)
     _warn_empty_splits(report)
     write_json_atomic(out_dir / "report.json", report)

@@ -16,12 +16,14 @@ best, else last. The shard manifest (``data/shards/manifest.json``) lists every 
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmpipe.commit import disk_full
 from mmpipe.config import ModelConfig
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, read_json
@@ -35,11 +37,28 @@ RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_sums")
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """torch.save through a temp file renamed over ``path`` (never a half-written checkpoint).
 
-    Saved through a file object: given a file *name*, torch names the zip archive inside after
-    it, and the random temp name would make the same weights different bytes on every run.
+    A full disk is a DiskFull naming the file and the bytes it needs (torch.save to a path hides
+    the errno in a RuntimeError; through a Python file object the OSError comes out).
     """
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
-        torch.save(state, fh)
+    try:
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:
+            torch.save(state, fh)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        kept = "the previous checkpoint and the installed model are intact"
+        raise disk_full(path, _tensor_bytes(state), intact=kept) from None
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it needs, give or take)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,8 +3,9 @@
     mmpipe <stage> [--params FILE] [--set section.key=value ...] [--project-dir DIR]
 
 `mmpipe <stage> --help` lists every field of the stage's params sections with its default,
-meaning and allowed values. Errors a user can cause print one clear line and exit 2, never a
-traceback.
+meaning and allowed values. Errors a user can cause (a full disk and a busy project included)
+print one clear line and exit 2, never a traceback; SIGTERM exits 143 and Ctrl-C 130, with one
+line saying what was kept (README "Failure semantics").
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from mmpipe import signals
+from mmpipe.commit import as_disk_full
 from mmpipe.config import (
     Params,
     ParamsError,
@@ -50,6 +53,10 @@ examples:
 """
 
 RUN_HELP = "all stages in order, without Prefect (the nightly flow is `python -m flows.nightly`)"
+RESUME_HELP = (
+    "continue the interrupted training in models.partial/ (refused if it was made with other "
+    "train params or data)"
+)
 
 
 def _sections(command: str) -> tuple[str, ...]:
@@ -88,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_fields_epilog(_sections(name)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_params_arguments(p)
+        add_params_arguments(p, writes=True)
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name in ("train", "run"):
-            p.add_argument("--resume", action="store_true", help="continue from models/last.pt")
+            p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p = sub.add_parser("params", help="print the validated params (after --set) as JSON")
     add_params_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -174,13 +181,26 @@ def _dispatch(args: argparse.Namespace) -> Any:
         from mmpipe import pipeline
 
         params, layout = params_from_args(args), Layout(Path(args.project_dir))
-        if args.command == "run":
-            return pipeline.run_all(params, layout, resume=args.resume)
         resume = getattr(args, "resume", False)
-        return pipeline.run_stage(args.command, params, layout, resume=resume)
+        with pipeline.project_lock(layout, f"mmpipe {args.command}", wait=args.wait_lock):
+            if args.command == "run":
+                return pipeline.run_all(params, layout, resume=resume)
+            return pipeline.run_stage(args.command, params, layout, resume=resume)
     if args.command == "params":
         return params_from_args(args).model_dump(mode="json")
     return _run_predict(args)
+
+
+def _store_path(args: argparse.Namespace) -> Path | None:
+    """The SQLite file of the project's tracking store (what a full disk may have hit)."""
+    from mmpipe.layout import sqlite_path, store_uri
+
+    try:
+        params = params_from_args(args, file_optional=True)
+    except ParamsError:
+        return None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or store_uri(params.tracking.uri, args.project_dir)
+    return sqlite_path(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in STAGES or args.command == "run":
+        signals.install()  # SIGTERM: a one-line message and exit 143, never a half output
     try:
         if args.command == "ui":
             from mmpipe.ui import create_ui_target, serve_ui
@@ -203,11 +225,20 @@ def main(argv: list[str] | None = None) -> int:
             serve_ui(create_ui_target(params_from_args(args), args.project_dir), port=args.port)
             return 0
         result = _dispatch(args)
+    except signals.Interrupted as exc:
+        print(f"mmpipe {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ParamsError, MmpipeError) as exc:
         print(f"mmpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmpipe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        full = as_disk_full(exc, _store_path(args))  # ENOSPC / SQLite full, at the boundary
+        if full is None:
+            raise
+        print(f"mmpipe {args.command}: error: {full}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0

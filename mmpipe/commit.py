@@ -53,7 +53,8 @@ def _owner_tag() -> str:
     return f"{_host()}-{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def _is_dead_leftover(name: str, marker: str) -> bool:
         return False
     if host != _host() or not pid.isdigit():
         return False
-    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def _leftovers(out_dir: Path, marker: str) -> list[Path]:
@@ -153,18 +154,62 @@ def _size(path: Path) -> int:
     return total
 
 
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _free(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
 def _disk_full(out_dir: Path, staging: Path) -> DiskFull:
     written = _size(staging)
     previous = _size(out_dir) if out_dir.exists() else 0
-    free = shutil.disk_usage(out_dir.parent).free
     need = max(written, previous)
-    mib = 1 << 20
     return DiskFull(
-        f"{out_dir}: no space left on device after writing {written / mib:.1f} MiB of the new "
-        f"version ({free / mib:.1f} MiB free on that filesystem now); the stage needs at least "
-        f"{need / mib:.1f} MiB{' (the size of the previous version)' if previous >= written else ''}"
+        f"{out_dir}: no space left on device after writing {_mib(written)} of the new version "
+        f"({_mib(_free(out_dir.parent))} free on that filesystem now); the stage needs at least "
+        f"{_mib(need)}{' (the size of the previous version)' if previous >= written else ''}"
         f" beside the previous output, which is intact. Free space and run the stage again."
     )
+
+
+def disk_full(path: str | Path, need: int | None = None, *, intact: str = "") -> DiskFull:
+    """DiskFull for one file: its path, the free space now and (if known) the space it needs."""
+    path = Path(path)
+    needs = f"; it needs {_mib(need)}" if need else ""
+    kept = f"; {intact}" if intact else ""
+    return DiskFull(
+        f"{path}: no space left on device ({_mib(_free(path.parent))} free on that filesystem)"
+        f"{needs}{kept}. Free space and run again."
+    )
+
+
+_SQLITE_FULL = "database or disk is full"
+
+
+def as_disk_full(exc: BaseException, fallback: str | Path | None = None) -> DiskFull | None:
+    """The DiskFull that ``exc`` (or an exception in its chain) really is, else None.
+
+    Recognises OSError ENOSPC (its filename, else ``fallback``) and SQLite's "database or disk
+    is full" (MLflow's store: ``fallback`` names the database). The CLI and the flow call it at
+    the stage boundary, so a full disk is one line, never a traceback from deep inside.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFull):
+            return current
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return disk_full(current.filename or fallback or ".")
+        if _SQLITE_FULL in str(current):
+            return disk_full(fallback or ".", intact="the tracking store was not changed")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextlib.contextmanager

@@ -326,6 +326,12 @@ class TrainParams(ModelConfig):
         default_factory=list,
         description="albumentations pipeline applied while loading train batches.",
     )
+    max_bad_samples: int = Field(
+        0,
+        ge=0,
+        description="Train samples per epoch that may fail to decode (counted and named in the "
+        "log) before the run fails naming their shards; 0 = any bad sample fails it.",
+    )
 
     def model_args(self) -> ModelConfig:
         """The model part of these params (what a checkpoint stores as ``model_args``)."""
@@ -495,8 +501,12 @@ def load_params(
         raise ParamsError(_format_validation_error(exc, origin)) from None
 
 
-def add_params_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--params``, ``--set`` and ``--project-dir``: how every command line names its params."""
+def add_params_arguments(parser: argparse.ArgumentParser, *, writes: bool = False) -> None:
+    """``--params``, ``--set`` and ``--project-dir``: how every command line names its params.
+
+    ``writes``: the command writes the project (a stage, a run, the flow), so it takes the
+    project lock and gets ``--wait-lock SECONDS`` (default 0: fail at once when busy).
+    """
     parser.add_argument(
         "--params",
         default="params.yaml",
@@ -513,6 +523,15 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--project-dir", default=".", help="project directory holding data/, models/, reports/"
     )
+    if writes:
+        parser.add_argument(
+            "--wait-lock",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="if another run holds the project, wait up to this long for it (default: 0, "
+            "fail at once with 'project busy')",
+        )
 
 
 def params_from_args(args: argparse.Namespace, *, file_optional: bool = False) -> Params:

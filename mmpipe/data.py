@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import signal
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from mmpipe.augment import apply_augment, create_augment, derive_seed
 from mmpipe.checkpoint import MANIFEST, read_manifest
 from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
+from mmpipe.io import sha256_file
 from mmpipe.parallel import pool_context
 
 log = logging.getLogger(__name__)
@@ -42,17 +44,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One shard of a split: its path, the global index of its first sample, its sample count."""
+    """One shard of a split: its path, the global index of its first sample, its sample count,
+    and its size in bytes as the manifest lists it."""
 
     url: str
     offset: int
     count: int
+    size: int = -1  # -1: not checked
 
 
 def split_shards(
     shard_dir: str | Path, split: str, manifest: dict[str, Any] | None = None
 ) -> list[ShardRef]:
-    """The split's shards in manifest order, each checked to exist."""
+    """The split's shards in manifest order, each verified against the manifest.
+
+    Verified = the size the manifest lists and its sha256, hashed once per process and file
+    version (``verify_shard``); a mismatch is an InputError naming the shard and the entry.
+    """
     manifest = manifest or read_manifest(shard_dir)
     entry = manifest["splits"].get(split)
     if entry is None:
@@ -61,13 +69,44 @@ def split_shards(
     refs, offset = [], 0
     for shard in entry.get("shards", []):
         path = Path(shard_dir) / shard["name"]
-        if not path.is_file():
-            raise InputError(
-                f"{path}: listed in manifest.json but missing; run `mmpipe shard` again"
-            )
-        refs.append(ShardRef(str(path), offset, int(shard["count"])))
+        verify_shard(path, shard, split)
+        refs.append(ShardRef(str(path), offset, int(shard["count"]), int(shard["bytes"])))
         offset += int(shard["count"])
     return refs
+
+
+_verified: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) hashed OK
+
+
+def verify_shard(path: Path, entry: dict[str, Any], split: str) -> None:
+    """Check one shard against its manifest entry: present, same size, same sha256.
+
+    The hash is computed once per process for each (path, size, mtime) (the loader is rebuilt
+    every epoch); its cost next to an epoch's read is in benchmarks (bench_loader).
+    """
+    where = f"manifest.json's {split} entry {entry.get('name')!r}"
+    again = "run `mmpipe shard` again"
+    if not path.is_file():
+        raise InputError(f"{path}: listed in {where} but missing; {again}")
+    want_size, want_sha = entry.get("bytes"), entry.get("sha256")
+    if not isinstance(want_size, int) or not want_sha:
+        raise InputError(f"{path}: {where} has no bytes/sha256 to verify it against; {again}")
+    st = path.stat()
+    if st.st_size != want_size:
+        raise InputError(
+            f"{path}: {st.st_size} bytes but {where} says {want_size} (truncated or replaced "
+            f"since `mmpipe shard` wrote it); {again}"
+        )
+    key = (str(path), st.st_size, st.st_mtime_ns, want_sha)
+    if key in _verified:
+        return
+    got = sha256_file(path)
+    if got != want_sha:
+        raise InputError(
+            f"{path}: sha256 {got[:16]}... but {where} says {want_sha[:16]}... (the bytes "
+            f"changed since `mmpipe shard` wrote them: corrupted or modified); {again}"
+        )
+    _verified.add(key)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -94,15 +133,35 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 class SkipCounter:
-    """webdataset exception handler: log and count each skipped item (never drop silently)."""
+    """webdataset exception handler: log, count and name each skipped item (never drop silently).
+
+    ``items`` holds "key in shard: error" of each skip, in order; ``n`` counts them.
+    """
 
     def __init__(self) -> None:
-        self.n = 0
+        self.items: list[str] = []
+
+    @property
+    def n(self) -> int:
+        """Items skipped so far."""
+        return len(self.items)
 
     def __call__(self, exn: Exception) -> bool:
-        self.n += 1
+        # webdataset appends the shard's url to a tar error's args; DecodeSample's errors carry it
+        url = getattr(exn, "url", None) or next(
+            (a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?"
+        )
+        self.items.append(f"{Path(url).name}: {exn}")
         log.warning("skipping unreadable shard data: %s", exn)
         return True  # continue with the next item
+
+
+class BadSample(ValueError):
+    """A sample that would not decode; names its key and shard."""
+
+    def __init__(self, key: str, url: str, error: Exception) -> None:
+        super().__init__(f"sample {key} of {url}: {error!r}")
+        self.url = url
 
 
 class ShardSource:
@@ -115,6 +174,7 @@ class ShardSource:
             seed,
             epoch,
         )
+        self.sizes = {s.url: s.size for s in shards}
 
     def __call__(self) -> Iterator[dict[str, str]]:
         urls = list(self.urls)
@@ -122,6 +182,12 @@ class ShardSource:
             # same order on every rank and worker; split_by_worker then deals them out
             random.Random(derive_seed("shards", self.seed, self.epoch)).shuffle(urls)
         for url in urls:
+            # the size again as the shard is opened: a file replaced or cut after the sha256
+            # pre-pass (split_shards) still fails, naming it
+            size, want = os.stat(url).st_size, self.sizes.get(url, -1)
+            if want >= 0 and size != want:
+                raise InputError(f"{url}: {size} bytes, manifest.json says {want}; changed while "
+                                 "being read: run `mmpipe shard` again")  # fmt: skip
             yield {"url": url}
 
 
@@ -190,9 +256,7 @@ class DecodeSample:
             try:
                 yield self.decode(sample, compose)
             except Exception as exn:  # any broken sample: count it, say which, go on
-                self.skips(
-                    ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {exn!r}")
-                )
+                self.skips(BadSample(sample.get("__key__"), sample.get("__url__"), exn))
 
     def decode(self, sample: dict[str, Any], compose: Any) -> dict[str, Any]:
         """Decode one sample; online augmentation is seeded by (seed, epoch, key)."""
@@ -229,13 +293,13 @@ class Chunk:
         for sample in src:
             rows.append(sample)
             if len(rows) == self.size:
-                yield self.pack(rows, self.skips.n - reported)
+                yield self.pack(rows, self.skips.items[reported:])
                 reported, rows = self.skips.n, []
         if rows or self.skips.n > reported:
-            yield self.pack(rows, self.skips.n - reported)
+            yield self.pack(rows, self.skips.items[reported:])
 
     @staticmethod
-    def pack(rows: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+    def pack(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
         """Stack the images once so the chunk crosses the process boundary as one tensor."""
         images = torch.stack([r.pop("image") for r in rows]) if rows else torch.empty(0)
         return {"image": images, "rows": rows, "skipped": skipped}
@@ -283,22 +347,31 @@ class Rebatch:
 
     Also applies ``limit`` (samples per rank), ``skip_batches`` (resume inside an epoch) and
     keeps ``stats``: samples read, items skipped by handlers, samples expected for this rank.
+    A full pass that could not read more than ``max_bad`` of its expected samples fails.
     """
 
     def __init__(
-        self, batch_size: int, drop_last: bool, skip_batches: int, limit: int | None, expected: int
+        self,
+        batch_size: int,
+        drop_last: bool,
+        skip_batches: int,
+        limit: int | None,
+        expected: int,
+        split: str = "",
+        max_bad: int | None = 0,
     ) -> None:
         self.batch_size, self.drop_last, self.skip_batches = batch_size, drop_last, skip_batches
-        self.limit, self.expected = limit, expected
-        self.stats = {"samples": 0, "skipped": 0, "expected": expected}
+        self.limit, self.expected, self.split, self.max_bad = limit, expected, split, max_bad
+        self.stats: dict[str, Any] = {"samples": 0, "skipped": 0, "expected": expected, "bad": []}
 
     def __call__(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.stats.update(samples=0, skipped=0)
+        self.stats.update(samples=0, skipped=0, bad=[])
         to_skip = self.skip_batches * self.batch_size
         rows: list[dict[str, Any]] = []
         images: list[torch.Tensor] = []
         for chunk in chunks:
-            self.stats["skipped"] += chunk["skipped"]
+            self.stats["skipped"] += len(chunk["skipped"])
+            self.stats["bad"].extend(chunk["skipped"])
             if self.limit is not None and self.stats["samples"] >= self.limit:
                 break
             for i, row in enumerate(chunk["rows"][: self.room()]):
@@ -320,15 +393,21 @@ class Rebatch:
         return None if self.limit is None else self.limit - self.stats["samples"]
 
     def check(self) -> None:
-        """Say loudly when the epoch did not see every sample the manifest promises."""
+        """Fail (or, within ``max_bad``, say loudly) when the pass missed samples it promised."""
         s = self.stats
-        if s["skipped"] or (self.limit is None and s["samples"] != s["expected"]):
-            log.warning(
-                "loader read %d of %d expected samples; %d unreadable items skipped",
-                s["samples"],
-                s["expected"],
-                s["skipped"],
-            )
+        missing = s["expected"] - s["samples"] if self.limit is None else 0
+        bad = max(s["skipped"], missing)
+        if not bad:
+            return
+        shards = sorted({item.split(": ", 1)[0] for item in s["bad"]})
+        what = (
+            f"{self.split or 'loader'}: read {s['samples']} of {s['expected']} expected samples, "
+            f"{s['skipped']} unreadable (shards: {', '.join(shards) or 'unknown'})"
+        )
+        if self.max_bad is not None and bad > self.max_bad:
+            first = f"; first: {s['bad'][0]}" if s["bad"] else ""
+            raise InputError(f"{what}, more than train.max_bad_samples={self.max_bad}{first}")
+        log.warning("%s; within the %s allowed", what, self.max_bad)
 
 
 def _identity(x: Any) -> Any:
@@ -351,8 +430,12 @@ def create_dataloader(
     drop_last: bool = False,
     limit: int | None = None,
     skip_batches: int = 0,
+    max_bad_samples: int | None = 0,
 ) -> wds.WebLoader:
     """Batches of one split for one epoch (see the module docstring); ``.stats`` counts samples.
+
+    Every shard is verified against the manifest first (size, sha256). A pass that cannot read
+    more than ``max_bad_samples`` of its samples fails naming the shards (None: only warn).
 
     ``shuffle_buffer > 0`` shuffles shard order and samples, seeded by (seed, epoch). With
     ``world_size > 1`` each rank gets ``count // world_size`` samples, disjoint across ranks.
@@ -378,7 +461,7 @@ def create_dataloader(
         Chunk(max(1, min(batch_size, 256)), skips),
     )
     expected = total // world_size if world_size > 1 else total
-    rebatch = Rebatch(batch_size, drop_last, skip_batches, limit, expected)
+    rebatch = Rebatch(batch_size, drop_last, skip_batches, limit, expected, split, max_bad_samples)
     loader = wds.WebLoader(
         dataset,
         batch_size=None,

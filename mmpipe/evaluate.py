@@ -1,10 +1,12 @@
 """Stage `evaluate`: retrieval, zero-shot, classification and the fusion ablation on the test split.
 
-Outputs under ``out_dir`` (atomic writes):
+Outputs under ``out_dir`` (the driver's staging directory, switched in whole):
     metrics.json          flat numbers for `dvc metrics show`: retrieval (i2t_r1, mean_r1, median
                           ranks, ...) always; the task's metrics when the test split has labels
                           (mmpipe/objectives.py), with ``<primary>_chance`` and the ablation's
-                          best_unimodal_<primary> / fusion_gain
+                          best_unimodal_<primary> / fusion_gain; + the sha256 of the checkpoint
+                          scored and of the shard manifest (``checkpoint_sha256``,
+                          ``data_sha256``: register checks both)
     per_class.json        precision / recall / F1 / support (multilabel: + AP) per class
     per_question_type.json  VQA accuracy per question type (vqa)
     ablation.json         every fusion head trained on frozen features, with the task's metrics
@@ -43,11 +45,11 @@ import torch
 
 from mmpipe import metrics as M
 from mmpipe import scoring
-from mmpipe.checkpoint import load_model, pick_checkpoint, read_manifest
+from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
-from mmpipe.io import atomic_path, write_json_atomic
+from mmpipe.io import atomic_path, sha256_file, write_json_atomic
 from mmpipe.model import create_fusion_head, labelled_rows, predict_labels, task_loss_sum
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
@@ -477,6 +479,7 @@ def run_evaluate(
     shard_dir, model_dir, out_dir = Path(shard_dir), Path(model_dir), Path(out_dir)
     manifest = read_manifest(shard_dir, require="test")
     checkpoint = pick_checkpoint(model_dir)
+    scored = provenance(checkpoint, shard_dir)
     model, info = load_model(checkpoint)
     tp = TrainParams.model_validate(info["params"])
     log.info("evaluate: %s (task %s) on the test split; labels: %s", checkpoint, model.task,
@@ -515,7 +518,7 @@ def run_evaluate(
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "metrics.json", {**metrics, **scored})
     write_json_atomic(
         out_dir / "evaluation_report.json",
         {
@@ -529,4 +532,31 @@ def run_evaluate(
     )
     write_report(out_dir)
     log.info("evaluate took %.1f s", time.perf_counter() - t0)
-    return metrics
+    return {**metrics, **scored}
+
+
+def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
+    """What a metrics file scored: the checkpoint's sha256 and the shard manifest's (the data
+    version, hence the test split). register refuses metrics whose hashes are not current."""
+    return {
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "data_sha256": sha256_file(Path(shard_dir) / MANIFEST),
+    }
+
+
+def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> dict[str, float]:
+    """A checkpoint's test metrics as ``run_evaluate`` computes them, without the ablation or any
+    file (register scores a champion trained on other data on this test split with it)."""
+    manifest = read_manifest(shard_dir, require="test")
+    model, info = load_model(checkpoint)
+    classes, own = list(manifest.get("classes") or []), list(info.get("classes") or [])
+    if classes and own and classes != own:  # label indices would mean other classes
+        raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
+    task = TrainParams.model_validate(info["params"]).task
+    test = embed_split(model, Path(shard_dir), "test", p.batch_size)
+    scores = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
+    scores.update(retrieval_metrics(test, p.ks)[0])
+    scores.update(zero_shot(model, test, p)[0])
+    trained = labelled_train(manifest)
+    scores.update(task_metrics(test, classes or own, task, trained=trained).metrics)
+    return scores

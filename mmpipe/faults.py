@@ -1,10 +1,12 @@
-"""Fault injection for the crash-safety tests: die with SIGKILL at a named write boundary.
+"""Fault injection for the crash-safety tests: die (or get a signal) at a named write boundary.
 
-    MMPIPE_FAULT=commit:before-swap python -m mmpipe shard     # killed right before the switch
-    MMPIPE_FAULT=train:epoch-end:2 python -m mmpipe train      # killed at the 2nd hit of the point
+    MMPIPE_FAULT=commit:before-switch python -m mmpipe shard   # SIGKILL right before the switch
+    MMPIPE_FAULT=train:step:3 python -m mmpipe train           # SIGKILL at the 3rd hit of the point
+    MMPIPE_FAULT=train:step:3 MMPIPE_FAULT_SIGNAL=SIGTERM ...  # a SIGTERM there instead
 
 Production code calls :func:`fault_point` at each boundary where a kill -9 must leave the old or the
-new output, never a mix. Unset (always, outside tests) it costs one environment lookup.
+new output, never a mix (the fault battery, tests/faults/, lists them). Unset (always, outside
+tests) it costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import signal
 from collections import Counter
 
 ENV = "MMPIPE_FAULT"
+SIGNAL_ENV = "MMPIPE_FAULT_SIGNAL"
 _hits: Counter[str] = Counter()
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process when ``$MMPIPE_FAULT`` is ``name`` (or ``name:N`` at the N-th hit)."""
+    """Signal this process when ``$MMPIPE_FAULT`` is ``name`` (or ``name:N`` at the N-th hit).
+
+    The signal is SIGKILL unless ``$MMPIPE_FAULT_SIGNAL`` names another (e.g. SIGTERM).
+    """
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -27,4 +33,4 @@ def fault_point(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(nth):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[os.environ.get(SIGNAL_ENV, "SIGKILL")])

@@ -2,7 +2,8 @@
 
 Sources: ``synthetic`` (generated into ``out_dir/source`` and read back through the folder
 reader), ``folder`` (root + captions .csv/.jsonl/.parquet) and ``coco`` (captions JSON +
-images dir). Outputs, each written atomically into ``out_dir``: records.parquet (accepted
+images dir). Outputs, written into ``out_dir`` (the stage driver's staging directory, switched
+in whole: mmpipe.commit): records.parquet (accepted
 captions), images.parquet (accepted images), rejects.jsonl (every rejected record, with file,
 line and reason; codes in ``REJECT_REASONS``), report.json (counts; no timings, so DVC sees the
 same file for the same data).
@@ -62,14 +63,14 @@ from tqdm import tqdm
 
 from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed, check
+from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
-    locked_temp_dir,
     read_json,
     release_arrow_memory,
-    remove_stale_temps,
     resolve_inside,
+    scratch_dir,
     table_schema,
     use_system_arrow_allocator,
     write_json_atomic,
@@ -202,13 +203,13 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     use_system_arrow_allocator()
-    remove_stale_temps(out_dir)
     _resolve_cached.cache_clear()  # files may have moved since the last run in this process
     source, generated = open_source(p, out_dir)
+    fault_point("ingest:source-ready")
     with (
         atomic_path(out_dir / "rejects.jsonl") as rejects_path,
         rejects_path.open("w", encoding="utf-8") as fh,
-        locked_temp_dir(out_dir, ".ingest-work.") as work,
+        scratch_dir(out_dir / ".work") as work,
     ):
         rejects = Rejects(fh, p.strict)
         n_rows = _write_drafts(source, source.params, rejects, work / "drafts.parquet")
@@ -217,6 +218,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         del candidates
         release_arrow_memory()
         index = _finish_images(work / "results.parquet", rejects, out_dir / "images.parquet")
+        fault_point("ingest:images-written")
         release_arrow_memory()
         accepted = _finish_captions(
             work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet",
@@ -227,6 +229,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     report["data_root"] = _data_root_record(p, source.root, out_dir)
     if generated is not None:
         report["synthetic"] = {k: generated[k] for k in ("n_images", "n_captions")}
+    fault_point("ingest:records-written")
     write_json_atomic(out_dir / "report.json", report)
     seconds = time.perf_counter() - start
     log.info(

@@ -10,18 +10,13 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-# Temp files and dirs of every stage carry this suffix, so the next run can find the leftovers of
-# an interrupted one. A live writer holds an flock on its temp (a file, or `.lock` inside a dir);
-# the kernel drops it when the process dies, so "lockable" means "its writer is gone". The grace
-# period covers the instant between creating a temp and locking it.
+# Temp files of atomic writes carry this suffix, so that a later run can find what a killed one
+# left (``remove_temps``). Under the project lock (mmpipe.lock) no other writer can be live.
 TMP_SUFFIX = ".tmp"
-LOCK_NAME = ".lock"
-STALE_GRACE_SECONDS = 60.0
 
 
 def _umask() -> int:
@@ -55,75 +50,59 @@ def try_flock(fd: int) -> bool:
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; on success it is renamed over ``dest`` (atomic on POSIX).
 
-    On error the temp file is removed, so an interrupted stage never leaves a half-written output;
-    after a kill, ``remove_stale_temps`` in the next run removes it. The file gets the mode a plain
-    open() would give (umask respected), not mkstemp's 0600.
+    On error the temp file is removed; after a kill, ``remove_temps`` removes it. The file gets
+    the mode a plain open() would give (umask respected), not mkstemp's 0600.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent)
     tmp_path = Path(tmp)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we write: no other run may remove it
         os.fchmod(fd, output_mode())
+        os.close(fd)
         yield tmp_path
         os.replace(tmp_path, dest)
     finally:
-        os.close(fd)
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def locked_temp_dir(parent: str | Path, prefix: str) -> Iterator[Path]:
-    """A new temp dir in ``parent``, locked while in use and removed afterwards (even on error)."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=parent))
-    fd = os.open(path / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """A work directory a stage removes when done (even on error).
+
+    Stages create it inside their staging directory (mmpipe.commit), so a kill -9 leaves it only
+    there, and the next run removes the whole staging directory.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.chmod(path, output_mode(directory=True))
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
 
 
-def _is_stale(path: Path, now: float) -> bool:
-    """True when no live process holds ``path``'s lock and it is past the grace period."""
-    try:
-        if now - path.lstat().st_mtime < STALE_GRACE_SECONDS:
-            return False
-        target = path / LOCK_NAME if path.is_dir() else path
-        fd = os.open(target, os.O_RDONLY)
-    except OSError:
-        return path.is_dir()  # a dir without its lock file was abandoned before locking
-    try:
-        return try_flock(fd)
-    finally:
-        os.close(fd)
+def remove_temps(directory: str | Path) -> list[str]:
+    """Remove the temp files that killed atomic writes left in ``directory``; their names.
 
-
-def remove_stale_temps(directory: str | Path) -> list[str]:
-    """Remove the temp files/dirs that interrupted runs left in ``directory``; never a live run's.
-
-    Returns the names removed (for the log).
+    Only call it under the project lock: then no live writer can own one.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    now, removed = time.time(), []
+    removed = []
     for entry in directory.iterdir():
-        if not (entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX)):
-            continue
-        if _is_stale(entry, now):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file():
+            entry.unlink(missing_ok=True)
             removed.append(entry.name)
     return removed
+
+
+def link_or_copy(src: str | Path, dest: str | Path) -> None:
+    """Hard-link ``src`` as ``dest`` (no copy on one filesystem), else copy it."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def write_bytes_atomic(dest: str | Path, data: bytes) -> None:

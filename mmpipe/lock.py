@@ -107,9 +107,28 @@ def _acquire(path: Path, what: str, run_id: str | None, wait: float) -> int:
     previous = _read_owner(fd)
     if previous:  # a holder that released cleanly clears the record: this one died
         log.warning("previous holder of %s is gone: %s", path, describe(previous))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_owner(what, run_id), sort_keys=True).encode(), 0)
+    _write_owner(fd, _owner(what, run_id))
     return fd
+
+
+def _write_owner(fd: int, owner: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner, sort_keys=True).encode(), 0)
+
+
+def annotate(state_dir: str | Path, *, run_id: str) -> None:
+    """Name the run (an MLflow run id) in the owner record of a lock this process holds.
+
+    The first name sticks: a flow names its parent run, and the stages inside it keep it.
+    """
+    key = str(Path(state_dir).resolve() / LOCK_FILE)
+    with _guard:
+        held = _held.get(key)
+    if held is None:
+        return
+    owner = _read_owner(held[0])
+    if not owner.get("run_id"):
+        _write_owner(held[0], {**owner, "run_id": run_id})
 
 
 def _release(fd: int) -> None:

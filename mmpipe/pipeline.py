@@ -8,6 +8,14 @@ Each driver reads its params section, calls the stage's pure function on the pro
     stage_train / stage_evaluate / stage_register
     run_all(params, layout)                every stage in order, in this process
 
+Failure semantics (README "Failure semantics"): every driver holds the project lock
+(``mmpipe.lock``, re-entrant: the CLI and the flow take it first, with ``--wait-lock``). A data
+stage and evaluate write their whole output, stamp included, into a staging directory that is
+switched in at once (``mmpipe.commit.staged_dir``): a kill leaves the previous output or the new
+one. train does the same with its finished model (``mmpipe.train``). register refuses metrics
+that did not score this checkpoint on this data, and promotes by compare-and-set
+(``mmpipe.tracking.registry``).
+
 Data stages are cached by the flow on content: ``stage_fingerprint`` hashes the stage's params
 section, its code and its inputs (``layout.STAGES``), and ``stage_is_current`` compares it with
 the stamp the stage wrote beside its outputs.
@@ -15,16 +23,20 @@ the stamp the stage wrote beside its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mmpipe.checkpoint import MANIFEST
+from mmpipe import lock, signals
+from mmpipe.checkpoint import MANIFEST, pick_checkpoint
+from mmpipe.commit import staged_dir
 from mmpipe.config import Params, RegisterParams, section_hash
 from mmpipe.errors import InputError
+from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
 
@@ -84,28 +96,42 @@ def stage_is_current(stage: str, params: Params, layout: Layout) -> bool:
     return read_json(stamp).get("fingerprint") == stage_fingerprint(stage, params, layout)
 
 
+# ----------------------------------------------------------------------------- the lock
+
+
+@contextlib.contextmanager
+def project_lock(layout: Layout, what: str, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold the project's lock (``<project>/.mmpipe/lock``); ProjectBusy names the holder.
+
+    Re-entrant in one process: the CLI and the flow take it (waiting up to ``wait`` seconds),
+    then every driver takes it again for itself, so direct library calls are covered too.
+    """
+    with lock.project_lock(layout.state_dir, what=what, wait=wait):
+        yield
+
+
 # ----------------------------------------------------------------------------- data stages
 
 
-def _ingest(params: Params, layout: Layout) -> dict[str, Any]:
+def _ingest(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.ingest import run_ingest
 
-    return run_ingest(params.ingest, layout.ingest_dir)
+    return run_ingest(params.ingest, out_dir)
 
 
-def _align(params: Params, layout: Layout) -> dict[str, Any]:
+def _align(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.align import run_align
 
-    return run_align(layout.ingest_dir, params.align, layout.align_dir)
+    return run_align(layout.ingest_dir, params.align, out_dir)
 
 
-def _shard(params: Params, layout: Layout) -> dict[str, Any]:
+def _shard(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.shard import run_shard
 
-    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, layout.shard_dir)
+    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, out_dir)
 
 
-_DATA_FUNCTIONS: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
+_DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
     "ingest": _ingest,
     "align": _align,
     "shard": _shard,
@@ -115,30 +141,30 @@ _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
 def run_data_stage(
     stage: str, params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Run data stage ``stage`` and stamp its outputs with their fingerprint; its report.
+    """Run data stage ``stage`` into a staging directory, stamp it, switch it in; its report.
 
     Under a flow (``parent_run_id``) the stage is also recorded as a nested MLflow run.
     """
     out_dir = layout.stage_dir(stage)
-    stamp = out_dir / STAMP
-    if stamp.exists():  # outputs are about to change: the old stamp no longer vouches for them
-        stamp.unlink()
-    fingerprint = stage_fingerprint(stage, params, layout)
-    report = _DATA_FUNCTIONS[stage](params, layout)
-    write_json_atomic(stamp, {"stage": stage, "fingerprint": fingerprint})
-    if parent_run_id is not None:
-        from mmpipe import tracking
+    with project_lock(layout, f"mmpipe {stage}"):
+        fingerprint = stage_fingerprint(stage, params, layout)
+        with staged_dir(out_dir) as staging:
+            report = _DATA_FUNCTIONS[stage](params, layout, staging)
+            write_json_atomic(staging / STAMP, {"stage": stage, "fingerprint": fingerprint})
+            fault_point(f"{stage}:staged")
+        if parent_run_id is not None:
+            from mmpipe import tracking
 
-        report_file = out_dir / "report.json"
-        tracking.log_stage_run(
-            params.tracking,
-            layout.root,
-            stage=stage,
-            parent_run_id=parent_run_id,
-            section=getattr(params, stage),
-            report=report,
-            report_file=report_file if report_file.is_file() else out_dir / MANIFEST,
-        )
+            report_file = out_dir / "report.json"
+            tracking.log_stage_run(
+                params.tracking,
+                layout.root,
+                stage=stage,
+                parent_run_id=parent_run_id,
+                section=getattr(params, stage),
+                report=report,
+                report_file=report_file if report_file.is_file() else out_dir / MANIFEST,
+            )
     return report
 
 
@@ -163,29 +189,40 @@ def manifest_hash(layout: Layout) -> str:
 def stage_train(
     params: Params, layout: Layout, *, resume: bool = False, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Train on data/shards/ into models/, tracked as an MLflow run (nested under a flow's run)."""
+    """Train on data/shards/ into models/, tracked as an MLflow run (nested under a flow's run).
+
+    A SIGTERM ends the MLflow run KILLED and raises ``signals.Interrupted`` (checkpoint kept in
+    models.partial/); models/ changes only when training completes.
+    """
     from mmpipe import tracking
     from mmpipe.train import run_train
 
-    data_hash = manifest_hash(layout)
-    init = init_checkpoint(params, layout)
-    with tracking.start_run(
-        params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
-    ) as run:
-        tracking.log_params(run, params, {"data.manifest_sha256": data_hash})
-        report = run_train(
-            layout.shard_dir,
-            params.train,
-            layout.model_dir,
-            resume=resume,
-            on_epoch_end=tracking.epoch_logger(run),
-            init_checkpoint=init,
-        )
-        tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
-        report["data_hash"] = data_hash
-        write_json_atomic(layout.model_dir / "train_report.json", report)
-        record_train_run(layout, run.id)
-    return {**report, "mlflow_run_id": run.id}
+    with project_lock(layout, "mmpipe train"):
+        data_hash = manifest_hash(layout)
+        init = init_checkpoint(params, layout)
+        with tracking.start_run(
+            params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
+        ) as run:
+            lock.annotate(layout.state_dir, run_id=run.id)
+            tracking.log_params(run, params, {"data.manifest_sha256": data_hash})
+            report = run_train(
+                layout.shard_dir,
+                params.train,
+                layout.model_dir,
+                resume=resume,
+                on_epoch_end=tracking.epoch_logger(run),
+                init_checkpoint=init,
+                report_extra={"data_hash": data_hash},  # installed with the model, atomically
+            )
+            tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
+            if report["stopped_by"] is None:  # installed in models/
+                record_train_run(layout, run.id)
+    return {**report, "data_hash": data_hash, "mlflow_run_id": run.id}
+
+
+def _train_report(layout: Layout) -> dict[str, Any]:
+    path = layout.model_dir / "train_report.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def record_train_run(layout: Layout, run_id: str) -> None:
@@ -196,8 +233,6 @@ def record_train_run(layout: Layout, run_id: str) -> None:
     checkpoint's sha256, so a models/ swapped since (``dvc checkout``) is never logged to the
     wrong run.
     """
-    from mmpipe.checkpoint import pick_checkpoint
-
     checkpoint = sha256_file(pick_checkpoint(layout.model_dir))
     write_json_atomic(layout.train_run, {"run_id": run_id, "checkpoint_sha256": checkpoint})
 
@@ -248,8 +283,6 @@ def register_params(params: Params, layout: Layout) -> RegisterParams:
 
 def _train_run_id(layout: Layout) -> str | None:
     """The MLflow run that trained the checkpoint now in models/, if this project recorded it."""
-    from mmpipe.checkpoint import pick_checkpoint
-
     if not layout.train_run.is_file():
         return None
     record = read_json(layout.train_run)
@@ -266,23 +299,55 @@ def _train_run_id(layout: Layout) -> str | None:
 def stage_evaluate(
     params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Evaluate models/ on the test shards into reports/, logged to the training run."""
+    """Evaluate models/ on the test shards into reports/ (switched in whole), logged to the
+    training run."""
     from mmpipe import tracking
     from mmpipe.evaluate import run_evaluate
     from mmpipe.publish import stage_report
 
-    metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, layout.eval_dir)
-    stage_report(params, layout)  # the flow rewrites it once the model is registered
-    run_id = _train_run_id(layout)
-    if run_id is not None:
-        tracking.log_evaluation(params.tracking, layout.root, run_id, metrics, layout.eval_dir)
+    with project_lock(layout, "mmpipe evaluate"):
+        with staged_dir(layout.eval_dir) as staging:
+            metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, staging)
+            fault_point("evaluate:staged")
+        stage_report(params, layout)  # the flow rewrites it once the model is registered
+        run_id = _train_run_id(layout)
+        if run_id is not None:
+            tracking.log_evaluation(params.tracking, layout.root, run_id, metrics, layout.eval_dir)
     return metrics
+
+
+def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
+    """The data hash register may use: metrics.json scored THIS checkpoint on THIS data, which
+    is the data the model was trained on; else an InputError saying what to re-run."""
+    path = layout.eval_dir / "metrics.json"
+    checkpoint = pick_checkpoint(layout.model_dir)
+    scored, have = metrics.get("checkpoint_sha256"), sha256_file(checkpoint)
+    if scored != have:
+        why = "records none" if scored is None else f"scored {scored[:12]}..."
+        raise InputError(
+            f"{path} {why}, not {checkpoint} (sha256 {have[:12]}...): models/ changed since "
+            "`mmpipe evaluate`; run `mmpipe evaluate` before `mmpipe register`"
+        )
+    data_hash = manifest_hash(layout)
+    if metrics.get("data_sha256") != data_hash:
+        raise InputError(
+            f"{path} was scored on another data version than {layout.shard_dir} now holds "
+            "(its manifest changed since `mmpipe evaluate`); run `mmpipe evaluate` again"
+        )
+    trained_on = _train_report(layout).get("data_hash")
+    if trained_on != data_hash:
+        raise InputError(
+            f"{checkpoint} was trained on another data version than {layout.shard_dir} now "
+            "holds; run `mmpipe train` and `mmpipe evaluate` again before registering"
+        )
+    return data_hash
 
 
 def stage_register(
     params: Params, layout: Layout, *, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Log the trained model, register a new version and move the champion alias if it is better.
+    """Log the trained model, register a new version and move the champion alias if it is
+    better on this test split (the champion is re-scored on it when it was scored on another).
 
     The logged model carries what it was trained on and its training data's embedding profile
     (for predict's out-of-distribution warning); the version's description is its model card.
@@ -294,28 +359,43 @@ def stage_register(
     from mmpipe.predict import load_predictor
     from mmpipe.publish import describe_registered
 
-    run_id = _train_run_id(layout)
-    if run_id is None:
-        raise InputError(
-            f"no MLflow run recorded for the model in {layout.model_dir}: run `mmpipe train` first"
+    with project_lock(layout, "mmpipe register"):
+        run_id = _train_run_id(layout)
+        if run_id is None:
+            raise InputError(
+                f"no MLflow run recorded for the model in {layout.model_dir}: run `mmpipe train` "
+                "first"
+            )
+        metrics_path = layout.eval_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
+        metrics = read_json(metrics_path)
+        data_hash = check_provenance(metrics, layout)
+        predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
+        predictor.training = training_data(layout)
+        profile = create_profile(predictor.model, layout.shard_dir)
+        run = tracking.connect(params.tracking, layout.root).run(run_id)
+        model_uri = tracking.log_model(run, predictor, profile=profile)
+        registered = tracking.register_and_maybe_promote(
+            run,
+            model_uri,
+            metrics,
+            register_params(params, layout),
+            data_hash=data_hash,
+            rescore=functools.partial(score_on_test_split, params, layout),
         )
-    metrics_path = layout.eval_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
-    predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
-    predictor.training = training_data(layout)
-    profile = create_profile(predictor.model, layout.shard_dir)
-    run = tracking.connect(params.tracking, layout.root).run(run_id)
-    model_uri = tracking.log_model(run, predictor, profile=profile)
-    metrics, data_hash = read_json(metrics_path), manifest_hash(layout)
-    registered = tracking.register_and_maybe_promote(
-        run, model_uri, metrics, register_params(params, layout), data_hash=data_hash
-    )
-    model_params = read_checkpoint(predictor.source)["params"]  # what it was trained with
-    describe_registered(
-        params, layout, registered, metrics, predictor.training, predictor.task, model_params
-    )
-    return registered
+        model_params = read_checkpoint(predictor.source)["params"]  # what it was trained with
+        describe_registered(
+            params, layout, registered, metrics, predictor.training, predictor.task, model_params
+        )
+        return registered
+
+
+def score_on_test_split(params: Params, layout: Layout, checkpoint: Path) -> dict[str, float]:
+    """Evaluate's test metrics (no ablation) of any checkpoint on this project's test split."""
+    from mmpipe.evaluate import score_checkpoint
+
+    return score_checkpoint(checkpoint, layout.shard_dir, params.evaluate)
 
 
 # ----------------------------------------------------------------------------- by name
@@ -341,14 +421,18 @@ def run_stage(
 
 
 def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
-    """Every stage in order in this process (no orchestration): handy for debugging.
+    """Every stage in order in this process (no orchestration), under one hold of the lock.
 
-    The register metric is checked against the shards before training starts."""
-    results = {}
-    for name in ORDER:
-        if name == "train":
-            check_register_metric(params, layout)
-        results[name] = run_stage(name, params, layout, resume=resume)
+    The register metric is checked against the shards before training starts. A signal between
+    two stages stops the run before the next one (``signals.Interrupted``).
+    """
+    results: dict[str, Any] = {}
+    with project_lock(layout, "mmpipe run"):
+        for name in ORDER:
+            signals.raise_if_requested(f"before {name}")
+            if name == "train":
+                check_register_metric(params, layout)
+            results[name] = run_stage(name, params, layout, resume=resume)
     return results
 
 

@@ -3,8 +3,9 @@
 Output bytes are a pure function of (pairs, images, params): samples are produced by a worker
 pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, pair_id, copy),
 and tar members carry fixed mtime/uid/gid/uname/mode, so 1 or N workers give identical shards.
-Shards are written into a temp dir and only renamed into place, replacing the previous run's
-shards, once every split is complete; manifest.json is written last.
+Everything goes into ``out_dir``, which the stage driver makes a fresh staging directory and
+switches in whole once the stage is done (mmpipe.commit): readers see the previous shards and
+manifest or the new ones, never a mix. manifest.json is written last.
 
 Streaming: pairs.parquet (sorted by (split, pair_id) by align) is read batch by batch and at most
 a few jobs are in flight in the pool, so memory does not grow with the number of pairs. Image
@@ -20,11 +21,10 @@ preprocessing).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-import os
-import re
 import tarfile
 import time
 from collections import OrderedDict
@@ -39,20 +39,13 @@ from tqdm import tqdm
 
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, check
-from mmpipe.io import (
-    locked_temp_dir,
-    remove_stale_temps,
-    sha256_file,
-    use_system_arrow_allocator,
-    write_json_atomic,
-)
+from mmpipe.faults import fault_point
+from mmpipe.io import sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
-TMP_PREFIX = ".shard-tmp."
 MTIME = 0  # fixed tar member mtime: identical bytes run to run
 JOB_PAIRS = 32  # pairs per pool task: amortises IPC without hurting ordered streaming
 CACHE_BYTES = 64 << 20  # per-worker budget of resized base images (same image, many captions)
@@ -315,9 +308,15 @@ class TarWriter:
         """Write the end-of-archive blocks."""
         self.tar.close()
 
+    def abort(self) -> None:
+        """Give up on a failed write (a full disk): mark the archive closed, ignoring the error
+        of flushing it, so that nothing tries to flush it again at exit (a traceback)."""
+        with contextlib.suppress(OSError):
+            self.tar.close()
+
 
 class SplitWriter:
-    """Sequential shards of one split in a temp dir, rotated on maxcount / maxsize (file bytes).
+    """Sequential shards of one split in a directory, rotated on maxcount / maxsize (file bytes).
 
     Why not ``wds.ShardWriter``: it rotates only *after* a shard has passed ``maxsize``, so a
     shard can exceed it by a whole sample; here a sample that would push the closed tar over
@@ -326,8 +325,8 @@ class SplitWriter:
     stage write tars without importing webdataset/torch (see ``TarWriter``).
     """
 
-    def __init__(self, tmp_dir: Path, split: str, maxcount: int, maxsize: int) -> None:
-        self.tmp_dir, self.split, self.maxcount, self.maxsize = tmp_dir, split, maxcount, maxsize
+    def __init__(self, out_dir: Path, split: str, maxcount: int, maxsize: int) -> None:
+        self.out_dir, self.split, self.maxcount, self.maxsize = out_dir, split, maxcount, maxsize
         self.shards: list[dict[str, Any]] = []
         self.writer: Any = None
         self.fh: Any = None
@@ -346,7 +345,7 @@ class SplitWriter:
     def _next(self) -> None:
         self._finish()
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.fh = (self.tmp_dir / name).open("wb")
+        self.fh = (self.out_dir / name).open("wb")
         self.writer = TarWriter(self.fh)
         self.shards.append({"name": name, "count": 0})
         self.count = self.size = 0
@@ -356,16 +355,25 @@ class SplitWriter:
             return
         self.writer.close()
         self.fh.close()
-        path = self.tmp_dir / self.shards[-1]["name"]
+        path = self.out_dir / self.shards[-1]["name"]
         self.shards[-1].update(
             count=self.count, bytes=path.stat().st_size, sha256=sha256_file(path)
         )
         self.writer = None
+        fault_point("shard:shard-written")
 
     def close(self) -> list[dict[str, Any]]:
         """Finish the last shard; return [{name, count, bytes, sha256}] measured from the files."""
         self._finish()
         return self.shards
+
+    def abort(self) -> None:
+        """Drop the open shard after an error (the stage's staging directory goes with it)."""
+        if self.writer is not None:
+            self.writer.abort()
+            with contextlib.suppress(OSError):
+                self.fh.close()
+            self.writer = None
 
 
 # ----------------------------------------------------------------------------- stage
@@ -432,33 +440,26 @@ def encode_all(
 
 
 def write_splits(
-    pairs: pq.ParquetFile, p: ShardParams, root: Path, tmp_dir: Path, where: Path
+    pairs: pq.ParquetFile, p: ShardParams, root: Path, out_dir: Path, where: Path
 ) -> dict[str, Any]:
-    """Write every split's shards into tmp_dir; return the manifest's `splits` mapping."""
-    writers = {s: SplitWriter(tmp_dir, s, p.maxcount, p.maxsize) for s in SPLITS}
+    """Write every split's shards into out_dir; return the manifest's `splits` mapping."""
+    writers = {s: SplitWriter(out_dir, s, p.maxcount, p.maxsize) for s in SPLITS}
     total = pairs.metadata.num_rows
-    with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
-        for samples in encode_all(pairs, p, root, where):
-            for sample in samples:
-                writers[sample["__split__"]].write(sample)
-            bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
-    splits = {}
-    for split, writer in writers.items():
-        shards = writer.close()
-        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    try:
+        with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
+            for samples in encode_all(pairs, p, root, where):
+                for sample in samples:
+                    writers[sample["__split__"]].write(sample)
+                bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
+        splits = {}
+        for split, writer in writers.items():
+            shards = writer.close()
+            splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     return splits
-
-
-def install(tmp_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Replace the previous run's shards by the new ones, then write manifest.json last."""
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # no manifest = no half-valid state
-    for stale in out_dir.iterdir():
-        if SHARD_NAME.match(stale.name):
-            stale.unlink()
-    for entry in manifest["splits"].values():
-        for shard in entry["shards"]:
-            os.replace(tmp_dir / shard["name"], out_dir / shard["name"])
-    write_json_atomic(out_dir / "manifest.json", manifest)
 
 
 def output_params_hash(p: ShardParams) -> str:
@@ -500,6 +501,9 @@ def build_manifest(
 def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) -> dict[str, Any]:
     """Write {split}-NNNNNN.tar + manifest.json into out_dir; return a report with throughput.
 
+    ``out_dir`` should be new or empty (the driver's staging directory): shards of an earlier
+    run with other names would stay beside the new ones.
+
     Only deterministic files go to out_dir (timings are in the returned report and the log), so
     re-running with the same inputs leaves DVC's hash of the directory unchanged.
     """
@@ -509,11 +513,9 @@ def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) 
     _pipelines(p)  # bad augment specs fail here, before any work
     pairs, align_report, root = open_pairs(align_dir, ingest_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)  # an interrupted run's; a live concurrent run's stays
-    with locked_temp_dir(out_dir, TMP_PREFIX) as tmp_dir:
-        splits = write_splits(pairs, p, root, tmp_dir, align_dir / "pairs.parquet")
-        manifest = build_manifest(splits, align_report, p)
-        install(tmp_dir, out_dir, manifest)
+    splits = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet")
+    manifest = build_manifest(splits, align_report, p)
+    write_json_atomic(out_dir / "manifest.json", manifest)
     seconds = time.perf_counter() - start
     samples = sum(s["count"] for s in splits.values())
     report = {

@@ -73,7 +73,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mmpipe.config import SyntheticParams, section_hash
-from mmpipe.io import LOCK_NAME, locked_temp_dir
 from mmpipe.parallel import process_pool
 
 log = logging.getLogger(__name__)
@@ -184,15 +183,13 @@ def generate(out_dir: Path, p: SyntheticParams, *, workers: int | None = None) -
         log.info("synthetic data in %s is current (%s), skipping", out_dir, digest)
         return {"n_images": p.n_images, "n_captions": n_captions, "seconds": 0.0, "skipped": True}
     start = time.perf_counter()
-    # a locked temp dir beside out_dir: the next run removes it if this one is killed
-    with locked_temp_dir(out_dir.parent, f".{out_dir.name}.") as tmp:
-        (tmp / "images").mkdir(parents=True)
-        _write_all(tmp, p, workers or os.cpu_count() or 1)
-        (tmp / COMPLETE).write_text(digest + "\n")  # last: a half-written dir never looks complete
-        (tmp / LOCK_NAME).unlink()  # the lock fd stays held until the rename is done
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+    # written in place: ingest generates into its staging directory (mmpipe.commit), so a kill
+    # leaves nothing a reader sees; .complete goes last, so a half-written dir never looks done
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "images").mkdir(parents=True)
+    _write_all(out_dir, p, workers or os.cpu_count() or 1)
+    (out_dir / COMPLETE).write_text(digest + "\n")
     seconds = time.perf_counter() - start
     rate = p.n_images / seconds if seconds > 0 else 0.0
     log.info("generated %d images in %.2fs (%.0f images/s)", p.n_images, seconds, rate)

@@ -1,11 +1,19 @@
 """Stage `train`: the dual encoder + fusion classifier on the WebDataset shards.
 
-    run_train(shard_dir, p, out_dir)   -> last.pt, best.pt, train_report.json
+    run_train(shard_dir, p, out_dir)   -> out_dir/ last.pt, best.pt, train_report.json
 
 ``train_loop`` is the whole training loop, top to bottom: epochs of micro-batches, an optimiser
 step every ``grad_accum`` of them, validation and checkpoints at each epoch's end. What it
 works with is built once by ``create_trainer``; where it stands (step, epoch, best metric) is a
 ``Progress`` that checkpoints save and ``--resume`` restores.
+
+Where checkpoints go: a run writes them into ``<out_dir>.partial/`` (``models.partial/``) and
+switches the finished model in as ``out_dir`` in one atomic step (mmpipe.commit), so readers
+(evaluate, register, DVC) see the previous model or the new one, never a half-trained one.
+SIGTERM (or Ctrl-C) only sets a flag (mmpipe.signals): the loop stops at the next optimiser-step
+boundary, saves last.pt and raises ``Interrupted``; ``--resume`` continues it, but only if it
+was made from the same params and data (``resume_key``: the train params that shape the result
++ the shard manifest's sha256), and refuses otherwise.
 
 Single process or DDP under ``torchrun`` (mmpipe.distributed). ``p.batch_size`` is the global
 batch of one optimiser step: each rank loads batch_size / (world_size * grad_accum) samples per
@@ -25,6 +33,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 import zlib
@@ -39,7 +48,9 @@ import torch
 from tqdm import tqdm
 
 from mmpipe import metrics as M
-from mmpipe.checkpoint import BEST, LAST, read_checkpoint, read_manifest, save_checkpoint
+from mmpipe import signals
+from mmpipe.checkpoint import BEST, LAST, MANIFEST, read_checkpoint, read_manifest, save_checkpoint
+from mmpipe.commit import staged_dir
 from mmpipe.config import TrainParams, TrainStage
 from mmpipe.data import create_dataloader, label_value
 from mmpipe.distributed import (
@@ -51,7 +62,8 @@ from mmpipe.distributed import (
     init_distributed,
 )
 from mmpipe.errors import InputError
-from mmpipe.io import write_json_atomic
+from mmpipe.faults import fault_point
+from mmpipe.io import link_or_copy, remove_temps, sha256_file, write_json_atomic
 from mmpipe.model import MultimodalModel, create_model, info_nce, predict_labels
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 
@@ -264,29 +276,43 @@ def run_train(
     max_steps: int | None = None,
     on_epoch_end: EpochCallback | None = None,
     init_checkpoint: Path | None = None,
+    report_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train on ``shard_dir`` into ``out_dir`` (last.pt, best.pt, train_report.json); the report.
+    """Train on ``shard_dir``; the finished model replaces ``out_dir`` whole; returns the report.
 
+    Checkpoints go to the work directory ``<out_dir>.partial/`` (``partial_dir``) every epoch and
+    on SIGTERM/Ctrl-C; ``out_dir`` (best.pt, last.pt, train_report.json + ``report_extra``) is
+    switched in atomically only when training completes, so a kill leaves the previous model or
+    the new one. ``resume`` continues the work directory's checkpoint if it was made with the
+    same params and data (``resume_key``), and refuses otherwise. A signal checkpoints, then
+    raises ``Interrupted``; ``max_steps`` (tests, benchmarks) stops after that many optimiser steps
+    with a checkpoint and returns the report (``interrupted: true``) without installing anything.
     ``on_epoch_end(epoch, metrics)`` runs on rank 0 after each epoch (MLflow logging).
-    ``max_steps`` stops (with a checkpoint) after that many optimiser steps in total; ``resume``
-    continues from out_dir/last.pt. ``init_checkpoint``: the checkpoint file ``p.init_from``
-    names (a registry source resolved by the caller); a path in ``p.init_from`` is used as is.
-    A resumed run ignores it: its weights come from last.pt.
+    ``init_checkpoint``: the checkpoint file ``p.init_from`` names (a registry source resolved
+    by the caller); a path in ``p.init_from`` is used as is. A resumed run ignores it: its
+    weights come from the work directory's last.pt.
     """
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    work = partial_dir(out_dir)
     manifest = read_manifest(shard_dir, require="train")
-    last = out_dir / LAST
-    if init_checkpoint is None and p.init_from and not (resume and last.is_file()):
+    key = resume_key(p, sha256_file(shard_dir / MANIFEST))
+    resuming = resume and (work / LAST).is_file()
+    if init_checkpoint is None and p.init_from and not resuming:
         init_checkpoint = local_init_checkpoint(p.init_from)
     d = init_distributed(p.device)
     try:
-        t = create_trainer(p, d, manifest, None if resume and last.is_file() else init_checkpoint)
-        at, rng = Progress(), None
-        if resume and last.is_file():
-            at, rng = restore(t, read_checkpoint(last), last)
-        elif resume:
-            log.warning("%s not found: starting from scratch", last)
-        return train_loop(shard_dir, out_dir, t, at, rng, max_steps, on_epoch_end)
+        with signals.deferred():
+            t = create_trainer(p, d, manifest, None if resuming else init_checkpoint)
+            t.meta["resume_key"] = key
+            at, rng = start_or_resume(t, work, resume)
+            report = train_loop(shard_dir, work, t, at, rng, max_steps, on_epoch_end)
+            if report["stopped_by"] == "signal":
+                raise interrupted(at, work)
+            if report["stopped_by"] is None and d.main:
+                installed = {k: v for k, v in report.items() if k != "seconds"}  # no timings
+                install_model(work, out_dir, {**installed, **(report_extra or {})})
+        signals.raise_if_requested(f"after train finished ({out_dir} holds the new model)")
+        return report
     finally:
         close_distributed(d)
 
@@ -303,71 +329,175 @@ def local_init_checkpoint(source: str) -> Path:
     return pick_checkpoint(source)
 
 
+def partial_dir(out_dir: Path) -> Path:
+    """Where a run's checkpoints live until it completes: ``models`` -> ``models.partial``."""
+    return out_dir.parent / f"{out_dir.name}.partial"
+
+
+# Params that change how a run executes, not what it computes: a resume may change them.
+RESUME_FREE = ("num_workers", "device", "compile", "max_bad_samples")
+
+
+def resume_key(p: TrainParams, data_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must have been made from for ``--resume`` to continue it."""
+    params = {k: v for k, v in p.model_dump(mode="json").items() if k not in RESUME_FREE}
+    return {"params": params, "data_sha256": data_sha256}
+
+
+def key_differences(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
+    """The params and data that differ between two resume keys, as 'train.x: a -> b' lines."""
+    if not saved:
+        return ["no resume key (written by an older mmpipe)"]
+    old, new = saved.get("params", {}), wanted["params"]
+    out = [
+        f"train.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if saved.get("data_sha256") != wanted["data_sha256"]:
+        out.append("data: the shard manifest differs (another data version)")
+    return out
+
+
+def start_or_resume(t: Trainer, work: Path, resume: bool) -> tuple[Progress, dict[str, Any] | None]:
+    """Fresh: an empty work directory. Resume: its last.pt restored, if made from the same key."""
+    last = work / LAST
+    if t.d.main and not resume and last.is_file():
+        log.warning(
+            "%s: discarding the checkpoint of an interrupted run (--resume continues it)", work
+        )
+    if not resume:
+        if t.d.main:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        barrier(t.d)
+        return Progress(), None
+    if not last.is_file():
+        log.warning("%s not found: nothing to resume, starting from scratch", last)
+        if t.d.main:
+            work.mkdir(parents=True, exist_ok=True)
+        return Progress(), None
+    if t.d.main:
+        remove_temps(work)  # a killed checkpoint write's; the project lock says nobody else writes
+    state = read_checkpoint(last)
+    differences = key_differences(state.get("resume_key"), t.meta["resume_key"])
+    if differences:
+        raise InputError(
+            f"{last}: made with other params or data ({'; '.join(differences)}); --resume "
+            "refuses to continue it. Run without --resume to train from scratch (discards it)."
+        )
+    return restore(t, state, last)
+
+
+def interrupted(at: Progress, work: Path) -> signals.Interrupted:
+    """The error of a run stopped by a signal after its checkpoint."""
+    signum = signals.requested() or signal.SIGTERM
+    return signals.Interrupted(
+        f"train stopped by {signals.signal_name(signum)} at epoch {at.epoch + 1}, step {at.step}; "
+        f"checkpoint in {work / LAST} (`mmpipe train --resume` continues it); models unchanged",
+        signum,
+    )
+
+
+def install_model(work: Path, out_dir: Path, report: dict[str, Any]) -> None:
+    """Switch the finished run's checkpoints + report in as ``out_dir``; drop the work dir."""
+    with staged_dir(out_dir) as staging:
+        for name in (BEST, LAST):
+            if (work / name).is_file():
+                link_or_copy(work / name, staging / name)
+        write_json_atomic(staging / "train_report.json", report)
+    fault_point("train:installed")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def train_loop(
     shard_dir: Path,
-    out_dir: Path,
+    work: Path,
     t: Trainer,
     at: Progress,
     rng: dict[str, Any] | None,
     max_steps: int | None,
     on_epoch_end: EpochCallback | None,
 ) -> dict[str, Any]:
-    """Epochs until done, a SIGTERM or ``max_steps``; checkpoints each epoch; returns the report.
+    """Epochs until done, a signal or ``max_steps``; checkpoints into ``work``; the report.
 
     ``rng``: the RNG states of a resumed checkpoint, restored once its epoch's data is positioned.
+    A signal stops the loop at the next optimiser-step boundary (before the next micro-batch), so
+    the checkpoint is exactly resumable.
     """
     p, d, accum = t.p, t.d, t.p.grad_accum
-    started, stopped = time.perf_counter(), False
+    started, stopped_by = time.perf_counter(), None
     log.info(
         "training %s on %s (amp=%s, world=%d, micro-batch=%d, %d steps/epoch)",
         *(t.model.config, t.device, t.amp, d.world_size, t.micro_batch, t.steps_per_epoch),
     )
-    with StopFlag() as stop:
-        while at.epoch < p.total_epochs():
-            if stage_at(t, at.epoch) != t.stage:
-                enter_stage(t, stage_at(t, at.epoch))
-            epoch_start = time.perf_counter()
-            t.net.train()
-            loader = train_batches(shard_dir, t, at)
-            if rng is not None:
-                set_rng_state(rng)
-                rng = None
-            desc, total = f"epoch {at.epoch + 1}/{p.total_epochs()}", t.steps_per_epoch * accum
-            bar = tqdm(total=total, initial=at.batch_in_epoch, desc=desc, leave=False,
-                       disable=not d.main or None)  # fmt: skip
-            for batch, stopping in agreed_batches(loader, t, stop):
-                boundary = (at.batch_in_epoch + 1) % accum == 0
-                # DDP syncs gradients only on the micro-batch that ends an optimiser step
-                with contextlib.nullcontext() if boundary or not d.enabled else t.net.no_sync():
-                    loss, parts = compute_loss(t, batch)
-                    t.scaler.scale(loss / accum).backward()
-                add(at.sums, **parts, batches=1)
-                at.batch_in_epoch += 1
-                bar.update(1)
-                if boundary:
-                    optimizer_step(t)
-                    at.step += 1
-                    stopped = stopping or (max_steps is not None and at.step >= max_steps)
-                    if stopped:
-                        break
-            bar.close()
-            if stopped:  # mid-epoch: last.pt records the position, `--resume` continues there
-                if d.main:
-                    save_checkpoint(checkpoint_state(t, at), out_dir / LAST)
-                log.warning("stopped at step %d (epoch %d, micro-batch %d); resume with --resume",
-                            at.step, at.epoch, at.batch_in_epoch)  # fmt: skip
+    while at.epoch < p.total_epochs() and stopped_by is None:
+        if stage_at(t, at.epoch) != t.stage:
+            enter_stage(t, stage_at(t, at.epoch))
+        epoch_start = time.perf_counter()
+        t.net.train()
+        loader = train_batches(shard_dir, t, at)
+        if rng is not None:
+            set_rng_state(rng)
+            rng = None
+        desc, total = f"epoch {at.epoch + 1}/{p.total_epochs()}", t.steps_per_epoch * accum
+        bar = tqdm(total=total, initial=at.batch_in_epoch, desc=desc, leave=False,
+                   disable=not d.main or None)  # fmt: skip
+        for batch, stopping in agreed_batches(loader, t):
+            if stopping and at.batch_in_epoch % accum == 0:  # an optimiser-step boundary
+                stopped_by = "signal"
                 break
-            if at.batch_in_epoch % accum:  # leftover micro-batches of a short last step
+            if batch is None:  # stopped inside an accumulated step, with no batch to finish it
+                stopped_by = "lost"
+                break
+            boundary = (at.batch_in_epoch + 1) % accum == 0
+            # DDP syncs gradients only on the micro-batch that ends an optimiser step
+            with contextlib.nullcontext() if boundary or not d.enabled else t.net.no_sync():
+                loss, parts = compute_loss(t, batch)
+                t.scaler.scale(loss / accum).backward()
+            add(at.sums, **parts, batches=1)
+            at.batch_in_epoch += 1
+            bar.update(1)
+            if boundary:
                 optimizer_step(t)
                 at.step += 1
-            row = end_epoch(shard_dir, out_dir, t, at, time.perf_counter() - epoch_start)
-            if on_epoch_end is not None and d.main:
-                on_epoch_end(row["epoch"], dict(row))
-    return write_report(out_dir, t, at, stopped, time.perf_counter() - started)
+                fault_point("train:step")
+                if max_steps is not None and at.step >= max_steps:
+                    stopped_by = "max_steps"
+                    break
+        bar.close()
+        if stopped_by is not None:
+            stop_checkpoint(t, at, work, stopped_by)
+            break
+        if at.batch_in_epoch % accum:  # leftover micro-batches of a short last step
+            optimizer_step(t)
+            at.step += 1
+        row = end_epoch(shard_dir, work, t, at, time.perf_counter() - epoch_start)
+        if on_epoch_end is not None and d.main:
+            on_epoch_end(row["epoch"], dict(row))
+    stopped_by = "signal" if stopped_by == "lost" else stopped_by
+    return make_report(t, at, stopped_by, time.perf_counter() - started)
+
+
+def stop_checkpoint(t: Trainer, at: Progress, work: Path, stopped_by: str) -> None:
+    """Mid-epoch stop: last.pt records the position, ``--resume`` continues exactly there.
+
+    "lost": the loader's workers died with the signal (a process-group SIGTERM) in the middle of
+    an accumulated step; that position is not exactly resumable, so the last epoch's checkpoint
+    stays.
+    """
+    if stopped_by == "lost":
+        log.warning("stopped inside an accumulated step: keeping the last epoch's checkpoint")
+        return
+    if t.d.main:
+        save_checkpoint(checkpoint_state(t, at), work / LAST)
+        fault_point("train:checkpoint-saved")
+    log.warning("stopped at step %d (epoch %d, micro-batch %d); resume with --resume",
+                at.step, at.epoch, at.batch_in_epoch)  # fmt: skip
 
 
 def end_epoch(
-    shard_dir: Path, out_dir: Path, t: Trainer, at: Progress, seconds: float
+    shard_dir: Path, work: Path, t: Trainer, at: Progress, seconds: float
 ) -> dict[str, Any]:
     """Validate (rank 0), record the epoch, write last.pt and, if it improved, best.pt."""
     s, nb = at.sums, max(at.sums.get("batches", 0.0), 1.0)
@@ -390,34 +520,34 @@ def end_epoch(
         improved = metric is not None and (at.best is None or metric > at.best)
         if improved:
             at.best = metric
-        save_checkpoint(checkpoint_state(t, at), out_dir / LAST)
-        if improved or not (out_dir / BEST).exists():
-            save_checkpoint(checkpoint_state(t, at, full=False), out_dir / BEST)
+        if improved or not (work / BEST).exists():
+            save_checkpoint(checkpoint_state(t, at, full=False), work / BEST)
+        save_checkpoint(checkpoint_state(t, at), work / LAST)  # last: resume never lacks best
+        fault_point("train:checkpoint-saved")
     barrier(t.d)  # other ranks wait for rank 0's validation + checkpoint
     rounded = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
     log.info("epoch %d: %s", row["epoch"], rounded)
     return row
 
 
-def write_report(
-    out_dir: Path, t: Trainer, at: Progress, interrupted: bool, seconds: float
-) -> dict[str, Any]:
-    """The stage report (also out_dir/train_report.json on rank 0, without its ``seconds``)."""
+def make_report(t: Trainer, at: Progress, stopped_by: str | None, seconds: float) -> dict[str, Any]:
+    """The stage report; ``stopped_by``: None (completed), "signal" or "max_steps".
+
+    ``seconds`` is returned for the caller's log and MLflow; the installed train_report.json
+    leaves it out (versioned outputs hold no timings)."""
     last = at.history[-1] if at.history else {}
-    report: dict[str, Any] = {
-        "epochs_completed": at.epoch, "steps": at.step, "interrupted": interrupted,
-        "history": at.history, "best_metric": at.best,
+    log.info("training took %.1f s", seconds)
+    return {
+        "epochs_completed": at.epoch, "steps": at.step, "interrupted": stopped_by is not None,
+        "stopped_by": stopped_by, "history": at.history, "best_metric": at.best,
         "selection_metric": selection_metric(last, t.p.task)[0], "final": last,
         "task": t.p.task, "task_loss": t.task_loss, "stages": stage_reports(t), "init": t.init,
         "classes": t.meta["classes"], "num_classes": t.meta["num_classes"],
         "model": t.model.config, "device": str(t.device),
         "amp": str(t.amp).replace("torch.", "") if t.amp else "off",
         "world_size": t.d.world_size, "checkpoint": LAST, "best_checkpoint": BEST,
+        "seconds": round(seconds, 3),
     }  # fmt: skip
-    if t.d.main:
-        write_json_atomic(out_dir / "train_report.json", report)
-    log.info("training took %.1f s", seconds)
-    return {**report, "seconds": round(seconds, 3)}
 
 
 def stage_reports(t: Trainer) -> list[dict[str, Any]]:
@@ -485,26 +615,38 @@ def train_batches(shard_dir: Path, t: Trainer, at: Progress) -> Iterator[dict[st
         rank=d.rank, world_size=d.world_size,
         drop_last=d.enabled,  # all_gather needs equal micro-batches on every rank
         skip_batches=at.batch_in_epoch,  # resume inside an epoch
+        max_bad_samples=p.max_bad_samples,
     )  # fmt: skip
     return iter(loader)
 
 
 def agreed_batches(
-    loader: Iterator[dict[str, Any]], t: Trainer, stop: StopFlag
-) -> Iterator[tuple[dict[str, Any], bool]]:
-    """(batch, stop requested) until the data ends; under DDP every rank agrees on both."""
+    loader: Iterator[dict[str, Any]], t: Trainer
+) -> Iterator[tuple[dict[str, Any] | None, bool]]:
+    """(batch, stop requested) until the data ends; under DDP every rank agrees on both.
+
+    A stop comes from a signal (``mmpipe.signals``). The batch is None when a stop finds the data
+    at its end, or when the signal also killed the loader's workers (a process-group SIGTERM).
+    """
     while True:
         # the DataLoader draws its base seed from the global RNG (lazily, at the first next()):
         # keep loading out of the training stream so that a resumed run, which builds its loader
         # at another point of that stream, replays the same dropout masks
-        with torch.random.fork_rng(devices=[]):
-            batch = next(loader, None)
-        stopping = stop.requested
+        try:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(loader, None)
+        except RuntimeError:
+            if signals.requested() is None:
+                raise
+            batch = None  # "DataLoader worker ... is killed by signal": a stop, not a crash
+        stopping = signals.requested() is not None
         if t.d.enabled:
             have, stops = all_reduce_sum([float(batch is not None), float(stopping)], t.d, t.device)
             # an uneven split must not leave one rank waiting in a collective (webdataset#188)
             batch, stopping = (batch if have == t.d.world_size else None), stops > 0
         if batch is None:
+            if stopping:
+                yield None, True
             return
         yield batch, stopping
 
@@ -721,27 +863,3 @@ def group_ids(image_ids: list[str]) -> torch.Tensor:
         except ValueError:
             out.append(zlib.crc32(s.encode("utf-8")))
     return torch.tensor(out, dtype=torch.long)
-
-
-class StopFlag:
-    """SIGTERM sets the flag; the loop saves at the next step boundary and returns."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def handler(self, signum: int, frame: Any) -> None:
-        """Signal handler: only set a flag (saving inside a handler could corrupt state)."""
-        log.warning("signal %d: will checkpoint at the next step boundary and stop", signum)
-        self.requested = True
-
-    def __enter__(self) -> StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self.handler)
-        except ValueError:  # not the main thread (e.g. a Prefect worker thread): no handler
-            log.info("not in the main thread: SIGTERM checkpointing disabled")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

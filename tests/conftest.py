@@ -68,6 +68,15 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(TEST_PREFECT_HOME, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _forget_signals():
+    """A test that sends itself SIGTERM must not leave the stop flag set for the next one."""
+    yield
+    from mmpipe import signals
+
+    signals.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests when CUDA is absent; everything else always runs."""
     import torch
@@ -245,12 +254,17 @@ def write_mood_shards(
                 for row in rows[k : k + per_shard]:
                     sink.write(row)
             count = len(rows[k : k + per_shard])
-            shards.append(
-                {"name": name, "count": count, "bytes": (out / name).stat().st_size, "sha256": ""}
-            )
+            shards.append({"name": name, "count": count, **shard_hashes(out / name)})
         manifest["splits"][split] = {"count": len(rows), "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def shard_hashes(path: Path) -> dict:
+    """The manifest fields that the loader verifies a shard against: bytes and sha256."""
+    from mmpipe.io import sha256_file
+
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def tiny_train_params(**overrides):
@@ -326,9 +340,10 @@ def write_colour_shards(
                         info.size = len(data)
                         tf.addfile(info, io.BytesIO(data))
                     count += 1
+        name = f"{split}-000000.tar"
         splits[split] = {
             "count": count,
-            "shards": [{"name": f"{split}-000000.tar", "count": count}],
+            "shards": [{"name": name, "count": count, **shard_hashes(root / name)}],
         }
     manifest = {"image_size": COLOUR_IMAGE_SIZE, "classes": COLOUR_CLASSES, "splits": splits,
                 "params_hash": "x"}  # fmt: skip

@@ -31,7 +31,14 @@ from mmpipe.errors import InputError
 from mmpipe.io import read_json
 from mmpipe.layout import Layout
 from mmpipe.ood import PROFILE_FILE, Profile
-from mmpipe.tracking.store import Run, connect, point_fluent_api_at, sqlite_path, tracking_uri
+from mmpipe.tracking.store import (
+    Run,
+    Store,
+    connect,
+    point_fluent_api_at,
+    sqlite_path,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mmpipe.predict import Predictor
@@ -142,7 +149,11 @@ def download_model(
 
     The sidecar's ``profile_file`` is the downloaded embedding profile, when the model has one.
     """
-    store = connect(p, root)
+    return fetch_model(connect(p, root), model_uri)
+
+
+def fetch_model(store: Store, model_uri: str) -> tuple[Path, dict[str, Any]]:
+    """``download_model`` from a store already connected."""
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=model_uri, tracking_uri=store.uri, registry_uri=store.uri

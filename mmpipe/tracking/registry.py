@@ -1,14 +1,32 @@
 """The model registry: a version per trained model; the alias moves only on improvement.
 
-The registry uses aliases only (stages are deprecated): ``register_and_maybe_promote`` moves the
-alias (``champion``) when the new version's metric beats the champion version's tagged metric.
+The registry uses aliases only (stages are deprecated). ``register_and_maybe_promote`` registers
+a new version, then moves the alias (``champion``) by compare-and-set: under a lock it re-reads
+the champion and its score, compares, and moves the alias, so two registrations racing for the
+alias end as if they had run one after the other. What the lock is:
+
+* SQLite store: ``flock`` on ``<db>.registry.lock`` beside the database (one host).
+* PostgreSQL store: ``pg_advisory_xact_lock`` on a key derived from the model name, taken in a
+  transaction on the same database, so every host registering to it is serialised.
+* A tracking server (``http(s)://``): MLflow's REST API offers no lock or conditional alias
+  update. A warning is logged; serialise registrations outside mmpipe (one scheduler, or a
+  Prefect global concurrency limit around the register task).
+
+Scores are compared on the same test split only: a champion tagged with another ``data_hash``
+is re-scored on this run's test split (``rescore``, evaluate's machinery) and both numbers are
+kept in the result and the new version's tags; if it cannot be re-scored, the alias stays and
+the result says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -17,13 +35,18 @@ from mlflow.tracking import MlflowClient
 
 from mmpipe.config import RegisterParams
 from mmpipe.errors import InputError
+from mmpipe.faults import fault_point
+from mmpipe.layout import sqlite_path
 from mmpipe.modelcard import HEADLINE_METRICS
 from mmpipe.objectives import metric_of
+from mmpipe.tracking.models import fetch_model
 from mmpipe.tracking.results import rounded_tags
 from mmpipe.tracking.runs import numeric
-from mmpipe.tracking.store import Run, point_fluent_api_at
+from mmpipe.tracking.store import Run, Store, file_lock, point_fluent_api_at
 
 log = logging.getLogger(__name__)
+
+Rescore = Callable[[Path], Mapping[str, float]]
 
 
 def _champion(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -33,15 +56,80 @@ def _champion(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
-def _champion_value(version: Any, metric: str) -> float | None:
-    tag = version.tags.get(metric)
-    return float(tag) if tag is not None else None
-
-
 def _is_better(new: float, old: float | None, greater_is_better: bool) -> bool:
     if old is None or math.isnan(old):
         return True
     return new > old if greater_is_better else new < old
+
+
+@contextlib.contextmanager
+def promotion_lock(store: Store, model_name: str) -> Iterator[str]:
+    """Serialise alias moves of ``model_name`` on ``store``; yields what guards it."""
+    db = sqlite_path(store.uri)
+    if db is not None:
+        with file_lock(db.with_name(db.name + ".registry.lock")):
+            yield "file lock"
+        return
+    if store.uri.startswith(("postgresql", "postgres")):
+        from sqlalchemy import create_engine, text
+
+        key = int.from_bytes(hashlib.sha256(f"mmpipe:{model_name}".encode()).digest()[:8], "big")
+        engine = create_engine(store.uri.replace("postgres://", "postgresql://", 1))
+        try:
+            with engine.begin() as conn:  # the lock lasts until this transaction ends
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key - (1 << 63)})
+                yield "pg_advisory_xact_lock"
+        finally:
+            engine.dispose()
+        return
+    log.warning(
+        "%s: no lock is possible through a tracking server; serialise `mmpipe register` runs "
+        "(e.g. a Prefect global concurrency limit) or two may both move the alias",
+        store.uri,
+    )
+    yield "none"
+
+
+@dataclass
+class Comparison:
+    """How the new version was compared with the champion, and the outcome."""
+
+    promoted: bool
+    old: float | None  # the champion's score the decision used (None: no champion)
+    basis: str  # first | same_data | rescored | refused
+    reason: str = ""
+    tagged: float | None = None  # the champion's score as tagged when it was registered
+
+
+def compare(
+    champion: Any | None,
+    value: float,
+    p: RegisterParams,
+    data_hash: str,
+    rescore: Rescore | None,
+    store: Store,
+) -> Comparison:
+    """Decide on the same test split: the champion's tag if it was scored on this data, else its
+    score on this data (re-scored now), else no promotion."""
+    if champion is None:
+        return Comparison(True, None, "first")
+    tag = champion.tags.get(p.metric)
+    tagged = float(tag) if tag is not None else None
+    if champion.tags.get("data_hash") == data_hash and data_hash != "unknown":
+        return Comparison(_is_better(value, tagged, p.greater_is_better), tagged, "same_data")
+    reason = f"champion v{champion.version} was scored on other data"
+    if rescore is None:
+        return Comparison(False, tagged, "refused", f"{reason}; nothing to re-score it with")
+    try:
+        checkpoint, _ = fetch_model(store, f"models:/{p.model_name}/{champion.version}")
+        scores = numeric(rescore(checkpoint))
+    except InputError as exc:
+        return Comparison(False, tagged, "refused", f"{reason} and cannot be re-scored: {exc}")
+    if p.metric not in scores:
+        why = f"{reason} and re-scoring it gives no {p.metric!r}"
+        return Comparison(False, tagged, "refused", why)
+    old = scores[p.metric]
+    return Comparison(_is_better(value, old, p.greater_is_better), old, "rescored", tagged=tagged)
 
 
 def register_and_maybe_promote(
@@ -51,15 +139,14 @@ def register_and_maybe_promote(
     p: RegisterParams,
     *,
     data_hash: str | None = None,
+    rescore: Rescore | None = None,
 ) -> dict[str, Any]:
     """A new version of ``p.model_name``, tagged with metrics; the alias moves only on improvement.
 
-    The first version becomes champion. The comparison reads the champion version's own tag
-    named after the metric (what it scored when registered); a champion without that tag is
-    replaced. A tie (at the tags' 4 significant digits) does not move the alias. Both scores
-    should come from the same test split: when the champion's ``data_hash`` tag differs, the
-    result says so (``same_data: false``) and a warning is logged, but the comparison still
-    decides.
+    The first version becomes champion; a tie (at the tags' 4 significant digits) does not move
+    the alias. The comparison runs under ``promotion_lock`` and re-reads the champion right
+    before moving the alias (compare-and-set). ``rescore(checkpoint)`` scores another checkpoint
+    on this run's test split (for a champion scored on other data).
     """
     scores = numeric(metrics)
     if p.metric is None or p.greater_is_better is None:  # the pipeline resolves them per task
@@ -70,38 +157,59 @@ def register_and_maybe_promote(
         raise InputError(
             f"metrics have no numeric {p.metric!r} (register.metric); available: {sorted(scores)}"
         )
-    value, client = scores[p.metric], run.client
-    champion = _champion(client, p.model_name, p.alias)
+    client, data_hash = run.client, data_hash or "unknown"
     # a few headline numbers, rounded as people read them (the run keeps every metric in full);
-    # the champion is compared at this precision too, so a tag never disagrees with a decision
+    # this run is compared at this precision too, so a tag never disagrees with a decision
     tags = rounded_tags(scores, [p.metric, *HEADLINE_METRICS])
-    tags["data_hash"] = data_hash or "unknown"
+    tags.update({"run_id": run.id, "data_hash": data_hash})
+    value = float(tags[p.metric])
     # the client has no one-call equivalent (create the model if new, resolve a logged model's
-    # URI, wait until READY): the fluent function, pointed at the run's store
+    # URI, wait until READY): the fluent function, pointed at the run's store. Registering only
+    # appends a version: it needs no lock.
     point_fluent_api_at(run.store)
     version = mlflow.register_model(model_uri, p.model_name, tags=tags)
-    old = _champion_value(champion, p.metric) if champion is not None else None
-    promoted = _is_better(float(tags[p.metric]), old, p.greater_is_better)
-    same_data = champion is None or champion.tags.get("data_hash") == (data_hash or "unknown")
-    if not same_data:
-        log.warning("champion v%s was scored on other data; comparing anyway", champion.version)
-    if promoted:
-        client.set_registered_model_alias(p.model_name, p.alias, version.version)
+    fault_point("register:version-created")
+    with promotion_lock(run.store, p.model_name) as guard:
+        champion = _champion(client, p.model_name, p.alias)  # re-read under the lock
+        c = compare(champion, value, p, data_hash, rescore, run.store)
+        if c.promoted:
+            client.set_registered_model_alias(p.model_name, p.alias, version.version)
+        fault_point("register:alias-decided")
+    for key, tag_value in _comparison_tags(champion, c, p.metric).items():
+        client.set_model_version_tag(p.model_name, version.version, key, tag_value)
+    if c.reason:
+        log.warning("%s v%s not promoted: %s", p.model_name, version.version, c.reason)
     log.info(
-        "registered %s v%s (%s=%.4f, champion %s): %s",
-        *(p.model_name, version.version, p.metric, value, old),
-        "promoted" if promoted else "alias unchanged",
+        "registered %s v%s (%s=%.4f, champion %s, %s, %s): %s",
+        *(p.model_name, version.version, p.metric, value, c.old, c.basis, guard),
+        "promoted" if c.promoted else "alias unchanged",
     )
     return {
         "model_name": p.model_name,
         "version": int(version.version),
         "model_uri": model_uri,
         "alias": p.alias,
-        "promoted": promoted,
+        "promoted": c.promoted,
         "metric": p.metric,
         "value": value,
         "previous_champion_version": int(champion.version) if champion is not None else None,
-        "previous_champion_value": old,
-        "champion_version": int(version.version) if promoted else int(champion.version),
-        "same_data": same_data,
+        "previous_champion_value": c.old,
+        "previous_champion_tagged_value": c.tagged if c.basis == "rescored" else c.old,
+        "compared_on": c.basis,
+        "reason": c.reason,
+        "champion_version": int(version.version) if c.promoted else int(champion.version),
+        "same_data": c.basis in ("first", "same_data"),
+        "lock": guard,
     }
+
+
+def _comparison_tags(champion: Any | None, c: Comparison, metric: str) -> dict[str, str]:
+    """What the new version was compared with: the champion, its score here, on which basis."""
+    if champion is None:
+        return {"compared_on": c.basis}
+    tags = {"compared_on": c.basis, "compared_with_version": str(champion.version)}
+    if c.old is not None:
+        tags[f"compared_with_{metric}"] = repr(c.old)
+    if c.reason:
+        tags["not_promoted_because"] = c.reason[:500]
+    return tags

@@ -28,7 +28,8 @@ from pydantic import BaseModel
 
 from mmpipe.config import Params, TrackingParams, flatten
 from mmpipe.errors import InputError
-from mmpipe.tracking.store import Run, Store, connect
+from mmpipe.signals import Interrupted
+from mmpipe.tracking.store import Run, Store, connect, owner_tags
 
 PARENT_ENV = "MMPIPE_PARENT_RUN_ID"
 
@@ -40,7 +41,7 @@ def create_run(
     tags: Mapping[str, str] | None = None,
 ) -> Run:
     """A new RUNNING run, nested under ``parent_run_id``, with MLflow's source/user tags."""
-    tags = dict(tags or {})
+    tags = {**owner_tags(), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     created = store.client.create_run(store.experiment_id, run_name=name, tags=resolve_tags(tags))
@@ -61,7 +62,7 @@ def start_run(
 
     With ``export_parent=True`` the run id is put in MMPIPE_PARENT_RUN_ID for the duration, so
     stages started as subprocesses nest under it. The run ends FINISHED, or FAILED (KILLED on
-    Ctrl-C) if the block raises.
+    Ctrl-C or SIGTERM: ``signals.Interrupted``) if the block raises.
     """
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     run = create_run(connect(p, root), run_name, parent, tags)
@@ -72,7 +73,7 @@ def start_run(
     try:
         yield run
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         status = "KILLED"
         raise
     finally:

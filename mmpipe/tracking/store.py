@@ -15,7 +15,9 @@ and ``mmpipe.tracking.models`` / ``registry`` use it for those calls only.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mmpipe.commit import pid_alive
 from mmpipe.config import TrackingParams
 from mmpipe.layout import sqlite_path, store_uri
+
+log = logging.getLogger(__name__)
 
 _initialised: set[tuple[str, str]] = set()
 # mlflow.set_tracking_uri() also *exports* MLFLOW_TRACKING_URI (for its subprocesses). That value is
@@ -87,7 +92,7 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
     _point_fluent_api_at(uri)
     if (uri, p.experiment) not in _initialised:
         db = sqlite_path(uri)
-        lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
+        lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
         with lock:  # the first store access (even building a client) migrates the schema
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +101,43 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
             client.search_registered_models(max_results=1)  # registry store tables
             _ensure_experiment(client, p.experiment, artifact_location(uri))
         _initialised.add((uri, p.experiment))
+        store = _store(uri, p.experiment)
+        end_dead_runs(store)
+        return store
+    return _store(uri, p.experiment)
+
+
+def _store(uri: str, experiment: str) -> Store:
     client = MlflowClient(uri, registry_uri=uri)
-    return Store(uri, client.get_experiment_by_name(p.experiment).experiment_id, client)
+    return Store(uri, client.get_experiment_by_name(experiment).experiment_id, client)
+
+
+PID_TAG, HOST_TAG = "mmpipe.pid", "mmpipe.host"
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags every run gets at creation: which process of which host runs it."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def end_dead_runs(store: Store) -> list[str]:
+    """End KILLED the RUNNING runs of this host whose process is gone (kill -9, OOM, power).
+
+    Runs when a process first opens the store, so a killed night's runs do not stay RUNNING
+    forever. Another host's runs are left alone (whether their process lives is unknowable here).
+    """
+    host = socket.gethostname()  # [A-Za-z0-9.-]: nothing to quote
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    ended = []
+    for run in store.client.search_runs([store.experiment_id], query, max_results=1000):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            store.client.set_tag(run.info.run_id, "mmpipe.ended", "its process was gone")
+            store.client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("MLflow: %d run(s) of killed processes marked KILLED: %s", len(ended), ended)
+    return ended
 
 
 def _ensure_experiment(client: MlflowClient, name: str, location: str | None) -> None:
@@ -124,7 +164,7 @@ def _point_fluent_api_at(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive cross-process lock (POSIX flock); a no-op where fcntl is missing."""
     try:
         import fcntl

@@ -14,6 +14,7 @@ from mmpipe.checkpoint import read_manifest
 from mmpipe.config import TransformSpec
 from mmpipe.data import create_dataloader, decode_image, iterate_split
 from mmpipe.errors import InputError
+from mmpipe.io import sha256_file
 
 COUNTS = {"train": [7, 5, 9], "val": [4]}  # uneven shards on purpose
 
@@ -122,23 +123,74 @@ def test_bad_augment_spec_is_an_input_error(make_shards):
         create_dataloader(shards, "val", 4, augment=[TransformSpec(name="RandomBrightnesContrast")])
 
 
-def test_corrupt_sample_is_counted_not_silently_dropped(make_shards, caplog):
-    shards = make_shards({"train": [3]})
-    path = shards / "train-000000.tar"
-    members = []
+def _rewrite_shard(shards, name: str, change) -> None:
+    """Rewrite a shard's members through ``change(member_name, data)`` and re-hash it in the
+    manifest, as if `mmpipe shard` had written those bytes (its size and sha256 match)."""
+    path = shards / name
     with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            data = tf.extractfile(m).read()
-            members.append((m, b"not a jpeg" if m.name == "train00001.jpg" else data))
+        members = [(m, change(m.name, tf.extractfile(m).read())) for m in tf.getmembers()]
     with tarfile.open(path, "w") as tf:
         for m, data in members:
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
-    loader = create_dataloader(shards, "train", 8)
-    keys = keys_of(loader)
-    assert keys == ["train00000", "train00002"]
-    assert loader.stats == {"samples": 2, "skipped": 1, "expected": 3}
-    assert "train00001" in caplog.text and "2 of 3 expected" in caplog.text
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for entry in (e for split in manifest["splits"].values() for e in split["shards"]):
+        if entry["name"] == name:
+            entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_undecodable_sample_fails_the_pass_naming_its_shard(make_shards):
+    shards = make_shards({"train": [3]})
+    _rewrite_shard(shards, "train-000000.tar",
+                   lambda name, data: b"not a jpeg" if name == "train00001.jpg" else data)  # fmt: skip
+    with pytest.raises(InputError, match=r"read 2 of 3 expected samples, 1 unreadable \(shards: "
+                       r"train-000000.tar\).*max_bad_samples=0.*train00001"):  # fmt: skip
+        keys_of(create_dataloader(shards, "train", 8))
+
+
+def test_bad_samples_within_the_allowance_are_counted_and_named(make_shards, caplog):
+    shards = make_shards({"train": [3]})
+    _rewrite_shard(shards, "train-000000.tar",
+                   lambda name, data: b"not a jpeg" if name == "train00001.jpg" else data)  # fmt: skip
+    loader = create_dataloader(shards, "train", 8, max_bad_samples=1)
+    assert keys_of(loader) == ["train00000", "train00002"]
+    assert (loader.stats["samples"], loader.stats["skipped"]) == (2, 1)
+    assert loader.stats["bad"][0].startswith("train-000000.tar: sample train00001")
+    assert "train00001" in caplog.text and "read 2 of 3 expected" in caplog.text
+
+
+def test_a_truncated_shard_is_refused_naming_it_and_its_manifest_entry(make_shards):
+    shards = make_shards(COUNTS)
+    path = shards / "train-000001.tar"
+    size = path.stat().st_size
+    with path.open("r+b") as fh:
+        fh.truncate(size - 1024)
+    with pytest.raises(InputError, match=rf"train-000001.tar: {size - 1024} bytes but manifest"
+                       rf".json's train entry 'train-000001.tar' says {size}"):  # fmt: skip
+        create_dataloader(shards, "train", 4)
+
+
+def test_flipped_bytes_are_caught_by_the_sha256_pass(make_shards):
+    shards = make_shards(COUNTS)
+    path = shards / "train-000002.tar"
+    data = bytearray(path.read_bytes())
+    start = data.find(b"\xff\xd8") + 200  # inside a JPEG: the tar itself still reads fine
+    data[start : start + 32] = bytes(b ^ 0xFF for b in data[start : start + 32])
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"train-000002.tar: sha256 .* but manifest.json's train "
+                       r"entry 'train-000002.tar' says .*corrupted or modified"):  # fmt: skip
+        create_dataloader(shards, "train", 4)
+    assert keys_of(create_dataloader(shards, "val", 4))  # other shards still read
+
+
+def test_a_shard_replaced_after_the_check_fails_when_opened(make_shards):
+    shards = make_shards(COUNTS)
+    loader = create_dataloader(shards, "train", 4)  # verified now
+    with (shards / "train-000000.tar").open("ab") as fh:
+        fh.write(b"\0" * 512)
+    with pytest.raises(InputError, match="train-000000.tar: .* bytes, manifest.json says"):
+        keys_of(loader)
 
 
 def test_iterate_split_and_manifest(make_shards):
@@ -157,7 +209,9 @@ def test_missing_inputs_are_input_errors(tmp_path, make_shards):
     with pytest.raises(InputError, match="no split 'test'"):
         create_dataloader(shards, "test", 2)
     (shards / "val-000000.tar").unlink()
-    with pytest.raises(InputError, match="val-000000.tar: listed in manifest.json but missing"):
+    with pytest.raises(
+        InputError, match="val-000000.tar: listed in manifest.json.s val entry .* but missing"
+    ):
         create_dataloader(shards, "val", 2)
     (shards / "manifest.json").write_text(json.dumps({"oops": 1}))
     with pytest.raises(InputError, match="no 'splits'"):

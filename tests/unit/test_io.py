@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,35 +98,31 @@ def test_outputs_respect_the_umask(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o664
 
 
-def test_stale_temps_are_removed_but_never_a_live_runs(tmp_path):
-    import fcntl
+def test_killed_writes_leave_temps_that_remove_temps_finds(tmp_path):
+    import subprocess
+    import sys
 
-    from mmpipe.io import atomic_path, locked_temp_dir, remove_stale_temps
+    from mmpipe.io import atomic_path, remove_temps, scratch_dir
 
-    old = 1_000_000_000  # an mtime long past the grace period
-    stale_file = tmp_path / ".records.parquet.abc.tmp"
-    stale_file.write_bytes(b"half")
-    stale_dir = tmp_path / ".shard-tmp.dead.tmp"
-    (stale_dir).mkdir()
-    (stale_dir / ".lock").write_bytes(b"")
-    (stale_dir / "train-000000.tar").write_bytes(b"x")
-    for path in (stale_file, stale_dir):
-        os.utime(path, (old, old))
-    keep = tmp_path / "manifest.json"
-    keep.write_text("{}")
-    with locked_temp_dir(tmp_path, ".shard-tmp.") as live_dir, atomic_path(tmp_path / "b") as live:
-        live.write_bytes(b"being written")
-        os.utime(live_dir, (old, old))  # old, but its writer holds the lock
-        os.utime(live, (old, old))
-        removed = remove_stale_temps(tmp_path)
-        assert sorted(removed) == sorted([stale_file.name, stale_dir.name])
-        assert live_dir.is_dir() and live.is_file() and keep.is_file()
-        fd = os.open(live_dir / ".lock", os.O_RDONLY)  # still locked by its owner
-        try:
-            import pytest
-
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)
-    assert {p.name for p in tmp_path.iterdir()} == {"manifest.json", "b"}
+    keep = tmp_path / "last.pt"
+    keep.write_text("previous")
+    script = (
+        "import os, signal, sys\n"
+        "from mmpipe.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(keep)], check=False)
+    assert keep.read_text() == "previous"  # the kill left the old file...
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # ...and a temp
+    assert remove_temps(tmp_path) == leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(RuntimeError), atomic_path(keep) as tmp:  # an error cleans up at once
+        tmp.write_text("new")
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), scratch_dir(tmp_path / ".work") as work:
+        (work / "x").write_text("x")
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -11,6 +11,7 @@ import pytest
 
 from mmpipe import pipeline
 from mmpipe.config import load_params
+from mmpipe.io import read_json
 from mmpipe.layout import Layout
 from tests.conftest import TINY_OVERRIDES
 
@@ -101,11 +102,28 @@ def test_user_source_files_are_fingerprinted_by_size_and_mtime(tmp_path):
 def test_a_failed_run_leaves_no_stamp(layout, monkeypatch):
     params = _params()
 
-    def broken(params, layout):
-        raise OSError("disk full")
+    def broken(params, layout, out_dir):
+        (out_dir / "pairs.parquet").write_bytes(b"half")
+        raise OSError("connection reset")
 
+    before = {p.name: p.read_bytes() for p in layout.align_dir.iterdir()}
     monkeypatch.setitem(pipeline._DATA_FUNCTIONS, "align", broken)
     with pytest.raises(OSError):
         pipeline.run_data_stage("align", params, layout)
-    assert not (layout.align_dir / pipeline.STAMP).exists()
-    assert not pipeline.stage_is_current("align", params, layout)
+    # the previous output, stamp included, exactly as it was; nothing left beside it
+    assert {p.name: p.read_bytes() for p in layout.align_dir.iterdir()} == before
+    assert sorted(p.name for p in layout.root.joinpath("data").iterdir()) == [
+        "align", "ingest", "shards"
+    ]  # fmt: skip
+
+
+def test_a_rerun_replaces_the_whole_output(layout):
+    """Fewer shards the second time: none of the first run's may survive beside them."""
+    before = {p.name for p in layout.shard_dir.iterdir()}
+    assert len([n for n in before if n.startswith("train-")]) > 1
+    params = _params("shard.maxcount=1000")
+    pipeline.run_data_stage("shard", params, layout)
+    manifest = read_json(layout.shard_dir / "manifest.json")
+    listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
+    assert {p.name for p in layout.shard_dir.iterdir()} == listed | {"manifest.json", ".stamp.json"}
+    assert pipeline.stage_is_current("shard", params, layout)

@@ -188,14 +188,22 @@ def test_default_source_falls_back_to_checkpoint_without_registry(proj):
 def _register(root, store, register, accuracy):
     """What the register stage does, on the project's trained model (pipeline.stage_register)."""
     from mmpipe import pipeline
+    from mmpipe.checkpoint import pick_checkpoint
     from mmpipe.config import Params
-    from mmpipe.io import write_json_atomic
+    from mmpipe.evaluate import provenance
+    from mmpipe.io import read_json, write_json_atomic
 
-    if pipeline._train_run_id(Layout(root)) is None:
+    layout = Layout(root)
+    scored = provenance(pick_checkpoint(layout.model_dir), layout.shard_dir)  # as evaluate does
+    if pipeline._train_run_id(layout) is None:
         with tracking.start_run(store, root, run_name="train") as run:
             pass
-        pipeline.record_train_run(Layout(root), run.id)
-    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy})
+        pipeline.record_train_run(layout, run.id)
+    report_path = layout.model_dir / "train_report.json"
+    report = read_json(report_path) if report_path.is_file() else {}
+    if report.get("data_hash") != scored["data_sha256"]:  # as stage_train installs it
+        write_json_atomic(report_path, {**report, "data_hash": scored["data_sha256"]})
+    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy, **scored})
     params = Params(tracking=store, register=register)
     return pipeline.stage_register(params, Layout(root))
 

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmpipe import shard as shard_mod
 from mmpipe.align import run_align
 from mmpipe.checkpoint import read_manifest
 from mmpipe.config import AlignParams, ShardParams, TransformSpec
@@ -94,32 +93,6 @@ def test_maxcount_and_maxsize_rotation(aligned, tmp_path):
     shard(aligned, tmp_path / "b", maxsize=12 * 1024)
     shards = read_manifest(tmp_path / "b")["splits"]["train"]["shards"]
     assert len(shards) > 2 and all(s["bytes"] <= 12 * 1024 for s in shards)
-
-
-def test_rerun_replaces_shards_cleanly(aligned, tmp_path):
-    out = tmp_path / "shards"
-    out.mkdir()
-    (out / ".stamp.json").write_text("{}")  # not ours: must survive
-    shard(aligned, out, maxcount=3)
-    assert len(list(out.glob("train-*.tar"))) > 3
-    shard(aligned, out, maxcount=1000)
-    manifest = read_manifest(out)
-    listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
-    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", ".stamp.json"}
-
-
-def test_interrupted_run_keeps_previous_output(aligned, tmp_path, monkeypatch):
-    out = tmp_path / "shards"
-    shard(aligned, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    def boom(*_a, **_k):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(shard_mod, "build_manifest", boom)
-    with pytest.raises(RuntimeError):
-        shard(aligned, out, maxcount=2)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp dir, no mix
 
 
 def test_loader_reads_what_shard_wrote(aligned, tmp_path):

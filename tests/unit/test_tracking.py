@@ -195,12 +195,29 @@ def test_registry_promotes_first_and_better_only(store, tmp_path):
     assert results[1]["previous_champion_value"] == 0.5 and results[3]["same_data"]
 
 
+def test_registry_never_compares_across_data_it_cannot_rescore(store, tmp_path):
+    """A champion scored on other data is re-scored on this split, or the alias stays."""
+    p = RegisterParams(model_name="cross")
+    first = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"accuracy": 0.5}, p, data_hash="old-data"
+    )
+    better = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"accuracy": 0.9}, p, data_hash="new-data"
+    )
+    assert first["promoted"] and not better["promoted"]
+    assert better["compared_on"] == "refused" and "other data" in better["reason"]
+    client = tracking.connect(store, tmp_path).client
+    tags = client.get_model_version("cross", str(better["version"])).tags
+    assert tags["compared_on"] == "refused" and tags["compared_with_version"] == "1"
+
+
 def test_registry_lower_is_better_and_missing_metric(store, tmp_path):
     p = RegisterParams(model_name="reg", metric="rmse", greater_is_better=False)
     out = []
     for rmse in (2.0, 3.0, 1.0):
         run, uri = _logged_model(store, tmp_path)
-        out.append(tracking.register_and_maybe_promote(run, uri, {"rmse": rmse}, p)["promoted"])
+        result = tracking.register_and_maybe_promote(run, uri, {"rmse": rmse}, p, data_hash="d")
+        out.append(result["promoted"])
     assert out == [True, False, True]
     with pytest.raises(InputError, match="rmse"):
         tracking.register_and_maybe_promote(run, uri, {"accuracy": 1.0}, p)

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpipe import signals
 from mmpipe.checkpoint import load_model
 from mmpipe.errors import InputError
+from mmpipe.signals import Interrupted
 from mmpipe.train import run_train, warmup_cosine
 from tests.conftest import MOOD_CLASSES, tiny_train_params, write_mood_shards
 
@@ -87,22 +89,52 @@ def test_resume_detects_a_difference(shards, tmp_path):
         _params_equal(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
 
 
-def test_sigterm_checkpoints_and_resumes(shards, tmp_path):
+def test_sigterm_checkpoints_raises_and_resumes(shards, tmp_path):
     p = tiny_train_params()
 
     def kill_after_first_epoch(epoch, metrics):
         if epoch == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by run_train: flag, save, return
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by run_train: flag, save, raise
 
     before = signal.getsignal(signal.SIGTERM)
-    report = run_train(shards, p, tmp_path / "b", on_epoch_end=kill_after_first_epoch)
+    with pytest.raises(
+        Interrupted, match=r"SIGTERM at epoch 2, step 4; checkpoint in .*b\.partial"
+    ):
+        run_train(shards, p, tmp_path / "b", on_epoch_end=kill_after_first_epoch)
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored
-    assert report["interrupted"]
-    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 5)
+    assert not (tmp_path / "b").exists()  # nothing installed: no half-trained model to evaluate
+    state = torch.load(tmp_path / "b.partial" / "last.pt", weights_only=True)
+    # stopped at the next step boundary, before another micro-batch
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 0, 4)
+    signals.reset()
     run_train(shards, p, tmp_path / "b", resume=True)
     run_train(shards, p, tmp_path / "a")
     _params_equal(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert not (tmp_path / "b.partial").exists()  # installed, then the work dir removed
+
+
+def test_resume_refuses_a_checkpoint_of_other_params_or_data(shards, tmp_path):
+    """Yesterday's run with another seed must not pass for tonight's."""
+    run_train(shards, tiny_train_params(), tmp_path / "m", max_steps=2)
+    with pytest.raises(InputError, match=r"train.seed: 0 -> 1.*--resume refuses"):
+        run_train(shards, tiny_train_params(seed=1), tmp_path / "m", resume=True)
+    other = write_mood_shards(tmp_path / "other", seed=1)
+    with pytest.raises(InputError, match="data: the shard manifest differs"):
+        run_train(other, tiny_train_params(), tmp_path / "m", resume=True)
+    # what does not change the result may change: the loader's workers
+    report = run_train(shards, tiny_train_params(num_workers=1), tmp_path / "m", resume=True)
+    assert report["steps"] == 8 and not report["interrupted"]
+
+
+def test_a_fresh_run_discards_an_old_partial_and_installs_whole(shards, tmp_path, caplog):
+    run_train(shards, tiny_train_params(), tmp_path / "m", max_steps=2)
+    assert not (tmp_path / "m").exists() and (tmp_path / "m.partial" / "last.pt").is_file()
+    report = run_train(shards, tiny_train_params(epochs=1), tmp_path / "m")
+    assert "discarding the checkpoint of an interrupted run" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "best.pt", "last.pt", "train_report.json"
+    ]  # fmt: skip
+    assert report["steps"] == 4 and not (tmp_path / "m.partial").exists()
 
 
 def test_checkpoint_is_weights_only_and_reloads(shards, tmp_path):
@@ -213,17 +245,18 @@ def test_two_stages_in_one_run_and_resume_across_the_boundary(shards, tmp_path):
                    freeze_image=True, unfreeze_last=1),
     ]  # fmt: skip
     p = tiny_train_params(stages=stages)
-    first = run_train(shards, p, tmp_path, max_steps=4)  # 4 steps = the first stage's
+    out, work = tmp_path / "m", tmp_path / "m.partial"  # checkpoints live in work until done
+    first = run_train(shards, p, out, max_steps=4)  # 4 steps = the first stage's
     assert first["interrupted"] and first["steps"] == 4
-    after_pretrain = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
-    report = run_train(shards, p, tmp_path, resume=True)
+    after_pretrain = torch.load(work / "last.pt", weights_only=True)["model"]
+    report = run_train(shards, p, out, resume=True)
     assert [r["stage"] for r in report["history"]] == ["pretrain", "finetune", "finetune"]
     row = report["history"][0]
     assert row["train_loss"] == pytest.approx(row["train_contrastive"])  # no task loss
     assert [s["name"] for s in report["stages"]] == ["pretrain", "finetune"]
     assert report["stages"][1]["freezing"].startswith("image frozen (last 1 blocks trainable)")
     assert report["steps"] == 12 and report["history"][-1]["train_contrastive"] > 0
-    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    final = torch.load(out / "last.pt", weights_only=True)["model"]
     frozen = [k for k in final if k.startswith("image_encoder.body.")]
     trainable = [k for k in final if k.startswith("image_encoder.pool.")]
     assert frozen and all(torch.equal(final[k], after_pretrain[k]) for k in frozen)
