@@ -308,8 +308,8 @@ def stage_evaluate(
     with project_lock(layout, "mmpipe evaluate"):
         with staged_dir(layout.eval_dir) as staging:
             metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, staging)
+            stage_report(params, layout, staging)  # the flow rewrites it once registered
             fault_point("evaluate:staged")
-        stage_report(params, layout)  # the flow rewrites it once the model is registered
         run_id = _train_run_id(layout)
         if run_id is not None:
             tracking.log_evaluation(params.tracking, layout.root, run_id, metrics, layout.eval_dir)

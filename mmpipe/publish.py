@@ -131,17 +131,22 @@ def changes_since(
     }
 
 
-def write_run_report(layout: Layout, context: Mapping[str, Any]) -> dict[str, str]:
-    """reports/run.json + report.md + report.html from ``context`` and evaluate's outputs."""
+def write_run_report(
+    layout: Layout, context: Mapping[str, Any], out_dir: Path | None = None
+) -> dict[str, str]:
+    """run.json + report.md + report.html from ``context`` and evaluate's outputs, in
+    ``out_dir`` (default reports/; evaluate passes its staging directory)."""
     from mmpipe.report import write_report
 
-    write_json_atomic(layout.eval_dir / RUN_RECORD, dict(context))
-    return write_report(layout.eval_dir, context)
+    out_dir = layout.eval_dir if out_dir is None else out_dir
+    write_json_atomic(out_dir / RUN_RECORD, dict(context))
+    return write_report(out_dir, context)
 
 
-def stage_report(params: Params, layout: Layout) -> dict[str, str]:
+def stage_report(params: Params, layout: Layout, out_dir: Path | None = None) -> dict[str, str]:
     """The report after `mmpipe evaluate` on its own (e.g. `dvc repro`): nothing registered."""
-    return write_run_report(layout, run_context(params, layout, origin="mmpipe evaluate"))
+    context = run_context(params, layout, origin="mmpipe evaluate")
+    return write_run_report(layout, context, out_dir)
 
 
 def read_run_record(layout: Layout) -> dict[str, Any] | None:

@@ -54,10 +54,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_leaked_tracking_uri(monkeypatch):
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which overrides tracking.uri:
-    undone after the test, so later in-process runs use their own project's store."""
+    every test starts without it and it is undone after the test, so an in-process run uses its
+    own project's store, whatever an earlier test (in any directory) logged to."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 

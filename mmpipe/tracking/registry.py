@@ -161,8 +161,8 @@ def register_and_maybe_promote(
     # a few headline numbers, rounded as people read them (the run keeps every metric in full);
     # this run is compared at this precision too, so a tag never disagrees with a decision
     tags = rounded_tags(scores, [p.metric, *HEADLINE_METRICS])
-    tags.update({"run_id": run.id, "data_hash": data_hash})
-    value = float(tags[p.metric])
+    tags["data_hash"] = data_hash  # (the version records its run id itself)
+    value = scores[p.metric]
     # the client has no one-call equivalent (create the model if new, resolve a logged model's
     # URI, wait until READY): the fluent function, pointed at the run's store. Registering only
     # appends a version: it needs no lock.
@@ -171,7 +171,7 @@ def register_and_maybe_promote(
     fault_point("register:version-created")
     with promotion_lock(run.store, p.model_name) as guard:
         champion = _champion(client, p.model_name, p.alias)  # re-read under the lock
-        c = compare(champion, value, p, data_hash, rescore, run.store)
+        c = compare(champion, float(tags[p.metric]), p, data_hash, rescore, run.store)
         if c.promoted:
             client.set_registered_model_alias(p.model_name, p.alias, version.version)
         fault_point("register:alias-decided")
@@ -204,9 +204,10 @@ def register_and_maybe_promote(
 
 
 def _comparison_tags(champion: Any | None, c: Comparison, metric: str) -> dict[str, str]:
-    """What the new version was compared with: the champion, its score here, on which basis."""
-    if champion is None:
-        return {"compared_on": c.basis}
+    """What the new version was compared with when it was not the plain case (first version, or
+    the champion's own tag on the same data): the champion, its score here, on which basis."""
+    if champion is None or c.basis == "same_data":
+        return {}
     tags = {"compared_on": c.basis, "compared_with_version": str(champion.version)}
     if c.old is not None:
         tags[f"compared_with_{metric}"] = repr(c.old)

@@ -16,7 +16,7 @@ import pytest
 from mmpipe.cli import main
 from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_tracking_uri")]
+pytestmark = pytest.mark.slow
 
 
 def mmpipe_run(project: Path, params: Path | None, overrides: list[str], capsys) -> dict:
@@ -54,13 +54,13 @@ def _reports(project: Path) -> tuple[dict, dict]:
 # config -> (task, register metric, lower is better, metrics it must write, plots it must draw)
 CASES = {
     "sentiment_lstm_cnn": ("multiclass", "accuracy", False, ["accuracy", "macro_f1"],
-                           ["confusion_matrix.png"]),
+                           ["confusion.png"]),
     "regression_cnn_rnn": ("regression", "rmse", True, ["mae", "rmse", "r2"],
                            ["predicted_vs_true.png"]),
     "multilabel_cnn_lstm": ("multilabel", "map", False, ["micro_f1", "macro_f1", "map"], []),
     "vqa_lstm_resnet": ("vqa", "vqa_accuracy", False, ["vqa_accuracy"], []),
     "clip_pretrain_finetune": ("binary", "macro_f1", False, ["accuracy", "macro_f1", "auroc"],
-                               ["roc.png", "confusion_matrix.png"]),
+                               ["roc.png", "confusion.png"]),
     "pretrained_attention": ("multiclass", "accuracy", False, ["accuracy", "macro_f1"], []),
 }  # fmt: skip
 

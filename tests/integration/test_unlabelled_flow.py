@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.nightly import nightly
 from tests.conftest import SHARED_DATA, TINY_OVERRIDES, make_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leaked_tracking_uri")]
+pytestmark = pytest.mark.slow
 
 
 RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1",
