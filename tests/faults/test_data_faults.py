@@ -155,6 +155,7 @@ def small_disk(tmp_path):
 @pytest.mark.parametrize(
     ("stage", "out", "args"),
     [
+        ("ingest", "data/ingest", ["--set", "ingest.synthetic.seed=1"]),
         ("shard", "data/shards", ["--set", "shard.jpeg_quality=70"]),
         ("train", "models", ["--set", "train.seed=1"]),
     ],
