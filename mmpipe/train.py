@@ -771,13 +771,17 @@ def restore(t: Trainer, state: dict[str, Any], path: Path) -> tuple[Progress, di
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain lists (loadable with weights_only=True)."""
+    """RNG states as tensors and plain lists (loadable with weights_only=True).
+
+    Not Python's global ``random``: training draws from its own seeded ``random.Random``
+    instances (mmpipe.data), while other threads of the process (Prefect's, in the flow) draw
+    from the global one at moments that depend on the machine's load, so saving it made the
+    same training's last.pt differ in bytes between the flow and `dvc repro`.
+    """
     np_state = np.random.get_state()
-    py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], np_state[1].tolist(), *(np_state[2:4]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -789,8 +793,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    if "python" in state:  # checkpoints written before it was left out
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
