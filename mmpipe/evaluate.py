@@ -513,7 +513,7 @@ def run_evaluate(
     if reason:
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
-    plot_rows = [{"fusion": r["fusion"], "score": r["score"]} for r in ablation["results"]]
+    plot_rows = [dict(r) for r in ablation["results"]]  # fusion, the task's metrics, score
     write_plot(plots, "ablation", plot_rows, tp.fusion, DEFAULT_METRIC[model.task])
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():

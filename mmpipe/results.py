@@ -61,7 +61,7 @@ def metric_tables(
     fusion = next((r["fusion"] for r in ablation if r.get("configured")), None)
     best_uni = max(
         (r for r in ablation if r["fusion"] in ("image_only", "text_only")),
-        key=lambda r: r["accuracy"],
+        key=lambda r: r.get("accuracy", float("-inf")),
         default=None,
     )
     rows = [["metric", "value", "chance"], ["---", "---", "---"]]
@@ -69,7 +69,7 @@ def metric_tables(
         rows.append(["fused accuracy (the trained model)", f"**{_f(metrics['accuracy'])}**",
                      _f(majority_rate(confusion))])  # fmt: skip
         rows.append(["macro-F1", _f(metrics.get("macro_f1")), ""])
-    if best_uni is not None:
+    if best_uni is not None and "accuracy" in best_uni:
         name = best_uni["fusion"].replace("_", " ")
         rows.append([f"best unimodal baseline ({name})", _f(best_uni["accuracy"]), ""])
     if "fusion_gain" in metrics:
@@ -91,7 +91,7 @@ def metric_tables(
         for r in ablation:
             name = ABLATION_NAMES.get(r["fusion"], r["fusion"]).replace("_", " ")
             mark = " (the trained model's)" if r["fusion"] == fusion else ""
-            lines.append(f"| {name}{mark} | {_f(r['accuracy'])} | {_f(r['macro_f1'])} |")
+            lines.append(f"| {name}{mark} | {_f(r.get('accuracy'))} | {_f(r.get('macro_f1'))} |")
     return "\n".join(lines)
 
 
