@@ -305,10 +305,12 @@ class TrainParams(ModelConfig):
         "then cosine decay to 0.",
     )
     warmup_steps: int | None = Field(
-        None,
+        50,
         ge=0,
-        description="Warm-up steps instead of warmup_fraction; capped at half of the (stage's) "
-        "steps, so on small data the lr still peaks and decays.",
+        description="Warm-up steps (null: warmup_fraction of the steps instead); capped at half "
+        "of the (stage's) steps, so on small data the lr still peaks and decays. 50 is the "
+        "default run's schedule: with the 5 % fraction (30 steps) it ended at 0.56 validation "
+        "accuracy instead of 0.92 (README).",
     )
     grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm (0 = no clipping).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(

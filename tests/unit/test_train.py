@@ -292,9 +292,10 @@ def test_warmup_is_a_fraction_of_the_run_capped_at_half():
     from mmpipe.config import TrainParams
     from mmpipe.train import warmup_steps
 
-    assert warmup_steps(TrainParams(), 36) == 2  # 5 % of a 36-step run (it was 50 steps)
-    assert warmup_steps(TrainParams(warmup_steps=50), 36) == 18  # capped: the lr still peaks
-    assert warmup_steps(TrainParams(warmup_fraction=0.1), 1000) == 100
+    assert warmup_steps(TrainParams(warmup_steps=None), 36) == 2  # 5 % of a 36-step run
+    assert warmup_steps(TrainParams(), 36) == 18  # 50 steps, capped: the lr still peaks
+    assert warmup_steps(TrainParams(), 608) == 50  # the default run's schedule
+    assert warmup_steps(TrainParams(warmup_steps=None, warmup_fraction=0.1), 1000) == 100
     lrs = [warmup_cosine(s, 2, 36) for s in range(36)]
     assert max(lrs) == 1.0 and lrs[-1] < 0.01
 
