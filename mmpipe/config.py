@@ -281,7 +281,8 @@ class TrainParams(ModelConfig):
         None,
         description="Warm start: load the matching weights of a checkpoint file, a models "
         "directory, a model URI (models:/mmpipe-fusion@champion) or `champion` (the registry's "
-        "register.model_name@register.alias); train_report.json lists what was loaded, "
+        "register.model_name@register.alias; on the first night, with none registered yet, random "
+        "init with a warning); train_report.json lists what was loaded, "
         "skipped and newly initialised. null = random init. A registry source is outside "
         "DVC's view: pin a checkpoint path for `dvc repro`.",
     )

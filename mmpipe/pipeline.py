@@ -200,19 +200,24 @@ def stage_train(
     with project_lock(layout, "mmpipe train"):
         data_hash = manifest_hash(layout)
         init = init_checkpoint(params, layout)
+        cold = init is None and params.train.init_from == "champion"
+        train_p = params.train.model_copy(update={"init_from": None}) if cold else params.train
         with tracking.start_run(
             params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
         ) as run:
             lock.annotate(layout.state_dir, run_id=run.id)
             tracking.log_params(run, params, {"data.manifest_sha256": data_hash})
+            extra = {"data_hash": data_hash}  # installed with the model, atomically
+            if cold:
+                extra["init_from"] = "champion: none yet (first night), random init"
             report = run_train(
                 layout.shard_dir,
-                params.train,
+                train_p,
                 layout.model_dir,
                 resume=resume,
                 on_epoch_end=tracking.epoch_logger(run),
                 init_checkpoint=init,
-                report_extra={"data_hash": data_hash},  # installed with the model, atomically
+                report_extra=extra,
             )
             tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
             if report["stopped_by"] is None:  # installed in models/
@@ -241,13 +246,23 @@ def init_checkpoint(params: Params, layout: Layout) -> Path | None:
     """The local checkpoint ``train.init_from`` names: a model URI or ``champion`` (the
     registry's register.model_name@register.alias) is fetched from the store; a path is used as
     is. Not found is an error, before training: a warm start that silently started cold would
-    hide it."""
+    hide it. The one exception is ``champion`` on the first night (the registry has no
+    champion yet): that run starts from random init, says so in the log and in
+    train_report.json (``init_from``), and becomes the first champion."""
     from mmpipe import tracking
 
     source = params.train.init_from
     if not source:
         return None
     if source == "champion":
+        if not tracking.has_champion(params.register, params.tracking, layout.root):
+            log.warning(
+                "train.init_from champion: %s has no version '%s' yet (first night): "
+                "training from random init",
+                params.register.model_name,
+                params.register.alias,
+            )
+            return None
         source = tracking.champion_uri(params.register)
     checkpoint, _ = tracking.resolve_model(source, params.tracking, params.register, layout)
     log.info("train.init_from %s: %s", params.train.init_from, checkpoint)

@@ -188,6 +188,24 @@ def try_download_model(
         return None
 
 
+def has_champion(register: RegisterParams, p: TrackingParams | None, root: str | Path) -> bool:
+    """Whether the registry has a version under ``register.alias``; False on the first night
+    (no store yet, no registered model, or no version given the alias). An unreachable store
+    raises: that is not a first night."""
+    db = sqlite_path(tracking_uri(p, root))
+    if db is not None and not db.is_file():
+        return False
+    client = connect(p, root).client
+    try:
+        client.get_model_version_by_alias(register.model_name, register.alias)
+    except MlflowException as exc:
+        missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        if exc.error_code in missing and "not found" in exc.message:
+            return False
+        raise
+    return True
+
+
 def is_model_uri(source: str | Path) -> bool:
     """True for an MLflow model URI (``models:/...``, ``runs:/...``, any ``scheme://``)."""
     text = str(source)

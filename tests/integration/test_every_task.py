@@ -117,9 +117,9 @@ def _check_clip_pretrain_finetune(project: Path, metrics: dict, train: dict) -> 
 def test_visual_entailment_two_text_columns_then_warm_start_from_the_champion(
     shared_data, tmp_path, capsys
 ):
-    """SNLI-VE (premise + hypothesis columns, 3 classes) with no file edited; the second and
-    third runs fine-tune from the registry's champion (train.init_from: champion, then the
-    alias's model URI)."""
+    """SNLI-VE (premise + hypothesis columns, 3 classes) with no file edited, every night with
+    train.init_from: champion. The first night has no champion: it starts cold and says so;
+    the second and third fine-tune from the champion (then by the alias's model URI)."""
     source = [
         "ingest.source=folder", f"ingest.root={SHARED_DATA / 'visual-entailment-sample'}",
         "ingest.captions=pairs.csv", "ingest.text_columns=[premise, caption]",
@@ -127,7 +127,10 @@ def test_visual_entailment_two_text_columns_then_warm_start_from_the_champion(
         "align.train=0.5", "align.val=0.0", "align.test=0.5", "align.seed=2",
         "evaluate.zero_shot_field=null",
     ]  # fmt: skip
-    first = mmpipe_run(tmp_path, None, source, capsys)
+    first = mmpipe_run(tmp_path, None, [*source, "train.init_from=champion"], capsys)
+    assert first["train"]["init"] is None and first["register"]["version"] == 1
+    installed = json.loads((tmp_path / "models" / "train_report.json").read_text())
+    assert installed["init_from"].startswith("champion: none yet (first night)")
     assert first["align"]["classes"] == ["contradiction", "entailment", "neutral"]
     records = (tmp_path / "data" / "ingest" / "records.parquet").read_bytes()
     assert b"[SEP]" in records  # premise [SEP] hypothesis: one text input
