@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	@test -d .git || git init -q
 	@test -d .dvc || dvc init -q
+	$(PY) deploy/offline_plots.py  # dvc plots show without a CDN (.dvc/plots-offline.html)
 	touch $@
 
 run: setup
