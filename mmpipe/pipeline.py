@@ -39,6 +39,7 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
+from mmpipe.storage import publish_shards
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ def run_data_stage(
             report = _DATA_FUNCTIONS[stage](params, layout, staging)
             write_json_atomic(staging / STAMP, {"stage": stage, "fingerprint": fingerprint})
             fault_point(f"{stage}:staged")
+        if stage == "shard" and params.shard.output:  # after the local commit: publish that
+            report = {**report, "published": publish_shards(out_dir, params.shard.output)}
         if parent_run_id is not None:
             from mmpipe import tracking
 

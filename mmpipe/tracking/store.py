@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from mmpipe.commit import pid_alive
 from mmpipe.config import TrackingParams
-from mmpipe.layout import sqlite_path, store_uri
+from mmpipe.layout import Layout, sqlite_path, store_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,21 @@ def tracking_uri(p: TrackingParams | None, root: str | Path) -> str:
     return _user_env_uri() or store_uri(p.uri if p is not None else None, root)
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store live beside the DB file; a server decides for itself."""
+def artifact_location(uri: str, artifacts: str | None = None, root: str | Path = ".") -> str | None:
+    """Where a new experiment's artifacts go.
+
+    A sqlite store: beside the DB file. A tracking server (``http(s)://``): it decides. A database
+    (PostgreSQL, MySQL): ``tracking.artifacts`` (an object-store URL such as ``s3://b/prefix``),
+    else the project's ``.mmpipe/mlartifacts`` (never MLflow's default, ``./mlruns`` of the cwd).
+    """
     db = sqlite_path(uri)
-    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+    if db is not None:
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if artifacts:
+        return artifacts.rstrip("/")
+    return (Layout(Path(root).resolve()).state_dir / "mlartifacts").as_uri()
 
 
 def connect(p: TrackingParams | None, root: str | Path) -> Store:
@@ -99,7 +110,7 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
             client = MlflowClient(uri, registry_uri=uri)
             client.search_experiments(max_results=1)  # tracking store tables
             client.search_registered_models(max_results=1)  # registry store tables
-            _ensure_experiment(client, p.experiment, artifact_location(uri))
+            _ensure_experiment(client, p.experiment, artifact_location(uri, p.artifacts, root))
         _initialised.add((uri, p.experiment))
         store = _store(uri, p.experiment)
         end_dead_runs(store)
