@@ -1,5 +1,5 @@
 """A DVC remote on the object store (dvc-s3 against the local S3 server): `dvc push` the stage
-outputs, lose them and the cache, `dvc pull` them back byte for byte."""
+outputs of ingest, align and shard, lose them and the cache, `dvc pull` them back byte for byte."""
 
 from __future__ import annotations
 
@@ -44,6 +44,6 @@ def test_push_then_pull_restores_every_stage_output(tmp_path, s3):
 
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    _dvc(project, "pull")
+    _dvc(project, "pull", "--with-deps", "shard")  # what was reproduced: ingest, align, shard
     assert _digest(project / "data") == before
-    assert "up to date" in _dvc(project, "status").lower()
+    assert "up to date" in _dvc(project, "status", "--with-deps", "shard").lower()

@@ -82,3 +82,12 @@ def test_a_manifest_modified_after_publishing_is_refused(tmp_path, url):
 def test_no_pointer_is_a_clear_error(url):
     with pytest.raises(InputError, match=r"LATEST: no such object"):
         create_dataloader(url, "train", 4)
+
+
+def test_where_shards_are_published_changes_no_byte_of_them():
+    from mmpipe.config import ShardParams
+    from mmpipe.shard import output_params_hash
+
+    published = ShardParams(output="s3://bucket/shards")
+    assert output_params_hash(published) == output_params_hash(ShardParams())
+    assert output_params_hash(ShardParams(seed=1)) != output_params_hash(ShardParams())
