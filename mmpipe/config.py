@@ -66,7 +66,9 @@ class IngestParams(Section):
     )
     root: str | None = Field(
         None,
-        description="Data root for `folder`/`coco` (images must stay inside it). "
+        description="Data root for `folder`/`coco` (images must stay inside it): a directory "
+        "or an fsspec URL (s3://bucket/prefix; credentials from AWS_* env), whose new or changed "
+        "objects are fetched into .mmpipe/sources/ before validation. "
         "Ignored for `synthetic`, which generates into the stage's output dir.",
     )
     captions: str = Field(

@@ -62,43 +62,36 @@ def split_shards(
 
     Verified = the size the manifest lists and its sha256, hashed once per process and file
     version (``verify_shard``); a mismatch is an InputError naming the shard and the entry.
+
+    ``shard_dir`` may be an object-store URL (``storage.publish_shards``): the manifest of the
+    version its pointer names, pinned by the pointer's sha256, and each object's size checked
+    here and again as it is opened (hashing every remote object would read the set twice; each
+    shard's sha256 was checked when it was written).
     """
     if is_url(shard_dir):
-        return remote_split_shards(str(shard_dir), split)
+        version_url, manifest = resolve_shards(str(shard_dir))
+        refs = _shard_refs(manifest, split, version_url, remote=True)
+        for ref in refs:
+            check_shard_size(ref)
+        return refs
     manifest = manifest or read_manifest(shard_dir)
+    return _shard_refs(manifest, split, str(shard_dir), remote=False)
+
+
+def _shard_refs(manifest: dict[str, Any], split: str, where: str, remote: bool) -> list[ShardRef]:
     entry = manifest["splits"].get(split)
     if entry is None:
         known = ", ".join(sorted(manifest["splits"])) or "none"
-        raise InputError(f"{Path(shard_dir) / MANIFEST}: no split {split!r} (has: {known})")
+        raise InputError(f"{redact(join(where, MANIFEST))}: no split {split!r} (has: {known})")
     refs, offset = [], 0
     for shard in entry.get("shards", []):
-        path = Path(shard_dir) / shard["name"]
-        verify_shard(path, shard, split)
-        refs.append(ShardRef(str(path), offset, int(shard["count"]), int(shard["bytes"])))
+        if remote:
+            url = join(where, shard["name"])
+        else:
+            url = str(Path(where) / shard["name"])
+            verify_shard(Path(url), shard, split)
+        refs.append(ShardRef(url, offset, int(shard["count"]), int(shard["bytes"])))
         offset += int(shard["count"])
-    return refs
-
-
-def remote_split_shards(url: str, split: str) -> list[ShardRef]:
-    """The split's shards of the version the pointer at ``url`` names (``storage.publish_shards``).
-
-    Each object's size is checked against the manifest here and again as it is opened; its
-    sha256 was checked when it was written locally, and the manifest is pinned by the pointer's
-    sha256 (hashing every remote object again would read the whole set twice).
-    """
-    version_url, manifest = resolve_shards(url)
-    entry = manifest["splits"].get(split)
-    if entry is None:
-        known = ", ".join(sorted(manifest["splits"])) or "none"
-        raise InputError(f"{redact(version_url)}/{MANIFEST}: no split {split!r} (has: {known})")
-    refs, offset = [], 0
-    for shard in entry.get("shards", []):
-        ref = ShardRef(
-            join(version_url, shard["name"]), offset, int(shard["count"]), shard["bytes"]
-        )
-        check_shard_size(ref)
-        refs.append(ref)
-        offset += ref.count
     return refs
 
 

@@ -20,6 +20,7 @@ nothing that is already there with the right size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,6 +105,74 @@ def read_json_url(url: str) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise InputError(f"{redact(url)}: not JSON ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- sources
+
+MIRROR_INDEX = ".mmpipe-mirror.json"
+
+
+def remote_listing(url: str) -> dict[str, dict[str, Any]]:
+    """Every object under ``url``: relative name -> {size, etag}, without reading any."""
+    fs, root = filesystem(url)
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        found = {}
+    if not found:
+        raise InputError(f"{redact(url)}: no objects under this prefix (ingest.root)")
+    base = root.rstrip("/") + "/"
+    return {
+        path[len(base) :]: {"size": int(info.get("size") or 0), "etag": str(info.get("ETag", ""))}
+        for path, info in sorted(found.items())
+        if info.get("type") != "directory" and path.startswith(base)
+    }
+
+
+def mirror(url: str, dest: str | Path) -> dict[str, Any]:
+    """Make ``dest`` a copy of the objects under ``url``, fetching only new or changed ones.
+
+    What ingest reads from an object store: the captions file and images land in a local
+    directory (paths relative to it, so records and shards are byte-identical to a local copy of
+    the same data). An object is fetched again when its size or ETag changed; files whose object
+    was deleted are removed. Each file is written to a temp name and renamed (no partial file).
+    Returns ``{"dest", "objects", "fetched", "reused", "removed"}``.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    listing = remote_listing(url)
+    index_path = dest / MIRROR_INDEX
+    old = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    fs, root = filesystem(url)
+    fetched = 0
+    for name, info in listing.items():
+        target = dest / name
+        if old.get(name) == info and target.is_file() and target.stat().st_size == info["size"]:
+            continue
+        if ".." in Path(name).parts:  # an object key cannot put a file outside dest
+            raise InputError(f"{redact(join(url, name))}: key leaves the mirror directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        fs.get_file(join(root, name), str(tmp))
+        os.replace(tmp, target)
+        fetched += 1
+    removed = 0
+    for name in set(old) - set(listing):
+        with contextlib.suppress(FileNotFoundError):
+            (dest / name).unlink()
+            removed += 1
+    index_path.write_text(json.dumps(listing, indent=1, sort_keys=True))
+    log.info("ingest source %s: %d objects, %d fetched, %d removed (mirror %s)",
+             redact(url), len(listing), fetched, removed, dest)  # fmt: skip
+    reused = len(listing) - fetched
+    return {"dest": str(dest), "objects": len(listing), "fetched": fetched, "reused": reused,
+            "removed": removed}  # fmt: skip
+
+
+def listing_digest(url: str) -> str:
+    """sha256 of the objects' names, sizes and ETags under ``url`` (a cheap change check)."""
+    blob = json.dumps(remote_listing(url), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 # ----------------------------------------------------------------------------- shard sets

@@ -50,22 +50,14 @@ class S3Server:
         """``s3://<bucket>/<parts...>``."""
         return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts)])
 
-    def new_bucket(self) -> str:
-        """Create another empty bucket (a test that needs its own namespace)."""
-        import boto3
-
-        name = f"mmpipe-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=self.endpoint, **_boto_kwargs()).create_bucket(Bucket=name)
-        return name
-
 
 @dataclass(frozen=True)
 class PostgresServer:
     """A running PostgreSQL cluster (trust auth, 127.0.0.1 only) and how to reach it."""
 
-    host: str
     port: int
     user: str
+    host = "127.0.0.1"  # never another interface
 
     def uri(self, database: str) -> str:
         """A SQLAlchemy URI of ``database`` (created by ``create_database``)."""
@@ -193,7 +185,7 @@ def start_postgres() -> Iterator[PostgresServer]:
     )  # fmt: skip
     try:
         _wait(lambda: _pg_ready(port), "postgres", proc)
-        yield PostgresServer("127.0.0.1", port, user)
+        yield PostgresServer(port, user)
     finally:
         _stop(proc)
         shutil.rmtree(root, ignore_errors=True)

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import git_env, make_project
+from tests.conftest import make_project
+from tests.integration.test_dvc import _dvc
 
 pytestmark = pytest.mark.slow
-
-
-def _dvc(project: Path, *args: str) -> str:
-    proc = subprocess.run(
-        ["dvc", *args], cwd=project, env=git_env(), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
 
 
 def _digest(root: Path) -> dict[str, str]:

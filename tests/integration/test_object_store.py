@@ -57,3 +57,34 @@ def test_a_shard_cut_on_the_store_fails_naming_it(tmp_path, s3):
     fs.pipe_file(victim, fs.cat_file(victim)[:1024])
     with pytest.raises(InputError, match=r"train-000001\.tar: 1024 bytes, manifest.json says"):
         list(create_dataloader(url, "train", 4))
+
+
+def _stage_shards(params, layout) -> dict[str, bytes]:
+    for stage in ("ingest", "align", "shard"):
+        pipeline.run_stage(stage, params, layout)
+    return {p.name: p.read_bytes() for p in sorted(layout.shard_dir.glob("*.tar"))}
+
+
+def test_a_source_on_s3_gives_the_same_shards_as_its_local_copy(shared_data, tmp_path, s3):
+    """ingest.root = s3://.../coco-mini: the same records and shard bytes as the local folder;
+    a second night fetches nothing and is current; a changed object makes ingest run again."""
+    fs = _s3fs(s3)
+    url = s3.url("sources", tmp_path.name, "coco-mini")
+    fs.put(str(shared_data / "coco-mini"), url.removeprefix("s3://"), recursive=True)
+    coco = ["ingest.source=coco", "ingest.captions=captions.json", "ingest.labels_file=labels.csv"]
+    local = load_params(
+        REPO / "params.yaml", [*TINY_OVERRIDES, *coco, f"ingest.root={shared_data / 'coco-mini'}"]
+    )
+    remote = load_params(REPO / "params.yaml", [*TINY_OVERRIDES, *coco, f"ingest.root={url}"])
+    here, there = Layout(tmp_path / "local"), Layout(tmp_path / "remote")
+    assert _stage_shards(remote, there) == _stage_shards(local, here)
+    for name in ("records.parquet", "images.parquet"):
+        assert (there.ingest_dir / name).read_bytes() == (here.ingest_dir / name).read_bytes()
+
+    assert pipeline.stage_is_current("ingest", remote, there)  # listing unchanged: cached
+    again = storage.mirror(url, tmp_path / "m")
+    assert again["fetched"] == again["objects"] > 20
+    assert storage.mirror(url, tmp_path / "m")["fetched"] == 0
+    fs.pipe_file(f"{url.removeprefix('s3://')}/labels.csv", b"file_name,label\n")
+    assert not pipeline.stage_is_current("ingest", remote, there)
+    assert storage.mirror(url, tmp_path / "m")["fetched"] == 1
