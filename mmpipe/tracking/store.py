@@ -15,6 +15,7 @@ and ``mmpipe.tracking.models`` / ``registry`` use it for those calls only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -103,8 +104,7 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
     _point_fluent_api_at(uri)
     if (uri, p.experiment) not in _initialised:
         db = sqlite_path(uri)
-        lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
-        with lock:  # the first store access (even building a client) migrates the schema
+        with _init_lock(uri):  # the first store access (even building a client) migrates the schema
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(uri, registry_uri=uri)
@@ -116,6 +116,39 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
         end_dead_runs(store)
         return store
     return _store(uri, p.experiment)
+
+
+def _init_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """Serialises the first access of a store: a file lock beside a SQLite DB (one host), an
+    advisory lock on a PostgreSQL one (every host: two first nights on an empty database both
+    ran MLflow's migration and one failed with a duplicate key in pg_type, tested)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return file_lock(db.with_name(db.name + ".lock"))
+    if is_postgres(uri):
+        return pg_advisory_lock(uri, "mmpipe:schema")
+    return contextlib.nullcontext()
+
+
+def is_postgres(uri: str) -> bool:
+    """True for a PostgreSQL store URI (``postgresql://``, ``postgresql+psycopg2://``, ...)."""
+    return uri.startswith(("postgresql", "postgres:"))
+
+
+@contextlib.contextmanager
+def pg_advisory_lock(uri: str, name: str) -> Iterator[None]:
+    """Hold ``pg_advisory_xact_lock`` on a key derived from ``name`` in the database of ``uri``
+    (its own connection and transaction; released when the block ends, or the process dies)."""
+    from sqlalchemy import create_engine, text
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") - (1 << 63)
+    engine = create_engine(uri.replace("postgres://", "postgresql://", 1))
+    try:
+        with engine.begin() as conn:  # the lock lasts until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            yield
+    finally:
+        engine.dispose()
 
 
 def _store(uri: str, experiment: str) -> Store:
