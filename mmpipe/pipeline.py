@@ -165,8 +165,10 @@ def run_data_stage(
             report = _DATA_FUNCTIONS[stage](params, layout, staging)
             write_json_atomic(staging / STAMP, {"stage": stage, "fingerprint": fingerprint})
             fault_point(f"{stage}:staged")
-        if stage == "shard" and params.shard.output:  # after the local commit: publish that
-            report = {**report, "published": publish_shards(out_dir, params.shard.output)}
+            # before the local commit: a failed or killed publication leaves the stage not
+            # current, so the next run publishes again (uploading only what is missing)
+            if stage == "shard" and params.shard.output:
+                report = {**report, "published": publish_shards(staging, params.shard.output)}
         if parent_run_id is not None:
             from mmpipe import tracking
 

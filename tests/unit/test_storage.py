@@ -91,3 +91,33 @@ def test_where_shards_are_published_changes_no_byte_of_them():
     published = ShardParams(output="s3://bucket/shards")
     assert output_params_hash(published) == output_params_hash(ShardParams())
     assert output_params_hash(ShardParams(seed=1)) != output_params_hash(ShardParams())
+
+
+def test_a_failed_publication_leaves_the_shard_stage_uncommitted(tmp_path, url, monkeypatch):
+    """Published before the local commit: a failure means the next run shards and publishes."""
+    from mmpipe import pipeline
+    from mmpipe.config import load_params
+    from mmpipe.layout import Layout
+    from tests.conftest import REPO, TINY_OVERRIDES
+
+    params = load_params(REPO / "params.yaml", [*TINY_OVERRIDES, f"shard.output={url}"])
+    layout = Layout(tmp_path)
+    for stage in ("ingest", "align"):
+        pipeline.run_stage(stage, params, layout)
+    real, fail = pipeline.publish_shards, [True]
+
+    def flaky(shard_dir, target):
+        if fail[0]:
+            raise OSError("connection reset by peer")
+        return real(shard_dir, target)
+
+    monkeypatch.setattr(pipeline, "publish_shards", flaky)
+    with pytest.raises(OSError, match="connection reset"):
+        pipeline.run_stage("shard", params, layout)
+    assert not (layout.shard_dir / "manifest.json").exists()
+    assert not pipeline.stage_is_current("shard", params, layout)
+    fail[0] = False
+    published = pipeline.run_stage("shard", params, layout)["published"]
+    _, manifest = storage.resolve_shards(url)
+    assert manifest == json.loads((layout.shard_dir / "manifest.json").read_text())
+    assert published["uploaded"] == len(list(layout.shard_dir.glob("*.tar")))
