@@ -66,7 +66,9 @@ class IngestParams(Section):
     )
     root: str | None = Field(
         None,
-        description="Data root for `folder`/`coco` (images must stay inside it). "
+        description="Data root for `folder`/`coco` (images must stay inside it): a directory "
+        "or an fsspec URL (s3://bucket/prefix; credentials from AWS_* env), whose new or changed "
+        "objects are fetched into .mmpipe/sources/ before validation. "
         "Ignored for `synthetic`, which generates into the stage's output dir.",
     )
     captions: str = Field(
@@ -186,6 +188,13 @@ class ShardParams(Section):
     maxsize: int = Field(100_000_000, ge=1024, description="Maximum bytes per shard.")
     workers: int = Field(2, ge=1, description="Worker processes encoding samples.")
     seed: int = Field(0, description="Seed of the offline augmentation.")
+    output: str | None = Field(
+        None,
+        description="Also publish the committed shards to this fsspec URL (s3://bucket/prefix): "
+        "a new versioned prefix, then the LATEST pointer object, so a reader never sees a "
+        "partial set; the loader reads such a URL directly. Credentials from AWS_* (env). "
+        "null = local data/shards only.",
+    )
 
 
 class ModelConfig(Section):
@@ -407,6 +416,13 @@ class TrackingParams(Section):
         "env MLFLOW_TRACKING_URI overrides both.",
     )
     experiment: str = Field("mmpipe", description="MLflow experiment name.")
+    artifacts: str | None = Field(
+        None,
+        description="Artifact root of the experiment on a database store (postgresql://, "
+        "mysql://), e.g. s3://bucket/mlartifacts (credentials and endpoint from AWS_* / "
+        "MLFLOW_S3_ENDPOINT_URL, never params); null = <project>/.mmpipe/mlartifacts. A sqlite "
+        "store keeps artifacts beside its DB file and a tracking server decides for itself.",
+    )
 
 
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register on the class, which is
@@ -549,9 +565,9 @@ def params_from_args(args: argparse.Namespace, *, file_optional: bool = False) -
     return load_params(path, args.overrides)
 
 
-def section_hash(section: BaseModel) -> str:
+def section_hash(section: BaseModel, exclude: set[str] | None = None) -> str:
     """Stable short hash of a params section (used in manifests and cache keys)."""
-    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
+    blob = json.dumps(section.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

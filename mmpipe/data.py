@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import signal
 from collections.abc import Iterator, Sequence
@@ -38,8 +37,11 @@ from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
 from mmpipe.io import sha256_file
 from mmpipe.parallel import pool_context
+from mmpipe.storage import is_url, join, redact, register_webdataset_schemes, resolve_shards
+from mmpipe.storage import size as storage_size
 
 log = logging.getLogger(__name__)
+register_webdataset_schemes()  # s3:// etc. through fsspec, in loader workers too
 
 
 @dataclass(frozen=True)
@@ -60,19 +62,47 @@ def split_shards(
 
     Verified = the size the manifest lists and its sha256, hashed once per process and file
     version (``verify_shard``); a mismatch is an InputError naming the shard and the entry.
+
+    ``shard_dir`` may be an object-store URL (``storage.publish_shards``): the manifest of the
+    version its pointer names, pinned by the pointer's sha256, and each object's size checked
+    here and again as it is opened (hashing every remote object would read the set twice; each
+    shard's sha256 was checked when it was written).
     """
+    if is_url(shard_dir):
+        version_url, manifest = resolve_shards(str(shard_dir))
+        refs = _shard_refs(manifest, split, version_url, remote=True)
+        for ref in refs:
+            check_shard_size(ref)
+        return refs
     manifest = manifest or read_manifest(shard_dir)
+    return _shard_refs(manifest, split, str(shard_dir), remote=False)
+
+
+def _shard_refs(manifest: dict[str, Any], split: str, where: str, remote: bool) -> list[ShardRef]:
     entry = manifest["splits"].get(split)
     if entry is None:
         known = ", ".join(sorted(manifest["splits"])) or "none"
-        raise InputError(f"{Path(shard_dir) / MANIFEST}: no split {split!r} (has: {known})")
+        raise InputError(f"{redact(join(where, MANIFEST))}: no split {split!r} (has: {known})")
     refs, offset = [], 0
     for shard in entry.get("shards", []):
-        path = Path(shard_dir) / shard["name"]
-        verify_shard(path, shard, split)
-        refs.append(ShardRef(str(path), offset, int(shard["count"]), int(shard["bytes"])))
+        if remote:
+            url = join(where, shard["name"])
+        else:
+            url = str(Path(where) / shard["name"])
+            verify_shard(Path(url), shard, split)
+        refs.append(ShardRef(url, offset, int(shard["count"]), int(shard["bytes"])))
         offset += int(shard["count"])
     return refs
+
+
+def check_shard_size(ref: ShardRef) -> None:
+    """The shard at ``ref.url`` (local or object store) has the size its manifest entry lists."""
+    got = storage_size(ref.url)
+    if ref.size >= 0 and got != ref.size:
+        raise InputError(
+            f"{redact(ref.url)}: {got} bytes, manifest.json says {ref.size} (replaced or cut "
+            "since it was written); write the shards again"
+        )
 
 
 _verified: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) hashed OK
@@ -184,7 +214,7 @@ class ShardSource:
         for url in urls:
             # the size again as the shard is opened: a file replaced or cut after the sha256
             # pre-pass (split_shards) still fails, naming it
-            size, want = os.stat(url).st_size, self.sizes.get(url, -1)
+            size, want = storage_size(url), self.sizes.get(url, -1)
             if want >= 0 and size != want:
                 raise InputError(f"{url}: {size} bytes, manifest.json says {want}; changed while "
                                  "being read: run `mmpipe shard` again")  # fmt: skip

@@ -34,11 +34,12 @@ from typing import Any
 from mmpipe import lock, signals
 from mmpipe.checkpoint import MANIFEST, pick_checkpoint
 from mmpipe.commit import staged_dir
-from mmpipe.config import Params, RegisterParams, section_hash
+from mmpipe.config import IngestParams, Params, RegisterParams, section_hash
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
+from mmpipe.storage import is_url, listing_digest, mirror, publish_shards
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ _REPO = Path(__file__).resolve().parents[1]  # STAGES' code paths are relative t
 def _source_files(params: Params) -> list[Path]:
     """The user's files ingest reads (none for the generated default)."""
     p = params.ingest
-    if p.source == "synthetic" or p.root is None:
-        return []
+    if p.source == "synthetic" or p.root is None or is_url(p.root):
+        return []  # an object store's listing is fingerprinted instead (stage_fingerprint)
     root = Path(p.root)
     return sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
 
@@ -85,6 +86,8 @@ def stage_fingerprint(stage: str, params: Params, layout: Layout) -> str:
     for path in _source_files(params) if stage == "ingest" else []:
         st = path.stat()
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if stage == "ingest" and params.ingest.root and is_url(params.ingest.root):
+        h.update(listing_digest(params.ingest.root).encode())  # names, sizes, ETags
     return h.hexdigest()[:32]
 
 
@@ -116,7 +119,17 @@ def project_lock(layout: Layout, what: str, *, wait: float = 0.0) -> Iterator[No
 def _ingest(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.ingest import run_ingest
 
-    return run_ingest(params.ingest, out_dir)
+    return run_ingest(local_source(params.ingest, layout), out_dir)
+
+
+def local_source(p: IngestParams, layout: Layout) -> IngestParams:
+    """``p`` itself, or with an object-store ``root`` (``s3://...``) mirrored into
+    ``.mmpipe/sources/`` first (``storage.mirror``: only new or changed objects are fetched)."""
+    if p.root is None or not is_url(p.root):
+        return p
+    dest = layout.state_dir / "sources" / hashlib.sha256(p.root.encode()).hexdigest()[:16]
+    mirror(p.root, dest)
+    return p.model_copy(update={"root": str(dest)})
 
 
 def _align(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
@@ -152,6 +165,10 @@ def run_data_stage(
             report = _DATA_FUNCTIONS[stage](params, layout, staging)
             write_json_atomic(staging / STAMP, {"stage": stage, "fingerprint": fingerprint})
             fault_point(f"{stage}:staged")
+            # before the local commit: a failed or killed publication leaves the stage not
+            # current, so the next run publishes again (uploading only what is missing)
+            if stage == "shard" and params.shard.output:
+                report = {**report, "published": publish_shards(staging, params.shard.output)}
         if parent_run_id is not None:
             from mmpipe import tracking
 

@@ -463,8 +463,9 @@ def write_splits(
 
 
 def output_params_hash(p: ShardParams) -> str:
-    """section_hash of the params with `workers` normalised: it cannot change a single byte."""
-    return section_hash(p.model_copy(update={"workers": 1}))
+    """section_hash of the params with `workers` normalised and without `output` (where the
+    shards are published): neither can change a single byte."""
+    return section_hash(p.model_copy(update={"workers": 1}), exclude={"output"})
 
 
 def build_manifest(

@@ -21,7 +21,6 @@ the result says why.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -42,7 +41,14 @@ from mmpipe.objectives import metric_of
 from mmpipe.tracking.models import fetch_model
 from mmpipe.tracking.results import rounded_tags
 from mmpipe.tracking.runs import numeric
-from mmpipe.tracking.store import Run, Store, file_lock, point_fluent_api_at
+from mmpipe.tracking.store import (
+    Run,
+    Store,
+    file_lock,
+    is_postgres,
+    pg_advisory_lock,
+    point_fluent_api_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +76,9 @@ def promotion_lock(store: Store, model_name: str) -> Iterator[str]:
         with file_lock(db.with_name(db.name + ".registry.lock")):
             yield "file lock"
         return
-    if store.uri.startswith(("postgresql", "postgres")):
-        from sqlalchemy import create_engine, text
-
-        key = int.from_bytes(hashlib.sha256(f"mmpipe:{model_name}".encode()).digest()[:8], "big")
-        engine = create_engine(store.uri.replace("postgres://", "postgresql://", 1))
-        try:
-            with engine.begin() as conn:  # the lock lasts until this transaction ends
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key - (1 << 63)})
-                yield "pg_advisory_xact_lock"
-        finally:
-            engine.dispose()
+    if is_postgres(store.uri):
+        with pg_advisory_lock(store.uri, f"mmpipe:{model_name}"):
+            yield "pg_advisory_xact_lock"
         return
     log.warning(
         "%s: no lock is possible through a tracking server; serialise `mmpipe register` runs "

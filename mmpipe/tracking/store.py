@@ -15,6 +15,7 @@ and ``mmpipe.tracking.models`` / ``registry`` use it for those calls only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from mmpipe.commit import pid_alive
 from mmpipe.config import TrackingParams
-from mmpipe.layout import sqlite_path, store_uri
+from mmpipe.layout import Layout, sqlite_path, store_uri
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,21 @@ def tracking_uri(p: TrackingParams | None, root: str | Path) -> str:
     return _user_env_uri() or store_uri(p.uri if p is not None else None, root)
 
 
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store live beside the DB file; a server decides for itself."""
+def artifact_location(uri: str, artifacts: str | None = None, root: str | Path = ".") -> str | None:
+    """Where a new experiment's artifacts go.
+
+    A sqlite store: beside the DB file. A tracking server (``http(s)://``): it decides. A database
+    (PostgreSQL, MySQL): ``tracking.artifacts`` (an object-store URL such as ``s3://b/prefix``),
+    else the project's ``.mmpipe/mlartifacts`` (never MLflow's default, ``./mlruns`` of the cwd).
+    """
     db = sqlite_path(uri)
-    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
+    if db is not None:
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if artifacts:
+        return artifacts.rstrip("/")
+    return (Layout(Path(root).resolve()).state_dir / "mlartifacts").as_uri()
 
 
 def connect(p: TrackingParams | None, root: str | Path) -> Store:
@@ -92,19 +104,51 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
     _point_fluent_api_at(uri)
     if (uri, p.experiment) not in _initialised:
         db = sqlite_path(uri)
-        lock = file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
-        with lock:  # the first store access (even building a client) migrates the schema
+        with _init_lock(uri):  # the first store access (even building a client) migrates the schema
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(uri, registry_uri=uri)
             client.search_experiments(max_results=1)  # tracking store tables
             client.search_registered_models(max_results=1)  # registry store tables
-            _ensure_experiment(client, p.experiment, artifact_location(uri))
+            _ensure_experiment(client, p.experiment, artifact_location(uri, p.artifacts, root))
         _initialised.add((uri, p.experiment))
         store = _store(uri, p.experiment)
         end_dead_runs(store)
         return store
     return _store(uri, p.experiment)
+
+
+def _init_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """Serialises the first access of a store: a file lock beside a SQLite DB (one host), an
+    advisory lock on a PostgreSQL one (every host: two first nights on an empty database both
+    ran MLflow's migration and one failed with a duplicate key in pg_type, tested)."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return file_lock(db.with_name(db.name + ".lock"))
+    if is_postgres(uri):
+        return pg_advisory_lock(uri, "mmpipe:schema")
+    return contextlib.nullcontext()
+
+
+def is_postgres(uri: str) -> bool:
+    """True for a PostgreSQL store URI (``postgresql://``, ``postgresql+psycopg2://``, ...)."""
+    return uri.startswith(("postgresql", "postgres:"))
+
+
+@contextlib.contextmanager
+def pg_advisory_lock(uri: str, name: str) -> Iterator[None]:
+    """Hold ``pg_advisory_xact_lock`` on a key derived from ``name`` in the database of ``uri``
+    (its own connection and transaction; released when the block ends, or the process dies)."""
+    from sqlalchemy import create_engine, text
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") - (1 << 63)
+    engine = create_engine(uri.replace("postgres://", "postgresql://", 1))
+    try:
+        with engine.begin() as conn:  # the lock lasts until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            yield
+    finally:
+        engine.dispose()
 
 
 def _store(uri: str, experiment: str) -> Store:

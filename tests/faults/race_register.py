@@ -1,6 +1,6 @@
 """One contender of the registration race (tests/faults/test_concurrency.py).
 
-    python -m tests.faults.race_register STORE_DIR ACCURACY ROUNDS
+    python -m tests.faults.race_register STORE_DIR ACCURACY ROUNDS [STORE_URI]
 
 For each round r: log a model, say so (STORE_DIR/ready-r-ACCURACY), wait for STORE_DIR/go-r, then register it as a version of
 ``race-r`` with ``accuracy=ACCURACY`` and print the result as one JSON line. Logging before the
@@ -27,9 +27,9 @@ class Constant(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def store_params(store_dir: Path) -> TrackingParams:
-    """The shared SQLite store of the race."""
-    return TrackingParams(uri=f"sqlite:///{store_dir / 'mlflow.db'}")
+def store_params(store_dir: Path, uri: str | None = None) -> TrackingParams:
+    """The shared store of the race: ``uri`` (PostgreSQL) or a SQLite DB in ``store_dir``."""
+    return TrackingParams(uri=uri or f"sqlite:///{store_dir / 'mlflow.db'}")
 
 
 def logged_model(store: TrackingParams, root: Path) -> tuple[tracking.Run, str]:
@@ -47,15 +47,15 @@ def register(run: tracking.Run, uri: str, accuracy: float, name: str) -> dict:
     return tracking.register_and_maybe_promote(run, uri, {"accuracy": accuracy}, p, data_hash="d")
 
 
-def main(store_dir: str, accuracy: str, rounds: str) -> None:
+def main(store_dir: str, accuracy: str, rounds: str, uri: str | None = None) -> None:
     root = Path(store_dir)
-    store = store_params(root)
+    store = store_params(root, uri)
     for r in range(int(rounds)):
-        run, uri = logged_model(store, root)
+        run, model_uri = logged_model(store, root)
         (root / f"ready-{r}-{accuracy}").touch()
         while not (root / f"go-{r}").exists():
             time.sleep(0.002)
-        print(json.dumps(register(run, uri, float(accuracy), f"race-{r}")), flush=True)
+        print(json.dumps(register(run, model_uri, float(accuracy), f"race-{r}")), flush=True)
 
 
 if __name__ == "__main__":

@@ -87,15 +87,30 @@ def test_two_runs_at_once_one_runs_the_other_is_busy(project):
 def test_racing_registrations_end_as_if_serialised(tmp_path):
     """0.9 and 0.7 race against a 0.5 champion, three rounds: the champion is 0.9 every time,
     and each contender's 'promoted' is what running after the other would give."""
+    assert_races_serialised(tmp_path)
+
+
+def assert_races_serialised(tmp_path: Path, uri: str | None = None) -> list[dict]:
+    """The registration race on the store ``uri`` (default: a SQLite DB in ``tmp_path``);
+    returns every contender's registration results."""
     from tests.faults.race_register import logged_model, register, store_params
 
     rounds = 3
-    store = store_params(tmp_path)
+    store = store_params(tmp_path, uri)
+    argv_uri = [uri] if uri else []
     for r in range(rounds):
         assert register(*logged_model(store, tmp_path), 0.5, f"race-{r}")["promoted"]
     contenders = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.race_register", str(tmp_path), acc, str(rounds)],
+            [
+                sys.executable,
+                "-m",
+                "tests.faults.race_register",
+                str(tmp_path),
+                acc,
+                str(rounds),
+                *argv_uri,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -128,3 +143,4 @@ def test_racing_registrations_end_as_if_serialised(tmp_path):
             assert (low["previous_champion_value"], high["previous_champion_value"]) == (0.5, 0.7)
         else:  # 0.9 went first: 0.7 was compared with it
             assert (high["previous_champion_value"], low["previous_champion_value"]) == (0.5, 0.9)
+    return [json.loads(line) for contender in lines for line in contender]

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui"]
+FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store"]
 
 
 def run_bench(name: str, out: Path, tmp: Path) -> dict:
@@ -57,6 +57,9 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
         assert not payload["data"]["errors"], payload["data"]["errors"]
         assert all(v > 0 for v in values.values())
     elif name == "ui":  # both servers came up and were measured
+        assert all(v > 0 for v in values.values())
+    elif name == "object_store":  # the same epoch from the S3 server and from disk
+        assert set(payload["data"]["best_seconds"]) == {"local", "s3"}
         assert all(v > 0 for v in values.values())
 
 
