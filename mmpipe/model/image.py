@@ -1,5 +1,8 @@
 """Image encoders: (B, 3, H, W) images normalised to [-1, 1] -> pooled features (B, F).
 
+``encode`` also returns the unpooled grid: the last feature map's cells as tokens (B, h*w, F),
+row-major, which token-level fusion attends over (``features.Encoded``).
+
 Scratch encoders use GroupNorm instead of BatchNorm on purpose: their outputs do not depend on
 the other samples of the batch, so gradient accumulation and DDP (per-rank micro-batches) give
 the same gradients as one big batch, which the exact-resume and DDP-equivalence tests rely on.
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from mmpipe.config import ModelConfig
+from mmpipe.model.features import Encoded, grid_tokens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -65,7 +69,12 @@ class CNNEncoder(nn.Module):
         self.pool = SpatialPool(width, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(images), images)  # (B, 3, H, W) -> (B, F)
+        return self.encode(images).pooled  # (B, 3, H, W) -> (B, F)
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
+        x = self.body(images)  # (B, F, h, w)
+        return Encoded(self.pool(x, images), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output, what ``unfreeze_last`` counts: the conv stages, then the pool."""
@@ -107,7 +116,12 @@ class ResNetEncoder(nn.Module):
         self.pool = SpatialPool(width, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(self.stem(images)), images)  # (B, F)
+        return self.encode(images).pooled  # (B, F)
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
+        x = self.blocks(self.stem(images))  # (B, F, h, w)
+        return Encoded(self.pool(x, images), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output: the stem, the residual blocks, the pool."""
@@ -139,8 +153,12 @@ class EfficientNetLite0Encoder(nn.Module):
         self.net._fc = nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images).pooled  # (B, 1280)
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Global average (B, 1280) and the H/32 x W/32 grid as tokens (B, h*w, 1280)."""
         x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
-        return x.mean(dim=(2, 3))  # (B, 1280)
+        return Encoded(x.mean(dim=(2, 3)), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output: the stem, the 16 MBConv blocks, the head convolution."""
@@ -149,8 +167,36 @@ class EfficientNetLite0Encoder(nn.Module):
                 nn.ModuleList([n._conv_head, n._bn1])]  # fmt: skip
 
 
+class PatchEmbedding(nn.Module):
+    """ViLT's image side: a linear embedding of non-overlapping ``patch`` x ``patch`` patches.
+
+    No convolution stack: the single-stream transformer (``fusion=single_stream``) does all the
+    work. Pooled = LayerNorm of the mean patch (what the contrastive projection reads).
+    """
+
+    def __init__(self, width: int, patch: int):
+        super().__init__()
+        self.out_dim, self.patch = width, patch
+        self.embed = nn.Conv2d(3, width, patch, patch)  # a linear map of each flattened patch
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images).pooled  # (B, F)
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the patches as tokens (B, (H/p)*(W/p), F)."""
+        tokens, mask = grid_tokens(self.embed(images))
+        return Encoded(self.norm(tokens.mean(dim=1)), tokens, mask)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the patch embedding, the norm."""
+        return [self.embed, self.norm]
+
+
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     """The image encoder named by ``cfg.image_encoder``; it exposes ``out_dim``."""
+    if cfg.image_encoder == "patch":
+        return PatchEmbedding(cfg.width, cfg.patch_size)
     if cfg.image_encoder == "cnn":
         return CNNEncoder(cfg.width)
     if cfg.image_encoder == "resnet":
