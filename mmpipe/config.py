@@ -383,6 +383,13 @@ class EvaluateParams(Section):
         True, description="Train every fusion head on frozen features and compare."
     )
     ablation_epochs: int = Field(30, ge=1, description="Epochs of each ablation head.")
+    ablation_tokens: bool = Field(
+        True,
+        description="Also train the token-level heads (cross_attention, single_stream) in the "
+        "ablation. They keep every scored train pair's tokens in memory (pairs x (image grid + "
+        "caption tokens) x encoder width floats, ~50x the pooled features) and train about 10x "
+        "slower than the pooled heads: turn off for large collections.",
+    )
     zero_shot_field: str | None = Field(
         "main_shape", description="Metadata field holding the zero-shot class; null = skip."
     )

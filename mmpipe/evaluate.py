@@ -52,6 +52,7 @@ from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, sha256_file, write_json_atomic
 from mmpipe.model import (
+    TOKEN_LEVEL,
     Encoded,
     apply_head,
     concat_encoded,
@@ -310,11 +311,11 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
 
 @torch.no_grad()
 def extract_features(
-    model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
+    model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int, tokens: bool = True
 ) -> tuple[Encoded | None, Encoded | None, torch.Tensor]:
     """Frozen pre-fusion features of the scored pairs, pooled (N, F) and tokens (N, T, F) of
-    each modality (text tokens padded to the longest), and their targets
-    (scoring.task_target's form); None, None, empty without scored pairs."""
+    each modality (text tokens padded to the longest; none kept unless ``tokens``), and their
+    targets (scoring.task_target's form); None, None, empty without scored pairs."""
     feats_i, feats_t, ys = [], [], []
     k = int(model.config["num_outputs"])
     for batch in batches(shard_dir, split, batch_size, "ablation features"):
@@ -324,8 +325,8 @@ def extract_features(
             continue
         texts = [t for t, kept in zip(batch["text"], keep.tolist(), strict=True) if kept]
         img, txt = model.encode(batch["image"][keep], texts)
-        feats_i.append(img.to_cpu())
-        feats_t.append(txt.to_cpu())
+        feats_i.append(img.to_cpu() if tokens else img.pooled_only())
+        feats_t.append(txt.to_cpu() if tokens else txt.pooled_only())
         ys.append(target[keep])
     if not ys:
         return None, None, torch.empty(0, dtype=torch.long)
@@ -372,12 +373,14 @@ def run_ablation(
     alpha, and its seed. Each row has the task's metrics and ``score`` (its primary metric).
     """
     task, k = model.task, int(model.config["num_outputs"])
-    tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size)
-    te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size)
+    tokens = p.ablation_tokens
+    tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size, tokens)
+    te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size, tokens)
     if tr_i is None or te_i is None or tr_t is None or te_t is None:
         return [], "no labelled train or test pairs for the ablation heads"
     rows = []
-    for mode in ABLATION_MODES:
+    modes = [m for m in ABLATION_MODES if tokens or m not in TOKEN_LEVEL]
+    for mode in modes:
         torch.manual_seed(train_params.seed)  # same init stream for every head
         head = create_fusion_head(
             mode, tr_i.pooled.shape[1], tr_t.pooled.shape[1], k,
@@ -392,7 +395,7 @@ def run_ablation(
         score = scoring.primary_score(task, scores)
         rows.append({"fusion": mode, **scores, "score": score})  # no timings: versioned output
         log.info("evaluate: ablation head %d/%d %s: %s %.4f (%.1f s)", len(rows),
-                 len(ABLATION_MODES), mode, DEFAULT_METRIC[task], score,
+                 len(modes), mode, DEFAULT_METRIC[task], score,
                  time.perf_counter() - t0)  # fmt: skip
     return rows, None
 

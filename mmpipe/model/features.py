@@ -29,6 +29,11 @@ class Encoded:
         """A float32 CPU copy (what the frozen-feature ablation keeps)."""
         return Encoded(self.pooled.float().cpu(), self.tokens.float().cpu(), self.mask.cpu())
 
+    def pooled_only(self) -> Encoded:
+        """A float32 CPU copy of the pooled vector with zero tokens (B, 0, F) kept."""
+        return Encoded(self.pooled.float().cpu(), self.tokens[:, :0].float().cpu(),
+                       self.mask[:, :0].cpu())  # fmt: skip
+
 
 def grid_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A feature map (B, C, h, w) as tokens (B, h*w, C), row-major, and an all-valid mask."""
