@@ -1,7 +1,7 @@
 """What an encoder returns: the pooled vector and the unpooled tokens it was pooled from.
 
-Every encoder (image, text, and any later modality) has ``encode(x) -> Encoded``; its
-``forward`` stays the pooled vector, so the contrastive projections and the pooled fusion heads
+Every encoder (image, text, and any later modality) is a ``TokenEncoder``: ``encode(x) ->
+Encoded``, and calling it gives the pooled vector, so the contrastive projections and the pooled fusion heads
 read what they always did. Token-level heads (``fusion.TOKEN_LEVEL``) read ``tokens`` and
 ``mask``: a padded text position, a missing clip or a masked patch is ``False`` in ``mask``.
 """
@@ -9,8 +9,10 @@ read what they always did. Token-level heads (``fusion.TOKEN_LEVEL``) read ``tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -33,6 +35,18 @@ class Encoded:
         """A float32 CPU copy of the pooled vector with zero tokens (B, 0, F) kept."""
         return Encoded(self.pooled.float().cpu(), self.tokens[:, :0].float().cpu(),
                        self.mask[:, :0].cpu())  # fmt: skip
+
+
+class TokenEncoder(nn.Module):
+    """Base of every encoder: ``encode(x) -> Encoded``; calling it gives the pooled (B, F)."""
+
+    out_dim: int
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.encode(x).pooled
+
+    def encode(self, x: Any) -> Encoded:
+        raise NotImplementedError
 
 
 def grid_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

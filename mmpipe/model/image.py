@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmpipe.config import ModelConfig
-from mmpipe.model.features import Encoded, grid_tokens
+from mmpipe.model.features import Encoded, TokenEncoder, grid_tokens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -52,7 +52,7 @@ class SpatialPool(nn.Module):
         return self.proj(torch.cat([self.pool(x).flatten(1), colour_stats(images)], dim=1))
 
 
-class CNNEncoder(nn.Module):
+class CNNEncoder(TokenEncoder):
     """Four stride-2 conv stages (64px -> 4x4); cheap enough for CPU training."""
 
     def __init__(self, width: int):
@@ -67,9 +67,6 @@ class CNNEncoder(nn.Module):
             _conv(width, width, 2),  # (B, w, H/16, W/16)
         )
         self.pool = SpatialPool(width, width)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images).pooled  # (B, 3, H, W) -> (B, F)
 
     def encode(self, images: torch.Tensor) -> Encoded:
         """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
@@ -100,7 +97,7 @@ class BasicBlock(nn.Module):
         return torch.relu(y + self.short(x))
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(TokenEncoder):
     """ResNet-10-style: stem + four stages of one basic block each."""
 
     def __init__(self, width: int):
@@ -115,9 +112,6 @@ class ResNetEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)  # (B, w, H/16, W/16)
         self.pool = SpatialPool(width, width)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images).pooled  # (B, F)
-
     def encode(self, images: torch.Tensor) -> Encoded:
         """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
         x = self.blocks(self.stem(images))  # (B, F, h, w)
@@ -128,7 +122,7 @@ class ResNetEncoder(nn.Module):
         return [self.stem, *self.blocks, self.pool]
 
 
-class EfficientNetLite0Encoder(nn.Module):
+class EfficientNetLite0Encoder(TokenEncoder):
     """ImageNet-pretrained EfficientNet-Lite0 trunk, global-average pooled (1280 features).
 
     The weights were converted from the TF-Lite release, whose preprocessing is (x - 127) / 128,
@@ -152,9 +146,6 @@ class EfficientNetLite0Encoder(nn.Module):
         # the ImageNet classifier is never used; dropping it keeps DDP from waiting on its grads
         self.net._fc = nn.Identity()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images).pooled  # (B, 1280)
-
     def encode(self, images: torch.Tensor) -> Encoded:
         """Global average (B, 1280) and the H/32 x W/32 grid as tokens (B, h*w, 1280)."""
         x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
@@ -167,7 +158,7 @@ class EfficientNetLite0Encoder(nn.Module):
                 nn.ModuleList([n._conv_head, n._bn1])]  # fmt: skip
 
 
-class PatchEmbedding(nn.Module):
+class PatchEmbedding(TokenEncoder):
     """ViLT's image side: a linear embedding of non-overlapping ``patch`` x ``patch`` patches.
 
     No convolution stack: the single-stream transformer (``fusion=single_stream``) does all the
@@ -179,9 +170,6 @@ class PatchEmbedding(nn.Module):
         self.out_dim, self.patch = width, patch
         self.embed = nn.Conv2d(3, width, patch, patch)  # a linear map of each flattened patch
         self.norm = nn.LayerNorm(width)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images).pooled  # (B, F)
 
     def encode(self, images: torch.Tensor) -> Encoded:
         """Pooled (B, F) and the patches as tokens (B, (H/p)*(W/p), F)."""

