@@ -135,3 +135,41 @@ def test_old_pooled_cross_attention_checkpoints_still_load(tmp_path):
     state = {"model": new.state_dict(), "model_args": args, "params": args, "num_classes": 3}
     save_checkpoint(state, tmp_path / "new.pt")
     assert load_model(tmp_path / "new.pt")[1]["model_args"]["fusion"] == "cross_attention"
+
+
+def _pointer_task(n: int, seed: int) -> tuple[Encoded, Encoded, torch.Tensor]:
+    """A word names one of 4 image patches; the label is the sign of that patch's feature.
+
+    The image's pooled vector (the patches' mean) and the text's (the word's embedding) do not
+    carry the answer; only attending from the word to its patch does.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(n, 4, 8, generator=g)
+    which = torch.randint(0, 4, (n,), generator=g)
+    words = torch.eye(4)[which][:, None, :].repeat(1, 2, 1) + 0.05 * torch.randn(
+        n, 2, 4, generator=g
+    )
+    y = (patches[torch.arange(n), which, 0] > 0).long()
+    ones = torch.ones(n, 4, dtype=torch.bool)
+    ei = Encoded(patches.mean(1), patches, ones)
+    et = Encoded(words.mean(1), words, torch.ones(n, 2, dtype=torch.bool))
+    return ei, et, y
+
+
+def test_token_cross_attention_finds_the_patch_a_word_names_where_pooled_cannot():
+    from mmpipe.evaluate import _train_head
+
+    tr_i, tr_t, tr_y = _pointer_task(2048, 0)
+    te_i, te_t, te_y = _pointer_task(512, 1)
+    accuracy = {}
+    for mode in ("cross_attention_pooled", "concat", "cross_attention"):
+        torch.manual_seed(0)
+        head = create_fusion_head(mode, 8, 4, 2, hidden=32, dropout=0.0)
+        _train_head(head, tr_i, tr_t, tr_y, "multiclass", 60, 0)
+        with torch.no_grad():
+            pred = apply_head(head, te_i, te_t).argmax(1)
+        accuracy[mode] = float((pred == te_y).float().mean())
+    # measured (seeded): token 0.87; pooled attention 0.59, concat 0.65 (the patches' mean
+    # carries a quarter of the named patch's sign, so above 0.5)
+    assert accuracy["cross_attention"] > 0.8, accuracy
+    assert max(accuracy["cross_attention_pooled"], accuracy["concat"]) < 0.72, accuracy
