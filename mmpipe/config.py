@@ -387,8 +387,8 @@ class EvaluateParams(Section):
         True,
         description="Also train the token-level heads (cross_attention, single_stream) in the "
         "ablation. They keep every scored train pair's tokens in memory (pairs x (image grid + "
-        "caption tokens) x encoder width floats, ~50x the pooled features) and train about 10x "
-        "slower than the pooled heads: turn off for large collections.",
+        "caption tokens) x encoder width floats, ~25x the pooled features at the defaults) and "
+        "train about 10x slower than the pooled heads: turn off for large collections.",
     )
     zero_shot_field: str | None = Field(
         "main_shape", description="Metadata field holding the zero-shot class; null = skip."
