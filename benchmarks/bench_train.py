@@ -25,6 +25,20 @@ def configs(smoke: bool) -> dict[str, dict[str, Any]]:
         "cnn+transformer w128 (default)": {"width": 128},
         "cnn+transformer w256": {"width": 256},
         "cnn+transformer w128 bf16 autocast": {"width": 128, "amp": "bf16"},
+        "cnn+transformer w128, fusion=cross_attention_pooled": {
+            "width": 128,
+            "fusion": "cross_attention_pooled",
+        },
+        "cnn+transformer w128, fusion=cross_attention (tokens)": {
+            "width": 128,
+            "fusion": "cross_attention",
+        },
+        "single-stream ViLT (patch 8 + word embedding) w128": {
+            "image_encoder": "patch",
+            "text_encoder": "embedding",
+            "fusion": "single_stream",
+            "width": 128,
+        },
         "efficientnet_lite0 frozen + transformer w128": {
             "image_encoder": "efficientnet_lite0",
             "freeze_image": True,

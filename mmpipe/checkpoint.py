@@ -100,7 +100,15 @@ def model_args(state: dict[str, Any]) -> ModelConfig:
     args = state.get("model_args")
     if args is None:
         args = {k: v for k, v in state["params"].items() if k in ModelConfig.model_fields}
-    return ModelConfig.model_validate(args)
+    return ModelConfig.model_validate(_legacy_fusion(args, state.get("model", {})))
+
+
+def _legacy_fusion(args: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """``cross_attention`` was the pooled head until it became token-level: a checkpoint whose
+    weights are the pooled head's (``head.attn.*``) rebuilds as ``cross_attention_pooled``."""
+    if args.get("fusion") == "cross_attention" and "head.attn.in_proj_weight" in weights:
+        return {**args, "fusion": "cross_attention_pooled"}
+    return args
 
 
 def load_model(path: str | Path) -> tuple[MultimodalModel, dict[str, Any]]:

@@ -204,12 +204,18 @@ class ModelConfig(Section):
     rebuilt from its checkpoint alone. Its fields are the model part of the ``train`` section.
     """
 
-    image_encoder: Literal["cnn", "resnet", "efficientnet_lite0"] = Field(
+    image_encoder: Literal["cnn", "resnet", "efficientnet_lite0", "patch"] = Field(
         "cnn",
-        description="Image encoder: small CNN, ResNet-style, or pretrained EfficientNet-Lite0.",
+        description="Image encoder: small CNN, ResNet-style, pretrained EfficientNet-Lite0, or "
+        "`patch` (ViLT's linear patch embedding, for fusion=single_stream).",
     )
-    text_encoder: Literal["lstm", "transformer", "minilm"] = Field(
-        "transformer", description="Text encoder: biLSTM, small transformer, or pretrained MiniLM."
+    text_encoder: Literal["lstm", "transformer", "minilm", "embedding"] = Field(
+        "transformer",
+        description="Text encoder: biLSTM, small transformer, pretrained MiniLM, or `embedding` "
+        "(word embeddings only, ViLT's text side, for fusion=single_stream).",
+    )
+    patch_size: int = Field(
+        8, ge=2, description="Patch side in pixels of image_encoder=patch (64 px -> 8x8 patches)."
     )
     freeze_image: bool = Field(False, description="Freeze the image encoder's weights.")
     freeze_text: bool = Field(False, description="Freeze the text encoder's weights.")
@@ -228,8 +234,19 @@ class ModelConfig(Section):
     width: int = Field(128, ge=8, description="Hidden width of the scratch encoders.")
     embed_dim: int = Field(128, ge=8, description="Dimension of the shared (contrastive) space.")
     fusion: Literal[
-        "concat", "sum", "weighted", "gated", "cross_attention", "late", "image_only", "text_only"
-    ] = Field("concat", description="How the classifier fuses image and text features.")
+        "concat", "sum", "weighted", "gated", "cross_attention", "cross_attention_pooled",
+        "single_stream", "late", "image_only", "text_only",
+    ] = Field(
+        "concat",
+        description="How the classifier fuses image and text features. Pooled vectors: concat, "
+        "sum, weighted, gated, cross_attention_pooled (attention over the 2 pooled vectors), "
+        "late, image_only, text_only. Tokens: cross_attention (text tokens attend to image "
+        "patches and back), single_stream (ViLT-style: [CLS] + word tokens + image patches in "
+        "one transformer).",
+    )  # fmt: skip
+    fusion_layers: int = Field(
+        2, ge=1, le=12, description="Transformer layers of fusion=single_stream."
+    )
     fusion_alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="Fixed alpha of `weighted` fusion; null = learned."
     )
@@ -376,6 +393,13 @@ class EvaluateParams(Section):
         True, description="Train every fusion head on frozen features and compare."
     )
     ablation_epochs: int = Field(30, ge=1, description="Epochs of each ablation head.")
+    ablation_tokens: bool = Field(
+        True,
+        description="Also train the token-level heads (cross_attention, single_stream) in the "
+        "ablation. They keep every scored train pair's tokens in memory (pairs x (image grid + "
+        "caption tokens) x encoder width floats, ~25x the pooled features at the defaults) and "
+        "train about 10x slower than the pooled heads: turn off for large collections.",
+    )
     zero_shot_field: str | None = Field(
         "main_shape", description="Metadata field holding the zero-shot class; null = skip."
     )

@@ -23,7 +23,8 @@ metrics and the ablation are skipped, and the log says why.
 The versioned outputs (metrics.json, per_class.json, ablation.json, plots/) hold no timings or
 paths: the same model and data give the same bytes, so DVC sees no change (timings are logged).
 
-Honest caveat on the ablation: every head is trained on pooled features of the SAME encoders,
+Honest caveat on the ablation: every head is trained on features (pooled, or the tokens for
+cross_attention and single_stream) of the SAME encoders,
 which were trained jointly with the configured fusion head (and the contrastive loss). It
 compares fusion operators on fixed features; it does not retrain encoders per fusion mode, so
 it can favour the configured mode and understates what end-to-end training of another mode
@@ -50,7 +51,16 @@ from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, sha256_file, write_json_atomic
-from mmpipe.model import create_fusion_head, labelled_rows, predict_labels, task_loss_sum
+from mmpipe.model import (
+    TOKEN_LEVEL,
+    Encoded,
+    apply_head,
+    concat_encoded,
+    create_fusion_head,
+    labelled_rows,
+    predict_labels,
+    task_loss_sum,
+)
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
 
@@ -63,7 +73,9 @@ ABLATION_MODES = (
     "sum",
     "weighted",
     "gated",
+    "cross_attention_pooled",
     "cross_attention",
+    "single_stream",
     "late",
 )
 N_EXAMPLES = 6
@@ -299,10 +311,11 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
 
 @torch.no_grad()
 def extract_features(
-    model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frozen pooled (pre-fusion) features of the scored pairs: img (N, Fi), txt (N, Ft) and
-    their targets (scoring.task_target's form)."""
+    model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int, tokens: bool = True
+) -> tuple[Encoded | None, Encoded | None, torch.Tensor]:
+    """Frozen pre-fusion features of the scored pairs, pooled (N, F) and tokens (N, T, F) of
+    each modality (text tokens padded to the longest; none kept unless ``tokens``), and their
+    targets (scoring.task_target's form); None, None, empty without scored pairs."""
     feats_i, feats_t, ys = [], [], []
     k = int(model.config["num_outputs"])
     for batch in batches(shard_dir, split, batch_size, "ablation features"):
@@ -311,19 +324,19 @@ def extract_features(
         if not keep.any():
             continue
         texts = [t for t, kept in zip(batch["text"], keep.tolist(), strict=True) if kept]
-        img, txt = model.features(batch["image"][keep], texts)
-        feats_i.append(img.float().cpu())
-        feats_t.append(txt.float().cpu())
+        img, txt = model.encode(batch["image"][keep], texts)
+        feats_i.append(img.to_cpu() if tokens else img.pooled_only())
+        feats_t.append(txt.to_cpu() if tokens else txt.pooled_only())
         ys.append(target[keep])
     if not ys:
-        return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats_i), torch.cat(feats_t), torch.cat(ys)
+        return None, None, torch.empty(0, dtype=torch.long)
+    return concat_encoded(feats_i), concat_encoded(feats_t), torch.cat(ys)
 
 
 def _train_head(
     head: torch.nn.Module,
-    x_i: torch.Tensor,
-    x_t: torch.Tensor,
+    x_i: Encoded,
+    x_t: Encoded,
     y: torch.Tensor,
     task: str,
     epochs: int,
@@ -338,7 +351,8 @@ def _train_head(
     head.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=gen).split(256):
-            total, n = task_loss_sum(head(x_i[idx], x_t[idx]), y[idx], task)
+            logits = apply_head(head, x_i.select(idx), x_t.select(idx))
+            total, n = task_loss_sum(logits, y[idx], task)
             if n == 0:
                 continue
             opt.zero_grad(set_to_none=True)
@@ -359,29 +373,38 @@ def run_ablation(
     alpha, and its seed. Each row has the task's metrics and ``score`` (its primary metric).
     """
     task, k = model.task, int(model.config["num_outputs"])
-    tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size)
-    te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size)
-    if len(tr_y) == 0 or len(te_y) == 0:
+    tokens = p.ablation_tokens
+    tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size, tokens)
+    te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size, tokens)
+    if tr_i is None or te_i is None or tr_t is None or te_t is None:
         return [], "no labelled train or test pairs for the ablation heads"
     rows = []
-    for mode in ABLATION_MODES:
+    modes = [m for m in ABLATION_MODES if tokens or m not in TOKEN_LEVEL]
+    for mode in modes:
         torch.manual_seed(train_params.seed)  # same init stream for every head
         head = create_fusion_head(
-            mode, tr_i.shape[1], tr_t.shape[1], k,
+            mode, tr_i.pooled.shape[1], tr_t.pooled.shape[1], k,
             hidden=train_params.head_hidden, dropout=train_params.dropout,
-            alpha=train_params.fusion_alpha,
+            alpha=train_params.fusion_alpha, layers=train_params.fusion_layers,
         )  # fmt: skip
         t0 = time.perf_counter()
         _train_head(head, tr_i, tr_t, tr_y, task, p.ablation_epochs, train_params.seed)
         with torch.no_grad():
-            scores = scoring.score_outputs(task, head(te_i, te_t), te_y)
+            scores = scoring.score_outputs(task, head_outputs(head, te_i, te_t), te_y)
         scores.pop("n_labelled", None)
         score = scoring.primary_score(task, scores)
         rows.append({"fusion": mode, **scores, "score": score})  # no timings: versioned output
         log.info("evaluate: ablation head %d/%d %s: %s %.4f (%.1f s)", len(rows),
-                 len(ABLATION_MODES), mode, DEFAULT_METRIC[task], score,
+                 len(modes), mode, DEFAULT_METRIC[task], score,
                  time.perf_counter() - t0)  # fmt: skip
     return rows, None
+
+
+def head_outputs(head: torch.nn.Module, x_i: Encoded, x_t: Encoded) -> torch.Tensor:
+    """A trained ablation head's logits over a whole split, in chunks (token-level heads'
+    attention over every test pair at once would be one large allocation)."""
+    rows = torch.arange(len(x_i.pooled)).split(1024)
+    return torch.cat([apply_head(head, x_i.select(r), x_t.select(r)) for r in rows])
 
 
 def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict[str, float]:

@@ -27,6 +27,8 @@ STAGES = ("ingest", "align", "shard", "train", "evaluate", "register")
 ABLATION_NAMES = {
     "weighted": "weighted (learned α)",
     "late": "late (average of unimodal logits)",
+    "cross_attention_pooled": "cross_attention_pooled (2 pooled vectors)",
+    "single_stream": "single_stream (one transformer over tokens + patches)",
 }
 
 

@@ -1,6 +1,7 @@
 """The multimodal model: encoders, fusion heads, the dual-encoder module and its losses."""
 
-from mmpipe.model.fusion import FUSION_MODES, create_fusion_head
+from mmpipe.model.features import Encoded, concat_encoded
+from mmpipe.model.fusion import FUSION_MODES, TOKEN_LEVEL, apply_head, create_fusion_head
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.multimodal import (
     MultimodalModel,
@@ -17,8 +18,12 @@ from mmpipe.model.text import create_text_encoder, hash_tokenize
 
 __all__ = [
     "FUSION_MODES",
+    "TOKEN_LEVEL",
+    "Encoded",
     "MultimodalModel",
+    "apply_head",
     "batch_targets",
+    "concat_encoded",
     "create_fusion_head",
     "create_image_encoder",
     "create_model",

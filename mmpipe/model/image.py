@@ -1,5 +1,8 @@
 """Image encoders: (B, 3, H, W) images normalised to [-1, 1] -> pooled features (B, F).
 
+``encode`` also returns the unpooled grid: the last feature map's cells as tokens (B, h*w, F),
+row-major, which token-level fusion attends over (``features.Encoded``).
+
 Scratch encoders use GroupNorm instead of BatchNorm on purpose: their outputs do not depend on
 the other samples of the batch, so gradient accumulation and DDP (per-rank micro-batches) give
 the same gradients as one big batch, which the exact-resume and DDP-equivalence tests rely on.
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from mmpipe.config import ModelConfig
+from mmpipe.model.features import Encoded, TokenEncoder, grid_tokens
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -48,7 +52,7 @@ class SpatialPool(nn.Module):
         return self.proj(torch.cat([self.pool(x).flatten(1), colour_stats(images)], dim=1))
 
 
-class CNNEncoder(nn.Module):
+class CNNEncoder(TokenEncoder):
     """Four stride-2 conv stages (64px -> 4x4); cheap enough for CPU training."""
 
     def __init__(self, width: int):
@@ -64,8 +68,10 @@ class CNNEncoder(nn.Module):
         )
         self.pool = SpatialPool(width, width)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(images), images)  # (B, 3, H, W) -> (B, F)
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
+        x = self.body(images)  # (B, F, h, w)
+        return Encoded(self.pool(x, images), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output, what ``unfreeze_last`` counts: the conv stages, then the pool."""
@@ -91,7 +97,7 @@ class BasicBlock(nn.Module):
         return torch.relu(y + self.short(x))
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(TokenEncoder):
     """ResNet-10-style: stem + four stages of one basic block each."""
 
     def __init__(self, width: int):
@@ -106,15 +112,17 @@ class ResNetEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)  # (B, w, H/16, W/16)
         self.pool = SpatialPool(width, width)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(self.stem(images)), images)  # (B, F)
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the H/16 x W/16 grid as tokens (B, h*w, F)."""
+        x = self.blocks(self.stem(images))  # (B, F, h, w)
+        return Encoded(self.pool(x, images), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output: the stem, the residual blocks, the pool."""
         return [self.stem, *self.blocks, self.pool]
 
 
-class EfficientNetLite0Encoder(nn.Module):
+class EfficientNetLite0Encoder(TokenEncoder):
     """ImageNet-pretrained EfficientNet-Lite0 trunk, global-average pooled (1280 features).
 
     The weights were converted from the TF-Lite release, whose preprocessing is (x - 127) / 128,
@@ -138,9 +146,10 @@ class EfficientNetLite0Encoder(nn.Module):
         # the ImageNet classifier is never used; dropping it keeps DDP from waiting on its grads
         self.net._fc = nn.Identity()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Global average (B, 1280) and the H/32 x W/32 grid as tokens (B, h*w, 1280)."""
         x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
-        return x.mean(dim=(2, 3))  # (B, 1280)
+        return Encoded(x.mean(dim=(2, 3)), *grid_tokens(x))
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output: the stem, the 16 MBConv blocks, the head convolution."""
@@ -149,8 +158,33 @@ class EfficientNetLite0Encoder(nn.Module):
                 nn.ModuleList([n._conv_head, n._bn1])]  # fmt: skip
 
 
+class PatchEmbedding(TokenEncoder):
+    """ViLT's image side: a linear embedding of non-overlapping ``patch`` x ``patch`` patches.
+
+    No convolution stack: the single-stream transformer (``fusion=single_stream``) does all the
+    work. Pooled = LayerNorm of the mean patch (what the contrastive projection reads).
+    """
+
+    def __init__(self, width: int, patch: int):
+        super().__init__()
+        self.out_dim, self.patch = width, patch
+        self.embed = nn.Conv2d(3, width, patch, patch)  # a linear map of each flattened patch
+        self.norm = nn.LayerNorm(width)
+
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Pooled (B, F) and the patches as tokens (B, (H/p)*(W/p), F)."""
+        tokens, mask = grid_tokens(self.embed(images))
+        return Encoded(self.norm(tokens.mean(dim=1)), tokens, mask)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """Input to output: the patch embedding, the norm."""
+        return [self.embed, self.norm]
+
+
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     """The image encoder named by ``cfg.image_encoder``; it exposes ``out_dim``."""
+    if cfg.image_encoder == "patch":
+        return PatchEmbedding(cfg.width, cfg.patch_size)
     if cfg.image_encoder == "cnn":
         return CNNEncoder(cfg.width)
     if cfg.image_encoder == "resnet":

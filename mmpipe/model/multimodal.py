@@ -3,6 +3,7 @@
     images (B, 3, H, W) -> image encoder -> xi (B, Fi) -> proj -> L2 norm -> image_emb (B, D)
     texts  list[str]    -> text encoder  -> xt (B, Ft) -> proj -> L2 norm -> text_emb  (B, D)
     (xi, xt) -> fusion head -> logits (B, K)
+    token-level heads (cross_attention, single_stream): the encoders' tokens + masks -> logits
 
 The fusion head reads the pooled encoder features, not the contrastive embeddings: InfoNCE only
 keeps what the two modalities share (shapes, colours, positions), while the task may need what
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpipe.config import ModelConfig
-from mmpipe.model.fusion import create_fusion_head
+from mmpipe.model.features import Encoded
+from mmpipe.model.fusion import apply_head, create_fusion_head
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.text import create_text_encoder
 
@@ -52,6 +54,7 @@ class MultimodalModel(nn.Module):
             hidden=cfg.head_hidden,
             dropout=cfg.dropout,
             alpha=cfg.fusion_alpha,
+            layers=cfg.fusion_layers,
         )
         # what the model is, for logs and reports (model_args are what rebuild it)
         self.config = {
@@ -85,8 +88,13 @@ class MultimodalModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled pre-fusion features: (B, Fi), (B, Ft); what the ablation heads are trained on."""
-        return self.image_encoder(images), self.text_encoder(list(texts))
+        """Pooled pre-fusion features: (B, Fi), (B, Ft)."""
+        ei, et = self.encode(images, texts)
+        return ei.pooled, et.pooled
+
+    def encode(self, images: torch.Tensor, texts: list[str]) -> tuple[Encoded, Encoded]:
+        """Pooled + token features of both modalities; what the ablation heads are trained on."""
+        return self.image_encoder.encode(images), self.text_encoder.encode(list(texts))
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100."""
@@ -102,16 +110,16 @@ class MultimodalModel(nn.Module):
 
     def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Task logits (B, K)."""
-        return self.head(*self.features(images, texts))
+        return apply_head(self.head, *self.encode(images, texts))
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
         """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}."""
-        xi, xt = self.features(images, texts)  # (B, Fi), (B, Ft)
+        ei, et = self.encode(images, texts)  # pooled (B, Fi), (B, Ft) + tokens
         return {
-            "image_emb": F.normalize(self.image_proj(xi), dim=-1),
-            "text_emb": F.normalize(self.text_proj(xt), dim=-1),
+            "image_emb": F.normalize(self.image_proj(ei.pooled), dim=-1),
+            "text_emb": F.normalize(self.text_proj(et.pooled), dim=-1),
             "logit_scale": self.scale(),
-            "logits": self.head(xi, xt),
+            "logits": apply_head(self.head, ei, et),
         }
 
 

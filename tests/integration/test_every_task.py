@@ -62,6 +62,7 @@ CASES = {
     "clip_pretrain_finetune": ("binary", "macro_f1", False, ["accuracy", "macro_f1", "auroc"],
                                ["roc.png", "confusion.png"]),
     "pretrained_attention": ("multiclass", "accuracy", False, ["accuracy", "macro_f1"], []),
+    "vilt_vqa": ("vqa", "vqa_accuracy", False, ["vqa_accuracy"], []),
 }  # fmt: skip
 
 
@@ -105,6 +106,20 @@ def _check_vqa_lstm_resnet(project: Path, metrics: dict, train: dict) -> None:
         assert metrics[f"vqa_accuracy_{slug}"] == row["vqa_accuracy"]
     align = json.loads((project / "data" / "align" / "report.json").read_text())
     assert len(align["classes"]) <= 20  # align.top_k_labels: the train answer vocabulary
+
+
+def _check_vilt_vqa(project: Path, metrics: dict, train: dict) -> None:
+    """The single-stream model went through train, evaluate (its ablation beside the dual-
+    encoder fusions) and predict's loader, rebuilt from its checkpoint alone."""
+    from mmpipe.checkpoint import load_model, pick_checkpoint
+    from mmpipe.model.fusion import SingleStreamFusion
+
+    model, info = load_model(pick_checkpoint(project / "models"))
+    assert isinstance(model.head, SingleStreamFusion)
+    assert info["model_args"]["image_encoder"] == "patch"
+    ablation = json.loads((project / "reports" / "ablation.json").read_text())
+    rows = {r["fusion"] for r in ablation["results"]}
+    assert {"cross_attention", "cross_attention_pooled", "single_stream"} <= rows
 
 
 def _check_clip_pretrain_finetune(project: Path, metrics: dict, train: dict) -> None:

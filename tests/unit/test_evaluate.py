@@ -129,6 +129,17 @@ def test_evaluate_without_ablation_and_missing_inputs(project, tmp_path):
         run_evaluate(tmp_path / "noshards", project.models, _params(), tmp_path / "r3")
 
 
+def test_ablation_without_token_heads_skips_only_those(project, tmp_path):
+    """evaluate.ablation_tokens: false (large collections): the pooled heads still train."""
+    from mmpipe.evaluate import ABLATION_MODES, run_evaluate
+    from mmpipe.model import TOKEN_LEVEL
+
+    run_evaluate(project.shards, project.models, _params(ablation_tokens=False), tmp_path / "r")
+    rows = read_json(tmp_path / "r" / "ablation.json")["results"]
+    assert [r["fusion"] for r in rows] == [m for m in ABLATION_MODES if m not in TOKEN_LEVEL]
+    assert {"cross_attention_pooled", "concat"} <= {r["fusion"] for r in rows}
+
+
 def test_evaluate_falls_back_to_last_checkpoint(project, tmp_path):
     from mmpipe.evaluate import run_evaluate
 
