@@ -34,6 +34,7 @@ def project(tmp_path):
 
 
 def _params(**kw) -> EvaluateParams:
+    kw.setdefault("ablation_tokens", True)  # every head (the default leaves the slow ones out)
     return EvaluateParams(batch_size=5, ks=[1, 5, 100], ablation_epochs=3, **kw)
 
 
@@ -129,15 +130,20 @@ def test_evaluate_without_ablation_and_missing_inputs(project, tmp_path):
         run_evaluate(tmp_path / "noshards", project.models, _params(), tmp_path / "r3")
 
 
-def test_ablation_without_token_heads_skips_only_those(project, tmp_path):
-    """evaluate.ablation_tokens: false (large collections): the pooled heads still train."""
+def test_token_heads_in_the_ablation_are_opt_in(project, tmp_path):
+    """evaluate.ablation_tokens (default false, they are slow): off, only the pooled heads
+    train; on, the token-level heads are scored beside them."""
     from mmpipe.evaluate import ABLATION_MODES, run_evaluate
     from mmpipe.model import TOKEN_LEVEL
 
+    assert EvaluateParams().ablation_tokens is False
     run_evaluate(project.shards, project.models, _params(ablation_tokens=False), tmp_path / "r")
     rows = read_json(tmp_path / "r" / "ablation.json")["results"]
     assert [r["fusion"] for r in rows] == [m for m in ABLATION_MODES if m not in TOKEN_LEVEL]
     assert {"cross_attention_pooled", "concat"} <= {r["fusion"] for r in rows}
+    run_evaluate(project.shards, project.models, _params(ablation_tokens=True), tmp_path / "t")
+    rows = read_json(tmp_path / "t" / "ablation.json")["results"]
+    assert [r["fusion"] for r in rows] == list(ABLATION_MODES)
 
 
 def test_evaluate_falls_back_to_last_checkpoint(project, tmp_path):
