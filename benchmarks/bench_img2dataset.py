@@ -95,8 +95,10 @@ def cpu_run(cmd: list[str], **kw: Any) -> tuple[float, float]:
     return cpu, wall
 
 
-def run_mmpipe(src: Path, project: Path, code: Path | None = None) -> tuple[float, float, int]:
-    """ingest, align, shard through the CLI; (CPU s, wall s, samples written).
+def run_mmpipe(
+    src: Path, project: Path, code: Path | None = None
+) -> tuple[float, float, int, dict[str, float]]:
+    """ingest, align, shard through the CLI; (CPU s, wall s, samples written, CPU s per stage).
 
     ``code``: a directory holding another ``mmpipe`` package (e.g. ``git archive main mmpipe``),
     put first on PYTHONPATH to measure that version side by side ("before").
@@ -115,16 +117,67 @@ def run_mmpipe(src: Path, project: Path, code: Path | None = None) -> tuple[floa
     ]
     args = [f"--set={s}" for s in sets]
     params = ["--params", str(c.REPO / "params.yaml"), "--project-dir", str(project)]
-    cpu = wall = 0.0
+    wall = 0.0
+    stages: dict[str, float] = {}
     env = dict(os.environ, TQDM_DISABLE="1")
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     for stage in ("ingest", "align", "shard"):
         cmd = [sys.executable, "-m", "mmpipe", stage, *params, *args]
-        s_cpu, s_wall = cpu_run(cmd, cwd=project, env=env)
-        cpu, wall = cpu + s_cpu, wall + s_wall
+        stages[stage], s_wall = cpu_run(cmd, cwd=project, env=env)
+        wall += s_wall
     manifest = json.loads((project / "data" / "shards" / "manifest.json").read_text())
-    return cpu, wall, sum(e["count"] for e in manifest["splits"].values())
+    done = sum(e["count"] for e in manifest["splits"].values())
+    return sum(stages.values()), wall, done, stages
+
+
+def per_image_ms(repeats: int = 5) -> dict[str, float]:
+    """CPU ms per photo of each step, on coco-mini's photos (one process, best of ``repeats``).
+
+    ingest's check, the sha256 ingest takes, shard's decode (as opened for 256 px: full scale
+    for these 640x480 photos), the resize (shard's, and BICUBIC as before), the JPEG encode.
+    """
+    import hashlib
+
+    from PIL import Image
+
+    from mmpipe.ingest import check_image_bytes
+    from mmpipe.shard import encode_jpeg, open_for_size, square_resize
+
+    paths = sorted((COCO / "images").iterdir())
+    datas = [p.read_bytes() for p in paths]
+    decoded = [open_for_size(p, 256) for p in paths]
+    for im in decoded:
+        im.load()
+    small = [square_resize(im, 256) for im in decoded]
+
+    def bicubic(im: Image.Image) -> Image.Image:
+        w, h = im.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+        return im.resize((256, 256), Image.Resampling.BICUBIC, box=box)
+
+    steps = {
+        "ingest check (decode at 1/8)": (
+            datas,
+            lambda d: check_image_bytes(d, {"JPEG", "MPO"}, 10**9, 1),
+        ),
+        "ingest sha256": (datas, lambda d: hashlib.sha256(d).digest()),
+        "shard decode": (paths, lambda p: open_for_size(p, 256).load()),
+        "shard resize (HAMMING)": (decoded, lambda im: square_resize(im, 256)),
+        "resize BICUBIC (before)": (decoded, bicubic),
+        "shard JPEG encode q95": (small, lambda im: encode_jpeg(im, 95)),
+    }
+    out = {}
+    for name, (items, fn) in steps.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            for item in items:
+                fn(item)
+            best = min(best, time.process_time() - t0)
+        out[name] = 1000 * best / len(items)
+    return out
 
 
 def run_img2dataset(exe: Path, src: Path, out: Path) -> tuple[float, float, int]:
@@ -165,12 +218,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with c.workdir(args, NAME) as work:
         exe = img2dataset_venv(work)
         make_photos(work / "photos", n)
+        steps = per_image_ms()
+        print(f"  per photo, CPU ms: {json.dumps(steps)}", flush=True)
+        make_photos(work / "photos-24", 24)  # fixed cost: each stage's CPU on 24 photos
+        fixed = {"mmpipe": run_mmpipe(work / "photos-24", work / "fixed-project")[3]}
+        if args.before:
+            fixed["before"] = run_mmpipe(work / "photos-24", work / "fixed-project", args.before)[3]
+        print(f"  stage CPU s on 24 photos: {json.dumps(fixed)}", flush=True)
         for r in range(repeats):
             row: dict[str, Any] = {"repeat": r}
             sides = {"mmpipe": None, "before": args.before} if args.before else {"mmpipe": None}
             for side, code in sides.items():
-                cpu, wall, done = run_mmpipe(work / "photos", work / f"{side}-project", code)
-                row[side] = {"cpu_s": cpu, "wall_s": wall, "images": done}
+                project = work / f"{side}-project"
+                cpu, wall, done, stages = run_mmpipe(work / "photos", project, code)
+                row[side] = {"cpu_s": cpu, "wall_s": wall, "images": done, "stage_cpu_s": stages}
             i_cpu, i_wall, i_n = run_img2dataset(exe, work / "photos", work / "i2d-out")
             row["img2dataset"] = {"cpu_s": i_cpu, "wall_s": i_wall, "images": i_n}
             for side in sides:
@@ -200,16 +261,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     i2d = max(r["img2dataset"]["images"] / r["img2dataset"]["cpu_s"] for r in rows)
     figures.append(c.figure(f"img2dataset {I2D_VERSION}", i2d, "images/CPU-s"))
+    for step, ms in steps.items():
+        figures.append(c.figure(f"per photo: {step}", ms, "CPU ms"))
+    for side, stages in fixed.items():
+        for stage, cpu in stages.items():
+            figures.append(c.figure(f"{side} {stage} on 24 photos (~fixed cost)", cpu, "CPU s"))
     conditions = {
         "images": n,
         "source": "coco-mini photos, one pixel changed per copy, q95",
         "image_size": 256,
         "jpeg_quality": 95,
-        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased BICUBIC",
+        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased HAMMING",
         "img2dataset": f"{I2D_VERSION}, file:// URLs, processes_count=1, resize_mode=keep_ratio",
         "repeats": repeats,
     }
-    return c.finish(NAME, args, argv, figures, conditions, {"rows": rows}, started)
+    data = {"rows": rows, "per_image_ms": steps, "stage_cpu_s_24_photos": fixed}
+    return c.finish(NAME, args, argv, figures, conditions, data, started)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Stored size 256 px, shard.copies=0, so the pipeline writes exactly one sample pe
 writes one sample per *caption*: with captions_per_image=1 that is one per image).
 
 Raw limit = a bare loop over the same files doing exactly the work a shard has to do:
-read -> decode (RGB) -> centre-crop + antialiased BICUBIC resize (as shard) -> JPEG encode (q90) -> tarfile append of
-jpg/txt/json members. "raw ingest" is the bare version of ingest's per-file work:
+read -> decode (RGB) -> centre-crop + antialiased resize (shard's filter: HAMMING when shrinking)
+-> JPEG encode (q90) -> tarfile append of jpg/txt/json members. "raw ingest" is the bare version of ingest's per-file work:
 read -> sha256 -> decode (RGB).
 Every side is timed ``repeats`` times, interleaved; the best of each is kept.
 """
@@ -38,7 +38,7 @@ def raw_shard(paths: list[str], size: int, quality: int, tar_path: str) -> int:
             with open(path, "rb") as fh:
                 data = fh.read()
             img = Image.open(io.BytesIO(data)).convert("RGB")
-            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            img = ImageOps.fit(img, (size, size), method=Image.Resampling.HAMMING)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=quality)
             key = f"{i:08d}"

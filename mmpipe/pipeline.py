@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe import lock, signals
-from mmpipe.checkpoint import MANIFEST, pick_checkpoint
 from mmpipe.commit import staged_dir
 from mmpipe.config import IngestParams, Params, RegisterParams, section_hash
 from mmpipe.errors import InputError
@@ -41,6 +40,8 @@ from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
 from mmpipe.storage import is_url, listing_digest, mirror, publish_shards
 
+# mmpipe.checkpoint imports torch (~1.6 CPU-s per process): only the functions of the model
+# stages import it, so `mmpipe ingest|align|shard` never load torch (tests/unit/test_imports.py)
 log = logging.getLogger(__name__)
 
 STAMP = ".stamp.json"
@@ -171,6 +172,7 @@ def run_data_stage(
                 report = {**report, "published": publish_shards(staging, params.shard.output)}
         if parent_run_id is not None:
             from mmpipe import tracking
+            from mmpipe.checkpoint import MANIFEST
 
             report_file = out_dir / "report.json"
             tracking.log_stage_run(
@@ -197,6 +199,8 @@ stage_shard = functools.partial(run_data_stage, "shard")
 
 def manifest_hash(layout: Layout) -> str:
     """sha256 of the shard manifest: the data version every model is trained on."""
+    from mmpipe.checkpoint import MANIFEST
+
     manifest = layout.shard_dir / MANIFEST
     if not manifest.is_file():
         raise InputError(f"{manifest} not found: run `mmpipe shard` first")
@@ -255,6 +259,8 @@ def record_train_run(layout: Layout, run_id: str) -> None:
     checkpoint's sha256, so a models/ swapped since (``dvc checkout``) is never logged to the
     wrong run.
     """
+    from mmpipe.checkpoint import pick_checkpoint
+
     checkpoint = sha256_file(pick_checkpoint(layout.model_dir))
     write_json_atomic(layout.train_run, {"run_id": run_id, "checkpoint_sha256": checkpoint})
 
@@ -317,6 +323,8 @@ def _train_run_id(layout: Layout) -> str | None:
     """The MLflow run that trained the checkpoint now in models/, if this project recorded it."""
     if not layout.train_run.is_file():
         return None
+    from mmpipe.checkpoint import pick_checkpoint
+
     record = read_json(layout.train_run)
     try:
         current = sha256_file(pick_checkpoint(layout.model_dir))
@@ -351,6 +359,8 @@ def stage_evaluate(
 def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
     """The data hash register may use: metrics.json scored THIS checkpoint on THIS data, which
     is the data the model was trained on; else an InputError saying what to re-run."""
+    from mmpipe.checkpoint import pick_checkpoint
+
     path = layout.eval_dir / "metrics.json"
     checkpoint = pick_checkpoint(layout.model_dir)
     scored, have = metrics.get("checkpoint_sha256"), sha256_file(checkpoint)

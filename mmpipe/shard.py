@@ -14,9 +14,9 @@ shards hold no absolute path, so the same data gives the same bytes wherever it 
 Each image is decoded once (cached per image_id for its several captions), JPEGs at the largest
 DCT-domain reduction that keeps both sides >= image_size (Pillow ``draft``).
 
-Resize policy: centre-crop to a square, then an antialiased BICUBIC resize to image_size (keeps
-aspect ratio; objects at the far edges of non-square photos can be cropped, as in CLIP's
-preprocessing).
+Resize policy: centre-crop to a square, then an antialiased resize to image_size (HAMMING when
+shrinking, BICUBIC when enlarging: ``square_resize``). Keeps aspect ratio; objects at the far
+edges of non-square photos can be cropped, as in CLIP's preprocessing.
 """
 
 from __future__ import annotations
@@ -100,17 +100,20 @@ def load_rgb(path: str | Path, size: int | None = None) -> Image.Image:
 
 
 def square_resize(img: Image.Image, size: int) -> Image.Image:
-    """Centre square of ``img`` resized to (size, size), antialiased BICUBIC, in one pass.
+    """Centre square of ``img`` resized to (size, size), antialiased, in one pass.
 
-    BICUBIC is CLIP's preprocessing filter; Pillow widens it by the scale factor when shrinking
-    (antialiased), at about 0.7x the cost of LANCZOS on a 640x480 photo. The crop is a resize
-    ``box``, so the full-size image is never copied.
+    Shrinking uses HAMMING (a Hamming-windowed sinc of support 1, widened by the scale factor):
+    0.65x the CPU of BICUBIC on coco-mini's photos (1.2 vs 1.8 ms, 480 px -> 256 px) and as
+    close to a LANCZOS reference (39 dB PSNR) as img2dataset's OpenCV INTER_AREA; BICUBIC (45
+    dB) was a third of shard's CPU. Enlarging keeps BICUBIC, the better interpolator. The crop
+    is a resize ``box``, so the full-size image is never copied.
     """
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     box = (left, top, left + side, top + side)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    method = Image.Resampling.HAMMING if side > size else Image.Resampling.BICUBIC
+    return img.resize((size, size), method, box=box)
 
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
