@@ -4,6 +4,8 @@ from mmpipe.model.fusion import FUSION_MODES, create_fusion_head
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.multimodal import (
     MultimodalModel,
+    audio_info_nce,
+    audio_inputs,
     batch_targets,
     create_model,
     info_nce,
@@ -18,6 +20,8 @@ from mmpipe.model.text import create_text_encoder, hash_tokenize
 __all__ = [
     "FUSION_MODES",
     "MultimodalModel",
+    "audio_info_nce",
+    "audio_inputs",
     "batch_targets",
     "create_fusion_head",
     "create_image_encoder",
