@@ -167,6 +167,11 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
             f"(ingest.label_separator={manifest.get('label_separator')!r}); use "
             "train.task=multilabel"
         )
+    if p.audio_encoder != "none" and "audio" not in manifest:
+        raise InputError(
+            f"train.audio_encoder={p.audio_encoder} but the shards carry no audio; set "
+            "ingest.audio_column (or ingest.synthetic.audio) or train.audio_encoder=none"
+        )
     if p.task == "regression":
         bad = next((c for c in classes if math.isnan(label_value(c))), None)
         if bad is not None:

@@ -23,14 +23,12 @@ class AudioCNN(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        c1, c2 = max(width // 4, 8), max(width // 2, 8)
         self.out_dim = width
-        self.body = nn.Sequential(
-            _conv(1, c1, 2),  # (B, c1, M/2, T/2)
-            _conv(c1, c2, 2),  # (B, c2, M/4, T/4)
-            _time_conv(c2, width),  # (B, w, M/4, T/8)
-            _time_conv(width, width),  # (B, w, M/4, T/16)
-        )
+        channels = [1, max(width // 4, 8), max(width // 2, 8), width, width]
+        # (B, 1, M, T) -> (B, c1, M/2, T/2) -> (B, c2, M/4, T/4) -> (B, w, M/4, T/8) -> T/16
+        stages = [_conv(a, b, 2) if i < 2 else _time_conv(a, b)
+                  for i, (a, b) in enumerate(zip(channels, channels[1:], strict=False))]  # fmt: skip
+        self.body = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d((FREQ_BINS, 1))
         self.proj = nn.Linear(FREQ_BINS * width, width)
 

@@ -120,17 +120,11 @@ class MultimodalModel(nn.Module):
         """(B, 1, N_MELS, FRAMES) log-mel -> L2-normalised (B, D)."""
         return F.normalize(self.audio_proj(self.audio_encoder(audio)), dim=-1)
 
-    def classify(
-        self,
-        images: torch.Tensor,
-        texts: list[str],
-        audio: torch.Tensor | None = None,
-        audio_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Task logits (B, K); with audio, fused where ``audio_mask`` (B,) is True."""
-        if audio is None or self.audio_encoder is None:
+    def classify(self, images: torch.Tensor, texts: list[str], **audio: Any) -> torch.Tensor:
+        """Task logits (B, K); ``audio``/``audio_mask`` (``audio_inputs``) fuse the clips."""
+        if audio.get("audio") is None or self.audio_encoder is None:
             return self.head(*self.features(images, texts))
-        return self(images, texts, audio, audio_mask)["logits"]
+        return self(images, texts, **audio)["logits"]
 
     def forward(
         self,

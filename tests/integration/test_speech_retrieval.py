@@ -66,9 +66,9 @@ def test_spoken_captions_are_retrieved_against_their_photos(tmp_path, monkeypatc
     assert report["audio"]["seen"] == report["audio"]["accepted"] == n  # every clip decodes
     assert report["audio"]["captions_with_audio"] == report["captions"]["accepted"] == n
     manifest = json.loads((layout.stage_dir("shard") / "manifest.json").read_text())
-    assert manifest["audio"]["pairs_with_audio_per_split"] == manifest[
-        "align_report_pairs_per_split"
-    ]
+    assert (
+        manifest["audio"]["pairs_with_audio_per_split"] == manifest["align_report_pairs_per_split"]
+    )
     metrics = json.loads((layout.stage_dir("evaluate") / "metrics.json").read_text())
     assert metrics["n_test_audio"] == metrics["n_test_pairs"] > 0
     for pair in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t"):

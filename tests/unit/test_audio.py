@@ -322,3 +322,42 @@ def test_synthetic_audio_is_a_mood_chord_and_leaves_images_and_captions_alone(tm
             for mood in CHORDS
         }
         assert max(energy, key=energy.get)[1] == row["mood"], row["audio"]
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def test_audio_encoder_without_audio_shards_is_a_clear_error():
+    from mmpipe.config import TrainParams
+    from mmpipe.errors import InputError
+    from mmpipe.train import check_task_data
+
+    with pytest.raises(InputError, match="shards carry no audio"):
+        check_task_data(TrainParams(audio_encoder="cnn"), {"classes": ["a", "b"]})
+    check_task_data(TrainParams(audio_encoder="cnn"), {"classes": [], "audio": {}})
+
+
+def test_audio_retrieval_scores_every_pair_by_image_group():
+    import torch
+
+    from mmpipe.evaluate import SplitOutputs, audio_retrieval
+
+    eye = torch.eye(4)
+    # 3 images; image 0 has two captions; the caption of image 2 has no clip
+    out = SplitOutputs(
+        image_ids=["a", "b", "c"],
+        image_emb=[eye[0], eye[1], eye[2]],
+        text_emb=[torch.stack([eye[0], eye[0], eye[1], eye[2]])],
+        text_to_image=[0, 0, 1, 2],
+        audio_emb=[torch.stack([eye[0], eye[0], eye[1], eye[3]])],
+        audio_mask=[torch.tensor([True, True, True, False])],
+    )
+    m = audio_retrieval(out, [1, 5])
+    assert m["n_test_audio"] == 3.0
+    for pair in ("i2a", "a2i", "t2a", "a2t"):
+        assert m[f"{pair}_r1"] == 1.0, pair
+    # clips that match the wrong image: image<->audio fails, each direction
+    out.audio_emb = [torch.stack([eye[1], eye[1], eye[0], eye[3]])]
+    m = audio_retrieval(out, [1])
+    assert m["i2a_r1"] == m["a2i_r1"] == m["t2a_r1"] == m["a2t_r1"] == 0.0
+    assert audio_retrieval(SplitOutputs(), [1]) == {}  # no audio model: nothing reported
