@@ -3,6 +3,7 @@
     python -m benchmarks.trimodal                  # both runs at the README's size (2 cores)
     python -m benchmarks.trimodal --update-readme  # ... and rewrite the README's table
     python -m benchmarks.trimodal --smoke          # tiny params: checks the script
+    python -m benchmarks.trimodal --readme-from benchmarks/results/trimodal.json
 
 The synthetic source with ``ingest.synthetic.audio: true`` gives each image a chord, major for a
 positive mood and minor for a negative one (5 % of images without a clip). Two ``mmpipe run``
@@ -72,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", type=Path, default=Path("runs/trimodal"), help="project dirs")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where trimodal.json goes")
     ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
+    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
+                    help="rewrite README.md's table from a saved full run's trimodal.json")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.readme_from is not None:
+        saved = json.loads(args.readme_from.read_text())
+        if saved["mode"] != "full" or saved["overrides"] != FULL:
+            raise SystemExit(f"{args.readme_from}: not a full-size run")
+        update_readme(markdown(saved["rows"]), COMMAND, markers=(START, END))
+        return 0
     if args.update_readme and args.smoke:
         raise SystemExit("--update-readme needs the full-size run")
     overrides = SMOKE if args.smoke else FULL

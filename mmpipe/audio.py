@@ -178,7 +178,9 @@ def _clip(
     if ref is None or (isinstance(ref, float) and math.isnan(ref)) or ref == "":
         return None
     ref = str(ref)
-    rel = os.path.normpath(ref).replace(os.sep, "/")
+    # stored relative to the root, as image paths are (an absolute path inside it is accepted)
+    rel = os.path.normpath(os.path.relpath(ref, root) if os.path.isabs(ref) else ref)
+    rel = rel.replace(os.sep, "/")
     if rel not in outcome:
         reason, detail = validate_audio(root, rel, p)
         outcome[rel] = reason

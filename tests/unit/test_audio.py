@@ -163,7 +163,8 @@ def write_collection(root: Path) -> None:
     for rel, data in audio.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    refs = [*audio, "a/missing.wav", "", "a/good0.wav", "a/good1.flac", "a/good2.ogg", ""]
+    again = [str(root / "a/good0.wav"), "a/good1.flac", "a/../a/good2.ogg", "../outside.wav"]
+    refs = [*audio, "a/missing.wav", "", *again]
     rows = []
     (root / "img").mkdir()
     for i, ref in enumerate(refs):
@@ -183,9 +184,10 @@ def test_ingest_rejects_each_bad_clip_and_keeps_its_caption(tmp_path):
     audio = report["audio"]
     assert audio["by_reason"] == {
         "audio_too_long": 1, "bad_extension": 1, "bad_sample_rate": 1, "missing_audio": 1,
-        "not_audio": 1, "zero_bytes": 1,
+        "not_audio": 1, "path_escapes_root": 1, "zero_bytes": 1,
     }  # fmt: skip
-    assert audio["seen"] == audio["accepted"] + audio["rejected"] == 3 + 6
+    # an absolute path inside the root and a/../a/ are the same clips, validated once
+    assert audio["seen"] == audio["accepted"] + audio["rejected"] == 3 + 7
     assert audio["captions_with_audio"] == 6 and audio["captions_without_audio"] == 8
     # no caption is lost to a bad clip: the modality is masked instead
     assert report["captions"]["accepted"] == report["captions"]["seen"] == 14
@@ -195,6 +197,7 @@ def test_ingest_rejects_each_bad_clip_and_keeps_its_caption(tmp_path):
     by_image = {r["image_ref"]: r["audio_path"] for r in records}
     assert by_image["img/0.png"] == "a/good0.wav" and by_image["img/3.png"] is None
     assert by_image["img/9.png"] is None  # empty cell
+    assert by_image["img/10.png"] == "a/good0.wav" and by_image["img/12.png"] == "a/good2.ogg"
     assert all("sound" not in r["meta"] for r in records)  # moved out of meta
 
 
