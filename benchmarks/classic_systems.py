@@ -115,19 +115,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(
-    table: str,
-    command: str,
-    readme: Path = REPO / "README.md",
-    markers: tuple[str, str] = (README_START, README_END),
-) -> None:
-    """Replace the text between the README's classic-systems markers (or other ``markers``)."""
-    start, end = markers
+def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -> None:
+    """Replace the text between the README's classic-systems markers."""
     text = readme.read_text(encoding="utf-8")
-    block = f"{start}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{end}"
-    pattern = re.escape(start) + ".*?" + re.escape(end)
+    block = f"{README_START}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{README_END}"
+    pattern = re.escape(README_START) + ".*?" + re.escape(README_END)
     if not re.search(pattern, text, flags=re.S):
-        raise SystemExit(f"{readme}: no {start} ... {end} markers")
+        raise SystemExit(f"{readme}: no {README_START} ... {README_END} markers")
     readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
 
 
