@@ -364,3 +364,16 @@ def test_audio_retrieval_scores_every_pair_by_image_group():
     m = audio_retrieval(out, [1])
     assert m["i2a_r1"] == m["a2i_r1"] == m["t2a_r1"] == m["a2t_r1"] == 0.0
     assert audio_retrieval(SplitOutputs(), [1]) == {}  # no audio model: nothing reported
+
+
+def test_audio_shards_are_identical_for_one_and_two_workers(tmp_path):
+    write_collection(tmp_path / "data")
+    ingest(tmp_path / "data", tmp_path / "ingest", audio_column="sound")
+    run_align(tmp_path / "ingest", AlignParams(train=0.6, val=0.2, test=0.2), tmp_path / "align")
+    for workers in (1, 2):
+        params = ShardParams(image_size=16, workers=workers, copies=1, maxcount=100)
+        run_shard(tmp_path / "align", tmp_path / "ingest", params, tmp_path / f"w{workers}")
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert any(n.endswith(".tar") for n in names)
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
