@@ -55,6 +55,8 @@ PAIR_SCHEMA = table_schema(
     ("label_indices", pa.list_(pa.int64())),  # every class of the label (multi-hot), known ones
 )  # fmt: skip
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
+# with ingest.audio_column: the clip of each pair (relative to the data root; null = no audio)
+AUDIO_PATH = pa.field("audio_path", pa.string())
 BATCH = 4096  # records per read batch: small and fixed, so memory per step does not grow with N
 BUCKET_ROWS = 65536  # at most this many pairs are sorted in memory at once
 PAIRS_ROW_GROUP = 4096  # shard reads pairs.parquet a row group at a time
@@ -121,8 +123,8 @@ def _bucket_digits(n_records: int) -> int:
 class Buckets:
     """Pairs spread over Arrow IPC files by (split, pair_id prefix), then read back sorted."""
 
-    def __init__(self, work: Path, digits: int) -> None:
-        self.work, self.digits = work, digits
+    def __init__(self, work: Path, digits: int, schema: pa.Schema = PAIR_SCHEMA) -> None:
+        self.work, self.digits, self.schema = work, digits, schema
         self.writers: dict[tuple[int, str], pa.ipc.RecordBatchFileWriter] = {}
 
     def add(self, table: pa.Table) -> None:
@@ -135,7 +137,7 @@ class Buckets:
             key = (s, pre)
             if key not in self.writers:
                 sink = pa.OSFile(str(self.work / f"{s}-{pre or 'all'}.arrow"), "wb")
-                self.writers[key] = pa.ipc.new_file(sink, PAIR_SCHEMA)
+                self.writers[key] = pa.ipc.new_file(sink, self.schema)
             self.writers[key].write_table(part)
 
     def sorted_tables(self) -> Any:
@@ -174,6 +176,7 @@ def _pairs_of_batch(batch: pa.RecordBatch, images: ImageTable) -> tuple[pa.Table
             "source": kept["source"].cast(pa.string()),
             "meta": pc.fill_null(kept["meta"].cast(pa.string()), "{}"),
             "label_indices": pa.nulls(len(idx), pa.list_(pa.int64())),  # set by _write_pairs
+            **({"audio_path": kept["audio_path"]} if "audio_path" in kept.column_names else {}),
             "_split": pa.array(split, pa.int8()),
         }
     )
@@ -281,7 +284,7 @@ def _write_pairs(
     """
     value_set = pa.array(classes, pa.string())
     unknown = Counter[str]()
-    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, PAIR_SCHEMA) as writer:
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, buckets.schema) as writer:
         for table in buckets.sorted_tables():
             ids = table["pair_id"]
             if len(ids) > 1:
@@ -353,8 +356,11 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         orphans_path.open("w", encoding="utf-8") as fh,
         scratch_dir(out_dir / ".work") as work,
     ):
-        buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows))
-        for batch in records_pf.iter_batches(batch_size=BATCH, columns=list(RECORD_COLUMNS)):
+        audio = AUDIO_PATH.name in records_pf.schema_arrow.names
+        schema = PAIR_SCHEMA.append(AUDIO_PATH) if audio else PAIR_SCHEMA
+        buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows), schema)
+        columns = [*RECORD_COLUMNS, AUDIO_PATH.name] if audio else list(RECORD_COLUMNS)
+        for batch in records_pf.iter_batches(batch_size=BATCH, columns=columns):
             tally.records += batch.num_rows
             pairs, orphans = _pairs_of_batch(batch, images)
             _write_orphan_captions(fh, orphans, tally)

@@ -56,6 +56,28 @@ class SyntheticParams(Section):
         "image (colour of a shape, how many of a shape, is A left of B) instead of captions; "
         "the label is the answer, `label` is ignored.",
     )
+    audio: bool = Field(
+        False,
+        description="Give each image a 1 s clip (audio/NNNNNN.wav, column `audio`): a chord, "
+        "major for a positive mood and minor for a negative one, a second mood cue beside the "
+        "palette; a few images get none (the modality is then masked). false = image + text.",
+    )
+
+
+class AudioParams(Section):
+    """Audio clips beside images and captions (mmpipe/audio.py): which files, which limits."""
+
+    extensions: list[str] = Field(
+        default_factory=lambda: [".wav", ".flac", ".ogg"],
+        description="Accepted audio file extensions (lower case); decoded with soundfile.",
+    )
+    min_seconds: float = Field(0.05, ge=0.0, description="Reject clips shorter than this.")
+    max_seconds: float = Field(30.0, gt=0.0, description="Reject clips longer than this.")
+    min_sample_rate: int = Field(8000, ge=1, description="Reject clips sampled below this (Hz).")
+    max_sample_rate: int = Field(48000, ge=1, description="Reject clips sampled above this (Hz).")
+    max_channels: int = Field(
+        2, ge=1, description="Reject clips with more channels (shard mixes the rest to mono)."
+    )
 
 
 class IngestParams(Section):
@@ -113,6 +135,15 @@ class IngestParams(Section):
         "(coco).",
     )
     images_dir: str = Field("images", description="Image directory relative to `root` (coco).")
+    audio_column: str | None = Field(
+        None,
+        description="Optional column with an audio clip's path relative to `root` (folder): "
+        "the third modality. A row without one, or whose clip is rejected, keeps its image and "
+        "caption with the audio masked; null = no audio (the outputs are as without the field).",
+    )
+    audio: AudioParams = Field(
+        default_factory=AudioParams, description="Audio validation limits (with audio_column)."
+    )
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp"],
         description="Accepted image file extensions (lower case).",
@@ -216,6 +247,12 @@ class ModelConfig(Section):
     )
     patch_size: int = Field(
         8, ge=2, description="Patch side in pixels of image_encoder=patch (64 px -> 8x8 patches)."
+    )
+    audio_encoder: Literal["none", "cnn"] = Field(
+        "none",
+        description="Audio encoder (shards with audio, ingest.audio_column): none = image + text "
+        "only; cnn = a small CNN over log-mel spectrograms, trained with the image-audio and "
+        "text-audio contrastive losses and fused into the task head (a missing clip is masked).",
     )
     freeze_image: bool = Field(False, description="Freeze the image encoder's weights.")
     freeze_text: bool = Field(False, description="Freeze the text encoder's weights.")

@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mmpipe.audio import clip_features
 from mmpipe.augment import apply_augment, create_augment, derive_seed
 from mmpipe.checkpoint import MANIFEST, read_manifest
 from mmpipe.config import TransformSpec
@@ -274,10 +275,16 @@ class DecodeSample:
     """Raw tar sample -> {image (3, H, W), text, label, key, image_id, caption_id, meta}."""
 
     def __init__(
-        self, augment: Sequence[TransformSpec], seed: int, epoch: int, skips: SkipCounter
+        self,
+        augment: Sequence[TransformSpec],
+        seed: int,
+        epoch: int,
+        skips: SkipCounter,
+        audio: bool = False,
     ) -> None:
         self.specs = [TransformSpec.model_validate(s) for s in augment]
         self.seed, self.epoch, self.skips = seed, epoch, skips
+        self.audio = audio  # shards with a third modality: every row gets `audio` (None = absent)
         create_augment(self.specs)  # fail fast in the caller's process on a bad spec
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -296,7 +303,10 @@ class DecodeSample:
         if compose is not None:
             image = apply_augment(compose, image, derive_seed("online", self.seed, self.epoch, key))
         label = int(meta.get("label_index", -1))
+        # numpy, not a tensor: pickled with the chunk, no shared-memory file per clip
+        audio = clip_features(sample["flac"]) if "flac" in sample else None
         return {
+            **({"audio": audio} if self.audio else {}),
             "image": to_tensor(image),
             "text": sample["txt"].decode("utf-8"),
             "label": label,
@@ -357,8 +367,10 @@ def pad_labels(label_sets: list[list[int]]) -> torch.Tensor:
 
 def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str, Any]:
     """A batch: image (B, 3, H, W), label (B,) (-1 = none), labels (B, L) (the classes of a
-    multi-label, -1 padded), value (B,) (numeric label, nan = none), lists for the rest."""
+    multi-label, -1 padded), value (B,) (numeric label, nan = none), lists for the rest; with
+    audio shards also audio (B, 1, N_MELS, FRAMES) and audio_mask (B,) (False = no clip)."""
     return {
+        **(collate_audio(rows) if rows and "audio" in rows[0] else {}),
         "image": torch.stack(images),  # (B, 3, H, W)
         "text": [r["text"] for r in rows],
         "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # (B,)
@@ -370,6 +382,18 @@ def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str,
         "caption_id": [r["caption_id"] for r in rows],
         "meta": [r["meta"] for r in rows],
     }
+
+
+def collate_audio(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The batch's log-mels, zeros where a sample has no clip, and the presence mask."""
+    from mmpipe.audio import FRAMES, N_MELS
+
+    audio = np.zeros((len(rows), 1, N_MELS, FRAMES), dtype=np.float32)
+    present = [r["audio"] is not None for r in rows]
+    for i, r in enumerate(rows):
+        if r["audio"] is not None:
+            audio[i] = r["audio"]
+    return {"audio": torch.from_numpy(audio), "audio_mask": torch.tensor(present)}
 
 
 class Rebatch:
@@ -487,7 +511,7 @@ def create_dataloader(
         wds.tarfile_to_samples(handler=skips),
         RankFilter(shards, rank, world_size, rotate),
         SampleShuffle(shuffle_buffer, seed, epoch, rank) if shuffle else None,
-        DecodeSample(list(augment), seed, epoch, skips),
+        DecodeSample(list(augment), seed, epoch, skips, audio=has_audio(shard_dir)),
         Chunk(max(1, min(batch_size, 256)), skips),
     )
     expected = total // world_size if world_size > 1 else total
@@ -505,6 +529,11 @@ def create_dataloader(
     ).compose(rebatch)
     loader.stats = rebatch.stats
     return loader
+
+
+def has_audio(shard_dir: str | Path) -> bool:
+    """Whether the shards carry the audio modality (the manifest's ``audio`` entry)."""
+    return "audio" in read_manifest(shard_dir)
 
 
 def _init_loader_worker(worker_id: int) -> None:

@@ -55,6 +55,7 @@ from mmpipe.model import (
     TOKEN_LEVEL,
     Encoded,
     apply_head,
+    audio_inputs,
     concat_encoded,
     create_fusion_head,
     labelled_rows,
@@ -99,6 +100,8 @@ class SplitOutputs:
     targets: list[torch.Tensor] = field(default_factory=list)  # scoring.task_target per batch
     answers: list[str | None] = field(default_factory=list)  # the raw labels (VQA answers)
     qtypes: list[str] = field(default_factory=list)  # VQA question types
+    audio_emb: list[torch.Tensor] = field(default_factory=list)  # per pair, with an audio model
+    audio_mask: list[torch.Tensor] = field(default_factory=list)  # per pair: has a clip
 
     def target(self) -> torch.Tensor:
         """Every pair's target, concatenated."""
@@ -130,7 +133,10 @@ def embed_split(
     index: dict[str, int] = {}
     task = model.task
     for batch in batches(shard_dir, split, batch_size, "embedding"):
-        res = model(batch["image"], list(batch["text"]))
+        res = model(batch["image"], list(batch["text"]), **audio_inputs(batch, "cpu"))
+        if "audio_emb" in res:
+            out.audio_emb.append(res["audio_emb"].float().cpu())
+            out.audio_mask.append(res["audio_mask"].cpu())
         out.targets.append(scoring.task_target(batch, task, res["logits"].shape[1]))
         out.answers.extend(batch["label_text"])
         out.qtypes.extend(
@@ -485,6 +491,37 @@ def write_task_outputs(result: TaskResult, out_dir: Path, test: SplitOutputs, ta
             plot_points(rows, *axes[name][:2], plots / f"{name}.png", diagonal=axes[name][2])
 
 
+def audio_retrieval(out: SplitOutputs, ks: list[int]) -> dict[str, float]:
+    """R@K of the audio pairs (an audio model on shards with clips; else {}): image<->audio
+    (gallery: the test images; queries: the clips) and text<->audio (gallery: one clip per
+    image, the first; queries: the captions of those images). A hit is the same image group;
+    pairs without a clip take no part."""
+    if not out.audio_emb:
+        return {}
+    mask = torch.cat(out.audio_mask).bool()
+    clips = torch.cat(out.audio_emb)[mask]  # (A, D)
+    clip_image = torch.tensor(out.text_to_image)[mask].tolist()  # the image of each clip
+    flat = {"n_test_audio": float(len(clips))}
+    if not len(clips):
+        return flat
+    sim = torch.stack(out.image_emb) @ clips.T  # (I, A)
+    first: dict[int, int] = {}
+    for j, image in enumerate(clip_image):
+        first.setdefault(image, j)
+    gallery = {image: n for n, image in enumerate(first)}
+    rows = [t for t, image in enumerate(out.text_to_image) if image in gallery]
+    text_sim = clips[list(first.values())] @ torch.cat(out.text_emb)[rows].T  # (G, T')
+    text_group = [gallery[out.text_to_image[t]] for t in rows]
+    for name, r in (
+        ("i2a", M.recall_at_k_i2t(sim, clip_image, ks)),
+        ("a2i", M.recall_at_k_t2i(sim, clip_image, ks)),
+        ("a2t", M.recall_at_k_i2t(text_sim, text_group, ks)),
+        ("t2a", M.recall_at_k_t2i(text_sim, text_group, ks)),
+    ):
+        flat.update({f"{name}_r{k}": v for k, v in r.items()})
+    return flat
+
+
 def run_evaluate(
     shard_dir: Path,
     model_dir: Path,
@@ -518,6 +555,7 @@ def run_evaluate(
     plots = out_dir / "plots"
     retrieval, recall = retrieval_metrics(test, p.ks)
     metrics.update(retrieval)
+    metrics.update(audio_retrieval(test, p.ks))
     write_plot(plots, "recall_at_k", recall)
     write_plot(plots, "training", training_rows(info.get("history") or []))
     zs, reason = zero_shot(model, test, p)

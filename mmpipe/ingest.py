@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from mmpipe.audio import AUDIO_REJECT_REASONS, ingest_audio
 from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.faults import fault_point
@@ -102,6 +103,8 @@ REJECT_REASONS = {
     "unknown_image_id": "COCO annotation whose image_id is not in images[]",
     "missing_image": "the caption's image file does not exist",
     "image_rejected": "the caption's image was rejected (the detail gives its reason)",
+    # audio clips (kind "audio"; also zero_bytes, corrupt, bad_extension, path_escapes_root)
+    **AUDIO_REJECT_REASONS,
 }
 
 # Files with these extensions are scanned even when not accepted, so the user learns (as
@@ -224,8 +227,11 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
             work / "drafts.parquet", index, source, rejects, out_dir / "records.parquet",
             records_schema(source.params),
         )  # fmt: skip
+        audio = _audio(source, rejects, out_dir / "records.parquet")
         fh.flush()
     report = _report(source, p, rejects, index, n_rows, accepted)
+    if audio is not None:
+        report["audio"] = {**audio, "by_reason": rejects.by_reason("audio")}
     report["data_root"] = _data_root_record(p, source.root, out_dir)
     if generated is not None:
         report["synthetic"] = {k: generated[k] for k in ("n_images", "n_captions")}
@@ -271,7 +277,23 @@ def synthetic_columns(p: IngestParams) -> dict[str, Any]:
     }  # fmt: skip
     if p.synthetic.questions:
         columns.update(question_column="question", answer_column="answer", label_separator=None)
+    if p.synthetic.audio:
+        columns["audio_column"] = "audio"
     return columns
+
+
+def _audio(source: Source, rejects: Rejects, records: Path) -> dict[str, int] | None:
+    """With ``audio_column``: validate the rows' clips, add ``audio_path`` to the records."""
+    p = source.params
+    if not p.audio_column:
+        return None
+
+    def reject(rel: str, reason: str, detail: str) -> None:
+        rejects.add("audio", rel, None, reason, detail)
+
+    counts = ingest_audio(records, source.root, p.audio_column, p.audio, reject)
+    check(counts["rejected"] == sum(rejects.by_reason("audio").values()), f"audio: {counts}")
+    return counts
 
 
 def _data_root_record(p: IngestParams, root: Path, out_dir: Path) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
@@ -251,6 +252,10 @@ def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, 
 
 def encode_pair(pair: dict[str, Any]) -> list[dict[str, Any]]:
     """The samples of one pair in sorted key order: the pair itself, then its train copies."""
+    return _with_audio(pair, _image_samples(pair))
+
+
+def _image_samples(pair: dict[str, Any]) -> list[dict[str, Any]]:
     p: ShardParams = _STATE["p"]
     base, plain = _base_image(pair)
     if pair["split"] != "train":
@@ -266,6 +271,16 @@ def encode_pair(pair: dict[str, Any]) -> list[dict[str, Any]]:
         jpg = _augmented_jpeg(base, "train", pair["pair_id"], i)
         samples.append(_sample(pair, f"{pair['pair_id']}_aug{i}", jpg, i))
     return samples
+
+
+def _with_audio(pair: dict[str, Any], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A pair with a clip: every sample of it carries the clip as a ``flac`` member."""
+    if not pair.get("audio_path"):
+        return samples
+    from mmpipe.audio import encode_flac
+
+    flac = encode_flac(_STATE["root"] / pair["audio_path"])
+    return [{**s, "flac": flac} for s in samples]
 
 
 def encode_job(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -408,7 +423,8 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
     last: tuple[int, str] = (-1, "")
     from mmpipe.align import PAIR_COLUMNS
 
-    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=list(PAIR_COLUMNS)):
+    columns = [*PAIR_COLUMNS, *[c for c in ("audio_path",) if c in pairs.schema_arrow.names]]
+    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=columns):
         rows = batch.to_pylist()
         for pair in rows:
             key = (SPLITS.index(pair["split"]), pair["pair_id"])
@@ -502,6 +518,17 @@ def build_manifest(
     }
 
 
+def audio_manifest(pairs: pq.ParquetFile) -> dict[str, Any]:
+    """The manifest's ``audio`` entry: the member format and the pairs with a clip per split."""
+    from mmpipe.audio import SAMPLE_RATE
+
+    per_split = dict.fromkeys(SPLITS, 0)
+    for batch in pairs.iter_batches(batch_size=4096, columns=["split", "audio_path"]):
+        for split in batch.column("split").filter(pc.is_valid(batch.column("audio_path"))):
+            per_split[split.as_py()] += 1
+    return {"member": "flac", "sample_rate": SAMPLE_RATE, "pairs_with_audio_per_split": per_split}
+
+
 def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) -> dict[str, Any]:
     """Write {split}-NNNNNN.tar + manifest.json into out_dir; return a report with throughput.
 
@@ -519,6 +546,8 @@ def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet")
     manifest = build_manifest(splits, align_report, p)
+    if "audio_path" in pairs.schema_arrow.names:
+        manifest["audio"] = audio_manifest(pairs)
     write_json_atomic(out_dir / "manifest.json", manifest)
     seconds = time.perf_counter() - start
     samples = sum(s["count"] for s in splits.values())

@@ -50,6 +50,12 @@ digits: the VQA normalisation maps both to digits), "is the square left of the c
 objects at different heights of the grid's columns; yes/no). From the question alone a model is
 at the answer prior of its type.
 
+Audio (``audio``): each image also gets ``out_dir/audio/{index:06d}.wav`` (16 kHz mono, 1 s): a
+chord on one of four roots, major when the mood is positive and minor when negative, so the clip
+is a second mood cue that stays clear when the palette is ambiguous; ``AUDIO_MISSING_FRACTION``
+of the images get none (empty ``audio`` cell: the modality is masked). Its draws come from a
+generator of their own (seed, index, 1), so images and captions are those of ``audio: false``.
+
 Output: ``out_dir/images/{index:06d}.jpg`` and ``out_dir/captions.csv`` with columns image
 (relative path), caption, label, main_shape, mood, sentiment (question mode: image, question,
 answer, question_type, main_shape, mood). ``out_dir/.complete`` holds the hash
@@ -85,6 +91,10 @@ AMBIGUOUS_FRACTION = 0.10
 JPEG_QUALITY = 90
 # Below this many images a process pool costs more than it saves.
 POOL_MIN_IMAGES = 1000
+AUDIO_RATE = 16_000
+AUDIO_MISSING_FRACTION = 0.05
+CHORD_ROOTS_HZ = (440.0, 493.88, 523.25, 587.33)  # A4, B4, C5, D5
+CHORDS = {"positive": (0, 4, 7), "negative": (0, 3, 7)}  # semitones: major, minor triad
 
 WARM = ((220, 40, 30), (240, 120, 20), (250, 200, 40), (210, 70, 90), (235, 160, 60))
 COOL = ((30, 60, 200), (20, 150, 160), (120, 50, 170), (40, 110, 220), (60, 40, 120))
@@ -188,6 +198,8 @@ def generate(out_dir: Path, p: SyntheticParams, *, workers: int | None = None) -
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "images").mkdir(parents=True)
+    if p.audio:
+        (out_dir / "audio").mkdir()
     _write_all(out_dir, p, workers or os.cpu_count() or 1)
     (out_dir / COMPLETE).write_text(digest + "\n")
     seconds = time.perf_counter() - start
@@ -204,10 +216,11 @@ def generate(out_dir: Path, p: SyntheticParams, *, workers: int | None = None) -
 
 def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
     """Render every image (in a pool when large) and stream the caption rows to the CSV."""
-    job = functools.partial(_make_one, p=p, images_dir=str(tmp / "images"))
+    job = functools.partial(_make_rows, p=p, out_dir=str(tmp))
     with (tmp / "captions.csv").open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(QUESTION_COLUMNS if p.questions else COLUMNS)
+        header = QUESTION_COLUMNS if p.questions else COLUMNS
+        writer.writerow((*header, "audio") if p.audio else header)
         indices = range(p.n_images)
         bar = dict(total=p.n_images, desc="synthetic", unit="img", disable=None)
         if workers > 1 and p.n_images >= POOL_MIN_IMAGES:
@@ -218,6 +231,38 @@ def _write_all(tmp: Path, p: SyntheticParams, workers: int) -> None:
         else:
             for rows in tqdm(map(job, indices), **bar):
                 writer.writerows(rows)
+
+
+def _make_rows(index: int, p: SyntheticParams, out_dir: str) -> list[tuple[str, ...]]:
+    """Image ``index``'s caption rows, with its clip's path appended when ``p.audio``."""
+    rows = _make_one(index, p, os.path.join(out_dir, "images"))
+    if not p.audio:
+        return rows
+    mood = rows[0][4] if not p.questions else rows[0][5]
+    clip = write_chord(index, p.seed, mood, os.path.join(out_dir, "audio"))
+    return [(*row, clip) for row in rows]
+
+
+def write_chord(index: int, seed: int, mood: str, audio_dir: str) -> str:
+    """Write clip ``index`` (a major or minor chord, see the module docstring); its CSV path,
+    "" for the images without a clip."""
+    import soundfile as sf
+
+    rng = np.random.default_rng([seed, index, 1])
+    if rng.random() < AUDIO_MISSING_FRACTION:
+        return ""
+    root = CHORD_ROOTS_HZ[int(rng.integers(len(CHORD_ROOTS_HZ)))]
+    t = np.arange(AUDIO_RATE) / AUDIO_RATE
+    wave = np.zeros_like(t)
+    for semitones in CHORDS[mood]:
+        f = root * 2 ** (semitones / 12)
+        for harmonic, gain in ((1, 1.0), (2, 0.5), (3, 0.25)):
+            wave += gain * np.sin(2 * np.pi * f * harmonic * t + rng.uniform(0, 2 * np.pi))
+    envelope = np.minimum(1.0, t / 0.02) * np.exp(-1.5 * t)  # 20 ms attack, gentle decay
+    wave = 0.2 * wave * envelope + rng.normal(0.0, 0.005, t.shape)
+    name = f"{index:06d}.wav"
+    sf.write(os.path.join(audio_dir, name), wave.astype(np.float32), AUDIO_RATE, subtype="PCM_16")
+    return f"audio/{name}"
 
 
 def _make_one(index: int, p: SyntheticParams, images_dir: str) -> list[tuple[str, ...]]:

@@ -64,7 +64,14 @@ from mmpipe.distributed import (
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import link_or_copy, remove_temps, sha256_file, write_json_atomic
-from mmpipe.model import MultimodalModel, create_model, info_nce, predict_labels
+from mmpipe.model import (
+    MultimodalModel,
+    audio_info_nce,
+    audio_inputs,
+    create_model,
+    info_nce,
+    predict_labels,
+)
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 
 log = logging.getLogger(__name__)
@@ -159,6 +166,11 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
             f"train.task={p.task} but {multi} pairs carry several labels "
             f"(ingest.label_separator={manifest.get('label_separator')!r}); use "
             "train.task=multilabel"
+        )
+    if p.audio_encoder != "none" and "audio" not in manifest:
+        raise InputError(
+            f"train.audio_encoder={p.audio_encoder} but the shards carry no audio; set "
+            "ingest.audio_column (or ingest.synthetic.audio) or train.audio_encoder=none"
         )
     if p.task == "regression":
         bad = next((c for c in classes if math.isnan(label_value(c))), None)
@@ -569,11 +581,15 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     images = batch["image"].to(t.device, non_blocking=True)
     target = batch_targets(batch, p.task).to(t.device)
     with t.autocast():
-        out = t.net(images, list(batch["text"]))
+        out = t.net(images, list(batch["text"]), **audio_inputs(batch, t.device))
     img = all_gather_grad(out["image_emb"].float(), d)  # (N, D), N = global micro-batch
     txt = all_gather_grad(out["text_emb"].float(), d)  # (N, D)
     groups = all_gather_grad(group_ids(batch["image_id"]).to(t.device), d)  # (N,)
     contrastive = info_nce(img, txt, out["logit_scale"], groups)
+    if "audio_emb" in out:  # the third modality: + image-audio and text-audio InfoNCE
+        aud = all_gather_grad(out["audio_emb"].float(), d)
+        mask = all_gather_grad(out["audio_mask"].to(torch.uint8), d).bool()  # gloo: no bool
+        contrastive = contrastive + audio_info_nce(img, txt, aud, mask, out["logit_scale"], groups)
     t_sum, n = task_loss_sum(out["logits"], target, p.task)
     t_global, n_global = all_reduce_sum([float(t_sum.detach()), float(n)], d, t.device)
     # DDP averages gradients over ranks: scale the local sum by W / n_global so the average
@@ -667,10 +683,14 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
         for batch in loader:
             y = batch_targets(batch, t.p.task).to(t.device)
             with t.autocast():
-                out = t.model(batch["image"].to(t.device), list(batch["text"]))
+                audio = audio_inputs(batch, t.device)
+                out = t.model(batch["image"].to(t.device), list(batch["text"]), **audio)
             img, txt = out["image_emb"].float(), out["text_emb"].float()  # (B, D) each
             groups = group_ids(batch["image_id"]).to(t.device)
             con = info_nce(img, txt, out["logit_scale"], groups)
+            if "audio_emb" in out:
+                aud, mask = out["audio_emb"].float(), out["audio_mask"]
+                con = con + audio_info_nce(img, txt, aud, mask, out["logit_scale"], groups)
             t_sum, n = task_loss_sum(out["logits"], y, t.p.task)
             hit = groups[(txt @ img.T).argmax(dim=1)] == groups  # (B,): caption finds its image
             rows = labelled_rows(y, t.p.task)

@@ -5,6 +5,8 @@ from mmpipe.model.fusion import FUSION_MODES, TOKEN_LEVEL, apply_head, create_fu
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.multimodal import (
     MultimodalModel,
+    audio_info_nce,
+    audio_inputs,
     batch_targets,
     create_model,
     info_nce,
@@ -22,6 +24,8 @@ __all__ = [
     "Encoded",
     "MultimodalModel",
     "apply_head",
+    "audio_info_nce",
+    "audio_inputs",
     "batch_targets",
     "concat_encoded",
     "create_fusion_head",

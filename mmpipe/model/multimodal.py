@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpipe.config import ModelConfig
+from mmpipe.model.audio import create_audio_encoder
 from mmpipe.model.features import Encoded
 from mmpipe.model.fusion import apply_head, create_fusion_head
 from mmpipe.model.image import create_image_encoder
@@ -62,8 +63,23 @@ class MultimodalModel(nn.Module):
             "fusion": cfg.fusion, "task": cfg.task, "image_dim": di, "text_dim": dt,
             "embed_dim": cfg.embed_dim, "num_outputs": k,
         }  # fmt: skip
+        self.audio_encoder = create_audio_encoder(cfg)
+        if self.audio_encoder is not None:
+            self._add_audio(cfg, k)
         self.frozen: list[nn.Module] = []
         self.set_frozen(cfg.freeze_image, cfg.freeze_text)
+
+    def _add_audio(self, cfg: ModelConfig, k: int) -> None:
+        """The third modality: its projection into the shared space and its task head, whose
+        logits are added to the image-text head's where a clip is present (late fusion: a
+        masked clip leaves the image-text prediction exactly as without audio)."""
+        da = self.audio_encoder.out_dim
+        self.audio_proj = nn.Linear(da, cfg.embed_dim, bias=False)
+        self.audio_head = nn.Sequential(
+            nn.Linear(da, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, k),
+        )  # fmt: skip
+        self.config.update(audio_encoder=cfg.audio_encoder, audio_dim=da)
 
     def set_frozen(self, image: bool, text: bool, unfreeze_last: int = 0) -> None:
         """Freeze the image and/or text encoder, all but its last ``unfreeze_last`` blocks
@@ -108,19 +124,43 @@ class MultimodalModel(nn.Module):
         """list[str] -> L2-normalised (B, D)."""
         return F.normalize(self.text_proj(self.text_encoder(list(texts))), dim=-1)
 
-    def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Task logits (B, K)."""
-        return apply_head(self.head, *self.encode(images, texts))
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, 1, N_MELS, FRAMES) log-mel -> L2-normalised (B, D)."""
+        return F.normalize(self.audio_proj(self.audio_encoder(audio)), dim=-1)
 
-    def forward(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-        """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}."""
+    def classify(self, images: torch.Tensor, texts: list[str], **audio: Any) -> torch.Tensor:
+        """Task logits (B, K); ``audio``/``audio_mask`` (``audio_inputs``) fuse the clips."""
+        if audio.get("audio") is None or self.audio_encoder is None:
+            return apply_head(self.head, *self.encode(images, texts))
+        return self(images, texts, **audio)["logits"]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        texts: list[str],
+        audio: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}; with an
+        audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool."""
         ei, et = self.encode(images, texts)  # pooled (B, Fi), (B, Ft) + tokens
-        return {
+        out = {
             "image_emb": F.normalize(self.image_proj(ei.pooled), dim=-1),
             "text_emb": F.normalize(self.text_proj(et.pooled), dim=-1),
             "logit_scale": self.scale(),
             "logits": apply_head(self.head, ei, et),
         }
+        if self.audio_encoder is not None and audio is not None:
+            mask = torch.ones(len(audio), dtype=torch.bool) if audio_mask is None else audio_mask
+            mask = mask.to(audio.device)
+            xa = self.audio_encoder(audio)  # (B, Fa)
+            fused = self.audio_head(xa) * mask[:, None].to(xa.dtype)
+            out.update(
+                audio_emb=F.normalize(self.audio_proj(xa), dim=-1),
+                audio_mask=mask,
+                logits=out["logits"] + fused,
+            )
+        return out
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> MultimodalModel:
@@ -149,6 +189,35 @@ def info_nce(
     i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
     t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return 0.5 * (i2t + t2i)
+
+
+def audio_info_nce(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    audio_emb: torch.Tensor,
+    audio_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The image-audio plus the text-audio InfoNCE over the rows that have a clip; () .
+
+    Rows without a clip take no part (masked, not an error); with fewer than two clips there is
+    no negative and the loss is 0 (the graph stays whole for DDP).
+    """
+    m = audio_mask.bool()
+    if int(m.sum()) < 2:
+        return audio_emb.float().sum() * 0.0
+    g = None if groups is None else groups[m]
+    return info_nce(image_emb[m], audio_emb[m], logit_scale, g) + info_nce(
+        text_emb[m], audio_emb[m], logit_scale, g
+    )
+
+
+def audio_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A loader batch's audio arguments for the model's forward ({} for image + text shards)."""
+    if "audio" not in batch:
+        return {}
+    return {"audio": batch["audio"].to(device), "audio_mask": batch["audio_mask"].to(device)}
 
 
 def batch_targets(batch: dict[str, Any], task: str) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Audio as a third modality on the synthetic data: the README's tri-modal table.
+
+    python -m benchmarks.trimodal                  # both runs at the README's size (2 cores)
+    python -m benchmarks.trimodal --update-readme  # ... and rewrite the README's table
+    python -m benchmarks.trimodal --smoke          # tiny params: checks the script
+    python -m benchmarks.trimodal --readme-from benchmarks/results/trimodal.json
+
+The synthetic source with ``ingest.synthetic.audio: true`` gives each image a chord, major for a
+positive mood and minor for a negative one (5 % of images without a clip). Two ``mmpipe run``
+projects on the same data: image + text (``train.audio_encoder: none``: the model ignores the
+clips) and image + text + audio (``cnn``). The table shows the task's accuracy against its
+chance level (what audio adds to the mood cue of the palette) and retrieval R@1 for every
+modality pair (image-text, image-audio, text-audio, both directions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import REPO, RESULTS, machine
+from benchmarks.classic_systems import SMOKE
+
+RUNS = {"image + text": "none", "image + text + audio": "cnn"}  # label -> train.audio_encoder
+FULL = ["ingest.synthetic.n_images=400", "train.epochs=4"]  # the README's size (2 cores)
+PAIRS = ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t")
+START, END = "<!-- trimodal:start -->", "<!-- trimodal:end -->"
+COMMAND = "python -m benchmarks.trimodal --update-readme"
+
+
+def run(label: str, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """``mmpipe run`` of one model on the audio data in its own project; its test metrics."""
+    project = work / RUNS[label]
+    project.mkdir(parents=True, exist_ok=True)
+    sets = ["ingest.synthetic.audio=true", f"train.audio_encoder={RUNS[label]}", *overrides]
+    cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(REPO / "params.yaml"),
+           "--project-dir", str(project),
+           *[a for o in sets for a in ("--set", o)]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.perf_counter()
+    with (project / "run.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: mmpipe run failed ({proc.returncode}); see {project}/run.log")
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    return {"model": label, "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Accuracy vs chance and R@1 of every modality pair (— where the model has no audio)."""
+    head = "| model | accuracy | chance | " + " | ".join(f"{p} R@1" for p in PAIRS) + " |"
+    lines = [head, "|---" * (3 + len(PAIRS)) + "|"]
+    for row in rows:
+        m = row["metrics"]
+        cells = [f"{m[f'{p}_r1']:.3f}" if f"{p}_r1" in m else "—" for p in PAIRS]
+        lines.append(
+            f"| {row['model']} | **{m['accuracy']:.3f}** | {m['accuracy_chance']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
+    """Replace the text between the README's tri-modal markers."""
+    text = readme.read_text(encoding="utf-8")
+    block = f"{START}\n{table}\n\n(`{COMMAND}`, {time.strftime('%Y-%m-%d')})\n{END}"
+    pattern = re.escape(START) + ".*?" + re.escape(END)
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(f"{readme}: no {START} ... {END} markers")
+    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.trimodal", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/trimodal"), help="project dirs")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where trimodal.json goes")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
+    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
+                    help="rewrite README.md's table from a saved full run's trimodal.json")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.readme_from is not None:
+        saved = json.loads(args.readme_from.read_text())
+        if saved["mode"] != "full" or saved["overrides"] != FULL:
+            raise SystemExit(f"{args.readme_from}: not a full-size run")
+        update_readme(markdown(saved["rows"]))
+        return 0
+    if args.update_readme and args.smoke:
+        raise SystemExit("--update-readme needs the full-size run")
+    overrides = SMOKE if args.smoke else FULL
+    rows = []
+    for label in RUNS:
+        print(f"trimodal: {label} ...", flush=True)
+        rows.append(run(label, args.work_dir.resolve(), overrides))
+    table = markdown(rows)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"mode": "smoke" if args.smoke else "full", "machine": machine(), "rows": rows,
+               "overrides": overrides, "table": table}  # fmt: skip
+    (args.out_dir / "trimodal.json").write_text(json.dumps(payload, indent=2))
+    print(table)
+    if args.update_readme:
+        update_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
