@@ -38,6 +38,7 @@ from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
+    iter_batches,
     read_json,
     release_arrow_memory,
     scratch_dir,
@@ -103,13 +104,13 @@ class ImageTable:
         keys = np.empty((n, 2), dtype=np.uint64)
         self.split = np.empty(n, dtype=np.int8)
         paths, offset = [], 0
-        for batch in pf.iter_batches(batch_size=BATCH, columns=list(IMAGE_COLUMNS)):
+        for batch in iter_batches(pf, BATCH, list(IMAGE_COLUMNS)):
             ids = batch.column("image_id").cast(pa.string()).to_pylist()
             keys[offset : offset + len(ids)] = string_keys(ids)
             self.split[offset : offset + len(ids)] = [SPLITS.index(split_of(i, p)) for i in ids]
             paths.append(batch.column("rel_path").cast(pa.string()))
             offset += len(ids)
-        self.paths = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
+        self.paths = pa.chunked_array(paths, pa.string())  # no concatenated copy
         del paths
         self.index = KeyIndex.build(keys)
         del keys
@@ -121,6 +122,11 @@ class ImageTable:
 
     def __len__(self) -> int:
         return len(self.used)
+
+    def drop_lookups(self) -> None:
+        """Free the keys and paths once every record is joined (before the sort's peak)."""
+        self.paths = pa.chunked_array([], pa.string())
+        self.index = KeyIndex.build(np.zeros((0, 2), dtype=np.uint64))
 
     def find(self, ids: pa.Array) -> np.ndarray:
         """The row of each id (int64), -1 for a null or unknown id."""
@@ -136,7 +142,7 @@ class ImageTable:
 
 def _column(pf: pq.ParquetFile, name: str) -> Iterator[Any]:
     """The values of one column as Python objects, a batch at a time."""
-    for batch in pf.iter_batches(batch_size=BATCH, columns=[name]):
+    for batch in iter_batches(pf, BATCH, [name]):
         yield from batch.column(0).to_pylist()
 
 
@@ -385,7 +391,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         scratch_dir(out_dir / ".work") as work,
     ):
         buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows))
-        for batch in records_pf.iter_batches(batch_size=BATCH, columns=list(RECORD_COLUMNS)):
+        for batch in iter_batches(records_pf, BATCH, list(RECORD_COLUMNS)):
             tally.records += batch.num_rows
             pairs, orphans = _pairs_of_batch(batch, images)
             _write_orphan_captions(fh, orphans, tally)
@@ -397,6 +403,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
                 f"{ingest_dir}: no caption points to an accepted image; nothing to align"
             )
         orphan_images = _write_orphan_images(fh, images)
+        images.drop_lookups()
         where = ingest_dir / "records.parquet"
         classes = tally.classes(p.top_k_labels)
         unknown = _write_pairs(buckets, classes, out_dir / "pairs.parquet", where, tally.separator)

@@ -67,6 +67,7 @@ from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
+    iter_batches,
     read_json,
     release_arrow_memory,
     resolve_inside,
@@ -466,7 +467,7 @@ def _read_parquet(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, 
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     _missing_columns(path, pf.schema_arrow.names, p)
     line = 0
-    for batch in pf.iter_batches(batch_size=BATCH):
+    for batch in iter_batches(pf, BATCH):
         for row in batch.to_pylist():
             line += 1
             yield line, row
@@ -706,7 +707,7 @@ def _distinct_refs(drafts: Path) -> tuple[pa.Array, KeyIndex]:
     pf = pq.ParquetFile(drafts)
     keys = np.empty((pf.metadata.num_rows, 2), dtype=np.uint64)
     offset = 0
-    for batch in pf.iter_batches(batch_size=LOOKUP_BATCH, columns=["rel"], use_threads=False):
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["rel"]):
         keys[offset : offset + batch.num_rows] = arrow_keys(batch.column("rel"))
         offset += batch.num_rows
     index = KeyIndex.build(keys)
@@ -714,7 +715,7 @@ def _distinct_refs(drafts: Path) -> tuple[pa.Array, KeyIndex]:
     first = np.ones(len(index), dtype=bool)
     first[index.repeated()] = False
     refs, offset = [], 0
-    for batch in pf.iter_batches(batch_size=LOOKUP_BATCH, columns=["rel"], use_threads=False):
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["rel"]):
         mask = pa.array(first[offset : offset + batch.num_rows])
         refs.append(batch.column("rel").filter(mask))
         offset += batch.num_rows
@@ -931,22 +932,21 @@ def _duplicates(results: Path) -> dict[int, int]:
     The first 16 bytes of each sha256 are the key (streamed; 16 + 8 bytes per image span the set).
     """
     pf = pq.ParquetFile(results)
-    positions, keys, offset = [], [], 0
-    for batch in pf.iter_batches(batch_size=LOOKUP_BATCH, columns=["reason", "sha256"]):
+    where = np.empty(pf.metadata.num_rows, dtype=np.int64)  # filled up to `count`
+    keys = np.empty((pf.metadata.num_rows, 2), dtype=np.uint64)
+    count = offset = 0
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["reason", "sha256"]):
         valid = pc.and_(pc.is_null(batch.column("reason")), pc.is_valid(batch.column("sha256")))
-        at = np.flatnonzero(valid.to_numpy(zero_copy_only=False)).astype(np.int64)
-        positions.append(at + offset)
+        at = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
+        where[count : count + len(at)] = at + offset
         hexes = pc.utf8_slice_codeunits(batch.column("sha256").filter(valid), 0, 32)
-        keys.append(_hex_to_keys(hexes))
+        keys[count : count + len(at)] = _hex_to_keys(hexes).view("<u8").reshape(-1, 2)
+        count += len(at)
         offset += batch.num_rows
-    if not positions:
-        return {}
-    where = np.concatenate(positions)
-    all_keys = np.concatenate(keys).view("<u8").reshape(-1, 2)
-    del positions, keys
-    index = KeyIndex.build(all_keys)
+    where, keys = where[:count], keys[:count]
+    index = KeyIndex.build(keys)
     dups = index.repeated()
-    firsts = index.find(all_keys[dups])
+    firsts = index.find(keys[dups])
     return dict(zip(where[dups].tolist(), where[firsts].tolist(), strict=True))
 
 
@@ -978,7 +978,7 @@ def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
     outcomes = np.zeros(n, dtype=np.int8)
     seen = accepted = offset = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, IMAGE_SCHEMA) as writer:
-        for batch in pf.iter_batches(batch_size=BATCH):
+        for batch in iter_batches(pf, BATCH):
             keep = []
             rows = batch.to_pylist()
             for i, r in enumerate(rows, offset):
@@ -1015,7 +1015,7 @@ def _finish_captions(
     file = src.captions_file.relative_to(src.root).as_posix()
     counts = {"captions": 0, "labelled": 0}
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for batch in pq.ParquetFile(drafts).iter_batches(batch_size=LOOKUP_BATCH):
+        for batch in iter_batches(pq.ParquetFile(drafts), LOOKUP_BATCH):
             at = index.keys.find(arrow_keys(batch.column("rel")))
             check(bool((at >= 0).all()), "a caption's image path was not validated")
             ids, outcomes = index.ids[at].tolist(), index.outcomes[at].tolist()

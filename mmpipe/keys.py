@@ -53,7 +53,7 @@ class KeyIndex:
     def build(cls, keys: np.ndarray) -> KeyIndex:
         """Index (n, 2) keys; among equal keys the earliest row sorts first (stable)."""
         order = np.lexsort((keys[:, 1], keys[:, 0]))  # lexsort is stable
-        return cls(keys[order, 0].copy(), keys[order, 1].copy(), order.astype(np.int64, copy=False))
+        return cls(keys[order, 0], keys[order, 1], order.astype(np.int64, copy=False))
 
     def __len__(self) -> int:
         return len(self.rows)

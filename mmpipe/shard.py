@@ -40,7 +40,7 @@ from tqdm import tqdm
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, check
 from mmpipe.faults import fault_point
-from mmpipe.io import sha256_file, use_system_arrow_allocator, write_json_atomic
+from mmpipe.io import iter_batches, sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import ordered_map, process_pool
 
@@ -405,7 +405,7 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
     last: tuple[int, str] = (-1, "")
     from mmpipe.align import PAIR_COLUMNS
 
-    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=list(PAIR_COLUMNS)):
+    for batch in iter_batches(pairs, JOB_PAIRS, list(PAIR_COLUMNS)):
         rows = batch.to_pylist()
         for pair in rows:
             key = (SPLITS.index(pair["split"]), pair["pair_id"])
