@@ -10,8 +10,10 @@ same file for the same data).
 
 Memory stays flat in the number of records: captions are read as a stream and written to a
 Parquet work file in row groups, images are validated in a pool and streamed to a second work
-file, and only compact arrays cross the whole set (Arrow string arrays of paths, 16 bytes of
-sha256 per image for duplicate detection).
+file, and only compact arrays cross the whole set: the paths to validate (one Arrow string
+array), then 16-byte keys (mmpipe.keys) of the referenced paths, of each image's sha256 (for
+duplicates) and of the validated paths with each one's image_id and outcome (33 bytes per
+image), all sorted once and searched by binary search, never rebuilt per batch.
 
 Decisions worth knowing:
 - Images seen = every file under the image tree with an image-like extension (hidden files and

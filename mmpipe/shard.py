@@ -303,6 +303,7 @@ class TarWriter:
             info.size, info.mtime, info.mode = len(data), MTIME, 0o444
             info.uname = info.gname = "mmpipe"
             self.tar.addfile(info, io.BytesIO(data))
+            self.tar.members.clear()  # tarfile lists every member; a stream writer never reads it
 
     def close(self) -> None:
         """Write the end-of-archive blocks."""
