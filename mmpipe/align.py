@@ -4,13 +4,14 @@ One image has many captions; a split is decided per image_id (hash of seed + ima
 captions of an image, and byte-identical duplicate images (ingest gives them the kept copy's
 image_id), always land in the same split, and adding data never moves existing images.
 
-Out of core: records.parquet is read in batches and joined to the accepted images with Arrow
-(``pc.index_in``), the pairs go to bucket files by (split, leading hex digits of pair_id), and
-each bucket is sorted on its own (at most ``BUCKET_ROWS`` rows in memory) and appended to
-pairs.parquet. The result is sorted by (split, pair_id), the order shard writes samples in, so
-shard streams it. Only per-image arrays (image ids and paths in Arrow, a split code and a used
-flag per image) span the whole set. Labels are optional: an unlabelled collection has no
-classes and label_index -1 everywhere; the report counts labelled pairs per split and class.
+Out of core: records.parquet is read in batches and joined to the accepted images by a binary
+search of their ids' keys (mmpipe.keys), the pairs go to bucket files by (split, leading hex
+digits of pair_id), and each bucket is sorted on its own (at most ``BUCKET_ROWS`` rows in
+memory) and appended to pairs.parquet. The result is sorted by (split, pair_id), the order
+shard writes samples in, so shard streams it. Only per-image arrays (16-byte keys of the ids,
+the paths in Arrow, a split code and a used flag per image) span the whole set. Labels are
+optional: an unlabelled collection has no classes and label_index -1 everywhere; the report
+counts labelled pairs per split and class.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +38,7 @@ from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
+    iter_batches,
     read_json,
     release_arrow_memory,
     scratch_dir,
@@ -42,6 +46,7 @@ from mmpipe.io import (
     use_system_arrow_allocator,
     write_json_atomic,
 )
+from mmpipe.keys import KeyIndex, arrow_keys, string_keys
 from mmpipe.layout import SPLITS
 
 log = logging.getLogger(__name__)
@@ -91,26 +96,56 @@ def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
 
 
 class ImageTable:
-    """The accepted images as compact arrays: ids and paths (Arrow), split codes, used flags."""
+    """The accepted images as compact arrays: keys of their ids, paths (Arrow), split codes and
+    used flags; about 55 bytes per image. The ids themselves are re-read for the orphan list."""
 
     def __init__(self, path: Path, p: AlignParams) -> None:
+        self.path = path
         pf = _parquet(path, IMAGE_COLUMNS)
-        ids, paths = [], []
-        for batch in pf.iter_batches(batch_size=BATCH * 4, columns=list(IMAGE_COLUMNS)):
-            ids.append(batch.column("image_id").cast(pa.string()))
+        n = pf.metadata.num_rows
+        keys = np.empty((n, 2), dtype=np.uint64)
+        self.split = np.empty(n, dtype=np.int8)
+        paths, offset = [], 0
+        for batch in iter_batches(pf, BATCH, list(IMAGE_COLUMNS)):
+            ids = batch.column("image_id").cast(pa.string()).to_pylist()
+            keys[offset : offset + len(ids)] = string_keys(ids)
+            self.split[offset : offset + len(ids)] = [SPLITS.index(split_of(i, p)) for i in ids]
             paths.append(batch.column("rel_path").cast(pa.string()))
-        self.ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
-        self.paths = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
-        del ids, paths
-        if pc.count_distinct(self.ids).as_py() != len(self.ids):
-            counts = pc.value_counts(self.ids)
-            dup = counts.filter(pc.greater(counts.field("counts"), 1))
-            raise InputError(f"{path}: duplicate image_id {dup[0]['values'].as_py()!r}")
-        self.split = np.empty(len(self.ids), dtype=np.int8)
-        for start in range(0, len(self.ids), BATCH):  # in slices: no list of every id at once
-            chunk = self.ids.slice(start, BATCH).to_pylist()
-            self.split[start : start + len(chunk)] = [SPLITS.index(split_of(i, p)) for i in chunk]
-        self.used = np.zeros(len(self.ids), dtype=bool)
+            offset += len(ids)
+        self.paths = pa.chunked_array(paths, pa.string())  # no concatenated copy
+        del paths
+        self.index = KeyIndex.build(keys)
+        del keys
+        repeated = self.index.repeated()
+        if len(repeated):
+            dup = next(islice(_column(pf, "image_id"), int(repeated[0]), None))
+            raise InputError(f"{path}: duplicate image_id {dup!r}")
+        self.used = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.used)
+
+    def drop_lookups(self) -> None:
+        """Free the keys and paths once every record is joined (before the sort's peak)."""
+        self.paths = pa.chunked_array([], pa.string())
+        self.index = KeyIndex.build(np.zeros((0, 2), dtype=np.uint64))
+
+    def find(self, ids: pa.Array) -> np.ndarray:
+        """The row of each id (int64), -1 for a null or unknown id."""
+        at = self.index.find(arrow_keys(ids))
+        at[~ids.is_valid().to_numpy(zero_copy_only=False)] = -1
+        return at
+
+    def rows(self) -> Iterator[tuple[str, str]]:
+        """(image_id, rel_path) of every image, in file order (re-read: not held)."""
+        pf = _parquet(self.path, IMAGE_COLUMNS)
+        return zip(_column(pf, "image_id"), _column(pf, "rel_path"), strict=True)
+
+
+def _column(pf: pq.ParquetFile, name: str) -> Iterator[Any]:
+    """The values of one column as Python objects, a batch at a time."""
+    for batch in iter_batches(pf, BATCH, [name]):
+        yield from batch.column(0).to_pylist()
 
 
 def _bucket_digits(n_records: int) -> int:
@@ -155,11 +190,11 @@ class Buckets:
 
 def _pairs_of_batch(batch: pa.RecordBatch, images: ImageTable) -> tuple[pa.Table, pa.Table]:
     """(pairs with a `_split` column, orphan records) of one records batch."""
-    at = pc.index_in(batch.column("image_id").cast(pa.string()), value_set=images.ids)
-    found = pc.is_valid(at)
+    at = images.find(batch.column("image_id").cast(pa.string()))
+    found = pa.array(at >= 0)
     orphans = pa.Table.from_batches([batch]).filter(pc.invert(found))
     kept = pa.Table.from_batches([batch]).filter(found)
-    idx = at.filter(found).to_numpy()
+    idx = at[at >= 0]
     images.used[idx] = True
     cid = kept["caption_id"].cast(pa.string())
     split = images.split[idx]
@@ -268,11 +303,13 @@ def _write_orphan_captions(fh: IO[str], orphans: pa.Table, tally: Tally) -> None
 
 
 def _write_orphan_images(fh: IO[str], images: ImageTable) -> int:
-    unused = np.flatnonzero(~images.used)
-    for i in unused.tolist():
-        orphan = {"kind": "image", "id": images.ids[i].as_py(), "ref": images.paths[i].as_py()}
-        fh.write(json.dumps({**orphan, "reason": NO_CAPTION}, sort_keys=True) + "\n")
-    return len(unused)
+    if images.used.all():
+        return 0
+    for used, (image_id, rel_path) in zip(images.used.tolist(), images.rows(), strict=True):
+        if not used:
+            orphan = {"kind": "image", "id": image_id, "ref": rel_path}
+            fh.write(json.dumps({**orphan, "reason": NO_CAPTION}, sort_keys=True) + "\n")
+    return int((~images.used).sum())
 
 
 def _write_pairs(
@@ -314,7 +351,7 @@ def make_report(
     groups = Counter(images.split[images.used].tolist())
     labelled = sum(tally.labelled.values())
     report = {
-        "images": len(images.ids),
+        "images": len(images),
         "captions": tally.records,
         "pairs": n_pairs,
         "orphan_images": orphan_images,
@@ -360,7 +397,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
         schema = PAIR_SCHEMA.append(AUDIO_PATH) if audio else PAIR_SCHEMA
         buckets = Buckets(work, _bucket_digits(records_pf.metadata.num_rows), schema)
         columns = [*RECORD_COLUMNS, AUDIO_PATH.name] if audio else list(RECORD_COLUMNS)
-        for batch in records_pf.iter_batches(batch_size=BATCH, columns=columns):
+        for batch in iter_batches(records_pf, BATCH, columns):
             tally.records += batch.num_rows
             pairs, orphans = _pairs_of_batch(batch, images)
             _write_orphan_captions(fh, orphans, tally)
@@ -372,6 +409,7 @@ def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]
                 f"{ingest_dir}: no caption points to an accepted image; nothing to align"
             )
         orphan_images = _write_orphan_images(fh, images)
+        images.drop_lookups()
         where = ingest_dir / "records.parquet"
         classes = tally.classes(p.top_k_labels)
         unknown = _write_pairs(buckets, classes, out_dir / "pairs.parquet", where, tally.separator)

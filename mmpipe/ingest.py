@@ -10,8 +10,10 @@ same file for the same data).
 
 Memory stays flat in the number of records: captions are read as a stream and written to a
 Parquet work file in row groups, images are validated in a pool and streamed to a second work
-file, and only compact arrays cross the whole set (Arrow string arrays of paths, 16 bytes of
-sha256 per image for duplicate detection).
+file, and only compact arrays cross the whole set: the paths to validate (one Arrow string
+array), then 16-byte keys (mmpipe.keys) of the referenced paths, of each image's sha256 (for
+duplicates) and of the validated paths with each one's image_id and outcome (33 bytes per
+image), all sorted once and searched by binary search, never rebuilt per batch.
 
 Decisions worth knowing:
 - Images seen = every file under the image tree with an image-like extension (hidden files and
@@ -68,6 +70,7 @@ from mmpipe.faults import fault_point
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
+    iter_batches,
     read_json,
     release_arrow_memory,
     resolve_inside,
@@ -76,6 +79,7 @@ from mmpipe.io import (
     use_system_arrow_allocator,
     write_json_atomic,
 )
+from mmpipe.keys import KeyIndex, arrow_keys, string_keys
 from mmpipe.parallel import ordered_map, process_pool
 
 log = logging.getLogger(__name__)
@@ -216,7 +220,9 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     ):
         rejects = Rejects(fh, p.strict)
         n_rows = _write_drafts(source, source.params, rejects, work / "drafts.parquet")
-        candidates = _candidates(source, _distinct_refs(work / "drafts.parquet"), p)
+        refs, referenced = _distinct_refs(work / "drafts.parquet")
+        candidates = _candidates(source, refs, referenced, p)
+        del refs, referenced
         _validate_images(candidates, source.root, p, work / "results.parquet")
         del candidates
         release_arrow_memory()
@@ -485,7 +491,7 @@ def _read_parquet(path: Path, p: IngestParams) -> Iterator[tuple[int, dict[str, 
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     _missing_columns(path, pf.schema_arrow.names, p)
     line = 0
-    for batch in pf.iter_batches(batch_size=BATCH):
+    for batch in iter_batches(pf, BATCH):
         for row in batch.to_pylist():
             line += 1
             yield line, row
@@ -715,11 +721,34 @@ def _relative_ref(root: Path, ref: str) -> str | None:
     return rel.replace(os.sep, "/")
 
 
-def _distinct_refs(drafts: Path) -> pa.Array:
-    """The distinct image paths the captions reference, in first-reference order."""
-    table = pq.read_table(drafts, columns=["rel", "line"], use_threads=False)
-    firsts = table.group_by("rel", use_threads=False).aggregate([("line", "min")])
-    return firsts.sort_by("line_min")["rel"].combine_chunks()
+def _distinct_refs(drafts: Path) -> tuple[pa.Array, KeyIndex]:
+    """The distinct image paths the captions reference, in first-reference order, and the keys
+    of every referenced path (to tell referenced tree files apart).
+
+    Drafts are in line order, so the first row of a path is its first reference. 16 bytes per
+    caption of keys span the set; the paths themselves are picked up in a second pass.
+    """
+    pf = pq.ParquetFile(drafts)
+    keys = np.empty((pf.metadata.num_rows, 2), dtype=np.uint64)
+    offset = 0
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["rel"]):
+        keys[offset : offset + batch.num_rows] = arrow_keys(batch.column("rel"))
+        offset += batch.num_rows
+    index = KeyIndex.build(keys)
+    del keys
+    first = np.ones(len(index), dtype=bool)
+    first[index.repeated()] = False
+    refs, offset = [], 0
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["rel"]):
+        mask = pa.array(first[offset : offset + batch.num_rows])
+        refs.append(batch.column("rel").filter(mask))
+        offset += batch.num_rows
+    return _concat_strings(refs), index
+
+
+def _concat_strings(chunks: list[pa.Array]) -> pa.Array:
+    """One string array of ``chunks`` (an empty one when there are none)."""
+    return pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
 
 
 # --------------------------------------------------------------------------- images
@@ -745,27 +774,32 @@ def _walk_files(top: Path) -> Iterator[str]:
                     yield rel
 
 
-def _tree_files(src: Source, p: IngestParams) -> pa.Array:
-    """Relative paths of the image-like files under the image tree, sorted (Arrow: compact)."""
+def _tree_files(src: Source, p: IngestParams, referenced: KeyIndex) -> pa.Array:
+    """Relative paths of the image-like files under the image tree that no caption references,
+    sorted (Arrow: compact; referenced ones are dropped batch by batch, never all held)."""
     like = tuple({e.lower() for e in p.extensions} | IMAGE_LIKE)
     prefix = os.path.relpath(src.image_tree, src.root).replace(os.sep, "/")
     chunks, names = [], []
+
+    def flush() -> None:
+        known = referenced.find(string_keys(names)) >= 0
+        unreferenced = [n for n, k in zip(names, known, strict=True) if not k]
+        chunks.append(pa.array(unreferenced, pa.string()))
+        names.clear()
+
     for rel in _walk_files(src.image_tree):
         if rel.lower().endswith(like):
             names.append(rel if prefix == "." else f"{prefix}/{rel}")
             if len(names) >= BATCH:
-                chunks.append(pa.array(names, pa.string()))
-                names = []
-    chunks.append(pa.array(names, pa.string()))
-    files = pa.chunked_array(chunks, pa.string()).combine_chunks()
+                flush()
+    flush()
+    files = _concat_strings(chunks)
     return files.take(pc.sort_indices(files))
 
 
-def _candidates(src: Source, refs: pa.Array, p: IngestParams) -> pa.Array:
+def _candidates(src: Source, refs: pa.Array, referenced: KeyIndex, p: IngestParams) -> pa.Array:
     """Paths to validate, in record order: referenced ones, then unreferenced tree files."""
-    tree = _tree_files(src, p)
-    unreferenced = tree.filter(pc.invert(pc.is_in(tree, value_set=refs)))
-    return pa.concat_arrays([refs, unreferenced])
+    return pa.concat_arrays([refs, _tree_files(src, p, referenced)])
 
 
 _CHECK: dict[str, Any] = {}  # per process: root and limits of the image check
@@ -896,28 +930,48 @@ def _decode_checks(
     return None, "", info
 
 
+# An image's outcome as a code: 0 usable (accepted, or a duplicate of an accepted one), 1 the
+# file does not exist, then the image reject reasons.
+OUTCOMES: tuple[str | None, ...] = (None, MISSING, *REJECT_REASONS)
+
+
 @dataclass
 class ImageIndex:
-    """What captions need to know about each validated path (Arrow arrays, one row per path)."""
+    """What captions need to know about each validated path: 33 bytes per path, sorted keys.
 
-    rels: pa.Array
-    image_ids: pa.Array  # accepted or duplicate: the content's image_id; else null
-    reasons: pa.Array  # null when usable; MISSING; or the image's reject reason
+    ``keys`` finds a path's row; ``ids`` is the row's image_id (the first 8 bytes of the
+    content's sha256; the kept copy's for a duplicate) and ``outcomes`` its OUTCOMES code.
+    """
+
+    keys: KeyIndex
+    ids: np.ndarray  # uint64, meaningful where outcomes == 0
+    outcomes: np.ndarray  # int8
     seen: int
     accepted: int
 
 
-def _duplicates(results: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(positions of the valid results, position of each one's kept copy); 16 B/image of keys."""
-    table = pq.read_table(results, columns=["reason", "sha256"], use_threads=False)
-    valid = pc.and_(pc.is_null(table["reason"]), pc.is_valid(table["sha256"]))
-    positions = np.flatnonzero(valid.to_numpy(zero_copy_only=False)).astype(np.int64)
-    hexes = pc.utf8_slice_codeunits(table["sha256"].filter(valid), 0, 32).combine_chunks()
-    del table
-    keys = _hex_to_keys(hexes)
-    del hexes
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return positions, positions[first[inverse.ravel()]]
+def _duplicates(results: Path) -> dict[int, int]:
+    """{position of a duplicate: position of its kept copy} over the valid results.
+
+    The first 16 bytes of each sha256 are the key (streamed; 16 + 8 bytes per image span the set).
+    """
+    pf = pq.ParquetFile(results)
+    where = np.empty(pf.metadata.num_rows, dtype=np.int64)  # filled up to `count`
+    keys = np.empty((pf.metadata.num_rows, 2), dtype=np.uint64)
+    count = offset = 0
+    for batch in iter_batches(pf, LOOKUP_BATCH, ["reason", "sha256"]):
+        valid = pc.and_(pc.is_null(batch.column("reason")), pc.is_valid(batch.column("sha256")))
+        at = np.flatnonzero(valid.to_numpy(zero_copy_only=False))
+        where[count : count + len(at)] = at + offset
+        hexes = pc.utf8_slice_codeunits(batch.column("sha256").filter(valid), 0, 32)
+        keys[count : count + len(at)] = _hex_to_keys(hexes).view("<u8").reshape(-1, 2)
+        count += len(at)
+        offset += batch.num_rows
+    where, keys = where[:count], keys[:count]
+    index = KeyIndex.build(keys)
+    dups = index.repeated()
+    firsts = index.find(keys[dups])
+    return dict(zip(where[dups].tolist(), where[firsts].tolist(), strict=True))
 
 
 _HEX = np.zeros(256, dtype=np.uint8)
@@ -938,42 +992,39 @@ def _hex_to_keys(hexes: pa.Array) -> np.ndarray:
 
 def _finish_images(results: Path, rejects: Rejects, dest: Path) -> ImageIndex:
     """Mark duplicates, write images.parquet and the image rejects; the index for captions."""
-    positions, kept = _duplicates(results)
-    is_dup = positions != kept
-    kept_of = dict(zip(positions[is_dup].tolist(), kept[is_dup].tolist(), strict=True))
-    del positions, kept, is_dup
-    rel_column = pq.read_table(results, columns=["rel_path"], use_threads=False)["rel_path"]
-    rels, ids, reasons = [], [], []
+    kept_of = _duplicates(results)
+    wanted = set(kept_of.values())
+    kept_rel: dict[int, str] = {}  # paths of kept copies, picked up as the stream passes them
+    pf = pq.ParquetFile(results)
+    n = pf.metadata.num_rows
+    keys = np.empty((n, 2), dtype=np.uint64)
+    ids = np.zeros(n, dtype=np.uint64)
+    outcomes = np.zeros(n, dtype=np.int8)
     seen = accepted = offset = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, IMAGE_SCHEMA) as writer:
-        for batch in pq.ParquetFile(results).iter_batches(batch_size=BATCH):
-            keep, batch_ids = [], []
-            for i, r in enumerate(batch.to_pylist(), offset):
+        for batch in iter_batches(pf, BATCH):
+            keep = []
+            rows = batch.to_pylist()
+            for i, r in enumerate(rows, offset):
                 image_id = r["sha256"][:16] if r["sha256"] and r["reason"] is None else None
                 seen += r["reason"] != MISSING
+                if i in wanted:
+                    kept_rel[i] = r["rel_path"]
                 if r["reason"] not in (None, MISSING):
                     rejects.add("image", r["rel_path"], None, r["reason"], r["detail"] or "")
                 elif i in kept_of:
-                    first = rel_column[kept_of[i]].as_py()
+                    first = kept_rel[kept_of[i]]
                     detail = f"same bytes as {first}, which is kept (first in record order)"
                     rejects.add("image", r["rel_path"], None, "duplicate", detail, first)
                 elif r["reason"] is None:
                     keep.append({**r, "image_id": image_id})
-                batch_ids.append(image_id)
+                outcomes[i] = OUTCOMES.index(r["reason"])
+                ids[i] = int(image_id, 16) if image_id is not None else 0
+            keys[offset : offset + len(rows)] = string_keys(r["rel_path"] for r in rows)
             offset += batch.num_rows
             accepted += len(keep)
             writer.write_table(pa.Table.from_pylist(keep, schema=IMAGE_SCHEMA))
-            rels.append(batch.column("rel_path"))
-            ids.append(pa.array(batch_ids, pa.string()))
-            reasons.append(batch.column("reason"))
-    empty = [pa.array([], pa.string())]
-    return ImageIndex(
-        pa.concat_arrays(rels or empty),
-        pa.concat_arrays(ids or empty),
-        pa.concat_arrays(reasons or empty),
-        seen,
-        accepted,
-    )
+    return ImageIndex(KeyIndex.build(keys), ids, outcomes, seen, accepted)
 
 
 def _finish_captions(
@@ -988,21 +1039,23 @@ def _finish_captions(
     file = src.captions_file.relative_to(src.root).as_posix()
     counts = {"captions": 0, "labelled": 0}
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for batch in pq.ParquetFile(drafts).iter_batches(batch_size=LOOKUP_BATCH):
-            at = pc.index_in(batch.column("rel"), value_set=index.rels)
-            ids, reasons = index.image_ids.take(at), index.reasons.take(at)
+        for batch in iter_batches(pq.ParquetFile(drafts), LOOKUP_BATCH):
+            at = index.keys.find(arrow_keys(batch.column("rel")))
+            check(bool((at >= 0).all()), "a caption's image path was not validated")
+            ids, outcomes = index.ids[at].tolist(), index.outcomes[at].tolist()
             for start in range(0, batch.num_rows, BATCH):
                 rows = []
-                for d, image_id, reason in zip(
+                for d, image_id, outcome in zip(
                     batch.slice(start, BATCH).to_pylist(),
-                    ids.slice(start, BATCH).to_pylist(),
-                    reasons.slice(start, BATCH).to_pylist(),
+                    ids[start : start + BATCH],
+                    outcomes[start : start + BATCH],
                     strict=True,
                 ):
-                    if image_id is None:
-                        rejects.add("caption", file, d["line"], *_image_reason(d["rel"], reason))
+                    if outcome:
+                        reason = _image_reason(d["rel"], OUTCOMES[outcome])
+                        rejects.add("caption", file, d["line"], *reason)
                         continue
-                    rows.append(_record(d, image_id, src.name))
+                    rows.append(_record(d, f"{image_id:016x}", src.name))
                 counts["captions"] += len(rows)
                 counts["labelled"] += sum(r["label"] is not None for r in rows)
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))

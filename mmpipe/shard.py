@@ -41,7 +41,7 @@ from tqdm import tqdm
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, check
 from mmpipe.faults import fault_point
-from mmpipe.io import sha256_file, use_system_arrow_allocator, write_json_atomic
+from mmpipe.io import iter_batches, sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import ordered_map, process_pool
 
@@ -321,6 +321,7 @@ class TarWriter:
             info.size, info.mtime, info.mode = len(data), MTIME, 0o444
             info.uname = info.gname = "mmpipe"
             self.tar.addfile(info, io.BytesIO(data))
+            self.tar.members.clear()  # tarfile lists every member; a stream writer never reads it
 
     def close(self) -> None:
         """Write the end-of-archive blocks."""
@@ -424,7 +425,7 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
     from mmpipe.align import PAIR_COLUMNS
 
     columns = [*PAIR_COLUMNS, *[c for c in ("audio_path",) if c in pairs.schema_arrow.names]]
-    for batch in pairs.iter_batches(batch_size=JOB_PAIRS, columns=columns):
+    for batch in iter_batches(pairs, JOB_PAIRS, columns):
         rows = batch.to_pylist()
         for pair in rows:
             key = (SPLITS.index(pair["split"]), pair["pair_id"])
