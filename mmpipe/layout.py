@@ -30,21 +30,27 @@ STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec(
         help="read a source, validate every record, write records + rejects",
         params=("ingest",),
-        code=("mmpipe/ingest.py", "mmpipe/synthetic.py", "mmpipe/metrics.py"),
+        code=(
+            "mmpipe/ingest.py",
+            "mmpipe/synthetic.py",
+            "mmpipe/metrics.py",
+            "mmpipe/keys.py",
+            "mmpipe/audio.py",
+        ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
     ),
     "align": StageSpec(
         help="pair images and captions, count orphans, split by image group",
         params=("align",),
-        code=("mmpipe/align.py",),
+        code=("mmpipe/align.py", "mmpipe/keys.py"),
         inputs=("data/ingest/records.parquet", "data/ingest/images.parquet"),
         out="data/align",
     ),
     "shard": StageSpec(
         help="augment + write WebDataset shards and manifest.json",
         params=("shard",),
-        code=("mmpipe/shard.py", "mmpipe/augment.py"),
+        code=("mmpipe/shard.py", "mmpipe/augment.py", "mmpipe/audio.py"),
         # the images themselves are named by pairs.parquet's content-hash image ids; the data
         # root they live under is in ingest's report
         inputs=("data/align/pairs.parquet", "data/align/report.json", "data/ingest/report.json"),
@@ -60,6 +66,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/checkpoint.py",
             "mmpipe/distributed.py",
             "mmpipe/metrics.py",
+            "mmpipe/audio.py",
         ),
         inputs=("data/shards",),
         out="models",
