@@ -42,7 +42,7 @@ from mmpipe.errors import InputError, check
 from mmpipe.faults import fault_point
 from mmpipe.io import sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
-from mmpipe.parallel import ordered_map, process_pool
+from mmpipe.parallel import dask_map, ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -425,8 +425,15 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
 def encode_all(
     pairs: pq.ParquetFile, p: ShardParams, root: Path, where: Path
 ) -> Iterator[list[dict[str, Any]]]:
-    """Samples per job, in order, from p.workers processes (inline when 1)."""
+    """Samples per job, in order, from p.workers processes (inline when 1) or a Dask cluster."""
     params = p.model_dump(mode="json")
+    if p.executor == "dask":
+        jobs = _jobs(pairs, where)
+        on = dict(address=p.address, workers=p.workers, chunksize=2)
+        yield from dask_map(
+            encode_job, jobs, **on, initializer=_init_worker, initargs=(params, str(root))
+        )
+        return
     if p.workers == 1:
         _init_worker(params, str(root))
         yield from map(encode_job, _jobs(pairs, where))
@@ -463,8 +470,8 @@ def write_splits(
 
 
 def output_params_hash(p: ShardParams) -> str:
-    """section_hash of the params with `workers` normalised: it cannot change a single byte."""
-    return section_hash(p.model_copy(update={"workers": 1}))
+    """section_hash of the params with where they run normalised: it cannot change a byte."""
+    return section_hash(p.model_copy(update={"workers": 1, "executor": "process", "address": None}))
 
 
 def build_manifest(
