@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks._common import REPO, RESULTS, machine
 from benchmarks._common import _fmt as fmt
 
-SCRIPTS = ("ingest_shard", "loader", "memory", "growth", "orchestration", "train", "ui")
+SCRIPTS = ("ingest_shard", "loader", "memory", "growth", "orchestration", "train", "ui", "dask")
 
 
 def markdown(payloads: list[dict[str, Any]]) -> str:
