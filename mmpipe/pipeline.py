@@ -128,7 +128,9 @@ def _align(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
 def _shard(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.shard import run_shard
 
-    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, out_dir)
+    # the committed shards (still in place while the stage builds in staging) make it incremental
+    previous = layout.shard_dir if (layout.shard_dir / MANIFEST).is_file() else None
+    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, out_dir, previous)
 
 
 _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
