@@ -13,6 +13,7 @@ only shard boundaries differ.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,10 +42,12 @@ def pair_digest(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def pair_digests(pairs: pq.ParquetFile, columns: list[str]) -> dict[str, str]:
-    """pair_id -> digest of its row, streamed over pairs.parquet."""
+def pair_digests(pairs: pq.ParquetFile) -> dict[str, str]:
+    """pair_id -> digest of its row, streamed over pairs.parquet (an incremental run only)."""
+    from mmpipe.align import PAIR_COLUMNS
+
     out: dict[str, str] = {}
-    for batch in pairs.iter_batches(batch_size=4096, columns=columns):
+    for batch in pairs.iter_batches(batch_size=4096, columns=list(PAIR_COLUMNS)):
         for row in batch.to_pylist():
             out[row["pair_id"]] = pair_digest(row)
     return out
@@ -66,7 +69,7 @@ class Reuse:
 
 
 def plan_reuse(
-    previous: Path | None, params_hash: str, digests: dict[str, str], copies: int
+    previous: Path | None, params_hash: str, pairs: pq.ParquetFile, copies: int
 ) -> Reuse:
     """The shards of ``previous`` (a committed shard output) that this run can keep as they are.
 
@@ -82,6 +85,7 @@ def plan_reuse(
         return reuse
     if manifest.get("params_hash") != params_hash:
         return reuse
+    digests = pair_digests(pairs)
     members: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in pq.read_table(previous / MEMBERS).to_pylist():
         members[row["shard"]].append(row)
@@ -119,7 +123,38 @@ def next_index(reuse: Reuse, split: str) -> int:
     return max(numbers, default=-1) + 1
 
 
-def write_members(out_dir: Path, rows: list[dict[str, str]]) -> None:
-    """members.parquet, sorted by key (deterministic bytes)."""
-    rows = sorted(rows, key=lambda r: r["key"])
-    pq.write_table(pa.Table.from_pylist(rows, schema=MEMBERS_SCHEMA), out_dir / MEMBERS)
+class MembersWriter:
+    """members.parquet, streamed: the reused shards' rows first, then each new sample's."""
+
+    def __init__(self, out_dir: Path, reused: list[dict[str, str]]) -> None:
+        self.writer = pq.ParquetWriter(out_dir / MEMBERS, MEMBERS_SCHEMA)
+        self.rows: list[dict[str, str]] = []
+        self.new = 0
+        for row in reused:
+            self._append(row)
+
+    def add(self, sample: dict[str, Any], shard: str) -> None:
+        """Record one written sample (its ``__pair__`` and ``__digest__`` come from _jobs)."""
+        key, pair_id, digest = sample["__key__"], sample["__pair__"], sample["__digest__"]
+        self._append({"key": key, "pair_id": pair_id, "digest": digest, "shard": shard})
+        self.new += 1
+
+    def _append(self, row: dict[str, str]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=MEMBERS_SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        """Write the rest and the footer."""
+        self._flush()
+        self.writer.close()
+
+    def abort(self) -> None:
+        """After an error (the staging directory goes with the file)."""
+        with contextlib.suppress(Exception):
+            self.writer.close()

@@ -41,12 +41,12 @@ from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, check
 from mmpipe.faults import fault_point
 from mmpipe.incremental import (
+    MembersWriter,
     Reuse,
     link_shards,
     next_index,
-    pair_digests,
+    pair_digest,
     plan_reuse,
-    write_members,
 )
 from mmpipe.io import sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
@@ -249,6 +249,7 @@ def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, 
         "__key__": key,
         "__split__": pair["split"],
         "__pair__": pair["pair_id"],
+        "__digest__": pair["__digest__"],
         "jpg": jpg,
         "txt": pair["caption"].encode("utf-8"),
         "json": body,
@@ -339,7 +340,6 @@ class SplitWriter:
     ) -> None:
         self.out_dir, self.split, self.maxcount, self.maxsize = out_dir, split, maxcount, maxsize
         self.first = first  # number of the first shard (after those an incremental run reuses)
-        self.members: list[tuple[str, str, str]] = []  # (key, pair_id, shard name) per sample
         self.shards: list[dict[str, Any]] = []
         self.writer: Any = None
         self.fh: Any = None
@@ -352,7 +352,6 @@ class SplitWriter:
         if self.writer is None or (self.count and full):
             self._next()
         self.writer.write(sample)
-        self.members.append((sample["__key__"], sample["__pair__"], self.shards[-1]["name"]))
         self.count += 1
         self.size += grow
 
@@ -429,6 +428,7 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
                     "re-run `mmpipe align`"
                 )
             last = key
+            pair["__digest__"] = pair_digest(pair)  # of the row as stored (incremental reuse)
             try:
                 pair["meta"] = json.loads(pair["meta"] or "{}")
             except json.JSONDecodeError:
@@ -477,10 +477,11 @@ def write_splits(
     out_dir: Path,
     where: Path,
     reuse: Reuse | None = None,
-) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    """Write every split's shards into out_dir (beside ``reuse``'s); the manifest's `splits`
-    mapping (reused + new shards) and the (key, pair_id, shard) of every new sample."""
+) -> tuple[dict[str, Any], int]:
+    """Write every split's shards and members.parquet into out_dir (beside ``reuse``'s shards);
+    the manifest's `splits` mapping (reused + new shards) and the number of new samples."""
     reuse = reuse or Reuse()
+    members = MembersWriter(out_dir, reuse.members)
     writers = {
         s: SplitWriter(out_dir, s, p.maxcount, p.maxsize, next_index(reuse, s)) for s in SPLITS
     }
@@ -490,17 +491,21 @@ def write_splits(
             for samples in encode_all(pairs, p, root, where, reuse.done_pairs):
                 for sample in samples:
                     if sample["__key__"] not in reuse.keys:
-                        writers[sample["__split__"]].write(sample)
+                        writer = writers[sample["__split__"]]
+                        writer.write(sample)
+                        members.add(sample, writer.shards[-1]["name"])
                 bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
         splits = {}
         for split, writer in writers.items():
             shards = sorted(reuse.shards.get(split, []) + writer.close(), key=lambda e: e["name"])
             splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+        members.close()
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        members.abort()
         raise
-    return splits, [m for w in writers.values() for m in w.members]
+    return splits, members.new
 
 
 def output_params_hash(p: ShardParams) -> str:
@@ -562,16 +567,10 @@ def run_shard(
     _pipelines(p)  # bad augment specs fail here, before any work
     pairs, align_report, root = open_pairs(align_dir, ingest_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from mmpipe.align import PAIR_COLUMNS
-
-    digests = pair_digests(pairs, list(PAIR_COLUMNS))
-    reuse = plan_reuse(previous, output_params_hash(p), digests, p.copies)
+    reuse = plan_reuse(previous, output_params_hash(p), pairs, p.copies)
     if previous is not None:
         link_shards(reuse, Path(previous), out_dir)
-    where = align_dir / "pairs.parquet"
-    splits, new = write_splits(pairs, p, root, out_dir, where, reuse)
-    members = [dict(key=k, pair_id=i, digest=digests[i], shard=s) for k, i, s in new]
-    write_members(out_dir, reuse.members + members)
+    splits, new = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse)
     manifest = build_manifest(splits, align_report, p)
     write_json_atomic(out_dir / "manifest.json", manifest)
     seconds = time.perf_counter() - start
@@ -584,13 +583,13 @@ def run_shard(
         "bytes": sum(sh["bytes"] for e in splits.values() for sh in e["shards"]),
         "params_hash": manifest["params_hash"],
         "labels": manifest["labels"],
-        "new_samples": len(new),
+        "new_samples": new,
         "reused_shards": reuse.n_shards,
         "workers": p.workers,
         "seconds": round(seconds, 3),
         "images_per_second": round(samples / max(seconds, 1e-9), 1),
     }
-    log.info("shard: %d new samples, %d shards reused", len(new), reuse.n_shards)
+    log.info("shard: %d new samples, %d shards reused", new, reuse.n_shards)
     log.info(
         "shard: %d samples in %d shards, %.1fs (%.0f images/s, %d workers)",
         samples,
