@@ -72,6 +72,31 @@ def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(item) for item in chunk]
 
 
+def in_order(
+    start: Callable[[list[Any]], Callable[[], list[Any]]],
+    items: Iterable[Any],
+    *,
+    chunksize: int,
+    depth: int,
+) -> Iterator[Any]:
+    """Chunks of ``items`` started by ``start`` (which returns the wait for the chunk's results),
+    at most ``depth`` in flight; results in input order."""
+    it = iter(items)
+    pending: deque[Callable[[], list[Any]]] = deque()
+
+    def submit() -> None:
+        chunk = list(itertools.islice(it, chunksize))
+        if chunk:
+            pending.append(start(chunk))
+
+    for _ in range(depth):
+        submit()
+    while pending:
+        results = pending.popleft()()
+        submit()
+        yield from results
+
+
 def ordered_map(
     pool: Pool, fn: Callable[[Any], Any], items: Iterable[Any], *, chunksize: int, depth: int
 ) -> Iterator[Any]:
@@ -81,20 +106,11 @@ def ordered_map(
     with the input (every task pickled and queued); here it is bounded by depth * chunksize.
     Results come back in input order, so output bytes do not depend on the worker count.
     """
-    it = iter(items)
-    pending: deque[Any] = deque()
 
-    def submit() -> None:
-        chunk = list(itertools.islice(it, chunksize))
-        if chunk:
-            pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+    def start(chunk: list[Any]) -> Callable[[], list[Any]]:
+        return pool.apply_async(_map_chunk, (fn, chunk)).get
 
-    for _ in range(depth):
-        submit()
-    while pending:
-        results = pending.popleft().get()
-        submit()
-        yield from results
+    yield from in_order(start, items, chunksize=chunksize, depth=depth)
 
 
 # ----------------------------------------------------------------------------- dask.distributed
@@ -167,24 +183,12 @@ def dask_map(
     order by the caller alone, so a re-run chunk can neither be lost nor counted twice.
     """
     token = uuid.uuid4().hex
+    # closing the client on the way out (error or early stop) releases every pending chunk
     with dask_client(address, workers) as client:
         depth = 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-        it = iter(items)
-        pending: deque[Any] = deque()
 
-        def submit() -> None:
-            chunk = list(itertools.islice(it, chunksize))
-            if chunk:
-                args = (token, initializer, initargs, fn, chunk)
-                pending.append(client.submit(_dask_chunk, *args, retries=RETRIES, pure=False))
+        def start(chunk: list[Any]) -> Callable[[], list[Any]]:
+            args = (token, initializer, initargs, fn, chunk)
+            return client.submit(_dask_chunk, *args, retries=RETRIES, pure=False).result
 
-        try:
-            for _ in range(depth):
-                submit()
-            while pending:
-                results = pending.popleft().result()
-                submit()
-                yield from results
-        finally:
-            if pending:
-                client.cancel(list(pending))
+        yield from in_order(start, items, chunksize=chunksize, depth=depth)

@@ -14,6 +14,7 @@ import pytest
 
 from mmpipe.align import run_align
 from mmpipe.config import AlignParams, IngestParams, ShardParams, SyntheticParams
+from mmpipe.errors import InputError
 from mmpipe.faults import ENV as FAULT_ENV
 from mmpipe.ingest import run_ingest
 from mmpipe.shard import run_shard
@@ -85,6 +86,18 @@ def test_shard_on_two_dask_workers_is_byte_identical(aligned, cluster, tmp_path)
     dask = _shard(aligned, tmp_path / "dask", executor="dask", address=cluster.scheduler_address)
     assert pool["shards"] > 3 and dask["samples"] == pool["samples"]
     _same_dirs(tmp_path / "pool", tmp_path / "dask")
+
+
+def test_an_image_gone_since_ingest_is_the_same_input_error(cluster, tmp_path):
+    root = tmp_path / "src"
+    generate(root, SyntheticParams(n_images=8, captions_per_image=1, image_size=16), workers=1)
+    run_ingest(IngestParams(source="folder", root=str(root), workers=1), tmp_path / "ingest")
+    run_align(tmp_path / "ingest", AlignParams(), tmp_path / "align")
+    gone = sorted((root / "images").iterdir())[5]
+    gone.unlink()
+    aligned = (tmp_path / "align", tmp_path / "ingest")
+    with pytest.raises(InputError, match=f"{gone.name}: image file not found"):
+        _shard(aligned, tmp_path / "out", executor="dask", address=cluster.scheduler_address)
 
 
 def _arm_fault(spec: str) -> None:
