@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmpipe.layout import SPLITS
+
 MEMBERS = "members.parquet"
 MEMBERS_SCHEMA = pa.schema(
     [
@@ -91,8 +93,11 @@ def plan_reuse(
         members[row["shard"]].append(row)
     held: dict[str, int] = defaultdict(int)  # pair_id -> its samples in reused shards
     expected: dict[str, int] = {}
-    for split, entry in manifest.get("splits", {}).items():
-        for shard in entry.get("shards", []):
+    # in the order a from-scratch run writes (SPLITS, then shard names): reusing everything
+    # gives the very same members.parquet, so the stage output's hash does not change
+    for split in SPLITS:
+        entry = manifest.get("splits", {}).get(split, {})
+        for shard in sorted(entry.get("shards", []), key=lambda e: e["name"]):
             rows = members.get(shard["name"], [])
             ok = len(rows) == shard["count"] and (previous / shard["name"]).is_file()
             if ok and all(digests.get(r["pair_id"]) == r["digest"] for r in rows):
