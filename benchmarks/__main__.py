@@ -31,6 +31,7 @@ SCRIPTS = (
     "train",
     "ui",
     "object_store",
+    "dask",
 )
 
 

@@ -97,7 +97,7 @@ def detail(stage: str, result: dict[str, Any]) -> str:
     else:
         keys = {
             "align": ("pairs", "orphan_images", "orphan_captions"),
-            "shard": ("samples", "shards"),
+            "shard": ("samples", "shards", "new_samples", "reused_shards"),
             "evaluate": (_headline(result), "i2t_r1", "t2i_r1"),
             "register": ("version", "promoted", "champion_version"),
         }[stage]

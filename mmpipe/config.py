@@ -80,6 +80,25 @@ class AudioParams(Section):
     )
 
 
+Executor = Literal["process", "dask"]
+
+
+def _executor_field() -> Any:
+    return Field(
+        "process",
+        description="Where the per-chunk work runs: `process` = a pool of `workers` processes "
+        "here; `dask` = a dask.distributed cluster (byte-identical output).",
+    )
+
+
+def _address_field() -> Any:
+    return Field(
+        None,
+        description="executor `dask`: the scheduler's address (e.g. tcp://10.0.0.5:8786); "
+        "null = a LocalCluster of `workers` processes on 127.0.0.1.",
+    )
+
+
 class IngestParams(Section):
     """Stage `ingest`: read a source, validate every record, write the records table."""
 
@@ -159,6 +178,8 @@ class IngestParams(Section):
         False, description="Fail at the first rejected record instead of writing rejects.jsonl."
     )
     workers: int = Field(2, ge=1, description="Worker processes for image validation.")
+    executor: Executor = _executor_field()
+    address: str | None = _address_field()
     synthetic: SyntheticParams = Field(
         default_factory=SyntheticParams, description="Generator settings for `synthetic`."
     )
@@ -218,6 +239,8 @@ class ShardParams(Section):
     maxcount: int = Field(2000, ge=1, description="Maximum samples per shard.")
     maxsize: int = Field(100_000_000, ge=1024, description="Maximum bytes per shard.")
     workers: int = Field(2, ge=1, description="Worker processes encoding samples.")
+    executor: Executor = _executor_field()
+    address: str | None = _address_field()
     seed: int = Field(0, description="Seed of the offline augmentation.")
     output: str | None = Field(
         None,

@@ -80,7 +80,7 @@ from mmpipe.io import (
     write_json_atomic,
 )
 from mmpipe.keys import KeyIndex, arrow_keys, string_keys
-from mmpipe.parallel import ordered_map, process_pool
+from mmpipe.parallel import dask_map, ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -830,7 +830,11 @@ def _validate_images(candidates: pa.Array, root: Path, p: IngestParams, dest: Pa
     rels = (r for i in range(0, n, BATCH) for r in candidates.slice(i, BATCH).to_pylist())
     bar = dict(total=n, desc="ingest images", unit="img", disable=None)
     with pq.ParquetWriter(dest, RESULT_SCHEMA) as writer:
-        if p.workers > 1 and n > 32:
+        if p.executor == "dask":
+            on = dict(address=p.address, workers=p.workers, chunksize=16)
+            results = dask_map(validate_image, rels, **on, initializer=_init_check, initargs=init)
+            _write_results(writer, tqdm(results, **bar))
+        elif p.workers > 1 and n > 32:
             with process_pool(p.workers, initializer=_init_check, initargs=init) as pool:
                 results = ordered_map(pool, validate_image, rels, chunksize=16, depth=4 * p.workers)
                 _write_results(writer, tqdm(results, **bar))

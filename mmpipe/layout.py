@@ -50,7 +50,12 @@ STAGES: dict[str, StageSpec] = {
     "shard": StageSpec(
         help="augment + write WebDataset shards and manifest.json",
         params=("shard",),
-        code=("mmpipe/shard.py", "mmpipe/augment.py", "mmpipe/audio.py"),
+        code=(
+            "mmpipe/shard.py",
+            "mmpipe/augment.py",
+            "mmpipe/audio.py",
+            "mmpipe/incremental.py",
+        ),
         # the images themselves are named by pairs.parquet's content-hash image ids; the data
         # root they live under is in ingest's report
         inputs=("data/align/pairs.parquet", "data/align/report.json", "data/ingest/report.json"),

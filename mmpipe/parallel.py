@@ -1,10 +1,12 @@
-"""Process pools for the data stages: safe under a threaded orchestrator, quiet on shutdown.
+"""Process pools (and a dask.distributed cluster) for the data stages' per-chunk work.
 
 * forkserver (spawn where unavailable), never fork: Prefect runs tasks in threads, and forking a
   threaded process can deadlock the child on a lock another thread held.
 * Workers restore the default SIGTERM handler (an orchestrator's handler must not run in them)
   and ignore SIGINT: Ctrl-C reaches the parent, which terminates the pool.
 * A pool that finished its work is closed and joined, not terminated, so shutdown prints nothing.
+* ``executor: dask`` sends the same chunks, to the same functions, to a dask.distributed cluster
+  (``dask_map``) and consumes the results in the same order: the stage's bytes do not change.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import signal
+import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.pool import Pool
 from typing import Any
+
+from mmpipe.faults import fault_point
 
 # One forkserver serves every pool of a process, and it imports its preload list only when it
 # starts: whichever stage starts it first decides what later workers find already imported. So
@@ -66,6 +72,31 @@ def _map_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(item) for item in chunk]
 
 
+def in_order(
+    start: Callable[[list[Any]], Callable[[], list[Any]]],
+    items: Iterable[Any],
+    *,
+    chunksize: int,
+    depth: int,
+) -> Iterator[Any]:
+    """Chunks of ``items`` started by ``start`` (which returns the wait for the chunk's results),
+    at most ``depth`` in flight; results in input order."""
+    it = iter(items)
+    pending: deque[Callable[[], list[Any]]] = deque()
+
+    def submit() -> None:
+        chunk = list(itertools.islice(it, chunksize))
+        if chunk:
+            pending.append(start(chunk))
+
+    for _ in range(depth):
+        submit()
+    while pending:
+        results = pending.popleft()()
+        submit()
+        yield from results
+
+
 def ordered_map(
     pool: Pool, fn: Callable[[Any], Any], items: Iterable[Any], *, chunksize: int, depth: int
 ) -> Iterator[Any]:
@@ -75,17 +106,89 @@ def ordered_map(
     with the input (every task pickled and queued); here it is bounded by depth * chunksize.
     Results come back in input order, so output bytes do not depend on the worker count.
     """
-    it = iter(items)
-    pending: deque[Any] = deque()
 
-    def submit() -> None:
-        chunk = list(itertools.islice(it, chunksize))
-        if chunk:
-            pending.append(pool.apply_async(_map_chunk, (fn, chunk)))
+    def start(chunk: list[Any]) -> Callable[[], list[Any]]:
+        return pool.apply_async(_map_chunk, (fn, chunk)).get
 
-    for _ in range(depth):
-        submit()
-    while pending:
-        results = pending.popleft().get()
-        submit()
-        yield from results
+    yield from in_order(start, items, chunksize=chunksize, depth=depth)
+
+
+# ----------------------------------------------------------------------------- dask.distributed
+
+RETRIES = 2  # a chunk that raised is re-run this many times by the scheduler before failing
+_DASK_LOCK = threading.Lock()
+_DASK_READY: set[str] = set()
+
+
+def _dask_chunk(
+    token: str,
+    initializer: Callable[..., None] | None,
+    initargs: tuple[Any, ...],
+    fn: Callable[[Any], Any],
+    chunk: list[Any],
+) -> list[Any]:
+    """A Dask task: run the initializer once per worker process and map, one chunk at a time.
+
+    The stage functions keep per-process state (their pool initializer's settings, an image
+    cache), so chunks of one worker process are serialised even when it runs several threads.
+    """
+    with _DASK_LOCK:
+        if token not in _DASK_READY:
+            if initializer is not None:
+                initializer(*initargs)
+            _DASK_READY.clear()
+            _DASK_READY.add(token)
+        fault_point("dask:chunk")
+        return _map_chunk(fn, chunk)
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, workers: int) -> Iterator[Any]:
+    """A client of the scheduler at ``address``, or of a LocalCluster of ``workers`` processes.
+
+    The LocalCluster listens on 127.0.0.1 only and has no dashboard; it lives as long as the
+    client. A remote cluster's workers must import this mmpipe and read the data root's paths.
+    """
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address, set_as_default=False) as client:
+            yield client
+        return
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    with cluster, Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def dask_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    address: str | None,
+    workers: int,
+    chunksize: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Iterator[Any]:
+    """``ordered_map`` on a dask.distributed cluster: same chunks, same order, same results.
+
+    At most 4 chunks per cluster worker are in flight. The scheduler re-runs a chunk whose
+    worker died (and a chunk that raised, ``RETRIES`` times); results are consumed in input
+    order by the caller alone, so a re-run chunk can neither be lost nor counted twice.
+    """
+    token = uuid.uuid4().hex
+    # closing the client on the way out (error or early stop) releases every pending chunk
+    with dask_client(address, workers) as client:
+        depth = 4 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+
+        def start(chunk: list[Any]) -> Callable[[], list[Any]]:
+            args = (token, initializer, initargs, fn, chunk)
+            return client.submit(_dask_chunk, *args, retries=RETRIES, pure=False).result
+
+        yield from in_order(start, items, chunksize=chunksize, depth=depth)

@@ -38,7 +38,7 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
-from mmpipe.storage import is_url, listing_digest, mirror, publish_shards
+from mmpipe.storage import MANIFEST, is_url, listing_digest, mirror, publish_shards
 
 # mmpipe.checkpoint imports torch (~1.6 CPU-s per process): only the functions of the model
 # stages import it, so `mmpipe ingest|align|shard` never load torch (tests/unit/test_imports.py)
@@ -142,7 +142,9 @@ def _align(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
 def _shard(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.shard import run_shard
 
-    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, out_dir)
+    # the committed shards (still in place while the stage builds in staging) make it incremental
+    previous = layout.shard_dir if (layout.shard_dir / MANIFEST).is_file() else None
+    return run_shard(layout.align_dir, layout.ingest_dir, params.shard, out_dir, previous)
 
 
 _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
@@ -172,7 +174,6 @@ def run_data_stage(
                 report = {**report, "published": publish_shards(staging, params.shard.output)}
         if parent_run_id is not None:
             from mmpipe import tracking
-            from mmpipe.checkpoint import MANIFEST
 
             report_file = out_dir / "report.json"
             tracking.log_stage_run(
@@ -199,8 +200,6 @@ stage_shard = functools.partial(run_data_stage, "shard")
 
 def manifest_hash(layout: Layout) -> str:
     """sha256 of the shard manifest: the data version every model is trained on."""
-    from mmpipe.checkpoint import MANIFEST
-
     manifest = layout.shard_dir / MANIFEST
     if not manifest.is_file():
         raise InputError(f"{manifest} not found: run `mmpipe shard` first")

@@ -28,7 +28,7 @@ import logging
 import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,17 @@ from tqdm import tqdm
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, check
 from mmpipe.faults import fault_point
+from mmpipe.incremental import (
+    MembersWriter,
+    Reuse,
+    link_shards,
+    next_index,
+    pair_digest,
+    plan_reuse,
+)
 from mmpipe.io import iter_batches, sha256_file, use_system_arrow_allocator, write_json_atomic
 from mmpipe.layout import SPLITS
-from mmpipe.parallel import ordered_map, process_pool
+from mmpipe.parallel import dask_map, ordered_map, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +252,8 @@ def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, 
     return {
         "__key__": key,
         "__split__": pair["split"],
+        "__pair__": pair["pair_id"],
+        "__digest__": pair["__digest__"],
         "jpg": jpg,
         "txt": pair["caption"].encode("utf-8"),
         "json": body,
@@ -344,8 +354,11 @@ class SplitWriter:
     stage write tars without importing webdataset/torch (see ``TarWriter``).
     """
 
-    def __init__(self, out_dir: Path, split: str, maxcount: int, maxsize: int) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, maxcount: int, maxsize: int, first: int = 0
+    ) -> None:
         self.out_dir, self.split, self.maxcount, self.maxsize = out_dir, split, maxcount, maxsize
+        self.first = first  # number of the first shard (after those an incremental run reuses)
         self.shards: list[dict[str, Any]] = []
         self.writer: Any = None
         self.fh: Any = None
@@ -363,7 +376,7 @@ class SplitWriter:
 
     def _next(self) -> None:
         self._finish()
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = f"{self.split}-{self.first + len(self.shards):06d}.tar"
         self.fh = (self.out_dir / name).open("wb")
         self.writer = TarWriter(self.fh)
         self.shards.append({"name": name, "count": 0})
@@ -435,6 +448,7 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
                     "re-run `mmpipe align`"
                 )
             last = key
+            pair["__digest__"] = pair_digest(pair)  # of the row as stored (incremental reuse)
             try:
                 pair["meta"] = json.loads(pair["meta"] or "{}")
             except json.JSONDecodeError:
@@ -442,50 +456,85 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
         yield rows
 
 
-def encode_all(
-    pairs: pq.ParquetFile, p: ShardParams, root: Path, where: Path
+def _jobs_to_do(
+    pairs: pq.ParquetFile, where: Path, done: Container[str]
 ) -> Iterator[list[dict[str, Any]]]:
-    """Samples per job, in order, from p.workers processes (inline when 1)."""
+    """``_jobs`` without the pairs whose samples are all in reused shards (incremental)."""
+    for rows in _jobs(pairs, where):
+        todo = [r for r in rows if r["pair_id"] not in done]
+        if todo:
+            yield todo
+
+
+def encode_all(
+    pairs: pq.ParquetFile, p: ShardParams, root: Path, where: Path, done: Container[str] = ()
+) -> Iterator[list[dict[str, Any]]]:
+    """Samples per job, in order, from p.workers processes (inline when 1) or a Dask cluster."""
     params = p.model_dump(mode="json")
+    if p.executor == "dask":
+        jobs = _jobs_to_do(pairs, where, done)
+        on = dict(address=p.address, workers=p.workers, chunksize=2)
+        yield from dask_map(
+            encode_job, jobs, **on, initializer=_init_worker, initargs=(params, str(root))
+        )
+        return
     if p.workers == 1:
         _init_worker(params, str(root))
-        yield from map(encode_job, _jobs(pairs, where))
+        yield from map(encode_job, _jobs_to_do(pairs, where, done))
         return
     # this module is preloaded in the forkserver (parallel.PRELOAD); ordered_map keeps at most a
     # few jobs in flight, so the pairs are never all in memory (Pool.imap would queue them all)
     with process_pool(p.workers, initializer=_init_worker, initargs=(params, str(root))) as pool:
         yield from ordered_map(
-            pool, encode_job, _jobs(pairs, where), chunksize=2, depth=4 * p.workers
+            pool, encode_job, _jobs_to_do(pairs, where, done), chunksize=2, depth=4 * p.workers
         )
 
 
 def write_splits(
-    pairs: pq.ParquetFile, p: ShardParams, root: Path, out_dir: Path, where: Path
-) -> dict[str, Any]:
-    """Write every split's shards into out_dir; return the manifest's `splits` mapping."""
-    writers = {s: SplitWriter(out_dir, s, p.maxcount, p.maxsize) for s in SPLITS}
-    total = pairs.metadata.num_rows
+    pairs: pq.ParquetFile,
+    p: ShardParams,
+    root: Path,
+    out_dir: Path,
+    where: Path,
+    reuse: Reuse | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Write every split's shards and members.parquet into out_dir (beside ``reuse``'s shards);
+    the manifest's `splits` mapping (reused + new shards) and the number of new samples."""
+    reuse = reuse or Reuse()
+    members = MembersWriter(out_dir, reuse.members)
+    writers = {
+        s: SplitWriter(out_dir, s, p.maxcount, p.maxsize, next_index(reuse, s)) for s in SPLITS
+    }
+    total = pairs.metadata.num_rows - len(reuse.done_pairs)
     try:
         with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
-            for samples in encode_all(pairs, p, root, where):
+            for samples in encode_all(pairs, p, root, where, reuse.done_pairs):
                 for sample in samples:
-                    writers[sample["__split__"]].write(sample)
+                    if sample["__key__"] not in reuse.keys:
+                        writer = writers[sample["__split__"]]
+                        writer.write(sample)
+                        members.add(sample, writer.shards[-1]["name"])
                 bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
         splits = {}
         for split, writer in writers.items():
-            shards = writer.close()
+            shards = sorted(reuse.shards.get(split, []) + writer.close(), key=lambda e: e["name"])
             splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+        members.close()
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        members.abort()
         raise
-    return splits
+    return splits, members.new
 
 
 def output_params_hash(p: ShardParams) -> str:
-    """section_hash of the params with `workers` normalised and without `output` (where the
-    shards are published): neither can change a single byte."""
-    return section_hash(p.model_copy(update={"workers": 1}), exclude={"output"})
+    """section_hash of the params with where they run normalised (`workers`, `executor`,
+    `address`) and without `output` (where the shards are published): none can change a byte."""
+    return section_hash(
+        p.model_copy(update={"workers": 1, "executor": "process", "address": None}),
+        exclude={"output"},
+    )
 
 
 def build_manifest(
@@ -530,11 +579,19 @@ def audio_manifest(pairs: pq.ParquetFile) -> dict[str, Any]:
     return {"member": "flac", "sample_rate": SAMPLE_RATE, "pairs_with_audio_per_split": per_split}
 
 
-def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) -> dict[str, Any]:
-    """Write {split}-NNNNNN.tar + manifest.json into out_dir; return a report with throughput.
+def run_shard(
+    align_dir: Path,
+    ingest_dir: Path,
+    p: ShardParams,
+    out_dir: Path,
+    previous: Path | None = None,
+) -> dict[str, Any]:
+    """Write {split}-NNNNNN.tar + members.parquet + manifest.json into out_dir; return a report.
 
     ``out_dir`` should be new or empty (the driver's staging directory): shards of an earlier
-    run with other names would stay beside the new ones.
+    run with other names would stay beside the new ones. ``previous`` (the committed output)
+    makes the run incremental: its shards whose pairs are all unchanged are reused as they are
+    (hard-linked), the rest is encoded (mmpipe.incremental).
 
     Only deterministic files go to out_dir (timings are in the returned report and the log), so
     re-running with the same inputs leaves DVC's hash of the directory unchanged.
@@ -545,7 +602,10 @@ def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) 
     _pipelines(p)  # bad augment specs fail here, before any work
     pairs, align_report, root = open_pairs(align_dir, ingest_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet")
+    reuse = plan_reuse(previous, output_params_hash(p), pairs, p.copies)
+    if previous is not None:
+        link_shards(reuse, Path(previous), out_dir)
+    splits, new = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse)
     manifest = build_manifest(splits, align_report, p)
     if "audio_path" in pairs.schema_arrow.names:
         manifest["audio"] = audio_manifest(pairs)
@@ -560,10 +620,13 @@ def run_shard(align_dir: Path, ingest_dir: Path, p: ShardParams, out_dir: Path) 
         "bytes": sum(sh["bytes"] for e in splits.values() for sh in e["shards"]),
         "params_hash": manifest["params_hash"],
         "labels": manifest["labels"],
+        "new_samples": new,
+        "reused_shards": reuse.n_shards,
         "workers": p.workers,
         "seconds": round(seconds, 3),
         "images_per_second": round(samples / max(seconds, 1e-9), 1),
     }
+    log.info("shard: %d new samples, %d shards reused", new, reuse.n_shards)
     log.info(
         "shard: %d samples in %d shards, %.1fs (%.0f images/s, %d workers)",
         samples,

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store"]
+FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask"]
 
 
 def run_bench(name: str, out: Path, tmp: Path) -> dict:
@@ -46,6 +46,9 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
         # the pipeline wrote one sample per image, as the raw loop did
         s = payload["data"]["samples"]
         assert s["shard"] == s["n_images"] == s["ingest_accepted"]
+    elif name == "dask":
+        # the 2-worker cluster wrote the process pool's bytes, also on its own LocalCluster
+        assert payload["data"]["identical"] is True and payload["data"]["samples"] == 40
     elif name == "loader":
         assert len(set(payload["data"]["counts"].values())) == 1
     elif name == "memory":

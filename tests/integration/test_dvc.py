@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import git_env, make_project
+from tests.conftest import TINY_OVERRIDES, git_env, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +62,29 @@ def test_exp_run_with_a_param_override(tmp_path):
     assert '"gated"' in text and "accuracy" in text
     report = json.loads((project / "models" / "train_report.json").read_text())
     assert report["model"]["fusion"] == "gated"
+
+
+def test_repro_of_a_grown_collection_is_incremental(tmp_path):
+    """10 % more synthetic images: `dvc repro shard` keeps the unchanged shards (data/shards is
+    `persist: true`, so DVC leaves it for the run) and ends with the from-scratch samples."""
+    from mmpipe.io import read_json
+    from tests.unit.test_incremental import samples
+
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("shard.maxcount")]
+    project = make_project(tmp_path / "proj", [*overrides, "shard.maxcount=8"])
+    _dvc(project, "repro", "shard")
+    before = read_json(project / "data/shards/manifest.json")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ingest"]["synthetic"]["n_images"] = 53
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _dvc(project, "repro", "shard")
+    assert _ran(out) == {"ingest", "align", "shard"}, out
+    assert " shards reused" in out and ", 0 shards reused" not in out, out
+    scratch = make_project(tmp_path / "scratch", [*overrides, "shard.maxcount=8"])
+    scratch_params = yaml.safe_load((scratch / "params.yaml").read_text())
+    scratch_params["ingest"]["synthetic"]["n_images"] = 53
+    (scratch / "params.yaml").write_text(yaml.safe_dump(scratch_params, sort_keys=False))
+    _dvc(scratch, "repro", "shard")
+    assert samples(project / "data/shards") == samples(scratch / "data/shards")
+    kept = {s["name"] for e in before["splits"].values() for s in e["shards"]}
+    assert kept & {p.name for p in (project / "data/shards").glob("*.tar")}

@@ -125,5 +125,6 @@ def test_a_rerun_replaces_the_whole_output(layout):
     pipeline.run_data_stage("shard", params, layout)
     manifest = read_json(layout.shard_dir / "manifest.json")
     listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
-    assert {p.name for p in layout.shard_dir.iterdir()} == listed | {"manifest.json", ".stamp.json"}
+    files = {"manifest.json", "members.parquet", ".stamp.json"}
+    assert {p.name for p in layout.shard_dir.iterdir()} == listed | files
     assert pipeline.stage_is_current("shard", params, layout)

@@ -1,0 +1,165 @@
+"""Incremental shard: reuse the previous output's shards whose samples are all unchanged.
+
+A sample's bytes are a pure function of its pair's row in pairs.parquet (caption, labels, split,
+meta, the image's content id), the image and the shard params; so a shard of the previous output
+can be reused as it is when the params hash is the same and every pair it holds is still in
+pairs.parquet with the same row. Every shard run writes ``members.parquet`` (one row per sample:
+key, pair_id, the digest of its pair's row, shard) so that the next run can decide that without
+opening a tar. Everything else (new or changed pairs, and the other samples of a shard that held a
+deleted or changed pair: that shard is retired) is encoded again into new shards numbered after
+the reused ones. The set of samples is then the from-scratch run's, byte for byte per sample;
+only shard boundaries differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmpipe.layout import SPLITS
+
+MEMBERS = "members.parquet"
+MEMBERS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("pair_id", pa.string()),
+        ("digest", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+
+def pair_digest(row: dict[str, Any]) -> str:
+    """sha256 of a pairs.parquet row (every column): what its samples' bytes depend on."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def pair_digests(pairs: pq.ParquetFile) -> dict[str, str]:
+    """pair_id -> digest of its row, streamed over pairs.parquet (an incremental run only)."""
+    from mmpipe.align import PAIR_COLUMNS
+
+    out: dict[str, str] = {}
+    for batch in pairs.iter_batches(batch_size=4096, columns=list(PAIR_COLUMNS)):
+        for row in batch.to_pylist():
+            out[row["pair_id"]] = pair_digest(row)
+    return out
+
+
+@dataclass
+class Reuse:
+    """What the previous output gives this run: reusable shard entries per split, the samples
+    they hold, and the pairs needing no encoding at all."""
+
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+    done_pairs: set[str] = field(default_factory=set)
+    members: list[dict[str, str]] = field(default_factory=list)  # rows of the reused shards
+
+    @property
+    def n_shards(self) -> int:
+        return sum(len(v) for v in self.shards.values())
+
+
+def plan_reuse(
+    previous: Path | None, params_hash: str, pairs: pq.ParquetFile, copies: int
+) -> Reuse:
+    """The shards of ``previous`` (a committed shard output) that this run can keep as they are.
+
+    Nothing is reused when there is no previous output, it has no members index, or it was
+    written with other params.
+    """
+    reuse = Reuse()
+    if previous is None or not (previous / MEMBERS).is_file():
+        return reuse
+    try:
+        manifest = json.loads((previous / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return reuse
+    if manifest.get("params_hash") != params_hash:
+        return reuse
+    digests = pair_digests(pairs)
+    members: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in pq.read_table(previous / MEMBERS).to_pylist():
+        members[row["shard"]].append(row)
+    held: dict[str, int] = defaultdict(int)  # pair_id -> its samples in reused shards
+    expected: dict[str, int] = {}
+    # in the order a from-scratch run writes (SPLITS, then shard names): reusing everything
+    # gives the very same members.parquet, so the stage output's hash does not change
+    for split in SPLITS:
+        entry = manifest.get("splits", {}).get(split, {})
+        for shard in sorted(entry.get("shards", []), key=lambda e: e["name"]):
+            rows = members.get(shard["name"], [])
+            ok = len(rows) == shard["count"] and (previous / shard["name"]).is_file()
+            if ok and all(digests.get(r["pair_id"]) == r["digest"] for r in rows):
+                reuse.shards.setdefault(split, []).append(shard)
+                reuse.keys.update(r["key"] for r in rows)
+                reuse.members.extend(rows)
+                for r in rows:
+                    held[r["pair_id"]] += 1
+                    expected[r["pair_id"]] = 1 + copies if split == "train" else 1
+    reuse.done_pairs = {pair_id for pair_id, n in held.items() if n == expected[pair_id]}
+    return reuse
+
+
+def link_shards(reuse: Reuse, previous: Path, out_dir: Path) -> None:
+    """Hard-link (copy across filesystems) the reused tars into the staging directory."""
+    for shards in reuse.shards.values():
+        for shard in shards:
+            src, dst = previous / shard["name"], out_dir / shard["name"]
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def next_index(reuse: Reuse, split: str) -> int:
+    """The first shard number of this run's new shards of ``split``."""
+    numbers = [int(s["name"].rsplit("-", 1)[1].split(".")[0]) for s in reuse.shards.get(split, [])]
+    return max(numbers, default=-1) + 1
+
+
+class MembersWriter:
+    """members.parquet, streamed: the reused shards' rows first, then each new sample's."""
+
+    def __init__(self, out_dir: Path, reused: list[dict[str, str]]) -> None:
+        self.writer = pq.ParquetWriter(out_dir / MEMBERS, MEMBERS_SCHEMA)
+        self.rows: list[dict[str, str]] = []
+        self.new = 0
+        for row in reused:
+            self._append(row)
+
+    def add(self, sample: dict[str, Any], shard: str) -> None:
+        """Record one written sample (its ``__pair__`` and ``__digest__`` come from _jobs)."""
+        key, pair_id, digest = sample["__key__"], sample["__pair__"], sample["__digest__"]
+        self._append({"key": key, "pair_id": pair_id, "digest": digest, "shard": shard})
+        self.new += 1
+
+    def _append(self, row: dict[str, str]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=MEMBERS_SCHEMA))
+            self.rows = []
+
+    def close(self) -> None:
+        """Write the rest and the footer."""
+        self._flush()
+        self.writer.close()
+
+    def abort(self) -> None:
+        """After an error (the staging directory goes with the file)."""
+        with contextlib.suppress(Exception):
+            self.writer.close()
