@@ -47,9 +47,12 @@ def pair_digest(row: dict[str, Any]) -> str:
 def pair_digests(pairs: pq.ParquetFile) -> dict[str, str]:
     """pair_id -> digest of its row, streamed over pairs.parquet (an incremental run only)."""
     from mmpipe.align import PAIR_COLUMNS
+    from mmpipe.io import iter_batches
 
+    # the columns shard's _jobs digests (audio_path when the collection has audio)
+    columns = [*PAIR_COLUMNS, *[c for c in ("audio_path",) if c in pairs.schema_arrow.names]]
     out: dict[str, str] = {}
-    for batch in pairs.iter_batches(batch_size=4096, columns=list(PAIR_COLUMNS)):
+    for batch in iter_batches(pairs, 4096, columns):
         for row in batch.to_pylist():
             out[row["pair_id"]] = pair_digest(row)
     return out
