@@ -532,7 +532,10 @@ def create_dataloader(
 
 
 def has_audio(shard_dir: str | Path) -> bool:
-    """Whether the shards carry the audio modality (the manifest's ``audio`` entry)."""
+    """Whether the shards carry the audio modality (the manifest's ``audio`` entry); local or
+    published on an object store."""
+    if is_url(str(shard_dir)):
+        return "audio" in resolve_shards(str(shard_dir))[1]
     return "audio" in read_manifest(shard_dir)
 
 
