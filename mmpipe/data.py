@@ -16,9 +16,11 @@ shards at scale, switch to whole-shard splitting with even shard sizes.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import os
 import random
 import signal
 from collections.abc import Iterator, Sequence
@@ -522,7 +524,9 @@ def create_dataloader(
         num_workers=num_workers,
         collate_fn=_identity,
         persistent_workers=False,
-        worker_init_fn=_init_loader_worker if num_workers else None,
+        worker_init_fn=functools.partial(_init_loader_worker, env=_store_env())
+        if num_workers
+        else None,
         # never fork the trainer: under Prefect a forked worker ran Prefect's at-exit hooks and
         # died with exit code 1 at the end of each epoch (see _init_loader_worker)
         multiprocessing_context=pool_context() if num_workers else None,
@@ -539,12 +543,23 @@ def has_audio(shard_dir: str | Path) -> bool:
     return "audio" in read_manifest(shard_dir)
 
 
-def _init_loader_worker(worker_id: int) -> None:
+# what a loader worker needs of the trainer's environment to open object-store shards
+STORE_ENV = ("AWS_", "MLFLOW_S3_", "FSSPEC_", "GOOGLE_", "AZURE_")
+
+
+def _store_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(STORE_ENV)}
+
+
+def _init_loader_worker(worker_id: int, env: dict[str, str] | None = None) -> None:
     """Loader workers start from a forkserver, never a fork of the trainer: the trainer may run
     inside an orchestrator whose state must not leak into them (a forked worker of a Prefect
     task inherited Prefect's at-exit hooks, which fail outside the parent: "DataLoader worker
     exited unexpectedly with exit code 1"). Default SIGTERM, so the DataLoader's shutdown of a
-    slow worker ends it quietly; Ctrl-C goes to the parent."""
+    slow worker ends it quietly; Ctrl-C goes to the parent. ``env``: the object-store
+    credentials and endpoint the trainer had when it made the loader (the forkserver's
+    environment is the one it started with, maybe before they were set)."""
+    os.environ.update(env or {})
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
