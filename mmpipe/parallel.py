@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing as mp
+import os
 import signal
 import threading
 import uuid
@@ -155,15 +156,24 @@ def dask_client(address: str | None, workers: int) -> Iterator[Any]:
         with Client(address, set_as_default=False) as client:
             yield client
         return
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-    )
-    with cluster, Client(cluster, set_as_default=False) as client:
-        yield client
+    # distributed's nannies run in this process and set their workers' pre-spawn environment
+    # (OMP/MKL/OPENBLAS_NUM_THREADS=1, PYTHONHASHSEED, ...) in *this* process's os.environ, at
+    # start and at every worker restart: the rest of the process (a flow's training: one MKL
+    # thread instead of two changed its floats) and its children must not inherit it
+    saved = os.environ.copy()
+    try:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+        with cluster, Client(cluster, set_as_default=False) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def dask_map(

@@ -27,11 +27,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """2 worker processes on 127.0.0.1, no dashboard; stopped after the module."""
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as c:
-        yield c
+    """2 worker processes on 127.0.0.1, no dashboard; stopped after the module. Its nannies set
+    their workers' environment (OMP_NUM_THREADS=1, ...) in this process: restored afterwards,
+    or later tests' training runs with other numerics."""
+    saved = os.environ.copy()
+    try:
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None,
+        ) as c:  # fmt: skip
+            yield c
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,11 @@ def _shard(aligned, out: Path, **kw) -> dict:
 def test_ingest_on_a_local_cluster_equals_the_process_pool(source, tmp_path):
     common = {"source": "folder", "root": str(source), "workers": 2}
     pool = run_ingest(IngestParams(**common), tmp_path / "pool")
+    env = os.environ.copy()
     dask = run_ingest(IngestParams(**common, executor="dask"), tmp_path / "dask")
+    # the stage's own LocalCluster leaves this process's environment as it found it (its
+    # nannies set OMP_NUM_THREADS=1, PYTHONHASHSEED, ... here for their workers)
+    assert os.environ == env
     for kind in ("images", "captions"):
         assert pool[kind]["rejected"] > 0 and dask[kind] == pool[kind]
     names = ["images.parquet", "records.parquet", "rejects.jsonl"]
