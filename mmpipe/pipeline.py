@@ -318,16 +318,24 @@ def register_params(params: Params, layout: Layout) -> RegisterParams:
     return p.model_copy(update={"metric": metric, "greater_is_better": greater})
 
 
-def _train_run_id(layout: Layout) -> str | None:
-    """The MLflow run that trained the checkpoint now in models/, if this project recorded it."""
-    if not layout.train_run.is_file():
-        return None
+def _checkpoint_sha256(layout: Layout) -> str | None:
+    """sha256 of the checkpoint now in models/ (best.pt, else last.pt); None when there is none."""
     from mmpipe.checkpoint import pick_checkpoint
 
-    record = read_json(layout.train_run)
     try:
-        current = sha256_file(pick_checkpoint(layout.model_dir))
+        return sha256_file(pick_checkpoint(layout.model_dir))
     except InputError:
+        return None
+
+
+def _train_run_id(layout: Layout, current: str | None = None) -> str | None:
+    """The MLflow run that trained the checkpoint now in models/ (of sha256 ``current``, hashed
+    here when not given), if this project recorded it."""
+    if not layout.train_run.is_file():
+        return None
+    record = read_json(layout.train_run)
+    current = current or _checkpoint_sha256(layout)
+    if current is None:
         return None
     if record.get("checkpoint_sha256") != current:
         log.info("models/ was not trained by the recorded MLflow run %s", record.get("run_id"))
@@ -355,14 +363,15 @@ def stage_evaluate(
     return metrics
 
 
-def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
-    """The data hash register may use: metrics.json scored THIS checkpoint on THIS data, which
-    is the data the model was trained on; else an InputError saying what to re-run."""
+def check_provenance(metrics: dict[str, Any], layout: Layout, have: str | None = None) -> str:
+    """The data hash register may use: metrics.json scored THIS checkpoint (of sha256 ``have``,
+    hashed here when not given) on THIS data, which is the data the model was trained on; else
+    an InputError saying what to re-run."""
     from mmpipe.checkpoint import pick_checkpoint
 
     path = layout.eval_dir / "metrics.json"
     checkpoint = pick_checkpoint(layout.model_dir)
-    scored, have = metrics.get("checkpoint_sha256"), sha256_file(checkpoint)
+    scored, have = metrics.get("checkpoint_sha256"), have or sha256_file(checkpoint)
     if scored != have:
         why = "records none" if scored is None else f"scored {scored[:12]}..."
         raise InputError(
@@ -401,7 +410,8 @@ def stage_register(
     from mmpipe.publish import describe_registered
 
     with project_lock(layout, "mmpipe register"):
-        run_id = _train_run_id(layout)
+        current = _checkpoint_sha256(layout)  # hashed once: both checks below compare with it
+        run_id = _train_run_id(layout, current)
         if run_id is None:
             raise InputError(
                 f"no MLflow run recorded for the model in {layout.model_dir}: run `mmpipe train` "
@@ -411,7 +421,7 @@ def stage_register(
         if not metrics_path.is_file():
             raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
         metrics = read_json(metrics_path)
-        data_hash = check_provenance(metrics, layout)
+        data_hash = check_provenance(metrics, layout, current)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
         profile = create_profile(predictor.model, layout.shard_dir)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +119,11 @@ TINY_OVERRIDES = [
 def tiny_overrides() -> list[str]:
     """--set overrides that make every stage run in a second or two."""
     return list(TINY_OVERRIDES)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content (reports, manifests) for assertions."""
+    return json.loads(Path(path).read_text())
 
 
 def make_project(dest: Path, overrides: list[str] | None = None) -> Path:

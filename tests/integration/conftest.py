@@ -8,6 +8,15 @@ import pytest
 from tests.servers import PostgresServer, S3Server, postgres_missing, start_postgres, start_s3
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """Prefect's test harness (its own temporary API and database), one per test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     """moto's S3 server with bucket ``mmpipe``: ``.endpoint``, ``.bucket``, ``.env`` (AWS_*)."""

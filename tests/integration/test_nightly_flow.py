@@ -5,18 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.nightly import StageFailed, nightly
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _statuses(out: dict) -> dict[str, str]:

@@ -6,13 +6,10 @@ and the ablation (saying why), and the registry compares runs on mean R@1.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.nightly import nightly
-from tests.conftest import SHARED_DATA, TINY_OVERRIDES, make_project
+from tests.conftest import SHARED_DATA, TINY_OVERRIDES, make_project, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -21,26 +18,16 @@ RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean
              "median_rank_i2t", "median_rank_t2i")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _read(project, name):
-    return json.loads((project / name).read_text())
-
-
 def _check_retrieval_only(project) -> dict:
-    metrics = _read(project, "reports/metrics.json")
+    metrics = read_json(project / "reports/metrics.json")
     assert all(k in metrics for k in RETRIEVAL), sorted(metrics)
     assert not {"accuracy", "macro_f1", "n_labelled", "fusion_gain"} & set(metrics)
     assert metrics["mean_r1"] == pytest.approx((metrics["i2t_r1"] + metrics["t2i_r1"]) / 2)
-    report = _read(project, "reports/evaluation_report.json")
+    report = read_json(project / "reports/evaluation_report.json")
     assert report["labels"] == "none"
     assert "never trained" in report["skipped"]["task_metrics"]
     assert "no labelled pairs" in report["skipped"]["ablation"]
-    train = _read(project, "models/train_report.json")
+    train = read_json(project / "models/train_report.json")
     assert train["task_loss"].startswith("off: no labelled train pairs")
     assert all(row["train_task"] == 0.0 for row in train["history"])
     return metrics
