@@ -122,7 +122,9 @@ def run_mmpipe(
         *extra,
     ]
     args = [f"--set={s}" for s in sets]
-    params = ["--params", str(c.REPO / "params.yaml"), "--project-dir", str(project)]
+    # an older tree's own params.yaml when it has one (it may not know this tree's keys)
+    yaml = code / "params.yaml" if code and (code / "params.yaml").is_file() else None
+    params = ["--params", str(yaml or c.REPO / "params.yaml"), "--project-dir", str(project)]
     wall = 0.0
     stages: dict[str, float] = {}
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -178,6 +180,7 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
         "shard resize (HAMMING)": (decoded, lambda im: square_resize(im, 256)),
         "resize BICUBIC (before)": (decoded, bicubic),
         "shard JPEG encode q95": (small, lambda im: encode_jpeg(im, 95)),
+        **_opencv_steps(datas, decoded),
     }
     out = {}
     for name, (items, fn) in steps.items():
@@ -189,6 +192,33 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
             best = min(best, time.process_time() - t0)
         out[name] = 1000 * best / len(items)
     return out
+
+
+def _opencv_steps(datas: list[bytes], decoded: list[Any]) -> dict[str, tuple[list[Any], Any]]:
+    """The OpenCV alternatives to shard's decode and resize (img2dataset's), same photos."""
+    import numpy as np
+
+    t0 = time.process_time()
+    import cv2  # noqa: PLC0415 - its import is one of the costs measured
+
+    print(f"  import cv2: {time.process_time() - t0:.3f} CPU s", flush=True)
+    cv2.setNumThreads(1)  # one core, as the rest of the comparison
+
+    def area(im: Any) -> Any:
+        a = np.asarray(im)  # the PIL -> numpy copy is part of the cost
+        h, w = a.shape[:2]
+        side = min(w, h)
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = a[top : top + side, left : left + side]
+        return cv2.resize(crop, (256, 256), interpolation=cv2.INTER_AREA)
+
+    return {
+        "alternative: cv2.imdecode": (
+            datas,
+            lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
+        ),
+        "alternative: resize cv2 INTER_AREA (incl. to numpy)": (decoded, area),
+    }
 
 
 def run_img2dataset(exe: Path, src: Path, out: Path) -> tuple[float, float, int]:
@@ -220,7 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ap = c.parser(NAME, __doc__)
     ap.add_argument(
-        "--before", type=Path, default=None, help="dir with an older mmpipe package to compare"
+        "--before",
+        type=Path,
+        default=None,
+        help="dir with an older mmpipe package (and its params.yaml) to compare: "
+        "git archive main mmpipe params.yaml | tar -x -C DIR",
     )
     args = ap.parse_args(argv)
     n = c.pick(args, 48, 600, 2400)
