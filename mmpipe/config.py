@@ -178,7 +178,8 @@ class IngestParams(Section):
         "size, min_side, max_pixels, extension and duplicates, plus a JPEG/PNG end-marker check "
         "(an image without one is decoded in full, as in `decode`); the pixels are decoded once, "
         "by shard, which leaves an undecodable image's pairs out as rejects in its "
-        "rejects.jsonl. About 1.3x the images per CPU-second of ingest+align+shard on photos.",
+        "rejects.jsonl. About 1.2x `decode`'s images per CPU-second of ingest+align+shard on "
+        "640x480 photos (benchmarks/README.md).",
     )
     max_caption_chars: int = Field(
         2000, ge=1, description="Reject captions longer than this after normalising whitespace."
