@@ -7,7 +7,9 @@ coco-mini's label of the photo (``--before`` code crashes on unlabelled data).
 
 mmpipe: ``python -m mmpipe ingest``, ``align`` and ``shard`` (the CLI a user runs, in fresh
 processes: imports included), folder source, ``workers=1``, ``shard.image_size=256``,
-``jpeg_quality=95``, ``copies=0`` (one sample per image, as img2dataset writes).
+``jpeg_quality=95``, ``copies=0`` (one sample per image, as img2dataset writes); twice:
+``ingest.image_check=decode`` (the default: ingest decodes every image, shard again) and
+``header`` (shard's decode is the only one).
 img2dataset (installed by this script into a throw-away venv, never into the project's):
 ``file://`` URLs, ``--processes_count 1 --resize_mode keep_ratio --image_size 256
 --encode_quality 95``, webdataset output.
@@ -35,6 +37,8 @@ NAME = "img2dataset"
 TARGET = 1.3
 I2D_VERSION = "1.47.0"
 COCO = c.REPO.parent / "shared" / "data" / "coco-mini"
+# this tree's sides: name -> extra --set overrides
+MODES = {"mmpipe": (), "header": ("ingest.image_check=header",)}
 
 
 def make_photos(dest: Path, n: int) -> list[tuple[Path, str, str]]:
@@ -96,12 +100,13 @@ def cpu_run(cmd: list[str], **kw: Any) -> tuple[float, float]:
 
 
 def run_mmpipe(
-    src: Path, project: Path, code: Path | None = None
+    src: Path, project: Path, code: Path | None = None, extra: tuple[str, ...] = ()
 ) -> tuple[float, float, int, dict[str, float]]:
     """ingest, align, shard through the CLI; (CPU s, wall s, samples written, CPU s per stage).
 
     ``code``: a directory holding another ``mmpipe`` package (e.g. ``git archive main mmpipe``),
-    put first on PYTHONPATH to measure that version side by side ("before").
+    put first on PYTHONPATH to measure that version side by side ("before"). ``extra``: more
+    ``--set`` overrides (``ingest.image_check=header``).
     """
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
@@ -114,9 +119,12 @@ def run_mmpipe(
         "shard.jpeg_quality=95",
         "shard.copies=0",
         "shard.workers=1",
+        *extra,
     ]
     args = [f"--set={s}" for s in sets]
-    params = ["--params", str(c.REPO / "params.yaml"), "--project-dir", str(project)]
+    # an older tree's own params.yaml when it has one (it may not know this tree's keys)
+    yaml = code / "params.yaml" if code and (code / "params.yaml").is_file() else None
+    params = ["--params", str(yaml or c.REPO / "params.yaml"), "--project-dir", str(project)]
     wall = 0.0
     stages: dict[str, float] = {}
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -141,7 +149,7 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
 
     from PIL import Image
 
-    from mmpipe.ingest import check_image_bytes
+    from mmpipe.ingest import check_image_bytes, ends_early
     from mmpipe.shard import encode_jpeg, open_for_size, square_resize
 
     paths = sorted((COCO / "images").iterdir())
@@ -162,11 +170,17 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
             datas,
             lambda d: check_image_bytes(d, {"JPEG", "MPO"}, 10**9, 1),
         ),
+        "ingest check, header mode (no pixel decode)": (
+            datas,
+            lambda d: check_image_bytes(d, {"JPEG", "MPO"}, 10**9, 1, decode=False),
+        ),
+        "  of which the end-marker check": (datas, lambda d: ends_early(d, "JPEG")),
         "ingest sha256": (datas, lambda d: hashlib.sha256(d).digest()),
         "shard decode": (paths, lambda p: open_for_size(p, 256).load()),
         "shard resize (HAMMING)": (decoded, lambda im: square_resize(im, 256)),
         "resize BICUBIC (before)": (decoded, bicubic),
         "shard JPEG encode q95": (small, lambda im: encode_jpeg(im, 95)),
+        **_opencv_steps(datas, decoded),
     }
     out = {}
     for name, (items, fn) in steps.items():
@@ -177,6 +191,78 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
                 fn(item)
             best = min(best, time.process_time() - t0)
         out[name] = 1000 * best / len(items)
+    return out
+
+
+def _opencv_steps(datas: list[bytes], decoded: list[Any]) -> dict[str, tuple[list[Any], Any]]:
+    """The OpenCV alternatives to shard's decode and resize (img2dataset's), same photos."""
+    import numpy as np
+
+    t0 = time.process_time()
+    import cv2  # noqa: PLC0415 - its import is one of the costs measured
+
+    print(f"  import cv2: {time.process_time() - t0:.3f} CPU s", flush=True)
+    cv2.setNumThreads(1)  # one core, as the rest of the comparison
+
+    def area(im: Any) -> Any:
+        a = np.asarray(im)  # the PIL -> numpy copy is part of the cost
+        h, w = a.shape[:2]
+        side = min(w, h)
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = a[top : top + side, left : left + side]
+        return cv2.resize(crop, (256, 256), interpolation=cv2.INTER_AREA)
+
+    return {
+        "alternative: cv2.imdecode": (
+            datas,
+            lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
+        ),
+        "alternative: resize cv2 INTER_AREA (incl. to numpy)": (decoded, area),
+    }
+
+
+def resize_psnr() -> dict[str, float]:
+    """dB of each 256 px resize vs Pillow's LANCZOS of the same centre square (coco-mini's
+    photos, mean): is a cheaper filter as good?"""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from mmpipe.shard import open_for_size, square_resize
+
+    def crop_box(im: Image.Image) -> tuple[int, int, int, int]:
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return left, top, left + side, top + side
+
+    def pil(method: Image.Resampling) -> Any:
+        return lambda im: np.asarray(im.resize((256, 256), method, box=crop_box(im)))
+
+    def area(im: Image.Image) -> Any:
+        left, top, right, bottom = crop_box(im)
+        crop = np.asarray(im)[top:bottom, left:right]
+        return cv2.resize(crop, (256, 256), interpolation=cv2.INTER_AREA)
+
+    filters = {
+        "HAMMING (shard)": lambda im: np.asarray(square_resize(im, 256)),
+        "cv2 INTER_AREA": area,
+        "BOX": pil(Image.Resampling.BOX),
+        "BILINEAR": pil(Image.Resampling.BILINEAR),
+    }
+    images = []
+    for path in sorted((COCO / "images").iterdir()):
+        im = open_for_size(path, 256)
+        im.load()
+        images.append(im)
+    refs = [pil(Image.Resampling.LANCZOS)(im).astype(np.float64) for im in images]
+    out = {}
+    for name, fn in filters.items():
+        db = [
+            10 * np.log10(255**2 / np.mean((fn(im).astype(np.float64) - ref) ** 2))
+            for im, ref in zip(images, refs, strict=True)
+        ]
+        out[name] = float(np.mean(db))
     return out
 
 
@@ -209,7 +295,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ap = c.parser(NAME, __doc__)
     ap.add_argument(
-        "--before", type=Path, default=None, help="dir with an older mmpipe package to compare"
+        "--before",
+        type=Path,
+        default=None,
+        help="dir with an older mmpipe package (and its params.yaml) to compare: "
+        "git archive main mmpipe params.yaml | tar -x -C DIR",
     )
     args = ap.parse_args(argv)
     n = c.pick(args, 48, 600, 2400)
@@ -220,17 +310,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         make_photos(work / "photos", n)
         steps = per_image_ms()
         print(f"  per photo, CPU ms: {json.dumps(steps)}", flush=True)
+        psnr = resize_psnr()
+        print(f"  resize dB vs LANCZOS: {json.dumps(psnr)}", flush=True)
         make_photos(work / "photos-24", 24)  # fixed cost: each stage's CPU on 24 photos
-        fixed = {"mmpipe": run_mmpipe(work / "photos-24", work / "fixed-project")[3]}
+        fixed = {
+            side: run_mmpipe(work / "photos-24", work / "fixed-project", None, extra)[3]
+            for side, extra in MODES.items()
+        }
         if args.before:
             fixed["before"] = run_mmpipe(work / "photos-24", work / "fixed-project", args.before)[3]
         print(f"  stage CPU s on 24 photos: {json.dumps(fixed)}", flush=True)
         for r in range(repeats):
             row: dict[str, Any] = {"repeat": r}
-            sides = {"mmpipe": None, "before": args.before} if args.before else {"mmpipe": None}
-            for side, code in sides.items():
+            sides = {side: (None, extra) for side, extra in MODES.items()}
+            if args.before:
+                sides["before"] = (args.before, ())
+            for side, (code, extra) in sides.items():
                 project = work / f"{side}-project"
-                cpu, wall, done, stages = run_mmpipe(work / "photos", project, code)
+                cpu, wall, done, stages = run_mmpipe(work / "photos", project, code, extra)
                 row[side] = {"cpu_s": cpu, "wall_s": wall, "images": done, "stage_cpu_s": stages}
             i_cpu, i_wall, i_n = run_img2dataset(exe, work / "photos", work / "i2d-out")
             row["img2dataset"] = {"cpu_s": i_cpu, "wall_s": i_wall, "images": i_n}
@@ -240,13 +337,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             print(f"  repeat {r}: {json.dumps(row)}", flush=True)
     figures = []
-    for side in ("mmpipe", "before"):
+    labels = {
+        "mmpipe": "mmpipe (this tree, image_check=decode)",
+        "header": "mmpipe (this tree, image_check=header)",
+        "before": f"mmpipe ({args.before})",
+    }
+    for side, label in labels.items():
         if f"ratio_{side}" not in rows[0]:
             continue
         ratios = sorted(r[f"ratio_{side}"] for r in rows)
         median = ratios[len(ratios) // 2]
         rate = max(r[side]["images"] / r[side]["cpu_s"] for r in rows)
-        label = "mmpipe (this tree)" if side == "mmpipe" else f"mmpipe ({args.before})"
+        mine = side != "before"
         figures.append(c.figure(f"{label} ingest+align+shard", rate, "images/CPU-s"))
         figures.append(
             c.figure(
@@ -254,8 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 median,
                 "x",
                 ratio=median,
-                target=f">= {TARGET}" if side == "mmpipe" else None,
-                met=(ratios[0] >= TARGET) if side == "mmpipe" else None,
+                target=f">= {TARGET}" if mine else None,
+                met=(ratios[0] >= TARGET) if mine else None,
                 note=f"median; {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(rows)} interleaved runs",
             )
         )
@@ -263,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures.append(c.figure(f"img2dataset {I2D_VERSION}", i2d, "images/CPU-s"))
     for step, ms in steps.items():
         figures.append(c.figure(f"per photo: {step}", ms, "CPU ms"))
+    for name, db in psnr.items():
+        figures.append(c.figure(f"resize {name} vs LANCZOS", db, "dB PSNR"))
     for side, stages in fixed.items():
         for stage, cpu in stages.items():
             figures.append(c.figure(f"{side} {stage} on 24 photos (~fixed cost)", cpu, "CPU s"))
@@ -271,11 +375,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": "coco-mini photos, one pixel changed per copy, q95",
         "image_size": 256,
         "jpeg_quality": 95,
-        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased HAMMING",
+        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, centre crop + antialiased HAMMING;"
+        " ingest.image_check decode (default) and header",
         "img2dataset": f"{I2D_VERSION}, file:// URLs, processes_count=1, resize_mode=keep_ratio",
         "repeats": repeats,
     }
-    data = {"rows": rows, "per_image_ms": steps, "stage_cpu_s_24_photos": fixed}
+    data = {
+        "rows": rows,
+        "per_image_ms": steps,
+        "resize_psnr_db": psnr,
+        "stage_cpu_s_24_photos": fixed,
+    }
     return c.finish(NAME, args, argv, figures, conditions, data, started)
 
 

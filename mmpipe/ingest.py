@@ -26,6 +26,9 @@ Decisions worth knowing:
   PNG. Decodable images of a format outside ``ingest.extensions`` are ``unsupported_format``.
 - JPEGs are checked at 1/8 scale (Pillow ``draft``: DCT-domain scaling). libjpeg still decodes
   the whole entropy-coded stream, so truncation and corruption are caught as in a full decode.
+  With ``ingest.image_check: header`` the pixels are not decoded here (shard decodes each image
+  once and rejects the pairs of one it cannot decode); only a JPEG/PNG without its end marker
+  near the end of the file (a truncated download) is still decoded in full, and rejected.
 - Exact duplicates (same sha256): the first in *record order* is kept (captions file order;
   unreferenced files after, in path order); the others are rejected ``duplicate`` naming it.
 - Captions with control characters (C0/C1, DEL; tab, CR and LF are whitespace) are rejected
@@ -239,6 +242,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     if audio is not None:
         report["audio"] = {**audio, "by_reason": rejects.by_reason("audio")}
     report["data_root"] = _data_root_record(p, source.root, out_dir)
+    report["image_check"] = p.image_check  # "header": shard rejects what it cannot decode
     if generated is not None:
         report["synthetic"] = {k: generated[k] for k in ("n_images", "n_captions")}
     fault_point("ingest:records-written")
@@ -805,7 +809,9 @@ def _candidates(src: Source, refs: pa.Array, referenced: KeyIndex, p: IngestPara
 _CHECK: dict[str, Any] = {}  # per process: root and limits of the image check
 
 
-def _init_check(root: str, extensions: list[str], max_pixels: int, min_side: int) -> None:
+def _init_check(
+    root: str, extensions: list[str], max_pixels: int, min_side: int, decode: bool = True
+) -> None:
     """Pool initializer (also called inline): the image check's constant settings."""
     Image.init()
     registered = Image.registered_extensions()
@@ -820,12 +826,13 @@ def _init_check(root: str, extensions: list[str], max_pixels: int, min_side: int
         formats=formats,
         max_pixels=max_pixels,
         min_side=min_side,
+        decode=decode,
     )
 
 
 def _validate_images(candidates: pa.Array, root: Path, p: IngestParams, dest: Path) -> None:
     """Validate every candidate (in a pool, ordered) and stream the results to ``dest``."""
-    init = (str(root), p.extensions, p.max_pixels, p.min_side)
+    init = (str(root), p.extensions, p.max_pixels, p.min_side, p.image_check == "decode")
     n = len(candidates)
     rels = (r for i in range(0, n, BATCH) for r in candidates.slice(i, BATCH).to_pylist())
     bar = dict(total=n, desc="ingest images", unit="img", disable=None)
@@ -878,30 +885,44 @@ def validate_image(rel: str) -> dict[str, Any]:
         return out
     out["sha256"] = hashlib.sha256(data).hexdigest()
     reason, detail, info = check_image_bytes(
-        data, _CHECK["formats"], _CHECK["max_pixels"], _CHECK["min_side"]
+        data, _CHECK["formats"], _CHECK["max_pixels"], _CHECK["min_side"], _CHECK["decode"]
     )
     out.update(reason=reason, detail=detail or None, **info)
     return out
 
 
 def check_image_bytes(
-    data: bytes, formats: set[str], max_pixels: int, min_side: int
+    data: bytes, formats: set[str], max_pixels: int, min_side: int, decode: bool = True
 ) -> tuple[str | None, str, dict[str, Any]]:
     """Decode fully (JPEG at 1/8 scale); return (reason or None, detail, {width, height, format}).
 
+    ``decode=False`` (``ingest.image_check: header``): the same checks without decoding the
+    pixels, unless the file lacks its format's end marker (``ends_early``).
     Pillow's own pixel limit is switched off here: the header size is checked against
     ``max_pixels`` before any pixel is decoded, and the message states the configured limit.
     """
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
-        return _decode_checks(data, formats, max_pixels, min_side)
+        return _decode_checks(data, formats, max_pixels, min_side, decode)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+# End markers, looked for in the file's last END_WINDOW bytes: a camera or editor may append a
+# little after them (a JPEG's trailer, padding), a truncated download has none.
+END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+END_WINDOW = 4096
+
+
+def ends_early(data: bytes, fmt: str) -> bool:
+    """True when a JPEG/PNG has no end marker near its end (it cannot be whole)."""
+    marker = END_MARKERS.get(fmt)
+    return marker is not None and marker not in data[-END_WINDOW:]
+
+
 def _decode_checks(
-    data: bytes, formats: set[str], max_pixels: int, min_side: int
+    data: bytes, formats: set[str], max_pixels: int, min_side: int, decode: bool = True
 ) -> tuple[str | None, str, dict[str, Any]]:
     try:
         im = Image.open(io.BytesIO(data))
@@ -918,11 +939,9 @@ def _decode_checks(
             detail = f"{w}x{h} = {w * h:,} pixels > ingest.max_pixels {max_pixels:,}"
             return "too_many_pixels", detail, {"format": fmt}
         try:
-            orientation = im.getexif().get(0x0112)
-            if fmt in FORMAT_ALIASES["JPEG"]:
-                im.draft(im.mode, (1, 1))  # DCT-domain 1/8 scale: every byte is still decoded
-            im.load()
-            im.crop((0, 0, 1, 1)).convert("RGB")  # the mode converts (as shard will do)
+            orientation = (im.getexif() if decode else _header_exif(im)).get(0x0112)
+            if decode or ends_early(data, fmt):
+                _decode_small(im, fmt)
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
             reason = "truncated" if "truncat" in str(exc).lower() else "corrupt"
             return reason, f"{type(exc).__name__}: {exc}", {"format": fmt}
@@ -932,6 +951,20 @@ def _decode_checks(
     if min(w, h) < min_side:
         return "too_small", f"{w}x{h}: shorter side < {min_side}", info
     return None, "", info
+
+
+def _header_exif(im: Image.Image) -> Image.Exif | dict[int, Any]:
+    """EXIF read without decoding: a PNG's ``getexif()`` decodes the whole image to look for an
+    eXIf chunk after the pixels; this reads only one placed before them (as the spec asks)."""
+    return im.getexif() if im.format != "PNG" or "exif" in im.info else {}
+
+
+def _decode_small(im: Image.Image, fmt: str) -> None:
+    """Decode every byte of ``im`` (a JPEG at 1/8 scale) and convert a pixel as shard will."""
+    if fmt in FORMAT_ALIASES["JPEG"]:
+        im.draft(im.mode, (1, 1))  # DCT-domain 1/8 scale: every byte is still decoded
+    im.load()
+    im.crop((0, 0, 1, 1)).convert("RGB")
 
 
 # An image's outcome as a code: 0 usable (accepted, or a duplicate of an accepted one), 1 the

@@ -52,7 +52,8 @@ def training_data(layout: Layout) -> dict[str, Any]:
             kind: (ingest.get(kind) or {}).get("rejected")
             for kind in ("images", "captions")
             if ingest.get(kind)
-        },
+        }
+        | _shard_rejected(manifest),
         "pairs_per_split": align.get("pairs_per_split")
         or {s: e.get("count") for s, e in (manifest.get("splits") or {}).items()},
         "classes": list(manifest.get("classes") or []),
@@ -60,6 +61,12 @@ def training_data(layout: Layout) -> dict[str, Any]:
         "image_size": manifest.get("image_size"),
         "data_hash": sha256_file(manifest_path) if manifest_path.is_file() else None,
     }
+
+
+def _shard_rejected(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """Pairs shard left out (ingest.image_check: header, an image it could not decode)."""
+    per_split = manifest.get("rejected_pairs_per_split")
+    return {"shard pairs": sum(per_split.values())} if per_split is not None else {}
 
 
 def _count(n: Any) -> str:

@@ -14,6 +14,14 @@ shards hold no absolute path, so the same data gives the same bytes wherever it 
 Each image is decoded once (cached per image_id for its several captions), JPEGs at the largest
 DCT-domain reduction that keeps both sides >= image_size (Pillow ``draft``).
 
+Undecodable images: with ``ingest.image_check: decode`` (the default) ingest decoded every
+image, so one shard cannot decode has changed since ingest: an InputError. With ``header``
+shard's decode is the only one: the pairs of an image it cannot decode are left out of the
+shards, each a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
+image_id; reason ``undecodable_image``), counted in the manifest (pairs in = pairs sharded +
+pairs rejected). Rejects come back from the workers in pair order, so the file and the shards
+are the same bytes for any worker count.
+
 Resize policy: centre-crop to a square, then an antialiased resize to image_size (HAMMING when
 shrinking, BICUBIC when enlarging: ``square_resize``). Keeps aspect ratio; objects at the far
 edges of non-square photos can be cropped, as in CLIP's preprocessing.
@@ -49,7 +57,13 @@ from mmpipe.incremental import (
     pair_digest,
     plan_reuse,
 )
-from mmpipe.io import iter_batches, sha256_file, use_system_arrow_allocator, write_json_atomic
+from mmpipe.io import (
+    iter_batches,
+    read_json,
+    sha256_file,
+    use_system_arrow_allocator,
+    write_json_atomic,
+)
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import dask_map, ordered_map, process_pool
 
@@ -80,8 +94,13 @@ def _draft(img: Image.Image, size: int) -> None:
         img.draft("RGB", (size, size))
 
 
-def open_original(path: str | Path, read: Callable[[Image.Image], Image.Image]) -> Image.Image:
-    """``read(opened image)``; a missing or unreadable original is an InputError naming it."""
+def open_original(
+    path: str | Path,
+    read: Callable[[Image.Image], Any],
+    undecodable: Callable[[Exception], Any] | None = None,
+) -> Any:
+    """``read(opened image)``; a missing or unreadable original is an InputError naming it,
+    or, with ``undecodable``, an unreadable one gives ``undecodable(the error)``."""
     try:
         with Image.open(path) as img:
             return read(img)
@@ -89,7 +108,9 @@ def open_original(path: str | Path, read: Callable[[Image.Image], Image.Image]) 
         raise InputError(
             f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)"
         ) from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        if undecodable is not None:
+            return undecodable(exc)
         raise InputError(f"{path}: unreadable image ({exc}); re-run `mmpipe ingest`") from None
 
 
@@ -178,12 +199,14 @@ def preprocess_image(img: Image.Image, image_size: int, quality: int = 90) -> by
 _STATE: dict[str, Any] = {}  # per process: params, augment pipelines, LRU of base images
 
 
-def _init_worker(params: dict[str, Any], root: str) -> None:
-    """Pool initializer: params, data root, and the augment pipelines that will be used."""
+def _init_worker(params: dict[str, Any], root: str, reject_undecodable: bool = False) -> None:
+    """Pool initializer: params, data root, the augment pipelines that will be used, and
+    whether an undecodable image is a reject (ingest.image_check: header) or an error."""
     p = ShardParams.model_validate(params)
     _STATE.update(
         p=p,
         root=Path(root),
+        reject_undecodable=reject_undecodable,
         augment=_pipelines(p),
         cache=OrderedDict(),
         cache_max=max(16, CACHE_BYTES // (3 * p.image_size**2)),
@@ -201,17 +224,23 @@ def _pipelines(p: ShardParams) -> dict[str, Any]:
     return out
 
 
-def _base_image(pair: dict[str, Any]) -> tuple[Image.Image, bytes]:
-    """The resized image of a pair and its plain JPEG, cached per image_id (several captions)."""
-    cache: OrderedDict[str, tuple[Image.Image, bytes]] = _STATE["cache"]
+def _undecodable(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _base_image(pair: dict[str, Any]) -> tuple[Image.Image, bytes] | str:
+    """The resized image of a pair and its plain JPEG, cached per image_id (several captions);
+    under ``reject_undecodable``, why the image cannot be decoded instead."""
+    cache: OrderedDict[str, tuple[Image.Image, bytes] | str] = _STATE["cache"]
     hit = cache.get(pair["image_id"])
     if hit is not None:
         cache.move_to_end(pair["image_id"])
         return hit
     p: ShardParams = _STATE["p"]
     path = _STATE["root"] / pair["image_path"]
-    img = open_original(path, lambda original: sample_image(original, p.image_size))
-    entry = (img, encode_jpeg(img, p.jpeg_quality))
+    on_error = _undecodable if _STATE["reject_undecodable"] else None
+    img = open_original(path, lambda original: sample_image(original, p.image_size), on_error)
+    entry = img if isinstance(img, str) else (img, encode_jpeg(img, p.jpeg_quality))
     cache[pair["image_id"]] = entry
     if len(cache) > _STATE["cache_max"]:
         cache.popitem(last=False)
@@ -261,13 +290,33 @@ def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, 
 
 
 def encode_pair(pair: dict[str, Any]) -> list[dict[str, Any]]:
-    """The samples of one pair in sorted key order: the pair itself, then its train copies."""
-    return _with_audio(pair, _image_samples(pair))
+    """The samples of one pair in sorted key order: the pair itself, then its train copies;
+    or, when its image cannot be decoded (under ``reject_undecodable``), its reject."""
+    image = _base_image(pair)
+    if isinstance(image, str):
+        return [_reject(pair, image)]
+    return _with_audio(pair, _image_samples(pair, image))
 
 
-def _image_samples(pair: dict[str, Any]) -> list[dict[str, Any]]:
+def _reject(pair: dict[str, Any], detail: str) -> dict[str, Any]:
+    """A pair left out: ingest's reject record (plus the pair and image) as a pseudo-sample."""
+    record = {
+        "kind": "pair",
+        "file": pair["image_path"],
+        "line": None,
+        "reason": "undecodable_image",
+        "detail": detail,
+        "duplicate_of": None,
+        "pair_id": pair["pair_id"],
+        "image_id": pair["image_id"],
+        "split": pair["split"],
+    }
+    return {"__key__": pair["pair_id"], "__split__": pair["split"], "__reject__": record}
+
+
+def _image_samples(pair: dict[str, Any], image: tuple[Image.Image, bytes]) -> list[dict[str, Any]]:
     p: ShardParams = _STATE["p"]
-    base, plain = _base_image(pair)
+    base, plain = image
     if pair["split"] != "train":
         jpg = (
             plain
@@ -408,7 +457,30 @@ class SplitWriter:
             self.writer = None
 
 
+class RejectsWriter:
+    """``rejects.jsonl`` of the pairs left out (streamed, in pair order), counted per split."""
+
+    def __init__(self, path: Path) -> None:
+        self.fh = path.open("w", encoding="utf-8")
+        self.per_split = dict.fromkeys(SPLITS, 0)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Write one reject record."""
+        self.fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        self.per_split[record["split"]] += 1
+
+    def close(self) -> None:
+        """Finish the file."""
+        self.fh.close()
+
+
 # ----------------------------------------------------------------------------- stage
+
+
+def header_checked(ingest_dir: Path) -> bool:
+    """Whether ingest only checked headers (``ingest.image_check: header``): then shard's is the
+    one full decode and an undecodable image is a reject, not an error."""
+    return read_json(Path(ingest_dir) / "report.json").get("image_check") == "header"
 
 
 def open_pairs(align_dir: Path, ingest_dir: Path) -> tuple[pq.ParquetFile, dict[str, Any], Path]:
@@ -467,24 +539,27 @@ def _jobs_to_do(
 
 
 def encode_all(
-    pairs: pq.ParquetFile, p: ShardParams, root: Path, where: Path, done: Container[str] = ()
+    pairs: pq.ParquetFile,
+    p: ShardParams,
+    root: Path,
+    where: Path,
+    done: Container[str] = (),
+    reject_undecodable: bool = False,
 ) -> Iterator[list[dict[str, Any]]]:
     """Samples per job, in order, from p.workers processes (inline when 1) or a Dask cluster."""
-    params = p.model_dump(mode="json")
+    initargs = (p.model_dump(mode="json"), str(root), reject_undecodable)
     if p.executor == "dask":
         jobs = _jobs_to_do(pairs, where, done)
         on = dict(address=p.address, workers=p.workers, chunksize=2)
-        yield from dask_map(
-            encode_job, jobs, **on, initializer=_init_worker, initargs=(params, str(root))
-        )
+        yield from dask_map(encode_job, jobs, **on, initializer=_init_worker, initargs=initargs)
         return
     if p.workers == 1:
-        _init_worker(params, str(root))
+        _init_worker(*initargs)
         yield from map(encode_job, _jobs_to_do(pairs, where, done))
         return
     # this module is preloaded in the forkserver (parallel.PRELOAD); ordered_map keeps at most a
     # few jobs in flight, so the pairs are never all in memory (Pool.imap would queue them all)
-    with process_pool(p.workers, initializer=_init_worker, initargs=(params, str(root))) as pool:
+    with process_pool(p.workers, initializer=_init_worker, initargs=initargs) as pool:
         yield from ordered_map(
             pool, encode_job, _jobs_to_do(pairs, where, done), chunksize=2, depth=4 * p.workers
         )
@@ -497,20 +572,25 @@ def write_splits(
     out_dir: Path,
     where: Path,
     reuse: Reuse | None = None,
+    rejects: RejectsWriter | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Write every split's shards and members.parquet into out_dir (beside ``reuse``'s shards);
-    the manifest's `splits` mapping (reused + new shards) and the number of new samples."""
+    the manifest's `splits` mapping (reused + new shards) and the number of new samples.
+    With ``rejects``, a pair whose image cannot be decoded is written there instead."""
     reuse = reuse or Reuse()
     members = MembersWriter(out_dir, reuse.members)
     writers = {
         s: SplitWriter(out_dir, s, p.maxcount, p.maxsize, next_index(reuse, s)) for s in SPLITS
     }
     total = pairs.metadata.num_rows - len(reuse.done_pairs)
+    rejecting = rejects is not None
     try:
         with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
-            for samples in encode_all(pairs, p, root, where, reuse.done_pairs):
+            for samples in encode_all(pairs, p, root, where, reuse.done_pairs, rejecting):
                 for sample in samples:
-                    if sample["__key__"] not in reuse.keys:
+                    if "__reject__" in sample:
+                        rejects.add(sample["__reject__"])  # type: ignore[union-attr]
+                    elif sample["__key__"] not in reuse.keys:
                         writer = writers[sample["__split__"]]
                         writer.write(sample)
                         members.add(sample, writer.shards[-1]["name"])
@@ -538,7 +618,10 @@ def output_params_hash(p: ShardParams) -> str:
 
 
 def build_manifest(
-    splits: dict[str, Any], align_report: dict[str, Any], p: ShardParams
+    splits: dict[str, Any],
+    align_report: dict[str, Any],
+    p: ShardParams,
+    rejected: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """manifest.json, with the sample-count identity checked.
 
@@ -546,10 +629,13 @@ def build_manifest(
     with the labelled pairs per split (label_index -1 marks an unlabelled sample). A multi-label
     (``label_separator``) has its classes in the sample's ``label_indices``; a label outside the
     classes (``<unk>`` under align.top_k_labels) has none and is counted per split.
+    ``rejected`` (ingest.image_check: header): pairs left out per split, so that pairs in =
+    pairs sharded + pairs rejected.
     """
     per_split = align_report["pairs_per_split"]
+    left_out = rejected or dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
-        want = per_split[split] * (1 + p.copies if split == "train" else 1)
+        want = (per_split[split] - left_out[split]) * (1 + p.copies if split == "train" else 1)
         got = splits[split]["count"]
         check(got == want, f"{split}: {got} samples written, {want} expected from align's report")
     labelled = align_report.get("labelled_pairs", 0)
@@ -565,6 +651,7 @@ def build_manifest(
         "unknown_label_pairs_per_split": align_report.get("unknown_label_pairs_per_split", {}),
         "splits": splits,
         "align_report_pairs_per_split": per_split,
+        **({"rejected_pairs_per_split": rejected} if rejected is not None else {}),
     }
 
 
@@ -605,8 +692,16 @@ def run_shard(
     reuse = plan_reuse(previous, output_params_hash(p), pairs, p.copies)
     if previous is not None:
         link_shards(reuse, Path(previous), out_dir)
-    splits, new = write_splits(pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse)
-    manifest = build_manifest(splits, align_report, p)
+    rejects = RejectsWriter(out_dir / "rejects.jsonl") if header_checked(ingest_dir) else None
+    try:
+        splits, new = write_splits(
+            pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse, rejects
+        )
+    finally:
+        if rejects is not None:
+            rejects.close()
+    rejected = rejects.per_split if rejects is not None else None
+    manifest = build_manifest(splits, align_report, p, rejected)
     if "audio_path" in pairs.schema_arrow.names:
         manifest["audio"] = audio_manifest(pairs)
     write_json_atomic(out_dir / "manifest.json", manifest)
@@ -621,12 +716,23 @@ def run_shard(
         "params_hash": manifest["params_hash"],
         "labels": manifest["labels"],
         "new_samples": new,
+        "rejected_pairs": sum((rejected or {}).values()),
         "reused_shards": reuse.n_shards,
         "workers": p.workers,
         "seconds": round(seconds, 3),
         "images_per_second": round(samples / max(seconds, 1e-9), 1),
     }
     log.info("shard: %d new samples, %d shards reused", new, reuse.n_shards)
+    if report["rejected_pairs"]:
+        log.warning(
+            "shard: %d pairs left out, their image cannot be decoded (%s): %d pairs = %d sharded"
+            " + %d rejected",
+            report["rejected_pairs"],
+            out_dir / "rejects.jsonl",
+            report["pairs"],
+            report["pairs"] - report["rejected_pairs"],
+            report["rejected_pairs"],
+        )
     log.info(
         "shard: %d samples in %d shards, %.1fs (%.0f images/s, %d workers)",
         samples,

@@ -1,0 +1,181 @@
+"""ingest.image_check: `header` leaves the one full decode to shard, which rejects what it cannot
+decode as named, counted pairs; `decode` (the default) keeps every corrupt image an ingest reject."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmpipe.align import run_align
+from mmpipe.config import AlignParams, IngestParams, ShardParams
+from mmpipe.errors import InputError
+from mmpipe.ingest import check_image_bytes, run_ingest
+from mmpipe.io import read_json, read_jsonl
+from mmpipe.layout import Layout
+from mmpipe.shard import run_shard
+
+JPEG = {"JPEG", "MPO"}
+
+
+def _photo(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "JPEG") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+def _bad_huffman(seed: int) -> bytes:
+    """A whole JPEG (headers and end marker intact) whose Huffman table is bogus: only a decode
+    tells (libjpeg: "broken data stream")."""
+    data = bytearray(_photo(seed))
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16  # the table's code counts
+    return bytes(data)
+
+
+def _bad_png(seed: int) -> bytes:
+    """A PNG with its IEND, whose deflate stream is zeroed: only a decode tells."""
+    data = bytearray(_photo(seed, fmt="PNG"))
+    start = data.index(b"IDAT") + 40
+    data[start : start + 64] = bytes(64)
+    return bytes(data)
+
+
+def _cuts() -> dict[str, bytes]:
+    data = _photo(0, (512, 512))
+    sos = data.index(b"\xff\xda")
+    return {
+        "cut_mid_scan": data[: (sos + len(data)) // 2],
+        "cut_near_the_end": data[: len(data) - 40],
+        "header_only": data[: sos + 20],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_cuts()))
+def test_header_check_still_rejects_a_cut_jpeg(case):
+    """A JPEG without its end marker is decoded in full even in header mode: same verdict."""
+    data = _cuts()[case]
+    decoded = check_image_bytes(data, JPEG, 10**8, 8, decode=True)
+    header = check_image_bytes(data, JPEG, 10**8, 8, decode=False)
+    assert decoded[0] in ("truncated", "corrupt")
+    assert header == decoded
+
+
+def test_header_check_does_not_decode_the_pixels():
+    bad = _bad_huffman(1)
+    assert check_image_bytes(bad, JPEG, 10**8, 8, decode=True)[0] == "corrupt"
+    assert check_image_bytes(bad, JPEG, 10**8, 8, decode=False) == (
+        None,
+        "",
+        {"width": 48, "height": 40, "format": "JPEG"},
+    )
+    # the header checks themselves still apply
+    assert check_image_bytes(_photo(2), JPEG, 100, 8, decode=False)[0] == "too_many_pixels"
+    assert check_image_bytes(_photo(2), JPEG, 10**8, 41, decode=False)[0] == "too_small"
+
+
+FILES = {
+    **{f"images/good{k}.jpg": (lambda k=k: _photo(10 + k)) for k in range(8)},
+    "images/cut.jpg": lambda: _photo(30)[:-300],  # a truncated download
+    "images/text.jpg": lambda: b"not a picture at all\n" * 8,  # a non-image named .jpg
+    "images/huffman.jpg": lambda: _bad_huffman(31),  # undecodable, structure intact
+    "images/zeroed.png": lambda: _bad_png(32),
+}
+ROWS = [(rel, f"caption {i} of {rel}") for i, rel in enumerate(FILES)] + [
+    ("images/huffman.jpg", "a second caption of the bogus-table jpeg"),
+    ("images/good0.jpg", "a second caption of good0"),
+]
+
+
+def _run(tmp_path: Path, image_check: str, workers: int = 1) -> Layout:
+    root = tmp_path / "data"
+    if not root.exists():
+        for rel, make in FILES.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(make())
+        lines = ["image,caption", *(f"{rel},{cap}" for rel, cap in ROWS)]
+        (root / "captions.csv").write_text("\n".join(lines) + "\n")
+    layout = Layout(tmp_path / f"{image_check}-{workers}")
+    p = IngestParams(source="folder", root=str(root), workers=workers, image_check=image_check)
+    run_ingest(p, layout.ingest_dir)
+    run_align(layout.ingest_dir, AlignParams(train=0.5, val=0.25, test=0.25), layout.align_dir)
+    shard_p = ShardParams(image_size=16, copies=1, workers=workers, maxcount=3)
+    run_shard(layout.align_dir, layout.ingest_dir, shard_p, layout.shard_dir)
+    return layout
+
+
+def test_header_mode_rejects_each_bad_image_once_and_the_counts_add_up(tmp_path):
+    layout = _run(tmp_path, "header")
+    ingest = read_json(layout.ingest_dir / "report.json")
+    assert ingest["image_check"] == "header"
+    assert ingest["images"]["seen"] == ingest["images"]["accepted"] + ingest["images"]["rejected"]
+    # ingest still rejects what it can see without decoding: the cut file, the non-image
+    ingest_rejects = {
+        r["file"]: r["reason"]
+        for r in read_jsonl(layout.ingest_dir / "rejects.jsonl")
+        if r["kind"] == "image"
+    }
+    assert ingest_rejects == {"images/cut.jpg": "truncated", "images/text.jpg": "not_an_image"}
+    # shard's decode finds the other two: every pair of them is a named reject
+    rejects = read_jsonl(layout.shard_dir / "rejects.jsonl")
+    assert sorted(r["file"] for r in rejects) == [
+        "images/huffman.jpg",
+        "images/huffman.jpg",
+        "images/zeroed.png",
+    ]
+    assert {r["reason"] for r in rejects} == {"undecodable_image"}
+    assert all(r["kind"] == "pair" and r["pair_id"] and r["image_id"] for r in rejects)
+    assert "broken data stream" in next(r for r in rejects if "huffman" in r["file"])["detail"]
+    manifest = read_json(layout.shard_dir / "manifest.json")
+    pairs_in = manifest["align_report_pairs_per_split"]
+    rejected = manifest["rejected_pairs_per_split"]
+    for split, entry in manifest["splits"].items():
+        copies = 2 if split == "train" else 1
+        assert entry["count"] == (pairs_in[split] - rejected[split]) * copies
+    assert sum(rejected.values()) == len(rejects) == 3
+    assert sum(pairs_in.values()) == 8 + 1 + 3  # good0 has two captions, huffman two, png one
+
+
+def test_header_mode_shards_are_identical_for_one_and_two_workers(tmp_path):
+    one = _run(tmp_path, "header", workers=1).shard_dir
+    two = _run(tmp_path, "header", workers=2).shard_dir
+    names = sorted(p.name for p in one.iterdir())
+    assert "rejects.jsonl" in names and names == sorted(p.name for p in two.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_decode_mode_rejects_all_four_in_ingest(tmp_path):
+    layout = _run(tmp_path, "decode")
+    reasons = {
+        r["file"]: r["reason"]
+        for r in read_jsonl(layout.ingest_dir / "rejects.jsonl")
+        if r["kind"] == "image"
+    }
+    assert reasons == {
+        "images/cut.jpg": "truncated",
+        "images/text.jpg": "not_an_image",
+        "images/huffman.jpg": "corrupt",
+        "images/zeroed.png": "corrupt",
+    }
+    manifest = read_json(layout.shard_dir / "manifest.json")
+    assert "rejected_pairs_per_split" not in manifest
+    assert not (layout.shard_dir / "rejects.jsonl").exists()
+
+
+def test_decode_mode_shard_fails_on_an_image_damaged_after_ingest(tmp_path):
+    layout = _run(tmp_path, "decode")
+    (tmp_path / "data" / "images" / "good3.jpg").write_bytes(_bad_huffman(3))
+    with pytest.raises(InputError, match="good3.jpg: unreadable image.*re-run `mmpipe ingest`"):
+        run_shard(layout.align_dir, layout.ingest_dir, ShardParams(image_size=16), tmp_path / "s")
+
+
+def test_model_card_data_counts_shard_rejects(tmp_path):
+    from mmpipe.modelcard import training_data
+
+    data = training_data(_run(tmp_path, "header"))
+    assert data["rejected"] == {"images": 2, "captions": 2, "shard pairs": 3}
