@@ -64,6 +64,7 @@ from mmpipe.model import (
 )
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
+from mmpipe.report import CAPTIONS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +322,6 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
     return rows
 
 
-CAPTIONS_FILE = "captions.json"  # under examples/: the report's captioning table
-
-
 def caption_result(
     model: torch.nn.Module, shard_dir: Path, test: SplitOutputs, p: EvaluateParams,
     examples_dir: Path | None,
@@ -340,7 +338,7 @@ def caption_result(
         for n, row in enumerate(rows):
             row["thumbnail"] = f"caption_{n:02d}_{row['image_id']}.png"
             save_thumbnail(test.thumbs[row["image_id"]], examples_dir / row["thumbnail"])
-        write_json_atomic(examples_dir / CAPTIONS_FILE, rows)
+        write_json_atomic(examples_dir / CAPTIONS_JSON, rows)
     return TaskResult(metrics=metrics)
 
 
@@ -591,7 +589,7 @@ def run_evaluate(
     metrics.update(zs)
     if reason:
         skipped["zero_shot"] = reason
-    (out_dir / "examples" / CAPTIONS_FILE).unlink(missing_ok=True)  # a previous run's
+    (out_dir / "examples" / CAPTIONS_JSON).unlink(missing_ok=True)  # a previous run's
     if model.task == "captioning":
         result = caption_result(model, shard_dir, test, p, out_dir / "examples")
     else:
