@@ -169,7 +169,7 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
     classes, multi = list(manifest.get("classes") or []), manifest.get("multi_label_pairs", 0)
     if p.task == "binary" and len(classes) > 2:
         raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
-    if multi and p.task != "multilabel":
+    if multi and p.task not in ("multilabel", "captioning"):  # captioning ignores labels
         raise InputError(
             f"train.task={p.task} but {multi} pairs carry several labels "
             f"(ingest.label_separator={manifest.get('label_separator')!r}); use "

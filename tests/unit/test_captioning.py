@@ -142,3 +142,29 @@ def test_beam_search_prefers_the_likelier_caption_over_the_greedy_prefix():
     image = Encoded(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
     assert dec.greedy(image) == [[x, z]]
     assert dec.beam(image, 2) == [[y]]
+
+
+def test_captioning_registers_on_cider_with_or_without_labels():
+    from mmpipe.objectives import check_metric_for_data, check_metric_for_task
+
+    unlabelled = {"labels": "none", "labelled_pairs_per_split": {"train": 0, "test": 0}}
+    assert check_metric_for_data(None, "captioning", unlabelled, [1]) == ("cider", True)
+    assert check_metric_for_data("bleu4", "captioning", unlabelled, [1]) == ("bleu4", True)
+    with pytest.raises(ValueError, match="not a metric of train.task='captioning'"):
+        check_metric_for_task("accuracy", "captioning", [1])
+
+
+def test_report_shows_the_scores_beside_the_baseline_and_example_captions(tmp_path):
+    from mmpipe.io import write_json_atomic
+    from mmpipe.report import render_markdown
+
+    metrics = {"bleu4": 0.41, "cider": 1.25, "nn_bleu4": 0.22, "nn_cider": 0.75}
+    write_json_atomic(tmp_path / "metrics.json", metrics)
+    rows = [{"image_id": "abc", "thumbnail": "caption_00_abc.png", "generated": "a red circle",
+             "nearest": "a blue circle", "references": ["a red circle", "one red circle"]}]  # fmt: skip
+    write_json_atomic(tmp_path / "examples" / "captions.json", rows)
+    text = render_markdown(tmp_path)
+    assert "| decoder (beam search) | 0.4100 | 1.2500 |" in text
+    assert "| nearest-neighbour train caption | 0.2200 | 0.7500 |" in text
+    assert "examples/caption_00_abc.png" in text
+    assert "generated: a red circle" in text and "references: a red circle / one red circle" in text
