@@ -244,3 +244,37 @@ def ingest_align(src: Path, work: Path, workers: int = 1) -> tuple[Path, Path, d
 
 def image_paths(src: Path) -> list[Path]:
     return sorted((src / "images").glob("*.jpg"))
+
+
+def mmpipe_run(params: Path, project: Path, overrides: list[str]) -> float:
+    """``mmpipe run --params <params>`` in its own project directory (its own MLflow store),
+    log in ``project/run.log``; its wall seconds. SystemExit when the run fails."""
+    import subprocess
+
+    project.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(params),
+           "--project-dir", str(project)] + [a for o in overrides for a in ("--set", o)]  # fmt: skip
+    # one intra-op thread: on this shared 2-core machine two OpenMP threads per process ran a
+    # CNN + LSTM step up to 20x slower than one (spinning threads fighting the neighbours)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.perf_counter()
+    with (project / "run.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"mmpipe run failed ({proc.returncode}); see {project}/run.log")
+    return round(time.perf_counter() - started, 1)
+
+
+def update_readme_block(
+    start: str, end: str, table: str, command: str, readme: Path = REPO / "README.md"
+) -> None:
+    """Replace the text between the README's ``start`` and ``end`` markers with ``table`` and
+    the command + date that produced it."""
+    import re
+
+    text = readme.read_text(encoding="utf-8")
+    block = f"{start}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{end}"
+    pattern = re.escape(start) + ".*?" + re.escape(end)
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(f"{readme}: no {start} ... {end} markers")
+    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine
+from benchmarks._common import REPO, RESULTS, machine, mmpipe_run, update_readme_block
 
 CONFIGS = {  # config -> the system it reproduces (README order)
     "sentiment_lstm_cnn": "LSTM text + CNN image, softmax over sentiment classes",
@@ -48,24 +44,12 @@ README_START, README_END = "<!-- classic-systems:start -->", "<!-- classic-syste
 def run_config(name: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     """``mmpipe run`` of one config in ``work/name``; its metrics, ablation and wall time."""
     project = work / name
-    project.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(REPO / "configs" / f"{name}.yaml"),
-           "--project-dir", str(project)] + [a for o in overrides for a in ("--set", o)]  # fmt: skip
-    # one intra-op thread: on this shared 2-core machine two OpenMP threads per process ran a
-    # CNN + LSTM step up to 20x slower than one (spinning threads fighting the neighbours)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    started = time.perf_counter()
-    with (project / "run.log").open("w") as log:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
-        )
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: mmpipe run failed ({proc.returncode}); see {project}/run.log")
+    seconds = mmpipe_run(REPO / "configs" / f"{name}.yaml", project, overrides)
     reports = project / "reports"
     return {
         "name": name,
         "system": CONFIGS[name],
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": seconds,
         "task": json.loads((project / "models" / "train_report.json").read_text())["task"],
         "metrics": json.loads((reports / "metrics.json").read_text()),
         "ablation": json.loads((reports / "ablation.json").read_text()),
@@ -117,12 +101,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -> None:
     """Replace the text between the README's classic-systems markers."""
-    text = readme.read_text(encoding="utf-8")
-    block = f"{README_START}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{README_END}"
-    pattern = re.escape(README_START) + ".*?" + re.escape(README_END)
-    if not re.search(pattern, text, flags=re.S):
-        raise SystemExit(f"{readme}: no {README_START} ... {README_END} markers")
-    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+    update_readme_block(README_START, README_END, table, command, readme)
 
 
 def readme_from(path: Path) -> int:

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine
+from benchmarks._common import REPO, RESULTS, machine, mmpipe_run, update_readme_block
 from benchmarks.classic_systems import SMOKE
 
 RUNS = {"image + text": "none", "image + text + audio": "cnn"}  # label -> train.audio_encoder
@@ -38,19 +34,10 @@ COMMAND = "python -m benchmarks.trimodal --update-readme"
 def run(label: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     """``mmpipe run`` of one model on the audio data in its own project; its test metrics."""
     project = work / RUNS[label]
-    project.mkdir(parents=True, exist_ok=True)
     sets = ["ingest.synthetic.audio=true", f"train.audio_encoder={RUNS[label]}", *overrides]
-    cmd = [sys.executable, "-m", "mmpipe", "run", "--params", str(REPO / "params.yaml"),
-           "--project-dir", str(project),
-           *[a for o in sets for a in ("--set", o)]]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    started = time.perf_counter()
-    with (project / "run.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: mmpipe run failed ({proc.returncode}); see {project}/run.log")
+    seconds = mmpipe_run(REPO / "params.yaml", project, sets)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    return {"model": label, "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
+    return {"model": label, "seconds": seconds, "metrics": metrics}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -70,12 +57,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
     """Replace the text between the README's tri-modal markers."""
-    text = readme.read_text(encoding="utf-8")
-    block = f"{START}\n{table}\n\n(`{COMMAND}`, {time.strftime('%Y-%m-%d')})\n{END}"
-    pattern = re.escape(START) + ".*?" + re.escape(END)
-    if not re.search(pattern, text, flags=re.S):
-        raise SystemExit(f"{readme}: no {START} ... {END} markers")
-    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+    update_readme_block(START, END, table, COMMAND, readme)
 
 
 def main(argv: list[str] | None = None) -> int:

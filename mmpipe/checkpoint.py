@@ -7,6 +7,7 @@ reads it (no pickled objects):
     model_args      the ModelConfig that rebuilds it (nanoGPT keeps model_args beside the weights)
     params          the whole train section it was trained with (seed, task, ...)
     classes, num_classes, image_size, task, model_config, params_hash
+    caption         captioning only: the decoder's vocabulary and max length (words)
     step, epoch, batch_in_epoch, best_metric, history
     + in last.pt (exact resume): optimizer, scheduler, scaler, rng, epoch_sums
 
@@ -118,7 +119,7 @@ def load_model(path: str | Path) -> tuple[MultimodalModel, dict[str, Any]]:
     """
     state = read_checkpoint(path)
     cfg = model_args(state)
-    model = create_model(cfg, int(state.get("num_classes", 0)))
+    model = create_model(cfg, int(state.get("num_classes", 0)), state.get("caption"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

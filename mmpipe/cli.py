@@ -135,6 +135,12 @@ def _add_predict_parsers(sub: Any) -> None:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--model", default=None, help=model_help)
     add_params_arguments(p)
+    p = sub.add_parser("caption", help="a caption for an image (a train.task=captioning model)")
+    p.add_argument("image")
+    p.add_argument("--beam", type=int, default=None,
+                   help="beams of the beam search, 1 = greedy (default: evaluate.beam_size)")  # fmt: skip
+    p.add_argument("--model", default=None, help=model_help)
+    add_params_arguments(p)
 
 
 def _run_predict(args: argparse.Namespace) -> Any:
@@ -149,6 +155,8 @@ def _run_predict(args: argparse.Namespace) -> Any:
     predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
     if args.command == "predict":
         images, captions = [args.image], [args.caption]
+    elif args.command == "caption":
+        images, captions = [args.image], []
     else:
         images = [args.image] if args.image else list(args.images)
         captions = list(args.captions) if args.image else [args.caption]
@@ -156,6 +164,10 @@ def _run_predict(args: argparse.Namespace) -> Any:
     warnings = _tell_what_it_knows(predictor, label, images, captions)
     if args.command == "predict":
         return {**predictor.classify_pair(args.image, args.caption), "warnings": warnings}
+    if args.command == "caption":
+        beam = args.beam or params.evaluate.beam_size
+        caption = predictor.caption_images([args.image], beam=beam)[0]
+        return {"image": args.image, "caption": caption, "beam": beam, "warnings": warnings}
     if args.image:
         return predictor.search_captions(args.image, args.captions, k=args.k)
     return predictor.search_images(args.caption, args.images, k=args.k)

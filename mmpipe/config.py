@@ -322,11 +322,24 @@ class ModelConfig(Section):
     )
     head_hidden: int = Field(256, ge=8, description="Hidden width of the task head MLP.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the task head.")
-    task: Literal["multiclass", "binary", "multilabel", "regression", "vqa"] = Field(
+    task: Literal["multiclass", "binary", "multilabel", "regression", "vqa", "captioning"] = Field(
         "multiclass",
         description="Task head and loss: multiclass (CE), binary (BCE), multilabel (BCE over "
         "multi-hot labels), regression (MSE on the numeric label), vqa (CE over the answer "
-        "vocabulary; `<unk>` answers excluded). Unlabelled data trains contrastive only.",
+        "vocabulary; `<unk>` answers excluded), captioning (a transformer decoder over the "
+        "image tokens, token CE with teacher forcing on the captions: needs no labels). "
+        "Unlabelled data trains contrastive only (except captioning).",
+    )
+    caption_vocab_size: int = Field(
+        5000, ge=1, description="captioning: the most frequent train words the decoder knows "
+        "(others are <unk> in training and never generated).",
+    )  # fmt: skip
+    caption_max_words: int = Field(
+        24, ge=1, description="captioning: cap of the generated length in words; the longest "
+        "train caption sets it when shorter.",
+    )  # fmt: skip
+    decoder_layers: int = Field(
+        2, ge=1, le=12, description="captioning: layers of the caption decoder (width: `width`)."
     )
     init_temperature: float = Field(
         0.07, gt=0.0, description="Initial softmax temperature of InfoNCE."
@@ -470,6 +483,9 @@ class EvaluateParams(Section):
         "x (image grid + caption tokens) x encoder width floats, ~25x the pooled features at the "
         "defaults) and train about 10x slower than the pooled heads (measured under load: "
         "minutes per head at the default size, against seconds).",
+    )
+    beam_size: int = Field(
+        3, ge=1, le=16, description="captioning: beams of the decoder's beam search (1 = greedy)."
     )
     zero_shot_field: str | None = Field(
         "main_shape", description="Metadata field holding the zero-shot class; null = skip."

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmpipe import captioning, scoring
 from mmpipe import metrics as M
-from mmpipe import scoring
 from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
@@ -64,6 +64,7 @@ from mmpipe.model import (
 )
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
+from mmpipe.report import CAPTIONS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def embed_split(
         out.texts.extend(batch["text"])
         out.text_emb.append(res["text_emb"].float().cpu())
         out.labels.extend(int(v) for v in batch["label"])
-        out.logits.append(res["logits"].float().cpu())
+        if "caption_target" not in res:  # a captioning model's logits are per word
+            out.logits.append(res["logits"].float().cpu())
     if not out.texts:
         raise InputError(f"{shard_dir}: no {split} samples could be read")
     return out
@@ -282,20 +284,25 @@ def confusion_rows(out: SplitOutputs, names: list[str], task: str) -> list[dict[
     ]
 
 
-def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[dict[str, Any]]:
-    """Save thumbnails of the first test images and their top-k captions (for the report)."""
+def save_thumbnail(pixels: np.ndarray, path: Path) -> None:
+    """A uint8 (H, W, 3) image as a PNG of at most THUMB_SIZE px a side."""
     from PIL import Image
 
+    img = Image.fromarray(pixels)
+    img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[dict[str, Any]]:
+    """Save thumbnails of the first test images and their top-k captions (for the report)."""
     sim = torch.stack(out.image_emb) @ torch.cat(out.text_emb).T  # (I, T)
     rows = []
     for n, (image_id, pixels) in enumerate(out.thumbs.items()):
         i = out.image_ids.index(image_id)
         top = np.argsort(-sim[i].numpy(), kind="stable")[:k]
         name = f"{n:02d}_{image_id}.png"
-        img = Image.fromarray(pixels)
-        img.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        with atomic_path(dest_dir / name) as tmp:
-            img.save(tmp, format="PNG")
+        save_thumbnail(pixels, dest_dir / name)
         rows.append(
             {
                 "image_id": image_id,
@@ -313,6 +320,26 @@ def retrieval_examples(out: SplitOutputs, dest_dir: Path, k: int = 3) -> list[di
         )
     write_json_atomic(dest_dir / "examples.json", rows)
     return rows
+
+
+def caption_result(
+    model: torch.nn.Module, shard_dir: Path, test: SplitOutputs, p: EvaluateParams,
+    examples_dir: Path | None,
+) -> TaskResult:  # fmt: skip
+    """Captioning's TaskResult (mmpipe.captioning): BLEU-4 and CIDEr of the beam-search captions
+    and of the nearest-neighbour baseline; with ``examples_dir``, the first test images'
+    thumbnails + generated, nearest and reference captions as examples/captions.json."""
+    refs = captioning.group_references(test.image_ids, test.texts, test.text_to_image)
+    metrics, captions = captioning.evaluate_captions(
+        model, shard_dir, refs, torch.stack(test.image_emb), p.batch_size, p.beam_size
+    )
+    if examples_dir is not None:
+        rows = captioning.caption_rows(captions, refs, list(test.thumbs))
+        for n, row in enumerate(rows):
+            row["thumbnail"] = f"caption_{n:02d}_{row['image_id']}.png"
+            save_thumbnail(test.thumbs[row["image_id"]], examples_dir / row["thumbnail"])
+        write_json_atomic(examples_dir / CAPTIONS_JSON, rows)
+    return TaskResult(metrics=metrics)
 
 
 @torch.no_grad()
@@ -562,15 +589,21 @@ def run_evaluate(
     metrics.update(zs)
     if reason:
         skipped["zero_shot"] = reason
-    result = task_metrics(test, classes, model.task, trained=labelled_train(manifest))
+    (out_dir / "examples" / CAPTIONS_JSON).unlink(missing_ok=True)  # a previous run's
+    if model.task == "captioning":
+        result = caption_result(model, shard_dir, test, p, out_dir / "examples")
+    else:
+        result = task_metrics(test, classes, model.task, trained=labelled_train(manifest))
     metrics.update(result.metrics)
     if result.skipped:
         skipped["task_metrics"] = result.skipped
     write_task_outputs(result, out_dir, test, model.task)
 
-    labelled = result.skipped is None
+    labelled = result.skipped is None and model.task != "captioning"
     ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, labelled)
     metrics.update(summary)
+    if model.task == "captioning" and p.ablation:
+        reason = "captioning has a caption decoder, no fusion head to compare"
     if reason:
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
@@ -618,6 +651,9 @@ def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> di
     scores = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
     scores.update(retrieval_metrics(test, p.ks)[0])
     scores.update(zero_shot(model, test, p)[0])
+    if task == "captioning":
+        scores.update(caption_result(model, Path(shard_dir), test, p, None).metrics)
+        return scores
     trained = labelled_train(manifest)
     scores.update(task_metrics(test, classes or own, task, trained=trained).metrics)
     return scores

@@ -83,6 +83,7 @@ STAGES: dict[str, StageSpec] = {
         params=("evaluate",),
         code=(
             "mmpipe/evaluate.py",
+            "mmpipe/captioning.py",
             "mmpipe/scoring.py",
             "mmpipe/objectives.py",
             "mmpipe/metrics.py",

@@ -6,10 +6,13 @@
     multilabel  K logits    a set of class indices          micro_f1, macro_f1, map
     regression  1 output    float(label)                    mae, rmse, r2 (+ predicted vs true)
     vqa         K logits    answer index (<unk>: none)      vqa_accuracy (+ per question type)
+    captioning  a decoder   the caption's words             bleu4, cider, and the nearest-
+                                                            neighbour baseline's nn_bleu4, nn_cider
 
 Every run, labelled or not, is also scored on retrieval: ``i2t_rK``, ``t2i_rK``, ``mean_r1``
 (the mean of i2t_r1 and t2i_r1) and the median ranks. A run whose train or test split has no
-labelled pair has retrieval only, so its register metric defaults to ``mean_r1``.
+labelled pair has retrieval only, so its register metric defaults to ``mean_r1``; captioning
+needs no labels (its captions are its targets), so it is always scored and registered on cider.
 
 Pure Python: the params validation (config), the pipeline's pre-flight check and evaluate use it.
 """
@@ -27,6 +30,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "multilabel": ("micro_f1", "macro_f1", "map"),
     "regression": ("mae", "rmse", "r2"),
     "vqa": ("vqa_accuracy",),
+    "captioning": ("bleu4", "cider", "nn_bleu4", "nn_cider"),
 }
 # register.metric: null picks these; each is the first thing a user of that task looks at
 DEFAULT_METRIC: dict[str, str] = {
@@ -35,7 +39,9 @@ DEFAULT_METRIC: dict[str, str] = {
     "multilabel": "map",
     "regression": "rmse",
     "vqa": "vqa_accuracy",
+    "captioning": "cider",
 }
+UNLABELLED_TASKS = frozenset({"captioning"})  # scored whether or not the pairs carry labels
 RETRIEVAL_METRIC = "mean_r1"
 LOWER_IS_BETTER = frozenset({"mae", "rmse", "median_rank_i2t", "median_rank_t2i"})
 COUNTS = ("n_test_pairs", "n_test_images")
@@ -62,6 +68,8 @@ ZERO_SHOT = ("zero_shot_accuracy", "zero_shot_macro_f1", "zero_shot_chance", "ze
 def possible_metrics(task: str, ks: Iterable[int], labelled: bool = True) -> list[str]:
     """Every metrics.json key a run of ``task`` can have (zero-shot depends on the test data)."""
     names = retrieval_metric_names(ks) + list(ZERO_SHOT)
+    if task in UNLABELLED_TASKS:
+        return [*names, *TASK_METRICS[task], "n_caption_images"]
     return names + (labelled_metric_names(task) if labelled else [])
 
 
@@ -97,7 +105,8 @@ def resolve_metric(
     metric: str | None, greater: bool | None, task: str, labelled: bool
 ) -> tuple[str, bool]:
     """(register metric, greater_is_better) of a run: the params' or the task's default."""
-    name = metric or (DEFAULT_METRIC[task] if labelled else RETRIEVAL_METRIC)
+    scored = labelled or task in UNLABELLED_TASKS
+    name = metric or (DEFAULT_METRIC[task] if scored else RETRIEVAL_METRIC)
     return name, greater_is_better(name) if greater is None else greater
 
 
@@ -124,8 +133,8 @@ def metric_of(
     metric: str | None, greater: bool | None, scores: Mapping[str, Any]
 ) -> tuple[str, bool]:
     """(metric, greater_is_better) for scores of an unknown task: the first task default they
-    hold (accuracy, vqa_accuracy, map, rmse, macro_f1), else mean_r1."""
+    hold (accuracy, vqa_accuracy, map, rmse, macro_f1, cider), else mean_r1."""
     if metric is None:
-        order = ("accuracy", "vqa_accuracy", "map", "rmse", "macro_f1")
+        order = ("accuracy", "vqa_accuracy", "map", "rmse", "macro_f1", "cider")
         metric = next((m for m in order if m in scores), RETRIEVAL_METRIC)
     return metric, greater_is_better(metric) if greater is None else greater

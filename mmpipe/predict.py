@@ -3,6 +3,7 @@
     predictor = load_predictor("models")  # models/best.pt (else last.pt), or a checkpoint file
     predictor.search_captions("cat.jpg", ["a cat", "a dog"], k=1)
     predictor.classify_pair("cat.jpg", "a cat on a mat")
+    predictor.caption_images(["cat.jpg"], beam=3)  # a train.task=captioning model
 
 A registered model (``models:/mmpipe-fusion@champion``) is fetched by ``mmpipe.tracking``
 (``resolve_model``), which hands its checkpoint and sidecar to ``load_predictor``.
@@ -152,10 +153,27 @@ class Predictor:
             raise InputError(f"{len(images)} images but {len(captions)} captions")
         out = self.model(self.load_images(images), list(captions))
         sims = (out["image_emb"] * out["text_emb"]).sum(-1).cpu()  # (B,)
-        rows = decode_logits(out["logits"].float().cpu(), self.task, self.classes)
+        if self.task == "captioning":  # the "label" of a pair is the image's caption
+            rows = [{"label": c, "label_index": -1, "confidence": float("nan")}
+                    for c in self.caption_images(images)]  # fmt: skip
+        else:
+            rows = decode_logits(out["logits"].float().cpu(), self.task, self.classes)
         for row, sim in zip(rows, sims.tolist(), strict=True):
             row["similarity"] = sim
         return rows
+
+    @torch.no_grad()
+    def caption_images(self, images: Sequence[ImageInput], beam: int = 3) -> list[str]:
+        """A generated caption per image (a captioning model; beam 1 = greedy)."""
+        if self.task != "captioning" or getattr(self.model, "decoder", None) is None:
+            raise InputError(
+                f"{self.source}: a {self.task} model has no caption decoder; caption with a "
+                "model trained with train.task=captioning"
+            )
+        if beam < 1:
+            raise InputError(f"beam={beam}: needs at least 1 (1 = greedy)")
+        encoded = self.model.image_encoder.encode(self.load_images(images))
+        return self.model.decoder.generate(encoded, beam)
 
     def classify_pair(self, image: ImageInput, caption: str) -> dict[str, Any]:
         """One pair: {"label", "label_index", "confidence", "probabilities", "similarity"}."""

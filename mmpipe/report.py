@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = "examples"
 EXAMPLES_JSON = "examples.json"
+CAPTIONS_JSON = "captions.json"  # captioning's examples (evaluate.caption_result)
 STAGE_ORDER = ("ingest", "align", "shard", "train", "evaluate", "register")
 
 
@@ -302,6 +303,25 @@ def _examples(eval_dir: Path) -> Section | None:
     return sec
 
 
+def _captions(eval_dir: Path, metrics: Mapping[str, Any]) -> Section | None:
+    """Captioning: the decoder's BLEU-4/CIDEr beside the nearest-train-caption baseline, then
+    example test images with the generated (beam) caption, the baseline's and the references."""
+    if "bleu4" not in metrics:
+        return None
+    sec = Section("Captioning (beam search vs the nearest train caption)")
+    sec.table(["captions", "BLEU-4", "CIDEr"], [
+        ["decoder (beam search)", fmt(metrics["bleu4"]), fmt(metrics.get("cider"))],
+        ["nearest-neighbour train caption", fmt(metrics.get("nn_bleu4")),
+         fmt(metrics.get("nn_cider"))],
+    ])  # fmt: skip
+    for ex in _read(eval_dir / EXAMPLES_DIR / CAPTIONS_JSON) or []:
+        sec.image(f"{EXAMPLES_DIR}/{ex['thumbnail']}", ex["image_id"], 96)
+        refs = " / ".join(ex["references"])
+        sec.text(f"generated: {ex['generated']}  \nnearest: {ex['nearest']}  \n"
+                 f"references: {refs}")  # fmt: skip
+    return sec
+
+
 def _timings(ctx: Mapping[str, Any]) -> Section | None:
     timings = ctx.get("timings") or {}
     if not timings:
@@ -325,6 +345,7 @@ def sections(eval_dir: Path, ctx: Mapping[str, Any] | None = None) -> list[Secti
         _ablation(eval_dir),
         _data(ctx),
         _examples(eval_dir),
+        _captions(eval_dir, metrics),
         _timings(ctx),
         Section("All metrics", collapsed=True).table(
             ["metric", "value"], [[k, fmt(v, k)] for k, v in sorted(metrics.items())]

@@ -52,7 +52,7 @@ from mmpipe import signals
 from mmpipe.checkpoint import BEST, LAST, MANIFEST, read_checkpoint, read_manifest, save_checkpoint
 from mmpipe.commit import staged_dir
 from mmpipe.config import TrainParams, TrainStage
-from mmpipe.data import create_dataloader, label_value
+from mmpipe.data import create_dataloader, iterate_split, label_value
 from mmpipe.distributed import (
     Dist,
     all_gather_grad,
@@ -72,6 +72,7 @@ from mmpipe.model import (
     info_nce,
     predict_labels,
 )
+from mmpipe.model.decoder import build_vocabulary
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 
 log = logging.getLogger(__name__)
@@ -125,15 +126,20 @@ class Progress:
 
 
 def create_trainer(
-    p: TrainParams, d: Dist, manifest: dict[str, Any], init_checkpoint: Path | None = None
+    p: TrainParams,
+    d: Dist,
+    manifest: dict[str, Any],
+    init_checkpoint: Path | None = None,
+    caption: dict[str, Any] | None = None,
 ) -> Trainer:
     """Model (warm-started from ``init_checkpoint``), the first stage's optimiser and schedule,
-    AMP and (if distributed) the DDP wrapper, all seeded."""
+    AMP and (if distributed) the DDP wrapper, all seeded. ``caption``: captioning's vocabulary
+    (``caption_vocabulary``)."""
     device, classes = resolve_device(p, d), list(manifest.get("classes") or [])
     check_task_data(p, manifest)
     amp = resolve_amp(p, device)
     seed_everything(p.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = create_model(p.model_args(), len(classes)).to(device)
+    model = create_model(p.model_args(), len(classes), caption).to(device)
     init = load_matching(model, init_checkpoint) if init_checkpoint is not None else None
     if p.compile and device.type != "cuda":
         log.warning("train.compile is ignored on CPU")
@@ -148,6 +154,8 @@ def create_trainer(
         "model_args": p.model_args().model_dump(mode="json"), "model_config": model.config,
         "params_hash": manifest.get("params_hash"),
     }  # fmt: skip
+    if caption is not None:
+        meta["caption"] = caption
     val_count = (manifest["splits"].get("val") or {}).get("count", 0)
     t = Trainer(p, d, device, amp, model, model, None, None, scaler, micro,  # type: ignore[arg-type]
                 steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
@@ -161,7 +169,7 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
     classes, multi = list(manifest.get("classes") or []), manifest.get("multi_label_pairs", 0)
     if p.task == "binary" and len(classes) > 2:
         raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
-    if multi and p.task != "multilabel":
+    if multi and p.task not in ("multilabel", "captioning"):  # captioning ignores labels
         raise InputError(
             f"train.task={p.task} but {multi} pairs carry several labels "
             f"(ingest.label_separator={manifest.get('label_separator')!r}); use "
@@ -172,6 +180,8 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
             f"train.audio_encoder={p.audio_encoder} but the shards carry no audio; set "
             "ingest.audio_column (or ingest.synthetic.audio) or train.audio_encoder=none"
         )
+    if p.task == "captioning" and p.audio_encoder != "none":
+        raise InputError("train.task=captioning does not use audio; set train.audio_encoder=none")
     if p.task == "regression":
         bad = next((c for c in classes if math.isnan(label_value(c))), None)
         if bad is not None:
@@ -180,6 +190,8 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
 
 def task_loss_status(p: TrainParams, manifest: dict[str, Any]) -> str:
     """ "on", or why the task loss is off: contrastive training only, said once in the log."""
+    if p.task == "captioning":
+        return "on"  # the captions are the targets: no labels needed
     labelled = (manifest.get("labelled_pairs_per_split") or {}).get("train")
     if labelled is None:  # shards older than the label counts: labelled if they list classes
         labelled = 1 if manifest.get("classes") else 0
@@ -314,7 +326,8 @@ def run_train(
     d = init_distributed(p.device)
     try:
         with signals.deferred():
-            t = create_trainer(p, d, manifest, None if resuming else init_checkpoint)
+            caption = caption_vocabulary(shard_dir, p) if p.task == "captioning" else None
+            t = create_trainer(p, d, manifest, None if resuming else init_checkpoint, caption)
             t.meta["resume_key"] = key
             at, rng = start_or_resume(t, work, resume)
             report = train_loop(shard_dir, work, t, at, rng, max_steps, on_epoch_end)
@@ -327,6 +340,12 @@ def run_train(
         return report
     finally:
         close_distributed(d)
+
+
+def caption_vocabulary(shard_dir: Path, p: TrainParams) -> dict[str, Any]:
+    """Captioning's vocabulary and max length, from the train split's captions."""
+    texts = (sample["txt"] for sample in iterate_split(shard_dir, "train"))
+    return build_vocabulary(texts, p.caption_vocab_size, p.caption_max_words)
 
 
 def local_init_checkpoint(source: str) -> Path:
@@ -582,6 +601,7 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     target = batch_targets(batch, p.task).to(t.device)
     with t.autocast():
         out = t.net(images, list(batch["text"]), **audio_inputs(batch, t.device))
+    target = out.get("caption_target", target)  # captioning: the caption's next words
     img = all_gather_grad(out["image_emb"].float(), d)  # (N, D), N = global micro-batch
     txt = all_gather_grad(out["text_emb"].float(), d)  # (N, D)
     groups = all_gather_grad(group_ids(batch["image_id"]).to(t.device), d)  # (N,)
@@ -691,17 +711,21 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
             if "audio_emb" in out:
                 aud, mask = out["audio_emb"].float(), out["audio_mask"]
                 con = con + audio_info_nce(img, txt, aud, mask, out["logit_scale"], groups)
+            y = out.get("caption_target", y)
             t_sum, n = task_loss_sum(out["logits"], y, t.p.task)
             hit = groups[(txt @ img.T).argmax(dim=1)] == groups  # (B,): caption finds its image
-            rows = labelled_rows(y, t.p.task)
-            z = out["logits"].float()[rows]  # (L, K)
-            y = multi_hot(y[rows], z.shape[1]) if t.p.task == "multilabel" else y[rows]
-            targets.append(y)
-            logits.append(z)
+            if t.p.task != "captioning":  # its val metric is the token loss
+                rows = labelled_rows(y, t.p.task)
+                z = out["logits"].float()[rows]  # (L, K)
+                y = multi_hot(y[rows], z.shape[1]) if t.p.task == "multilabel" else y[rows]
+                targets.append(y)
+                logits.append(z)
             add(sums, batches=1, con=float(con), task_sum=float(t_sum), labelled=n,
                 r1=float(hit.sum()), rows=len(batch["label"]))  # fmt: skip
     if not sums:
         return {}
+    if not targets:  # captioning: loss parts only; best.pt is picked on -val_loss
+        return val_metrics(sums, torch.empty(0), torch.empty(0), t)
     return val_metrics(sums, torch.cat(targets), torch.cat(logits), t)
 
 
@@ -721,7 +745,7 @@ def val_metrics(
         + (stage.lambda_task or 0.0) * task,
         "val_r1_in_batch": sums["r1"] / sums["rows"],
     }
-    if not lab:
+    if not lab or t.p.task == "captioning":
         return out
     pred = predict_labels(logits, t.p.task)
     if t.p.task == "regression":

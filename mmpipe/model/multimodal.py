@@ -21,6 +21,7 @@ from torch import nn
 
 from mmpipe.config import ModelConfig
 from mmpipe.model.audio import create_audio_encoder
+from mmpipe.model.decoder import PAD, CaptionDecoder
 from mmpipe.model.features import Encoded
 from mmpipe.model.fusion import apply_head, create_fusion_head
 from mmpipe.model.image import create_image_encoder
@@ -37,7 +38,7 @@ def num_outputs(task: str, num_classes: int) -> int:
 class MultimodalModel(nn.Module):
     """Image + text encoders, projections into a shared space, a learnable temperature, a head."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, caption: dict[str, Any] | None = None):
         super().__init__()
         self.task, self.num_classes = cfg.task, num_classes
         self.image_encoder = create_image_encoder(cfg)
@@ -47,7 +48,8 @@ class MultimodalModel(nn.Module):
         self.image_proj = nn.Linear(di, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(dt, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        self.head = create_fusion_head(
+        self.decoder = create_caption_decoder(cfg, di, caption)
+        self.head = None if self.decoder is not None else create_fusion_head(
             cfg.fusion,
             di,
             dt,
@@ -56,7 +58,7 @@ class MultimodalModel(nn.Module):
             dropout=cfg.dropout,
             alpha=cfg.fusion_alpha,
             layers=cfg.fusion_layers,
-        )
+        )  # fmt: skip
         # what the model is, for logs and reports (model_args are what rebuild it)
         self.config = {
             "image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder,
@@ -142,14 +144,18 @@ class MultimodalModel(nn.Module):
         audio_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}; with an
-        audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool."""
+        audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool;
+        captioning: "logits" (B, T, V) of the teacher-forced captions, "caption_target" (B, T)."""
         ei, et = self.encode(images, texts)  # pooled (B, Fi), (B, Ft) + tokens
         out = {
             "image_emb": F.normalize(self.image_proj(ei.pooled), dim=-1),
             "text_emb": F.normalize(self.text_proj(et.pooled), dim=-1),
             "logit_scale": self.scale(),
-            "logits": apply_head(self.head, ei, et),
         }
+        if self.decoder is not None:  # captioning: the captions are the targets
+            out["logits"], out["caption_target"] = self.decoder.teacher_forced(ei, list(texts))
+            return out
+        out["logits"] = apply_head(self.head, ei, et)
         if self.audio_encoder is not None and audio is not None:
             mask = torch.ones(len(audio), dtype=torch.bool) if audio_mask is None else audio_mask
             mask = mask.to(audio.device)
@@ -163,9 +169,24 @@ class MultimodalModel(nn.Module):
         return out
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> MultimodalModel:
-    """Build the model ``cfg`` describes for a dataset with ``num_classes`` label classes."""
-    return MultimodalModel(cfg, num_classes)
+def create_model(
+    cfg: ModelConfig, num_classes: int, caption: dict[str, Any] | None = None
+) -> MultimodalModel:
+    """Build the model ``cfg`` describes for a dataset with ``num_classes`` label classes;
+    captioning also needs its vocabulary (``caption``: decoder.build_vocabulary's spec)."""
+    return MultimodalModel(cfg, num_classes, caption)
+
+
+def create_caption_decoder(
+    cfg: ModelConfig, image_dim: int, caption: dict[str, Any] | None
+) -> CaptionDecoder | None:
+    """The caption decoder of a captioning model (None for the other tasks)."""
+    if cfg.task != "captioning":
+        return None
+    if caption is None:
+        raise ValueError("train.task=captioning needs the caption vocabulary (build_vocabulary)")
+    return CaptionDecoder(caption, image_dim, cfg.width, cfg.decoder_layers, cfg.dropout,
+                          cfg.caption_max_words)  # fmt: skip
 
 
 def info_nce(
@@ -237,6 +258,8 @@ def labelled_rows(target: torch.Tensor, task: str) -> torch.Tensor:
     """(B,) bool: the rows of a ``batch_targets`` tensor that carry a target."""
     if task == "multilabel":
         return (target >= 0).any(dim=1)
+    if task == "captioning":  # token ids (B, T): a caption always has its EOS
+        return (target != PAD).any(dim=1)
     if task == "regression":
         return ~torch.isnan(target)
     return target >= 0
@@ -257,6 +280,8 @@ def task_loss_sum(
     A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch. Multilabel
     BCE is averaged over the classes of a row, so a row weighs the same whatever K.
     """
+    if task == "captioning":
+        return caption_loss_sum(logits, target)
     mask = labelled_rows(target, task)
     n = int(mask.sum())
     if n == 0:
@@ -270,6 +295,16 @@ def task_loss_sum(
         hot = multi_hot(y, z.shape[1])
         return F.binary_cross_entropy_with_logits(z, hot, reduction="sum") / z.shape[1], n
     return F.mse_loss(z[:, 0], y.float(), reduction="sum"), n
+
+
+def caption_loss_sum(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of teacher-forced captions and the token count (PAD ignored);
+    (B, T, V), (B, T) -> ((), n)."""
+    mask = target != PAD
+    n = int(mask.sum())
+    if n == 0:
+        return logits.float().sum() * 0.0, 0
+    return F.cross_entropy(logits[mask].float(), target[mask], reduction="sum"), n
 
 
 def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:

@@ -24,6 +24,11 @@ PAD, CLS = 0, 1
 _WORD = re.compile(r"[0-9a-z]+")
 
 
+def words(text: str) -> list[str]:
+    """The project's word tokenisation: lower-case, runs of letters and digits."""
+    return _WORD.findall(text.lower())
+
+
 def hash_tokenize(
     texts: list[str], vocab_size: int, max_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,3 +170,46 @@ def test_train_help_says_how_warm_up_is_sized():
     text = sub.choices["train"].format_help()
     assert "train.warmup_fraction = 0.05" in text and "capped at half" in text
     assert "train.stages = []" in text and "train.init_from = null" in text
+
+
+def test_captioning_config_runs_to_a_registered_model_that_captions_an_image(tmp_path, capsys):
+    """configs/captioning.yaml at smoke size: the decoder trains on the captions, evaluate writes
+    BLEU-4/CIDEr beside the nearest-neighbour baseline and the report's examples, register
+    compares cider, and `mmpipe caption IMG` prints a caption from the champion."""
+    out = mmpipe_run(tmp_path, REPO / "configs" / "captioning.yaml", [], capsys)
+    metrics, report = _reports(tmp_path)
+    assert report["task"] == "captioning" and "task_metrics" not in report["skipped"]
+    for key in ("bleu4", "cider", "nn_bleu4", "nn_cider", "mean_r1"):
+        assert metrics[key] >= 0.0, key
+    register = out["register"]
+    assert (register["metric"], register["version"], register["promoted"]) == ("cider", 1, True)
+    assert register["value"] == pytest.approx(metrics["cider"])
+    examples = json.loads((tmp_path / "reports" / "examples" / "captions.json").read_text())
+    assert examples and all(e["references"] for e in examples)
+    assert (
+        "Captioning (beam search vs the nearest train caption)"
+        in (tmp_path / "reports" / "report.md").read_text()
+    )
+    image = next(p for p in sorted((tmp_path / "data").rglob("*")) if p.suffix in (".png", ".jpg"))
+    capsys.readouterr()
+    argv = ["caption", str(image), "--beam", "2", "--project-dir", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    printed = json.loads(capsys.readouterr().out)
+    from mmpipe.checkpoint import load_model, pick_checkpoint
+
+    vocab = set(load_model(pick_checkpoint(tmp_path / "models"))[1]["caption"]["vocab"])
+    assert printed["beam"] == 2 and printed["caption"]
+    assert set(printed["caption"].split()) <= vocab
+
+
+def test_captioning_runs_on_an_unlabelled_real_sample(shared_data, tmp_path, capsys):
+    """coco-mini without its labels file: captioning needs none and registers on cider."""
+    source = ["ingest.source=coco", f"ingest.root={SHARED_DATA / 'coco-mini'}",
+              "ingest.captions=captions.json", "ingest.labels_file=null",
+              "train.task=captioning"]  # fmt: skip
+    out = mmpipe_run(tmp_path, None, source, capsys)
+    metrics, report = _reports(tmp_path)
+    assert report["task"] == "captioning" and report["labels"] == "none"
+    assert report["skipped"]["ablation"].startswith("captioning has a caption decoder")
+    assert out["register"]["metric"] == "cider" and out["register"]["promoted"]
+    assert metrics["n_caption_images"] == metrics["n_test_images"] >= 2

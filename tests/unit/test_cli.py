@@ -131,5 +131,5 @@ def test_stage_help_lists_enum_choices_and_only_the_stages_sections(capsys):
         "One of: concat, sum, weighted, gated, cross_attention, cross_attention_pooled, "
         "single_stream, late, image_only, text_only." in out
     )
-    assert "One of: multiclass, binary, multilabel, regression, vqa." in out
+    assert "One of: multiclass, binary, multilabel, regression, vqa, captioning." in out
     assert "tracking.uri" in out and "evaluate.ks" not in out

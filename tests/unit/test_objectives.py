@@ -128,6 +128,8 @@ def test_vqa_accuracy_counts_unknown_answers_as_wrong_and_splits_by_question_typ
 
 def test_every_task_has_a_default_metric_its_scores_contain():
     for task, metric in DEFAULT_METRIC.items():
+        if task == "captioning":  # scored on generated text: tests/unit/test_captioning.py
+            continue
         k = 3 if task not in ("binary", "regression") else 1
         logits = torch.randn(6, k)
         if task == "multilabel":

@@ -246,3 +246,13 @@ def test_register_stage_versions_and_promotes_only_a_better_model(proj):
     training = sidecar.pop("training")  # what predict prints the model was trained on
     assert sidecar == {"image_size": IMAGE_SIZE, "classes": CLASSES, "task": "multiclass"}
     assert training["classes"] == CLASSES and len(training["data_hash"]) == 64
+
+
+def test_caption_command_refuses_a_model_that_is_not_a_captioning_model(proj, capsys):
+    from mmpipe.cli import main
+
+    root, ckpt, images = proj
+    argv = ["caption", str(images[0]), "--model", str(ckpt), "--project-dir", str(root)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "a multiclass model has no caption decoder" in err and "train.task=captioning" in err

@@ -1,0 +1,39 @@
+"""benchmarks/captioning.py: the README's captioning table comes from a saved full run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import captioning as bc
+
+
+def _saved(tmp_path, mode="full", overrides=None):
+    metrics = {"bleu4": 0.31, "cider": 0.9, "nn_bleu4": 0.2, "nn_cider": 0.5,
+               "n_caption_images": 60.0}  # fmt: skip
+    payload = {"mode": mode, "overrides": bc.FULL if overrides is None else overrides,
+               "metrics": metrics, "beam": 3,
+               "samples_per_s": {"captioning": 20.0, "concat head": 25.0}}  # fmt: skip
+    path = tmp_path / "captioning.json"
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bc.START}\nold\n{bc.END}\nafter\n")
+    monkeypatch.setattr(bc.update_readme, "__defaults__", (readme,))
+    assert bc.main(["--readme-from", str(_saved(tmp_path))]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    assert "| decoder, beam search (3 beams) | **0.310** | **0.900** |" in text
+    assert "| nearest-neighbour train caption (baseline) | 0.200 | 0.500 |" in text
+    assert "20 samples/s for the captioning model vs 25" in text and "ratio 0.80" in text
+    assert "`python -m benchmarks.captioning --update-readme`" in text
+
+
+@pytest.mark.parametrize("bad", [{"mode": "smoke"}, {"overrides": ["train.epochs=1"]}])
+def test_readme_refuses_a_smoke_or_changed_run(tmp_path, bad):
+    with pytest.raises(SystemExit, match="not a full-size run"):
+        bc.main(["--readme-from", str(_saved(tmp_path, **bad))])
