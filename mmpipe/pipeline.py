@@ -38,7 +38,16 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
-from mmpipe.storage import MANIFEST, is_url, listing_digest, mirror, publish_shards
+from mmpipe.storage import (
+    MANIFEST,
+    is_url,
+    listing_digest,
+    mirror,
+    pinned_version,
+    publish_shards,
+    redact,
+    resolve_shards,
+)
 
 # mmpipe.checkpoint imports torch (~1.6 CPU-s per process): only the functions of the model
 # stages import it, so `mmpipe ingest|align|shard` never load torch (tests/unit/test_imports.py)
@@ -206,6 +215,28 @@ def manifest_hash(layout: Layout) -> str:
     return sha256_file(manifest)
 
 
+def shard_source(params: Params, layout: Layout) -> tuple[str | Path, str]:
+    """Where train/evaluate/register read the shards, and the data version (manifest sha256).
+
+    ``data/shards/`` itself, or with ``shard.output`` set, the published version there that
+    ``data/shards/manifest.json`` names (the version DVC tracks, pinned by its sha256, so a
+    newer publication by another project cannot change what this run reads). A machine without
+    local shards (a training node) reads the version ``LATEST`` names, resolved once here.
+    """
+    url = params.shard.output
+    if not url:
+        return layout.shard_dir, manifest_hash(layout)
+    if (layout.shard_dir / MANIFEST).is_file():
+        version = pinned_version(url, manifest_hash(layout))
+    else:
+        version = resolve_shards(url)[0]
+    from mmpipe.checkpoint import manifest_sha256
+
+    data_hash = manifest_sha256(version)  # checks the manifest against the version's name
+    log.info("reading shards from %s", redact(version))
+    return version, data_hash
+
+
 def stage_train(
     params: Params, layout: Layout, *, resume: bool = False, parent_run_id: str | None = None
 ) -> dict[str, Any]:
@@ -218,7 +249,7 @@ def stage_train(
     from mmpipe.train import run_train
 
     with project_lock(layout, "mmpipe train"):
-        data_hash = manifest_hash(layout)
+        shards, data_hash = shard_source(params, layout)
         init = init_checkpoint(params, layout)
         cold = init is None and params.train.init_from == "champion"
         train_p = params.train.model_copy(update={"init_from": None}) if cold else params.train
@@ -231,7 +262,7 @@ def stage_train(
             if cold:
                 extra["init_from"] = "champion: none yet (first night), random init"
             report = run_train(
-                layout.shard_dir,
+                shards,
                 train_p,
                 layout.model_dir,
                 resume=resume,
@@ -298,7 +329,7 @@ def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
     from mmpipe.checkpoint import read_manifest
     from mmpipe.objectives import check_metric_for_data
 
-    manifest = read_manifest(layout.shard_dir)
+    manifest = read_manifest(shard_source(params, layout)[0])
     return check_metric_for_data(
         params.register.metric, params.train.task, manifest, params.evaluate.ks
     )
@@ -313,7 +344,7 @@ def register_params(params: Params, layout: Layout) -> RegisterParams:
     p = params.register
     report = layout.model_dir / "train_report.json"
     task = read_json(report).get("task") if report.is_file() else None
-    labelled = has_task_labels(read_manifest(layout.shard_dir))
+    labelled = has_task_labels(read_manifest(shard_source(params, layout)[0]))
     metric, greater = resolve_metric(p.metric, p.greater_is_better, task or "multiclass", labelled)
     return p.model_copy(update={"metric": metric, "greater_is_better": greater})
 
@@ -346,7 +377,8 @@ def stage_evaluate(
 
     with project_lock(layout, "mmpipe evaluate"):
         with staged_dir(layout.eval_dir) as staging:
-            metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, staging)
+            shards = shard_source(params, layout)[0]
+            metrics = run_evaluate(shards, layout.model_dir, params.evaluate, staging)
             stage_report(params, layout, staging)  # the flow rewrites it once registered
             fault_point("evaluate:staged")
         run_id = _train_run_id(layout)
@@ -355,7 +387,7 @@ def stage_evaluate(
     return metrics
 
 
-def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
+def check_provenance(metrics: dict[str, Any], layout: Layout, data_hash: str | None = None) -> str:
     """The data hash register may use: metrics.json scored THIS checkpoint on THIS data, which
     is the data the model was trained on; else an InputError saying what to re-run."""
     from mmpipe.checkpoint import pick_checkpoint
@@ -369,7 +401,7 @@ def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
             f"{path} {why}, not {checkpoint} (sha256 {have[:12]}...): models/ changed since "
             "`mmpipe evaluate`; run `mmpipe evaluate` before `mmpipe register`"
         )
-    data_hash = manifest_hash(layout)
+    data_hash = data_hash or manifest_hash(layout)
     if metrics.get("data_sha256") != data_hash:
         raise InputError(
             f"{path} was scored on another data version than {layout.shard_dir} now holds "
@@ -411,10 +443,11 @@ def stage_register(
         if not metrics_path.is_file():
             raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
         metrics = read_json(metrics_path)
-        data_hash = check_provenance(metrics, layout)
+        shards, data_hash = shard_source(params, layout)
+        data_hash = check_provenance(metrics, layout, data_hash)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
-        profile = create_profile(predictor.model, layout.shard_dir)
+        profile = create_profile(predictor.model, shards)
         run = tracking.connect(params.tracking, layout.root).run(run_id)
         model_uri = tracking.log_model(run, predictor, profile=profile)
         registered = tracking.register_and_maybe_promote(
@@ -436,7 +469,7 @@ def score_on_test_split(params: Params, layout: Layout, checkpoint: Path) -> dic
     """Evaluate's test metrics (no ablation) of any checkpoint on this project's test split."""
     from mmpipe.evaluate import score_checkpoint
 
-    return score_checkpoint(checkpoint, layout.shard_dir, params.evaluate)
+    return score_checkpoint(checkpoint, shard_source(params, layout)[0], params.evaluate)
 
 
 # ----------------------------------------------------------------------------- by name
