@@ -36,6 +36,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/metrics.py",
             "mmpipe/keys.py",
             "mmpipe/audio.py",
+            "mmpipe/incremental.py",
         ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",

@@ -127,9 +127,11 @@ def project_lock(layout: Layout, what: str, *, wait: float = 0.0) -> Iterator[No
 
 
 def _ingest(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
+    from mmpipe.incremental import CHECKS
     from mmpipe.ingest import run_ingest
 
-    return run_ingest(local_source(params.ingest, layout), out_dir)
+    # earlier nights' image checks by content: not a versioned output (it only saves decodes)
+    return run_ingest(local_source(params.ingest, layout), out_dir, layout.state_dir / CHECKS)
 
 
 def local_source(p: IngestParams, layout: Layout) -> IngestParams:
