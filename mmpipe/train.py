@@ -68,6 +68,7 @@ from mmpipe.distributed import (
     barrier,
     close_distributed,
     init_distributed,
+    same_on_every_rank,
 )
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
@@ -81,6 +82,7 @@ from mmpipe.model import (
     predict_labels,
 )
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
+from mmpipe.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +324,9 @@ def run_train(
         init_checkpoint = local_init_checkpoint(p.init_from)
     d = init_distributed(p.device)
     try:
+        if not same_on_every_rank(key["data_sha256"], d):  # e.g. LATEST moved as nodes started
+            raise InputError(f"{redact(str(shard_dir))}: the ranks of this job read different "
+                             "shard versions (manifest sha256); start the job again")  # fmt: skip
         with signals.deferred():
             t = create_trainer(p, d, manifest, None if resuming else init_checkpoint)
             t.meta["resume_key"] = key
