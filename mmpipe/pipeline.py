@@ -389,7 +389,7 @@ def stage_evaluate(
     return metrics
 
 
-def check_provenance(metrics: dict[str, Any], layout: Layout, data_hash: str | None = None) -> str:
+def check_provenance(metrics: dict[str, Any], layout: Layout) -> str:
     """The data hash register may use: metrics.json scored THIS checkpoint on THIS data, which
     is the data the model was trained on; else an InputError saying what to re-run."""
     from mmpipe.checkpoint import pick_checkpoint
@@ -403,7 +403,7 @@ def check_provenance(metrics: dict[str, Any], layout: Layout, data_hash: str | N
             f"{path} {why}, not {checkpoint} (sha256 {have[:12]}...): models/ changed since "
             "`mmpipe evaluate`; run `mmpipe evaluate` before `mmpipe register`"
         )
-    data_hash = data_hash or manifest_hash(layout)
+    data_hash = manifest_hash(layout)
     if metrics.get("data_sha256") != data_hash:
         raise InputError(
             f"{path} was scored on another data version than {layout.shard_dir} now holds "
@@ -445,11 +445,10 @@ def stage_register(
         if not metrics_path.is_file():
             raise InputError(f"{metrics_path} not found: run `mmpipe evaluate` first")
         metrics = read_json(metrics_path)
-        shards, data_hash = shard_source(params, layout)
-        data_hash = check_provenance(metrics, layout, data_hash)
+        data_hash = check_provenance(metrics, layout)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
-        profile = create_profile(predictor.model, shards)
+        profile = create_profile(predictor.model, shard_source(params, layout)[0])
         run = tracking.connect(params.tracking, layout.root).run(run_id)
         model_uri = tracking.log_model(run, predictor, profile=profile)
         registered = tracking.register_and_maybe_promote(
