@@ -32,6 +32,7 @@ SCRIPTS = (
     "ui",
     "object_store",
     "dask",
+    "incremental",
 )
 
 

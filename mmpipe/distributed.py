@@ -6,6 +6,7 @@ WORLD_SIZE / RANK / LOCAL_RANK) the process group uses nccl on CUDA and gloo on 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,23 @@ def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[f
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def same_on_every_rank(text: str, d: Dist) -> bool:
+    """Whether ``text`` (a data version) is the same on every rank (True in one process).
+
+    128 bits of its sha256 as four int64 (32 bits each, exact), reduced by MIN and by MAX."""
+    if not d.enabled:
+        return True
+    digest = hashlib.sha256(text.encode()).digest()[:16]
+    words = [int.from_bytes(digest[i : i + 4], "big") for i in range(0, 16, 4)]
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", d.local_rank) if cuda else torch.device("cpu")
+    low = torch.tensor(words, dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return torch.equal(low, high)
 
 
 def barrier(d: Dist) -> None:

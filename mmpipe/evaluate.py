@@ -46,7 +46,13 @@ import torch
 
 from mmpipe import captioning, scoring
 from mmpipe import metrics as M
-from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
+from mmpipe.checkpoint import (
+    load_model,
+    manifest_sha256,
+    pick_checkpoint,
+    read_manifest,
+    shard_location,
+)
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
@@ -550,7 +556,7 @@ def audio_retrieval(out: SplitOutputs, ks: list[int]) -> dict[str, float]:
 
 
 def run_evaluate(
-    shard_dir: Path,
+    shard_dir: str | Path,
     model_dir: Path,
     p: EvaluateParams,
     out_dir: Path,
@@ -563,7 +569,7 @@ def run_evaluate(
     from mmpipe.report import write_report
 
     t0 = time.perf_counter()
-    shard_dir, model_dir, out_dir = Path(shard_dir), Path(model_dir), Path(out_dir)
+    shard_dir, model_dir, out_dir = shard_location(shard_dir), Path(model_dir), Path(out_dir)
     manifest = read_manifest(shard_dir, require="test")
     checkpoint = pick_checkpoint(model_dir)
     scored = provenance(checkpoint, shard_dir)
@@ -634,7 +640,7 @@ def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
     version, hence the test split). register refuses metrics whose hashes are not current."""
     return {
         "checkpoint_sha256": sha256_file(checkpoint),
-        "data_sha256": sha256_file(Path(shard_dir) / MANIFEST),
+        "data_sha256": manifest_sha256(shard_dir),
     }
 
 
@@ -647,7 +653,7 @@ def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> di
     if classes and own and classes != own:  # label indices would mean other classes
         raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
     task = TrainParams.model_validate(info["params"]).task
-    test = embed_split(model, Path(shard_dir), "test", p.batch_size)
+    test = embed_split(model, shard_location(shard_dir), "test", p.batch_size)
     scores = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
     scores.update(retrieval_metrics(test, p.ks)[0])
     scores.update(zero_shot(model, test, p)[0])

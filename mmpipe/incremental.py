@@ -1,4 +1,5 @@
-"""Incremental shard: reuse the previous output's shards whose samples are all unchanged.
+"""Incremental data stages: shard reuses the previous output's shards whose samples are all
+unchanged; ingest reuses earlier image checks by content (``CheckCache``, at the end).
 
 A sample's bytes are a pure function of its pair's row in pairs.parquet (caption, labels, split,
 meta, the image's content id), the image and the shard params; so a shard of the previous output
@@ -166,3 +167,93 @@ class MembersWriter:
         """After an error (the staging directory goes with the file)."""
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+# ----------------------------------------------------------------------------- ingest's checks
+
+CHECKS = "ingest-checks.parquet"
+CHECK_FIELDS = ("reason", "detail", "width", "height", "format")
+
+
+class CheckCache:
+    """Outcomes of ingest's image checks by content: an incremental night decodes only new images.
+
+    A check's outcome (reason, detail, width, height, format) is a pure function of the file's
+    bytes and the check's settings, so it is keyed by the sha256 ingest computes anyway (for
+    duplicates) within one ``settings`` digest (the limits, Pillow's version, the code of the
+    check: ``check_settings``); a cache written under other settings is ignored whole. Paths
+    play no part: a file renamed, copied or re-downloaded (new mtime) is still a hit; a file
+    changed in place is a miss. Nothing here can change an output, only skip a decode.
+
+    Workers load the keys only (``keys_only``: 16 bytes per image) to tell a hit; the process
+    writing the results fills a hit's outcome in from the full table (``outcome``).
+    """
+
+    def __init__(self, table: pa.Table | None = None) -> None:
+        from mmpipe.keys import KeyIndex, arrow_keys
+
+        self.table = table
+        self.index = KeyIndex.build(arrow_keys(table.column("sha256")) if table else _no_keys())
+
+    @classmethod
+    def load(cls, path: str | Path | None, settings: str, keys_only: bool = False) -> CheckCache:
+        """The cache at ``path`` if written under ``settings``; else an empty one."""
+        if path is None or not Path(path).is_file():
+            return cls()
+        try:
+            pf = pq.ParquetFile(path)
+            meta = pf.schema_arrow.metadata or {}
+            if meta.get(b"settings") != settings.encode():
+                return cls()
+            return cls(pf.read(columns=["sha256"] if keys_only else None))
+        except (OSError, pa.ArrowException):  # unreadable: a cold night, never an error
+            return cls()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _row(self, sha256: str) -> int:
+        from mmpipe.keys import string_keys
+
+        return int(self.index.find(string_keys([sha256]))[0])
+
+    def has(self, sha256: str) -> bool:
+        """Whether the image with this content was checked under the same settings."""
+        return len(self.index) > 0 and self._row(sha256) >= 0
+
+    def outcome(self, sha256: str) -> dict[str, Any]:
+        """The check's fields (``CHECK_FIELDS``) for a content ``has`` found."""
+        assert self.table is not None
+        row = self.table.slice(self._row(sha256), 1).to_pylist()[0]
+        return {k: row[k] for k in CHECK_FIELDS}
+
+
+def _no_keys() -> Any:
+    import numpy as np
+
+    return np.zeros((0, 2), dtype=np.uint64)
+
+
+def check_settings(**settings: Any) -> str:
+    """Digest of what an image check's outcome depends on besides the bytes."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_check_cache(results: Path, dest: Path, settings: str) -> int:
+    """The content-checked rows of ingest's results work file as the next night's cache
+    (streamed; replaced atomically); returns its rows. Rows without a sha256 (missing, empty,
+    unreadable, path or extension rejects) depend on the path, not the content: not cached."""
+    import pyarrow.compute as pc
+
+    from mmpipe.io import atomic_path, iter_batches
+
+    pf = pq.ParquetFile(results)
+    fields = ["sha256", *CHECK_FIELDS]
+    schema = pa.schema([pf.schema_arrow.field(f) for f in fields], metadata={"settings": settings})
+    n = 0
+    with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for batch in iter_batches(pf, 8192, fields):
+            kept = batch.filter(pc.is_valid(batch.column("sha256")))
+            writer.write_batch(kept)
+            n += kept.num_rows
+    return n

@@ -70,6 +70,8 @@ from mmpipe.audio import AUDIO_REJECT_REASONS, ingest_audio
 from mmpipe.config import IngestParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.faults import fault_point
+from mmpipe.incremental import CheckCache, write_check_cache
+from mmpipe.incremental import check_settings as digest_settings
 from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
@@ -203,11 +205,13 @@ class Rejects:
 # --------------------------------------------------------------------------- entry point
 
 
-def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
+def run_ingest(p: IngestParams, out_dir: Path, check_cache: Path | None = None) -> dict[str, Any]:
     """Read ``p.source``, validate it, write records/images/rejects/report into ``out_dir``.
 
-    Returns the report (as written to report.json) plus ``seconds`` and ``images_per_second``,
-    which are for the log and MLflow only.
+    Returns the report (as written to report.json) plus ``seconds``, ``images_per_second`` and
+    ``image_checks`` (checked vs reused), which are for the log and MLflow only. ``check_cache``:
+    a file of earlier image checks by content (``incremental.CheckCache``), read and rewritten:
+    images whose bytes were checked before (same settings) are not decoded again.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -226,7 +230,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
         refs, referenced = _distinct_refs(work / "drafts.parquet")
         candidates = _candidates(source, refs, referenced, p)
         del refs, referenced
-        _validate_images(candidates, source.root, p, work / "results.parquet")
+        checks = _validate_images(candidates, source.root, p, work / "results.parquet", check_cache)
         del candidates
         release_arrow_memory()
         index = _finish_images(work / "results.parquet", rejects, out_dir / "images.parquet")
@@ -258,6 +262,7 @@ def run_ingest(p: IngestParams, out_dir: Path) -> dict[str, Any]:
     timings = {
         "seconds": round(seconds, 3),
         "images_per_second": round(report["images"]["seen"] / max(seconds, 1e-9), 1),
+        "image_checks": checks,
     }
     return {**report, **timings}
 
@@ -810,9 +815,16 @@ _CHECK: dict[str, Any] = {}  # per process: root and limits of the image check
 
 
 def _init_check(
-    root: str, extensions: list[str], max_pixels: int, min_side: int, decode: bool = True
+    root: str,
+    extensions: list[str],
+    max_pixels: int,
+    min_side: int,
+    decode: bool = True,
+    cache: str | None = None,
+    settings: str = "",
 ) -> None:
-    """Pool initializer (also called inline): the image check's constant settings."""
+    """Pool initializer (also called inline): the image check's constant settings, and the
+    contents checked before (``cache``, keys only: a hit is filled in by ``_write_results``)."""
     Image.init()
     registered = Image.registered_extensions()
     formats = set()
@@ -827,12 +839,30 @@ def _init_check(
         max_pixels=max_pixels,
         min_side=min_side,
         decode=decode,
+        cache=CheckCache.load(cache, settings, keys_only=True) if cache else None,
     )
 
 
-def _validate_images(candidates: pa.Array, root: Path, p: IngestParams, dest: Path) -> None:
-    """Validate every candidate (in a pool, ordered) and stream the results to ``dest``."""
-    init = (str(root), p.extensions, p.max_pixels, p.min_side, p.image_check == "decode")
+def check_settings(p: IngestParams) -> str:
+    """What an image check's outcome depends on besides the bytes (``CheckCache``'s key)."""
+    import PIL
+
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    extensions = sorted(e.lower() for e in p.extensions)
+    return digest_settings(extensions=extensions, max_pixels=p.max_pixels, min_side=p.min_side,
+                           image_check=p.image_check, pillow=PIL.__version__,
+                           code=code)  # fmt: skip
+
+
+def _validate_images(
+    candidates: pa.Array, root: Path, p: IngestParams, dest: Path, cache: Path | None = None
+) -> dict[str, int]:
+    """Validate every candidate (in a pool, ordered) and stream the results to ``dest``; with a
+    ``cache``, reuse its checks and rewrite it. Returns ``{"checked", "reused"}``."""
+    settings = check_settings(p)
+    init = (str(root), p.extensions, p.max_pixels, p.min_side, p.image_check == "decode",
+            str(cache) if cache else None, settings)  # fmt: skip
+    known = CheckCache.load(cache, settings) if cache else CheckCache()
     n = len(candidates)
     rels = (r for i in range(0, n, BATCH) for r in candidates.slice(i, BATCH).to_pylist())
     bar = dict(total=n, desc="ingest images", unit="img", disable=None)
@@ -840,24 +870,37 @@ def _validate_images(candidates: pa.Array, root: Path, p: IngestParams, dest: Pa
         if p.executor == "dask":
             on = dict(address=p.address, workers=p.workers, chunksize=16)
             results = dask_map(validate_image, rels, **on, initializer=_init_check, initargs=init)
-            _write_results(writer, tqdm(results, **bar))
+            reused = _write_results(writer, tqdm(results, **bar), known)
         elif p.workers > 1 and n > 32:
             with process_pool(p.workers, initializer=_init_check, initargs=init) as pool:
                 results = ordered_map(pool, validate_image, rels, chunksize=16, depth=4 * p.workers)
-                _write_results(writer, tqdm(results, **bar))
+                reused = _write_results(writer, tqdm(results, **bar), known)
         else:
             _init_check(*init)
-            _write_results(writer, tqdm(map(validate_image, rels), **bar))
+            reused = _write_results(writer, tqdm(map(validate_image, rels), **bar), known)
+            _CHECK["cache"] = None  # this process's copy of the keys: not kept past the stage
+    if cache is not None:
+        write_check_cache(dest, cache, settings)
+    log.info("ingest image checks: %d checked, %d reused from earlier runs (same bytes)",
+             n - reused, reused)  # fmt: skip
+    return {"checked": n - reused, "reused": reused}
 
 
-def _write_results(writer: pq.ParquetWriter, results: Iterator[dict[str, Any]]) -> None:
-    buf = []
+def _write_results(
+    writer: pq.ParquetWriter, results: Iterator[dict[str, Any]], known: CheckCache
+) -> int:
+    """Stream the results to ``writer``, a cache hit's outcome filled in; returns the hits."""
+    buf, hits = [], 0
     for result in results:
+        if result.pop("cached", False):
+            result.update(known.outcome(result["sha256"]))
+            hits += 1
         buf.append(result)
         if len(buf) >= BATCH:
             writer.write_table(pa.Table.from_pylist(buf, schema=RESULT_SCHEMA))
             buf = []
     writer.write_table(pa.Table.from_pylist(buf, schema=RESULT_SCHEMA))
+    return hits
 
 
 def validate_image(rel: str) -> dict[str, Any]:
@@ -884,6 +927,9 @@ def validate_image(rel: str) -> dict[str, Any]:
         out.update(reason="zero_bytes", detail="file is empty")
         return out
     out["sha256"] = hashlib.sha256(data).hexdigest()
+    if _CHECK.get("cache") is not None and _CHECK["cache"].has(out["sha256"]):
+        out["cached"] = True  # the same bytes were checked before: the writer fills it in
+        return out
     reason, detail, info = check_image_bytes(
         data, _CHECK["formats"], _CHECK["max_pixels"], _CHECK["min_side"], _CHECK["decode"]
     )

@@ -24,6 +24,9 @@ class StageSpec:
     inputs: tuple[str, ...]  # earlier stages' outputs it reads (dvc.yaml `deps:`)
     out: str | None  # its output directory (dvc.yaml `outs:`); None: it writes to MLflow only
     tracked: bool = False  # logs to MLflow, so it also reads the `tracking` section
+    # params keys it reads for WHERE an input is, not what it holds (not in dvc.yaml `params:`:
+    # the data they name is pinned by content, e.g. shard.output's version by the manifest sha256)
+    locations: tuple[str, ...] = ()
 
 
 STAGES: dict[str, StageSpec] = {
@@ -36,6 +39,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/metrics.py",
             "mmpipe/keys.py",
             "mmpipe/audio.py",
+            "mmpipe/incremental.py",
         ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
@@ -76,6 +80,7 @@ STAGES: dict[str, StageSpec] = {
         inputs=("data/shards",),
         out="models",
         tracked=True,
+        locations=("shard.output",),
     ),
     "evaluate": StageSpec(
         help="retrieval, classification, ablation",
@@ -93,6 +98,7 @@ STAGES: dict[str, StageSpec] = {
         inputs=("models", "data/shards"),
         out="reports",
         tracked=True,
+        locations=("shard.output",),
     ),
     "register": StageSpec(
         help="register the model; promote if it beats the champion",
@@ -101,6 +107,7 @@ STAGES: dict[str, StageSpec] = {
         inputs=("models", "reports/metrics.json", "data/shards/manifest.json"),
         out=None,
         tracked=True,
+        locations=("shard.output",),
     ),
 }
 

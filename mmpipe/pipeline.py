@@ -38,7 +38,16 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
-from mmpipe.storage import MANIFEST, is_url, listing_digest, mirror, publish_shards
+from mmpipe.storage import (
+    MANIFEST,
+    is_url,
+    listing_digest,
+    mirror,
+    pinned_version,
+    publish_shards,
+    redact,
+    resolve_shards,
+)
 
 # mmpipe.checkpoint imports torch (~1.6 CPU-s per process): only the functions of the model
 # stages import it, so `mmpipe ingest|align|shard` never load torch (tests/unit/test_imports.py)
@@ -118,9 +127,11 @@ def project_lock(layout: Layout, what: str, *, wait: float = 0.0) -> Iterator[No
 
 
 def _ingest(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
+    from mmpipe.incremental import CHECKS
     from mmpipe.ingest import run_ingest
 
-    return run_ingest(local_source(params.ingest, layout), out_dir)
+    # earlier nights' image checks by content: not a versioned output (it only saves decodes)
+    return run_ingest(local_source(params.ingest, layout), out_dir, layout.state_dir / CHECKS)
 
 
 def local_source(p: IngestParams, layout: Layout) -> IngestParams:
@@ -206,6 +217,28 @@ def manifest_hash(layout: Layout) -> str:
     return sha256_file(manifest)
 
 
+def shard_source(params: Params, layout: Layout) -> tuple[str | Path, str]:
+    """Where train/evaluate/register read the shards, and the data version (manifest sha256).
+
+    ``data/shards/`` itself, or with ``shard.output`` set, the published version there that
+    ``data/shards/manifest.json`` names (the version DVC tracks, pinned by its sha256, so a
+    newer publication by another project cannot change what this run reads). A machine without
+    local shards (a training node) reads the version ``LATEST`` names, resolved once here.
+    """
+    url = params.shard.output
+    if not url:
+        return layout.shard_dir, manifest_hash(layout)
+    if (layout.shard_dir / MANIFEST).is_file():
+        version = pinned_version(url, manifest_hash(layout))
+    else:
+        version = resolve_shards(url)[0]
+    from mmpipe.checkpoint import manifest_sha256
+
+    data_hash = manifest_sha256(version)  # checks the manifest against the version's name
+    log.info("reading shards from %s", redact(version))
+    return version, data_hash
+
+
 def stage_train(
     params: Params, layout: Layout, *, resume: bool = False, parent_run_id: str | None = None
 ) -> dict[str, Any]:
@@ -218,7 +251,7 @@ def stage_train(
     from mmpipe.train import run_train
 
     with project_lock(layout, "mmpipe train"):
-        data_hash = manifest_hash(layout)
+        shards, data_hash = shard_source(params, layout)
         init = init_checkpoint(params, layout)
         cold = init is None and params.train.init_from == "champion"
         train_p = params.train.model_copy(update={"init_from": None}) if cold else params.train
@@ -231,7 +264,7 @@ def stage_train(
             if cold:
                 extra["init_from"] = "champion: none yet (first night), random init"
             report = run_train(
-                layout.shard_dir,
+                shards,
                 train_p,
                 layout.model_dir,
                 resume=resume,
@@ -298,7 +331,7 @@ def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
     from mmpipe.checkpoint import read_manifest
     from mmpipe.objectives import check_metric_for_data
 
-    manifest = read_manifest(layout.shard_dir)
+    manifest = read_manifest(shard_source(params, layout)[0])
     return check_metric_for_data(
         params.register.metric, params.train.task, manifest, params.evaluate.ks
     )
@@ -313,7 +346,7 @@ def register_params(params: Params, layout: Layout) -> RegisterParams:
     p = params.register
     report = layout.model_dir / "train_report.json"
     task = read_json(report).get("task") if report.is_file() else None
-    labelled = has_task_labels(read_manifest(layout.shard_dir))
+    labelled = has_task_labels(read_manifest(shard_source(params, layout)[0]))
     metric, greater = resolve_metric(p.metric, p.greater_is_better, task or "multiclass", labelled)
     return p.model_copy(update={"metric": metric, "greater_is_better": greater})
 
@@ -354,7 +387,8 @@ def stage_evaluate(
 
     with project_lock(layout, "mmpipe evaluate"):
         with staged_dir(layout.eval_dir) as staging:
-            metrics = run_evaluate(layout.shard_dir, layout.model_dir, params.evaluate, staging)
+            shards = shard_source(params, layout)[0]
+            metrics = run_evaluate(shards, layout.model_dir, params.evaluate, staging)
             stage_report(params, layout, staging)  # the flow rewrites it once registered
             fault_point("evaluate:staged")
         run_id = _train_run_id(layout)
@@ -424,7 +458,7 @@ def stage_register(
         data_hash = check_provenance(metrics, layout, current)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
-        profile = create_profile(predictor.model, layout.shard_dir)
+        profile = create_profile(predictor.model, shard_source(params, layout)[0])
         run = tracking.connect(params.tracking, layout.root).run(run_id)
         model_uri = tracking.log_model(run, predictor, profile=profile)
         registered = tracking.register_and_maybe_promote(
@@ -446,7 +480,7 @@ def score_on_test_split(params: Params, layout: Layout, checkpoint: Path) -> dic
     """Evaluate's test metrics (no ablation) of any checkpoint on this project's test split."""
     from mmpipe.evaluate import score_checkpoint
 
-    return score_checkpoint(checkpoint, layout.shard_dir, params.evaluate)
+    return score_checkpoint(checkpoint, shard_source(params, layout)[0], params.evaluate)
 
 
 # ----------------------------------------------------------------------------- by name

@@ -218,7 +218,18 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
 
 
 def resolve_shards(url: str) -> tuple[str, dict[str, Any]]:
-    """The version URL that ``url`` names, and its manifest.
+    """The version URL that ``url`` names, and its manifest (``resolve_shard_bytes``)."""
+    version_url, manifest_bytes = resolve_shard_bytes(url)
+    return version_url, json.loads(manifest_bytes)
+
+
+def pinned_version(url: str, manifest_sha256: str) -> str:
+    """The URL of the version of the publication root ``url`` whose manifest has this sha256."""
+    return join(url, f"v-{manifest_sha256[:16]}")
+
+
+def resolve_shard_bytes(url: str) -> tuple[str, bytes]:
+    """The version URL that ``url`` names, and its manifest's bytes.
 
     ``url`` is a publication root (its ``LATEST`` pointer names the version) or one version
     itself (``.../v-<16 hex>``: pinned, e.g. the data a past run trained on). Either way the
@@ -244,7 +255,7 @@ def resolve_shards(url: str) -> tuple[str, dict[str, Any]]:
             f"{redact(join(version_url, MANIFEST))}: sha256 differs from {redact(source)}'s "
             "(modified after publishing); publish the shards again"
         )
-    return version_url, json.loads(manifest_bytes)
+    return version_url, manifest_bytes
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:

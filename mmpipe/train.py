@@ -49,7 +49,15 @@ from tqdm import tqdm
 
 from mmpipe import metrics as M
 from mmpipe import signals
-from mmpipe.checkpoint import BEST, LAST, MANIFEST, read_checkpoint, read_manifest, save_checkpoint
+from mmpipe.checkpoint import (
+    BEST,
+    LAST,
+    manifest_sha256,
+    read_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    shard_location,
+)
 from mmpipe.commit import staged_dir
 from mmpipe.config import TrainParams, TrainStage
 from mmpipe.data import create_dataloader, iterate_split, label_value
@@ -60,10 +68,11 @@ from mmpipe.distributed import (
     barrier,
     close_distributed,
     init_distributed,
+    same_on_every_rank,
 )
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
-from mmpipe.io import link_or_copy, remove_temps, sha256_file, write_json_atomic
+from mmpipe.io import link_or_copy, remove_temps, write_json_atomic
 from mmpipe.model import (
     MultimodalModel,
     audio_info_nce,
@@ -74,6 +83,7 @@ from mmpipe.model import (
 )
 from mmpipe.model.decoder import build_vocabulary
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
+from mmpipe.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +302,7 @@ def _modules(names: list[str]) -> list[str]:
 
 
 def run_train(
-    shard_dir: Path,
+    shard_dir: str | Path,
     p: TrainParams,
     out_dir: Path,
     *,
@@ -302,7 +312,8 @@ def run_train(
     init_checkpoint: Path | None = None,
     report_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train on ``shard_dir``; the finished model replaces ``out_dir`` whole; returns the report.
+    """Train on ``shard_dir`` (a directory or a published shard set's URL, ``storage``); the
+    finished model replaces ``out_dir`` whole; returns the report.
 
     Checkpoints go to the work directory ``<out_dir>.partial/`` (``partial_dir``) every epoch and
     on SIGTERM/Ctrl-C; ``out_dir`` (best.pt, last.pt, train_report.json + ``report_extra``) is
@@ -316,15 +327,18 @@ def run_train(
     by the caller); a path in ``p.init_from`` is used as is. A resumed run ignores it: its
     weights come from the work directory's last.pt.
     """
-    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    shard_dir, out_dir = shard_location(shard_dir), Path(out_dir)
     work = partial_dir(out_dir)
     manifest = read_manifest(shard_dir, require="train")
-    key = resume_key(p, sha256_file(shard_dir / MANIFEST))
+    key = resume_key(p, manifest_sha256(shard_dir))
     resuming = resume and (work / LAST).is_file()
     if init_checkpoint is None and p.init_from and not resuming:
         init_checkpoint = local_init_checkpoint(p.init_from)
     d = init_distributed(p.device)
     try:
+        if not same_on_every_rank(key["data_sha256"], d):  # e.g. LATEST moved as nodes started
+            raise InputError(f"{redact(str(shard_dir))}: the ranks of this job read different "
+                             "shard versions (manifest sha256); start the job again")  # fmt: skip
         with signals.deferred():
             caption = caption_vocabulary(shard_dir, p) if p.task == "captioning" else None
             t = create_trainer(p, d, manifest, None if resuming else init_checkpoint, caption)

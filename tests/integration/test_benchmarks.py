@@ -18,7 +18,10 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-FAST = ["ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask"]
+FAST = [
+    "ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask",
+    "incremental",
+]  # fmt: skip
 
 
 def run_bench(name: str, out: Path, tmp: Path) -> dict:
@@ -61,6 +64,9 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
         assert all(v > 0 for v in values.values())
     elif name == "ui":  # both servers came up and were measured
         assert all(v > 0 for v in values.values())
+    elif name == "incremental":  # only the new images decoded, the from-scratch bytes
+        assert payload["data"]["identical"] is True
+        assert payload["data"]["image_checks"] == {"checked": 4, "reused": 40}
     elif name == "object_store":  # the same epoch from the S3 server and from disk
         assert set(payload["data"]["best_seconds"]) == {"local", "s3"}
         assert all(v > 0 for v in values.values())

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpipe.data import create_dataloader
+from mmpipe.storage import publish_shards
 from mmpipe.train import run_train
 from tests.conftest import tiny_train_params, write_mood_shards
 
@@ -30,11 +32,11 @@ from pathlib import Path
 from mmpipe.config import TrainParams
 from mmpipe.train import run_train
 p = TrainParams.model_validate(json.loads(sys.argv[1]))
-run_train(Path(sys.argv[2]), p, Path(sys.argv[3]))
+run_train(sys.argv[2], p, Path(sys.argv[3]))  # a directory or a published set's URL
 """
 
 
-def _torchrun(launcher: list[str], script: Path, p, shards: Path, out: Path):
+def _torchrun(launcher: list[str], script: Path, p, shards: Path | str, out: Path):
     """Start ``torch.distributed.run <launcher> script`` (output to ``<out>.log``); not waited."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script)]
@@ -102,15 +104,25 @@ def test_ddp_two_processes_match_single_process(tmp_path, trained_once):
     _assert_same_training(single, tmp_path / "ddp")
 
 
+def _rank_keys(url: str, rank: int) -> list[str]:
+    loader = create_dataloader(url, "train", 64, rank=rank, world_size=2)
+    return [key for batch in loader for key in batch["key"]]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_two_torchrun_agents_as_two_nodes_match_single_process(tmp_path, trained_once):
-    """Two agents (stand-ins for two nodes) meet at a c10d rendezvous; one rank each, gloo.
+@pytest.mark.timeout(180)
+def test_two_torchrun_agents_as_two_nodes_match_single_process(tmp_path, trained_once, s3):
+    """Two agents (stand-ins for two nodes) meet at a c10d rendezvous; one rank each, gloo;
+    both read the shards from the object store (the local S3 server), as nodes without a
+    shared disk do.
 
     The real multi-node command is the same with the first node's address as the endpoint
     (README, "Scaling out"); rank 0 alone writes the checkpoint and report.
     """
-    shards, p, single, script = trained_once
+    local, p, single, script = trained_once
+    shards = publish_shards(local, s3.url("ddp", tmp_path.name))["url"]
+    ranks = [_rank_keys(shards, rank) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 16 and not set(ranks[0]) & set(ranks[1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -129,6 +141,8 @@ def test_two_torchrun_agents_as_two_nodes_match_single_process(tmp_path, trained
     finally:  # one agent failing leaves the other waiting at the rendezvous
         for proc, _ in agents:
             _kill(proc)
+    for _, log in agents:
+        assert s3.env["AWS_SECRET_ACCESS_KEY"] not in log.read_text()
     written = [d for d in (tmp_path / "node0", tmp_path / "node1") if (d / "last.pt").is_file()]
     assert len(written) == 1, "exactly one agent hosts rank 0"
     _assert_same_training(single, written[0])

@@ -42,7 +42,23 @@ def test_racing_registrations_serialise_on_postgres(tmp_path, postgres):
     assert {r["lock"] for r in results} == {"pg_advisory_xact_lock"}
 
 
-def test_nightly_flow_logs_registers_and_promotes_on_postgres_and_s3(tmp_path, postgres, s3):
+def _put_source(s3, shared_data: Path, name: str) -> list[str]:
+    """coco-mini uploaded under ``name`` on the store; the params that read it from there."""
+    import s3fs
+
+    url = s3.url("sources", name, "coco-mini")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint})
+    fs.put(str(shared_data / "coco-mini"), url.removeprefix("s3://"), recursive=True)
+    coco = ["ingest.source=coco", "ingest.captions=captions.json", "ingest.labels_file=labels.csv"]
+    return [*coco, f"ingest.root={url}"]
+
+
+def test_nightly_flow_with_everything_on_the_store_and_postgres(
+    tmp_path, postgres, s3, shared_data
+):
+    """The whole scale-out set at once: the source on S3 (``ingest.root``), shards published to
+    S3 (``shard.output``) and trained/evaluated from there, tracking on PostgreSQL with artifacts
+    on S3, then ``dvc push`` to an S3 remote and ``dvc pull`` into a fresh clone."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.nightly import nightly
@@ -50,10 +66,19 @@ def test_nightly_flow_logs_registers_and_promotes_on_postgres_and_s3(tmp_path, p
     from mmpipe.config import load_params
 
     artifacts = s3.url("mlartifacts", tmp_path.name)
-    project = _project(tmp_path, "proj", postgres, artifacts)
+    store = [
+        *_put_source(s3, shared_data, tmp_path.name),
+        f"shard.output={s3.url('shards', tmp_path.name)}",
+    ]
+    project = _project(tmp_path, "proj", postgres, artifacts, *store)
     with prefect_test_harness(server_startup_timeout=120):
         out = nightly(project_dir=str(project))
     assert out["version"] == out["champion_version"] == 1 and out["promoted"]
+    shard_keys = _s3_keys(s3, f"shards/{tmp_path.name}")
+    assert "LATEST" in {k.rsplit("/", 1)[-1] for k in shard_keys}
+    assert sum(k.endswith(".tar") for k in shard_keys) == len(
+        list((project / "data" / "shards").glob("*.tar"))
+    )
 
     client = _client(postgres)
     exp = client.get_experiment_by_name("mmpipe")
@@ -73,6 +98,31 @@ def test_nightly_flow_logs_registers_and_promotes_on_postgres_and_s3(tmp_path, p
     )
     assert checkpoint.is_file() and sidecar
     _ui_serves_the_store(params, project, client)
+    _dvc_push_then_pull_in_a_fresh_clone(project, s3, tmp_path / "clone")
+
+
+def _dvc_push_then_pull_in_a_fresh_clone(project: Path, s3, clone: Path) -> None:
+    """The flow recorded its outputs in dvc.lock: commit it, push to an S3 remote, and a fresh
+    clone pulls every stage output back byte for byte."""
+    from tests.integration.test_dvc import _dvc
+    from tests.integration.test_dvc_remote import _digest
+
+    def git(cwd: Path, *args: str) -> None:
+        subprocess.run(["git", *args], cwd=cwd, env=git_env(), check=True, capture_output=True)
+
+    _dvc(project, "remote", "add", "-d", "store", s3.url("dvc", clone.parent.name))
+    git(project, "add", "-A")  # dvc.lock, the remote, metrics and plots (data: .gitignore)
+    git(project, "commit", "-qm", "night 1")
+    # the endpoint is this machine's: --local keeps it out of the committed .dvc/config
+    _dvc(project, "remote", "modify", "--local", "store", "endpointurl", s3.endpoint)
+    assert "pushed" in _dvc(project, "push")
+    git(clone.parent, "clone", "-q", str(project), clone.name)
+    _dvc(clone, "remote", "modify", "--local", "store", "endpointurl", s3.endpoint)
+    _dvc(clone, "pull")
+    for out in ("data", "models"):
+        assert _digest(clone / out) == _digest(project / out) != {}, out
+    for name in ("metrics.json", "ablation.json"):
+        assert (clone / "reports" / name).read_bytes() == (project / "reports" / name).read_bytes()
 
 
 def _ui_serves_the_store(params, project: Path, client) -> None:

@@ -38,6 +38,9 @@ def test_dvc_stage_lists_exactly_the_declared_params_deps_and_outputs(name):
 def test_declarations_name_real_params_code_and_earlier_outputs(name):
     spec = STAGES[name]
     assert set(spec.params) <= set(Params.model_fields)
+    for key in spec.locations:  # section.field of a real field
+        section, field = key.split(".")
+        assert field in Params.model_fields[section].annotation.model_fields, key
     for path in spec.code:
         assert (REPO / path).exists(), path
     earlier = [STAGES[s].out for s in list(STAGES)[: list(STAGES).index(name)]]
