@@ -522,6 +522,37 @@ def audio_retrieval(out: SplitOutputs, ks: list[int]) -> dict[str, float]:
     return flat
 
 
+@torch.no_grad()
+def itm_metrics(
+    model: torch.nn.Module, shard_dir: Path, batch_size: int, seed: int
+) -> tuple[dict[str, float], str | None]:
+    """Image-text matching on the test split: each pair against negatives sampled from its
+    batch by contrastive similarity with a generator seeded by ``seed`` (the same negatives
+    every run); itm_accuracy (logit > 0 = match), itm_auroc, n_itm_pairs. ({}, why) for a
+    model without an ITM head."""
+    if getattr(model, "itm_head", None) is None:
+        return {}, (
+            f"fusion={model.config['fusion']} has no ITM head (it needs a token-level fusion, "
+            "cross_attention or single_stream, trained with train.itm_weight > 0)"
+        )
+    from mmpipe.train import group_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    logits, labels = [], []
+    for batch in batches(shard_dir, "test", batch_size, "image-text matching"):
+        ei, et = model.encode(batch["image"], list(batch["text"]))
+        sim = model.encode_image_features(ei) @ model.encode_text_features(et).T  # (B, B)
+        z, y = model.itm(ei, et, sim, group_ids(batch["image_id"]), gen)
+        logits.append(z.float().cpu())
+        labels.append(y.cpu())
+    z, y = torch.cat(logits), torch.cat(labels)
+    return {
+        "itm_accuracy": M.accuracy(y.long(), (z > 0).long()),
+        "itm_auroc": M.auroc(y, z),
+        "n_itm_pairs": float(len(y)),
+    }, None
+
+
 def run_evaluate(
     shard_dir: Path,
     model_dir: Path,
@@ -562,6 +593,10 @@ def run_evaluate(
     metrics.update(zs)
     if reason:
         skipped["zero_shot"] = reason
+    itm, reason = itm_metrics(model, shard_dir, p.batch_size, tp.seed)
+    metrics.update(itm)
+    if reason:
+        skipped["itm"] = reason
     result = task_metrics(test, classes, model.task, trained=labelled_train(manifest))
     metrics.update(result.metrics)
     if result.skipped:
