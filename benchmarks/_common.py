@@ -244,3 +244,16 @@ def ingest_align(src: Path, work: Path, workers: int = 1) -> tuple[Path, Path, d
 
 def image_paths(src: Path) -> list[Path]:
     return sorted((src / "images").glob("*.jpg"))
+
+
+def replace_between_markers(readme: Path, start: str, end: str, table: str, command: str) -> None:
+    """Replace the text between ``start`` and ``end`` in ``readme`` with ``table`` and the
+    command + date that made it; SystemExit when the markers are missing."""
+    import re
+
+    text = readme.read_text(encoding="utf-8")
+    block = f"{start}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{end}"
+    pattern = re.escape(start) + ".*?" + re.escape(end)
+    if not re.search(pattern, text, flags=re.S):
+        raise SystemExit(f"{readme}: no {start} ... {end} markers")
+    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine
+from benchmarks._common import REPO, RESULTS, machine, replace_between_markers
 
 CONFIGS = {  # config -> the system it reproduces (README order)
     "sentiment_lstm_cnn": "LSTM text + CNN image, softmax over sentiment classes",
@@ -117,12 +116,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -> None:
     """Replace the text between the README's classic-systems markers."""
-    text = readme.read_text(encoding="utf-8")
-    block = f"{README_START}\n{table}\n\n(`{command}`, {time.strftime('%Y-%m-%d')})\n{README_END}"
-    pattern = re.escape(README_START) + ".*?" + re.escape(README_END)
-    if not re.search(pattern, text, flags=re.S):
-        raise SystemExit(f"{readme}: no {README_START} ... {README_END} markers")
-    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+    replace_between_markers(readme, README_START, README_END, table, command)
 
 
 def readme_from(path: Path) -> int:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine
+from benchmarks._common import REPO, RESULTS, machine, replace_between_markers
 from benchmarks.classic_systems import SMOKE
 
 RUNS = {"image + text": "none", "image + text + audio": "cnn"}  # label -> train.audio_encoder
@@ -70,12 +69,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
     """Replace the text between the README's tri-modal markers."""
-    text = readme.read_text(encoding="utf-8")
-    block = f"{START}\n{table}\n\n(`{COMMAND}`, {time.strftime('%Y-%m-%d')})\n{END}"
-    pattern = re.escape(START) + ".*?" + re.escape(END)
-    if not re.search(pattern, text, flags=re.S):
-        raise SystemExit(f"{readme}: no {START} ... {END} markers")
-    readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+    replace_between_markers(readme, START, END, table, COMMAND)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -564,8 +564,6 @@ def run_evaluate(
     The task, the fusion mode and the ablation's head sizes and seed are the checkpoint's own
     (the train params it stores), so evaluate reads no train params.
     """
-    from mmpipe.report import write_report
-
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = Path(shard_dir), Path(model_dir), Path(out_dir)
     manifest = read_manifest(shard_dir, require="test")
@@ -626,7 +624,6 @@ def run_evaluate(
             "metrics": metrics,
         },
     )
-    write_report(out_dir)
     log.info("evaluate took %.1f s", time.perf_counter() - t0)
     return {**metrics, **scored}
 
