@@ -30,7 +30,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "cross_attention_pooled": {"fusion": "cross_attention_pooled"},
     "cross_attention (tokens)": {"fusion": "cross_attention", "itm_weight": ITM_WEIGHT},
     "single_stream ViLT (patch + word embedding)": {
-        "fusion": "single_stream", "image_encoder": "patch", "text_encoder": "embedding",
+        "fusion": "single_stream",
+        "image_encoder": "patch",
+        "text_encoder": "embedding",
         "itm_weight": ITM_WEIGHT,
     },  # fmt: skip
 }
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = rows[0]["samples_per_s"]
     figures = [
         c.figure(
-            r["family"], r["samples_per_s"], "train samples/s", ratio=r["samples_per_s"] / base,
+            r["family"],
+            r["samples_per_s"],
+            "train samples/s",
+            ratio=r["samples_per_s"] / base,
             note=f"accuracy {r['accuracy']:.3f}, {r['parameters'] / 1e6:.2f}M params",
         )  # fmt: skip
         for r in rows

@@ -122,3 +122,24 @@ def test_itm_metrics_are_absent_with_a_reason_for_pooled_fusions(tmp_path):
     assert not any(k.startswith("itm") for k in metrics)
     skipped = read_json(tmp_path / "r" / "evaluation_report.json")["skipped"]
     assert "no ITM head" in skipped["itm"] and "concat" in skipped["itm"]
+
+
+def test_a_checkpoint_saved_before_itm_loads_and_predicts_the_same(tmp_path):
+    """Old model_args have no itm_weight: the model rebuilds without an ITM head, same logits."""
+    from mmpipe.checkpoint import load_model
+    from tests.conftest import save_random_checkpoint, tiny_model_config
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(fusion="cross_attention")
+    path = save_random_checkpoint(tmp_path / "best.pt", cfg)
+    state = torch.load(path, weights_only=True)
+    for section in ("model_args", "params"):
+        del state[section]["itm_weight"]  # what a checkpoint written before ITM holds
+    torch.save(state, path)
+    model, info = load_model(path)
+    assert model.itm_head is None and info["model_args"]["itm_weight"] == 0
+    fresh = create_model(cfg, 2).eval()
+    fresh.load_state_dict(state["model"])
+    images = torch.randn(2, 3, 24, 24)
+    texts = ["a red circle", "a blue square on the left"]
+    torch.testing.assert_close(model.classify(images, texts), fresh.classify(images, texts))
