@@ -157,8 +157,8 @@ def _run_predict(args: argparse.Namespace) -> Any:
     label = args.model or (tracking.champion_uri(params.register) if sidecar else str(checkpoint))
     warnings = _tell_what_it_knows(predictor, label, images, captions)
     if args.command == "predict":
-        row = predictor.classify_pair(args.image, args.caption, args.audio)
-        return {**row, "warnings": warnings}
+        clip = {"audio": args.audio} if args.audio else {}
+        return {**predictor.classify_pair(args.image, args.caption, **clip), "warnings": warnings}
     if args.image:
         return predictor.search_captions(args.image, args.captions, k=args.k)
     return predictor.search_images(args.caption, args.images, k=args.k)
