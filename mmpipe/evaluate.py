@@ -363,7 +363,7 @@ def _train_head(
 ) -> None:
     """Mini-batch AdamW with the task's loss on frozen features; seeded so every mode sees the
     same batches. ``y``: scoring.task_target's form (multi-hot for multilabel); ``x_a``: the
-    clips' features, read by the audio heads (``AudioLateFusion``)."""
+    clips' features, read by the audio heads (``audio_only``, ``concat+audio``)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     if task == "multilabel":  # the loss takes class lists: the multi-hot rows as index lists
