@@ -37,7 +37,9 @@ def run(label: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     sets = ["ingest.synthetic.audio=true", f"train.audio_encoder={RUNS[label]}", *overrides]
     seconds = mmpipe_run(REPO / "params.yaml", project, sets)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    return {"model": label, "seconds": seconds, "metrics": metrics}
+    ablation = json.loads((project / "reports" / "ablation.json").read_text())
+    scores = {r["fusion"]: r["score"] for r in ablation["results"]}
+    return {"model": label, "seconds": seconds, "metrics": metrics, "ablation": scores}
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -52,7 +54,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ablation_markdown(rows))
+
+
+# each modality's contribution: heads trained on the tri-modal model's frozen features
+ABLATION_COLUMNS = {"image only": "image_only", "text only": "text_only",
+                    "audio only": "audio_only", "image + text": "concat",
+                    "image + text + audio": "concat+audio"}  # fmt: skip
+
+
+def ablation_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The ablation's accuracy per modality set for the runs that have audio rows (none for a
+    run saved before they existed)."""
+    audio = [r for r in rows if "audio_only" in r.get("ablation", {})]
+    if not audio:
+        return []
+    lines = ["", "| frozen features of | " + " | ".join(ABLATION_COLUMNS) + " |",
+             "|---" * (1 + len(ABLATION_COLUMNS)) + "|"]  # fmt: skip
+    for row in audio:
+        cells = [f"{row['ablation'][m]:.3f}" for m in ABLATION_COLUMNS.values()]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def update_readme(table: str, readme: Path = REPO / "README.md") -> None:

@@ -124,6 +124,7 @@ def _add_predict_parsers(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify an (image, caption) pair")
     p.add_argument("image")
     p.add_argument("caption")
+    p.add_argument("--audio", default=None, help="the pair's audio clip (a tri-modal model)")
     p.add_argument("--model", default=None, help=model_help)
     add_params_arguments(p)
     p = sub.add_parser("search", help="top-k captions for an image, or images for a caption")
@@ -153,6 +154,7 @@ def _run_predict(args: argparse.Namespace) -> Any:
         args.model, params.tracking, params.register, layout
     )
     predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
+    predictor.audio_limits = params.ingest.audio
     if args.command == "predict":
         images, captions = [args.image], [args.caption]
     elif args.command == "caption":
@@ -163,7 +165,8 @@ def _run_predict(args: argparse.Namespace) -> Any:
     label = args.model or (tracking.champion_uri(params.register) if sidecar else str(checkpoint))
     warnings = _tell_what_it_knows(predictor, label, images, captions)
     if args.command == "predict":
-        return {**predictor.classify_pair(args.image, args.caption), "warnings": warnings}
+        clip = {"audio": args.audio} if args.audio else {}
+        return {**predictor.classify_pair(args.image, args.caption, **clip), "warnings": warnings}
     if args.command == "caption":
         beam = args.beam or params.evaluate.beam_size
         caption = predictor.caption_images([args.image], beam=beam)[0]

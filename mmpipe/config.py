@@ -344,6 +344,24 @@ class ModelConfig(Section):
     init_temperature: float = Field(
         0.07, gt=0.0, description="Initial softmax temperature of InfoNCE."
     )
+    itm_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the image-text matching (ITM) loss, an auxiliary binary task "
+        "beside the task loss: an ITM head on the fused output of a token-level fusion "
+        "(cross_attention, single_stream) tells a pair from a negative drawn from the batch "
+        "(hard negatives by contrastive similarity, as in ALBEF/ViLT). Needs no labels. "
+        "0 = off (no ITM head).",
+    )
+
+    @model_validator(mode="after")
+    def _itm_needs_tokens(self) -> ModelConfig:
+        if self.itm_weight > 0 and self.fusion not in ("cross_attention", "single_stream"):
+            raise ValueError(
+                f"itm_weight={self.itm_weight} needs a token-level fusion (cross_attention or "
+                f"single_stream), not fusion={self.fusion}"
+            )
+        return self
 
 
 class TrainStage(Section):

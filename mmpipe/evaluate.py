@@ -59,6 +59,8 @@ from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, sha256_file, write_json_atomic
 from mmpipe.model import (
     TOKEN_LEVEL,
+    AudioConcatFusion,
+    AudioLateFusion,
     Encoded,
     apply_head,
     audio_inputs,
@@ -86,6 +88,9 @@ ABLATION_MODES = (
     "single_stream",
     "late",
 )
+# with an audio model: each modality's contribution on the same frozen features (audio alone;
+# the image + text concat head without and with the clip)
+AUDIO_ABLATION_MODES = ("audio_only", "concat+audio")
 N_EXAMPLES = 6
 THUMB_SIZE = 96
 PROGRESS_EVERY = 10  # batches between progress lines: long passes stay visible in the flow log
@@ -351,11 +356,13 @@ def caption_result(
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module, shard_dir: Path, split: str, batch_size: int, tokens: bool = True
-) -> tuple[Encoded | None, Encoded | None, torch.Tensor]:
+) -> tuple[Encoded | None, Encoded | None, torch.Tensor, Encoded | None]:
     """Frozen pre-fusion features of the scored pairs, pooled (N, F) and tokens (N, T, F) of
-    each modality (text tokens padded to the longest; none kept unless ``tokens``), and their
-    targets (scoring.task_target's form); None, None, empty without scored pairs."""
-    feats_i, feats_t, ys = [], [], []
+    each modality (text tokens padded to the longest; none kept unless ``tokens``), their
+    targets (scoring.task_target's form) and, for an audio model on audio shards, the clips'
+    pooled features with mask (N, 1) = has a clip (else None); None, None, empty, None without
+    scored pairs."""
+    feats_i, feats_t, ys, feats_a = [], [], [], []
     k = int(model.config["num_outputs"])
     for batch in batches(shard_dir, split, batch_size, "ablation features"):
         target = scoring.task_target(batch, model.task, k)
@@ -367,9 +374,14 @@ def extract_features(
         feats_i.append(img.to_cpu() if tokens else img.pooled_only())
         feats_t.append(txt.to_cpu() if tokens else txt.pooled_only())
         ys.append(target[keep])
+        if getattr(model, "audio_encoder", None) is not None and "audio" in batch:
+            xa = model.audio_encoder(batch["audio"][keep]).float()  # (B', Fa)
+            mask = batch["audio_mask"][keep][:, None]  # (B', 1)
+            feats_a.append(Encoded(xa, xa[:, None, :0], mask))
     if not ys:
-        return None, None, torch.empty(0, dtype=torch.long)
-    return concat_encoded(feats_i), concat_encoded(feats_t), torch.cat(ys)
+        return None, None, torch.empty(0, dtype=torch.long), None
+    audio = concat_encoded(feats_a) if feats_a else None
+    return concat_encoded(feats_i), concat_encoded(feats_t), torch.cat(ys), audio
 
 
 def _train_head(
@@ -380,9 +392,11 @@ def _train_head(
     task: str,
     epochs: int,
     seed: int,
+    x_a: Encoded | None = None,
 ) -> None:
     """Mini-batch AdamW with the task's loss on frozen features; seeded so every mode sees the
-    same batches. ``y``: scoring.task_target's form (multi-hot for multilabel)."""
+    same batches. ``y``: scoring.task_target's form (multi-hot for multilabel); ``x_a``: the
+    clips' features, read by the audio heads (``audio_only``, ``concat+audio``)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     if task == "multilabel":  # the loss takes class lists: the multi-hot rows as index lists
@@ -390,7 +404,7 @@ def _train_head(
     head.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=gen).split(256):
-            logits = apply_head(head, x_i.select(idx), x_t.select(idx))
+            logits = _head_logits(head, x_i, x_t, x_a, idx)
             total, n = task_loss_sum(logits, y[idx], task)
             if n == 0:
                 continue
@@ -413,23 +427,22 @@ def run_ablation(
     """
     task, k = model.task, int(model.config["num_outputs"])
     tokens = p.ablation_tokens
-    tr_i, tr_t, tr_y = extract_features(model, shard_dir, "train", p.batch_size, tokens)
-    te_i, te_t, te_y = extract_features(model, shard_dir, "test", p.batch_size, tokens)
+    tr_i, tr_t, tr_y, tr_a = extract_features(model, shard_dir, "train", p.batch_size, tokens)
+    te_i, te_t, te_y, te_a = extract_features(model, shard_dir, "test", p.batch_size, tokens)
     if tr_i is None or te_i is None or tr_t is None or te_t is None:
         return [], "no labelled train or test pairs for the ablation heads"
     rows = []
     modes = [m for m in ABLATION_MODES if tokens or m not in TOKEN_LEVEL]
+    if tr_a is not None and te_a is not None:
+        modes += list(AUDIO_ABLATION_MODES)
+    dims = (tr_i.pooled.shape[1], tr_t.pooled.shape[1], tr_a.pooled.shape[1] if tr_a else 0)
     for mode in modes:
         torch.manual_seed(train_params.seed)  # same init stream for every head
-        head = create_fusion_head(
-            mode, tr_i.pooled.shape[1], tr_t.pooled.shape[1], k,
-            hidden=train_params.head_hidden, dropout=train_params.dropout,
-            alpha=train_params.fusion_alpha, layers=train_params.fusion_layers,
-        )  # fmt: skip
+        head = create_ablation_head(mode, *dims, k, train_params)
         t0 = time.perf_counter()
-        _train_head(head, tr_i, tr_t, tr_y, task, p.ablation_epochs, train_params.seed)
+        _train_head(head, tr_i, tr_t, tr_y, task, p.ablation_epochs, train_params.seed, tr_a)
         with torch.no_grad():
-            scores = scoring.score_outputs(task, head_outputs(head, te_i, te_t), te_y)
+            scores = scoring.score_outputs(task, head_outputs(head, te_i, te_t, te_a), te_y)
         scores.pop("n_labelled", None)
         score = scoring.primary_score(task, scores)
         rows.append({"fusion": mode, **scores, "score": score})  # no timings: versioned output
@@ -439,11 +452,35 @@ def run_ablation(
     return rows, None
 
 
-def head_outputs(head: torch.nn.Module, x_i: Encoded, x_t: Encoded) -> torch.Tensor:
+def create_ablation_head(
+    mode: str, di: int, dt: int, da: int, k: int, tp: TrainParams
+) -> torch.nn.Module:
+    """The ablation's head for ``mode``: a fusion mode, ``audio_only`` or ``concat+audio`` (one
+    MLP on image, text and clip), sized like the trained model's head."""
+    kw: dict[str, Any] = {"hidden": tp.head_hidden, "dropout": tp.dropout}
+    if mode == "audio_only":
+        return AudioLateFusion(None, da, k, **kw)
+    if mode == "concat+audio":
+        return AudioConcatFusion(di, dt, da, k, **kw)
+    return create_fusion_head(mode, di, dt, k, alpha=tp.fusion_alpha, layers=tp.fusion_layers, **kw)
+
+
+def head_outputs(
+    head: torch.nn.Module, x_i: Encoded, x_t: Encoded, x_a: Encoded | None = None
+) -> torch.Tensor:
     """A trained ablation head's logits over a whole split, in chunks (token-level heads'
     attention over every test pair at once would be one large allocation)."""
     rows = torch.arange(len(x_i.pooled)).split(1024)
-    return torch.cat([apply_head(head, x_i.select(r), x_t.select(r)) for r in rows])
+    return torch.cat([_head_logits(head, x_i, x_t, x_a, r) for r in rows])
+
+
+def _head_logits(
+    head: torch.nn.Module, x_i: Encoded, x_t: Encoded, x_a: Encoded | None, rows: torch.Tensor
+) -> torch.Tensor:
+    """An ablation head's logits of ``rows``: the audio heads also read the clips."""
+    if isinstance(head, AudioLateFusion | AudioConcatFusion) and x_a is not None:
+        return head(x_i.select(rows), x_t.select(rows), x_a.select(rows))
+    return apply_head(head, x_i.select(rows), x_t.select(rows))
 
 
 def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict[str, float]:
@@ -457,6 +494,8 @@ def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict
     out = {f"best_unimodal_{primary}": best_uni, f"ablation_best_{primary}": best(score.values())}
     if fusion in score:
         out["fusion_gain"] = sign * (score[fusion] - best_uni)
+    if "concat+audio" in score:  # what the clip adds to the same image + text head
+        out["audio_gain"] = sign * (score["concat+audio"] - score["concat"])
     return out
 
 
@@ -555,6 +594,37 @@ def audio_retrieval(out: SplitOutputs, ks: list[int]) -> dict[str, float]:
     return flat
 
 
+@torch.no_grad()
+def itm_metrics(
+    model: torch.nn.Module, shard_dir: Path, batch_size: int, seed: int
+) -> tuple[dict[str, float], str | None]:
+    """Image-text matching on the test split: each pair against negatives sampled from its
+    batch by contrastive similarity with a generator seeded by ``seed`` (the same negatives
+    every run); itm_accuracy (logit > 0 = match), itm_auroc, n_itm_pairs. ({}, why) for a
+    model without an ITM head."""
+    if getattr(model, "itm_head", None) is None:
+        return {}, (
+            f"fusion={model.config['fusion']} has no ITM head (it needs a token-level fusion, "
+            "cross_attention or single_stream, trained with train.itm_weight > 0)"
+        )
+    from mmpipe.train import group_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    logits, labels = [], []
+    for batch in batches(shard_dir, "test", batch_size, "image-text matching"):
+        ei, et = model.encode(batch["image"], list(batch["text"]))
+        sim = model.encode_image_features(ei) @ model.encode_text_features(et).T  # (B, B)
+        z, y = model.itm(ei, et, sim, group_ids(batch["image_id"]), gen)
+        logits.append(z.float().cpu())
+        labels.append(y.cpu())
+    z, y = torch.cat(logits), torch.cat(labels)
+    return {
+        "itm_accuracy": M.accuracy(y.long(), (z > 0).long()),
+        "itm_auroc": M.auroc(y, z),
+        "n_itm_pairs": float(len(y)),
+    }, None
+
+
 def run_evaluate(
     shard_dir: str | Path,
     model_dir: Path,
@@ -566,8 +636,6 @@ def run_evaluate(
     The task, the fusion mode and the ablation's head sizes and seed are the checkpoint's own
     (the train params it stores), so evaluate reads no train params.
     """
-    from mmpipe.report import write_report
-
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = shard_location(shard_dir), Path(model_dir), Path(out_dir)
     manifest = read_manifest(shard_dir, require="test")
@@ -595,6 +663,10 @@ def run_evaluate(
     metrics.update(zs)
     if reason:
         skipped["zero_shot"] = reason
+    itm, reason = itm_metrics(model, shard_dir, p.batch_size, tp.seed)
+    metrics.update(itm)
+    if reason:
+        skipped["itm"] = reason
     (out_dir / "examples" / CAPTIONS_JSON).unlink(missing_ok=True)  # a previous run's
     if model.task == "captioning":
         result = caption_result(model, shard_dir, test, p, out_dir / "examples")
@@ -630,7 +702,6 @@ def run_evaluate(
             "metrics": metrics,
         },
     )
-    write_report(out_dir)
     log.info("evaluate took %.1f s", time.perf_counter() - t0)
     return {**metrics, **scored}
 

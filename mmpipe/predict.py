@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
+from mmpipe.config import AudioParams
 from mmpipe.errors import InputError
 from mmpipe.model import predict_labels
 from mmpipe.ood import Profile, load_profile
@@ -36,6 +37,7 @@ from mmpipe.ood import Profile, load_profile
 log = logging.getLogger(__name__)
 
 ImageInput = str | Path | bytes | Image.Image
+AudioInput = str | Path | None  # a clip file, or None: the sample has no clip (masked)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     training: dict[str, Any] | None = None  # what it was trained on (mmpipe.modelcard)
     profile: Profile | None = None  # the training data's embedding profile (mmpipe.ood)
+    audio_limits: AudioParams = field(default_factory=AudioParams)  # ingest.audio's checks
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (stored beside a logged model)."""
@@ -144,14 +147,40 @@ class Predictor:
             for r, i in enumerate(top)
         ]
 
+    def load_audio(self, clips: Sequence[AudioInput]) -> dict[str, torch.Tensor]:
+        """The forward's audio arguments, each clip validated and featurised exactly as ingest
+        and shard do (mono 16 kHz FLAC -> log-mel); a None clip is masked. {} when the model
+        has no audio encoder and no clip is given."""
+        from mmpipe.audio import FRAMES, N_MELS
+
+        has_encoder = getattr(self.model, "audio_encoder", None) is not None
+        if not has_encoder:
+            if any(c is not None for c in clips):
+                raise InputError(f"{self.source}: the model was trained without audio")
+            return {}
+        audio = torch.zeros(len(clips), 1, N_MELS, FRAMES)
+        for i, clip in enumerate(clips):
+            if clip is not None:
+                audio[i] = torch.from_numpy(_clip_features(clip, self.audio_limits))
+        mask = torch.tensor([c is not None for c in clips])
+        return {"audio": audio.to(self.device), "audio_mask": mask.to(self.device)}
+
     @torch.no_grad()
     def classify_pairs(
-        self, images: Sequence[ImageInput], captions: Sequence[str]
+        self,
+        images: Sequence[ImageInput],
+        captions: Sequence[str],
+        audio: Sequence[AudioInput] | None = None,
     ) -> list[dict[str, Any]]:
-        """Task-head prediction + image/caption cosine similarity for each (image, caption)."""
+        """Task-head prediction + image/caption cosine similarity for each (image, caption);
+        a tri-modal model also takes each pair's clip in ``audio`` (None or absent: masked)."""
         if len(images) != len(captions):
             raise InputError(f"{len(images)} images but {len(captions)} captions")
-        out = self.model(self.load_images(images), list(captions))
+        clips = list(audio) if audio is not None else [None] * len(images)
+        if len(clips) != len(images):
+            raise InputError(f"{len(images)} images but {len(clips)} audio clips")
+        extra = self.load_audio(clips)
+        out = self.model(self.load_images(images), list(captions), **extra)
         sims = (out["image_emb"] * out["text_emb"]).sum(-1).cpu()  # (B,)
         if self.task == "captioning":  # the "label" of a pair is the image's caption
             rows = [{"label": c, "label_index": -1, "confidence": float("nan")}
@@ -175,9 +204,12 @@ class Predictor:
         encoded = self.model.image_encoder.encode(self.load_images(images))
         return self.model.decoder.generate(encoded, beam)
 
-    def classify_pair(self, image: ImageInput, caption: str) -> dict[str, Any]:
-        """One pair: {"label", "label_index", "confidence", "probabilities", "similarity"}."""
-        return self.classify_pairs([image], [caption])[0]
+    def classify_pair(
+        self, image: ImageInput, caption: str, audio: AudioInput = None
+    ) -> dict[str, Any]:
+        """One pair (+ its clip): {"label", "label_index", "confidence", "probabilities",
+        "similarity"}."""
+        return self.classify_pairs([image], [caption], [audio])[0]
 
     def predict_frame(self, frame: Any) -> Any:
         """pyfunc entry: DataFrame[image (base64 or path), caption] -> DataFrame of predictions."""
@@ -275,6 +307,21 @@ def _preprocess(image: ImageInput, size: int) -> bytes:
         raise InputError(f"{image}: image file not found") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InputError(f"{_name(image)}: not a readable image ({exc})") from None
+
+
+def _clip_features(clip: str | Path, limits: AudioParams) -> np.ndarray:
+    """A clip file -> (1, N_MELS, FRAMES) log-mel as in shards; a clip ingest would reject is
+    an InputError naming the file and the reason."""
+    from mmpipe.audio import check_audio_bytes, clip_features, encode_flac
+
+    try:
+        data = Path(clip).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{clip}: cannot read the audio clip ({exc.strerror})") from None
+    reason, detail, _ = check_audio_bytes(data, limits)
+    if reason is not None:
+        raise InputError(f"{clip}: audio clip rejected: {reason} ({detail})")
+    return np.asarray(clip_features(encode_flac(clip)))
 
 
 def _image_from_cell(value: Any, row: int) -> ImageInput:

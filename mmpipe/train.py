@@ -82,6 +82,7 @@ from mmpipe.model import (
     predict_labels,
 )
 from mmpipe.model.decoder import build_vocabulary
+from mmpipe.model.itm import itm_loss
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 from mmpipe.storage import redact
 
@@ -553,6 +554,8 @@ def end_epoch(
         "train_labelled_pairs": s.get("labelled", 0.0), "stage": t.stages[t.stage].name,
         "temperature": 1.0 / float(t.model.scale().detach()),
     }  # fmt: skip
+    if "itm" in s:
+        row["train_itm"] = s["itm"] / nb
     if t.d.main:
         row.update(validate(shard_dir, t))
     # the history goes into checkpoints and train_report.json: versioned outputs hold no timings
@@ -613,12 +616,16 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     p, d, stage = t.p, t.d, t.stages[t.stage]
     images = batch["image"].to(t.device, non_blocking=True)
     target = batch_targets(batch, p.task).to(t.device)
+    groups_local = group_ids(batch["image_id"]).to(t.device)
+    extra = audio_inputs(batch, t.device)
+    if p.itm_weight > 0:  # ITM negatives come from this rank's micro-batch
+        extra["itm_groups"] = groups_local
     with t.autocast():
-        out = t.net(images, list(batch["text"]), **audio_inputs(batch, t.device))
+        out = t.net(images, list(batch["text"]), **extra)
     target = out.get("caption_target", target)  # captioning: the caption's next words
     img = all_gather_grad(out["image_emb"].float(), d)  # (N, D), N = global micro-batch
     txt = all_gather_grad(out["text_emb"].float(), d)  # (N, D)
-    groups = all_gather_grad(group_ids(batch["image_id"]).to(t.device), d)  # (N,)
+    groups = all_gather_grad(groups_local, d)  # (N,)
     contrastive = info_nce(img, txt, out["logit_scale"], groups)
     if "audio_emb" in out:  # the third modality: + image-audio and text-audio InfoNCE
         aud = all_gather_grad(out["audio_emb"].float(), d)
@@ -638,6 +645,11 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
         "samples": float(len(img)),
         "labelled": n_global,
     }
+    if "itm_logits" in out:
+        itm = itm_loss(out["itm_logits"], out["itm_labels"])
+        loss = loss + p.itm_weight * itm
+        parts["itm"] = float(itm.detach())
+        parts["loss"] += p.itm_weight * parts["itm"]
     return loss, parts
 
 
@@ -713,12 +725,15 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
     sums: dict[str, float] = {}
     targets, logits = [], []  # labelled rows only
     loader = create_dataloader(shard_dir, "val", t.p.batch_size, num_workers=t.p.num_workers)
+    itm = val_itm_inputs(t)
     with torch.random.fork_rng(devices=[]):  # validation must not move the training RNG
         for batch in loader:
             y = batch_targets(batch, t.p.task).to(t.device)
             with t.autocast():
                 audio = audio_inputs(batch, t.device)
-                out = t.model(batch["image"].to(t.device), list(batch["text"]), **audio)
+                if itm:
+                    itm["itm_groups"] = group_ids(batch["image_id"]).to(t.device)
+                out = t.model(batch["image"].to(t.device), list(batch["text"]), **audio, **itm)
             img, txt = out["image_emb"].float(), out["text_emb"].float()  # (B, D) each
             groups = group_ids(batch["image_id"]).to(t.device)
             con = info_nce(img, txt, out["logit_scale"], groups)
@@ -736,11 +751,21 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
                 logits.append(z)
             add(sums, batches=1, con=float(con), task_sum=float(t_sum), labelled=n,
                 r1=float(hit.sum()), rows=len(batch["label"]))  # fmt: skip
+            if "itm_logits" in out:
+                add(sums, itm=float(itm_loss(out["itm_logits"], out["itm_labels"])))
     if not sums:
         return {}
     if not targets:  # captioning: loss parts only; best.pt is picked on -val_loss
         return val_metrics(sums, torch.empty(0), torch.empty(0), t)
     return val_metrics(sums, torch.cat(targets), torch.cat(logits), t)
+
+
+def val_itm_inputs(t: Trainer) -> dict[str, Any]:
+    """The forward's ITM arguments for validation: the same negatives every epoch (a
+    generator seeded by train.seed), or {} when the model is trained without ITM."""
+    if t.p.itm_weight <= 0:
+        return {}
+    return {"itm_generator": torch.Generator().manual_seed(t.p.seed)}
 
 
 def val_metrics(
@@ -759,6 +784,9 @@ def val_metrics(
         + (stage.lambda_task or 0.0) * task,
         "val_r1_in_batch": sums["r1"] / sums["rows"],
     }
+    if "itm" in sums:  # ITM's share of the val loss, which picks best.pt without labels
+        out["val_itm"] = sums["itm"] / n
+        out["val_loss"] += t.p.itm_weight * out["val_itm"]
     if not lab or t.p.task == "captioning":
         return out
     pred = predict_labels(logits, t.p.task)

@@ -1,7 +1,14 @@
 """The multimodal model: encoders, fusion heads, the dual-encoder module and its losses."""
 
 from mmpipe.model.features import Encoded, concat_encoded
-from mmpipe.model.fusion import FUSION_MODES, TOKEN_LEVEL, apply_head, create_fusion_head
+from mmpipe.model.fusion import (
+    FUSION_MODES,
+    TOKEN_LEVEL,
+    AudioConcatFusion,
+    AudioLateFusion,
+    apply_head,
+    create_fusion_head,
+)
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.multimodal import (
     MultimodalModel,
@@ -21,6 +28,8 @@ from mmpipe.model.text import create_text_encoder, hash_tokenize
 __all__ = [
     "FUSION_MODES",
     "TOKEN_LEVEL",
+    "AudioConcatFusion",
+    "AudioLateFusion",
     "Encoded",
     "MultimodalModel",
     "apply_head",

@@ -284,6 +284,36 @@ class UnimodalHead(nn.Module):
         return self.classifier(xi if self.use_image else xt)  # (B, K)
 
 
+class AudioLateFusion(nn.Module):
+    """An image-text head (or none: ``audio_only``) + an audio classifier on the clip's pooled
+    features, its logits added where a clip is present: the model's own tri-modal late fusion,
+    for the ablation. ``ea``: the audio ``Encoded`` with ``mask`` (B, 1) = has a clip."""
+
+    def __init__(self, base: nn.Module | None, da: int, k: int, hidden: int, dropout: float):
+        super().__init__()
+        self.base = base
+        self.audio = nn.Sequential(nn.LayerNorm(da), _mlp(da, hidden, k, dropout))
+
+    def forward(self, ei: Encoded, et: Encoded, ea: Encoded) -> torch.Tensor:
+        audio = self.audio(ea.pooled) * ea.mask[:, :1].to(ea.pooled.dtype)  # (B, K); 0: no clip
+        return audio if self.base is None else apply_head(self.base, ei, et) + audio
+
+
+class AudioConcatFusion(nn.Module):
+    """``concat+audio`` (ablation): one MLP on [image; text; clip], the clip's part zero where
+    a sample has none (``ea.mask`` (B, 1)); ``concat`` with the third modality beside."""
+
+    def __init__(self, di: int, dt: int, da: int, k: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm_i, self.norm_t, self.norm_a = nn.LayerNorm(di), nn.LayerNorm(dt), nn.LayerNorm(da)
+        self.classifier = _mlp(di + dt + da, hidden, k, dropout)
+
+    def forward(self, ei: Encoded, et: Encoded, ea: Encoded) -> torch.Tensor:
+        xa = self.norm_a(ea.pooled) * ea.mask[:, :1].to(ea.pooled.dtype)  # (B, Fa); 0: no clip
+        x = torch.cat([self.norm_i(ei.pooled), self.norm_t(et.pooled), xa], dim=-1)
+        return self.classifier(x)  # (B, K)
+
+
 def create_fusion_head(
     mode: str,
     image_dim: int,

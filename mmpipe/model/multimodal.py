@@ -25,6 +25,7 @@ from mmpipe.model.decoder import PAD, CaptionDecoder
 from mmpipe.model.features import Encoded
 from mmpipe.model.fusion import apply_head, create_fusion_head
 from mmpipe.model.image import create_image_encoder
+from mmpipe.model.itm import itm_pairs
 from mmpipe.model.text import create_text_encoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
@@ -68,6 +69,8 @@ class MultimodalModel(nn.Module):
         self.audio_encoder = create_audio_encoder(cfg)
         if self.audio_encoder is not None:
             self._add_audio(cfg, k)
+        # last, so models without it draw the same initial weights as before it existed
+        self.itm_head = nn.Linear(cfg.head_hidden, 1) if cfg.itm_weight > 0 else None
         self.frozen: list[nn.Module] = []
         self.set_frozen(cfg.freeze_image, cfg.freeze_text)
 
@@ -126,6 +129,14 @@ class MultimodalModel(nn.Module):
         """list[str] -> L2-normalised (B, D)."""
         return F.normalize(self.text_proj(self.text_encoder(list(texts))), dim=-1)
 
+    def encode_image_features(self, ei: Encoded) -> torch.Tensor:
+        """Encoded image features -> L2-normalised (B, D)."""
+        return F.normalize(self.image_proj(ei.pooled), dim=-1)
+
+    def encode_text_features(self, et: Encoded) -> torch.Tensor:
+        """Encoded text features -> L2-normalised (B, D)."""
+        return F.normalize(self.text_proj(et.pooled), dim=-1)
+
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """(B, 1, N_MELS, FRAMES) log-mel -> L2-normalised (B, D)."""
         return F.normalize(self.audio_proj(self.audio_encoder(audio)), dim=-1)
@@ -136,26 +147,49 @@ class MultimodalModel(nn.Module):
             return apply_head(self.head, *self.encode(images, texts))
         return self(images, texts, **audio)["logits"]
 
+    def itm(
+        self,
+        ei: Encoded,
+        et: Encoded,
+        sim: torch.Tensor,
+        groups: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM logits (P,) and labels (P,) of the batch's pairs + sampled negatives
+        (``itm.itm_pairs``; ``sim`` (B, B) image x text, ``groups`` (B,) image ids)."""
+        if self.itm_head is None:
+            raise ValueError(f"fusion={self.config['fusion']} model has no ITM head")
+        images, texts, labels = itm_pairs(ei, et, sim, groups, generator)
+        return self.itm_head(self.head.fuse(images, texts))[:, 0], labels
+
     def forward(
         self,
         images: torch.Tensor,
         texts: list[str],
         audio: torch.Tensor | None = None,
         audio_mask: torch.Tensor | None = None,
+        itm_groups: torch.Tensor | None = None,
+        itm_generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}; with an
-        audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool;
-        captioning: "logits" (B, T, V) of the teacher-forced captions, "caption_target" (B, T)."""
+        audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool; with an
+        ITM head and ``itm_groups`` (B,) (the pairs' image ids) also "itm_logits" and
+        "itm_labels" (P,) of the pairs + negatives sampled by contrastive similarity (from
+        ``itm_generator``, else the global RNG); captioning: "logits" (B, T, V) of the
+        teacher-forced captions, "caption_target" (B, T)."""
         ei, et = self.encode(images, texts)  # pooled (B, Fi), (B, Ft) + tokens
         out = {
-            "image_emb": F.normalize(self.image_proj(ei.pooled), dim=-1),
-            "text_emb": F.normalize(self.text_proj(et.pooled), dim=-1),
+            "image_emb": self.encode_image_features(ei),
+            "text_emb": self.encode_text_features(et),
             "logit_scale": self.scale(),
         }
         if self.decoder is not None:  # captioning: the captions are the targets
             out["logits"], out["caption_target"] = self.decoder.teacher_forced(ei, list(texts))
             return out
         out["logits"] = apply_head(self.head, ei, et)
+        if self.itm_head is not None and itm_groups is not None:
+            sim = out["image_emb"] @ out["text_emb"].T  # (B, B)
+            out["itm_logits"], out["itm_labels"] = self.itm(ei, et, sim, itm_groups, itm_generator)
         if self.audio_encoder is not None and audio is not None:
             mask = torch.ones(len(audio), dtype=torch.bool) if audio_mask is None else audio_mask
             mask = mask.to(audio.device)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask",
-    "incremental",
+    "incremental", "models",
 ]  # fmt: skip
 
 
@@ -62,6 +62,10 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
     elif name == "train":
         assert not payload["data"]["errors"], payload["data"]["errors"]
         assert all(v > 0 for v in values.values())
+    elif name == "models":  # every family trained and scored; ITM only for the token-level
+        rows = payload["data"]["rows"]
+        assert len(rows) == 4 and all(r["samples_per_s"] > 0 for r in rows)
+        assert [r["itm_accuracy"] is not None for r in rows] == [False, False, True, True]
     elif name == "ui":  # both servers came up and were measured
         assert all(v > 0 for v in values.values())
     elif name == "incremental":  # only the new images decoded, the from-scratch bytes

@@ -40,6 +40,7 @@ def _params(**kw) -> EvaluateParams:
 
 def test_evaluate_writes_metrics_plots_and_report(project):
     from mmpipe.evaluate import ABLATION_MODES, run_evaluate
+    from mmpipe.report import write_report
 
     out = project.root / "reports"
     metrics = run_evaluate(project.shards, project.models, _params(), out)
@@ -83,6 +84,8 @@ def test_evaluate_writes_metrics_plots_and_report(project):
     per_class = read_json(out / "per_class.json")
     assert [r["class"] for r in per_class] == CLASSES and sum(r["support"] for r in per_class) == 16
     assert len(read_json(out / "plots" / "confusion.json")) == 16
+    assert not (out / "report.md").exists()  # the caller renders it once, with the run's context
+    write_report(out)
     report = (out / "report.md").read_text()
     assert "| accuracy |" in report and "plots/confusion.png" in report
     examples = read_json(out / "examples" / "examples.json")

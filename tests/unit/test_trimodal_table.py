@@ -35,3 +35,19 @@ def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
 def test_readme_refuses_a_smoke_or_changed_run(tmp_path, bad):
     with pytest.raises(SystemExit, match="not a full-size run"):
         tm.main(["--readme-from", str(_saved(tmp_path, **bad))])
+
+
+def test_the_ablation_rows_show_each_modality(tmp_path, monkeypatch):
+    """A run with the tri-modal ablation adds a table of each modality set's accuracy."""
+    path = _saved(tmp_path)
+    saved = json.loads(path.read_text())
+    saved["rows"][1]["ablation"] = {"image_only": 0.6, "text_only": 0.55, "audio_only": 0.7,
+                                    "concat": 0.8, "concat+audio": 0.9, "sum": 0.79}  # fmt: skip
+    path.write_text(json.dumps(saved))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{tm.START}\n{tm.END}\n")
+    monkeypatch.setattr(tm.update_readme, "__defaults__", (readme,))
+    assert tm.main(["--readme-from", str(path)]) == 0
+    text = readme.read_text()
+    assert "| image + text + audio | 0.600 | 0.550 | 0.700 | 0.800 | 0.900 |" in text
+    assert text.count("| frozen features of |") == 1  # only the run with audio rows
