@@ -718,18 +718,19 @@ def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
 def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> dict[str, float]:
     """A checkpoint's test metrics as ``run_evaluate`` computes them, without the ablation or any
     file (register scores a champion trained on other data on this test split with it)."""
+    shard_dir = shard_location(shard_dir)
     manifest = read_manifest(shard_dir, require="test")
     model, info = load_model(checkpoint)
     classes, own = list(manifest.get("classes") or []), list(info.get("classes") or [])
     if classes and own and classes != own:  # label indices would mean other classes
         raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
     task = TrainParams.model_validate(info["params"]).task
-    test = embed_split(model, shard_location(shard_dir), "test", p.batch_size)
+    test = embed_split(model, shard_dir, "test", p.batch_size)
     scores = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
     scores.update(retrieval_metrics(test, p.ks)[0])
     scores.update(zero_shot(model, test, p)[0])
     if task == "captioning":
-        scores.update(caption_result(model, Path(shard_dir), test, p, None).metrics)
+        scores.update(caption_result(model, shard_dir, test, p, None).metrics)
         return scores
     trained = labelled_train(manifest)
     scores.update(task_metrics(test, classes or own, task, trained=trained).metrics)
