@@ -150,7 +150,7 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
     from PIL import Image
 
     from mmpipe.ingest import check_image_bytes, ends_early
-    from mmpipe.shard import encode_jpeg, open_for_size, square_resize
+    from mmpipe.shard import _scaled_jpeg, encode_jpeg, open_for_size, sample_image, square_resize
 
     paths = sorted((COCO / "images").iterdir())
     datas = [p.read_bytes() for p in paths]
@@ -158,6 +158,7 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
     for im in decoded:
         im.load()
     small = [square_resize(im, 256) for im in decoded]
+    scaled = [_scaled_jpeg(Image.open(p), 256) for p in paths]
 
     def bicubic(im: Image.Image) -> Image.Image:
         w, h = im.size
@@ -176,8 +177,23 @@ def per_image_ms(repeats: int = 5) -> dict[str, float]:
         ),
         "  of which the end-marker check": (datas, lambda d: ends_early(d, "JPEG")),
         "ingest sha256": (datas, lambda d: hashlib.sha256(d).digest()),
-        "shard decode": (paths, lambda p: open_for_size(p, 256).load()),
-        "shard resize (HAMMING)": (decoded, lambda im: square_resize(im, 256)),
+        "shard sample: open, decode, resize (as shipped)": (
+            paths,
+            lambda p: sample_image(Image.open(p), 256),
+        ),
+        "shard decode at libjpeg-turbo M/8 (simplejpeg, shipped)": (
+            paths,
+            lambda p: _scaled_jpeg(Image.open(p), 256),
+        ),
+        "shard resize (HAMMING) of the M/8 decode (shipped)": (
+            scaled,
+            lambda im: square_resize(im, 256),
+        ),
+        "decode, Pillow full scale (before)": (paths, lambda p: open_for_size(p, 256).load()),
+        "resize (HAMMING) of the full-scale decode (before)": (
+            decoded,
+            lambda im: square_resize(im, 256),
+        ),
         "resize BICUBIC (before)": (decoded, bicubic),
         "shard JPEG encode q95": (small, lambda im: encode_jpeg(im, 95)),
         **_opencv_steps(datas, decoded),
@@ -228,7 +244,7 @@ def resize_psnr() -> dict[str, float]:
     import numpy as np
     from PIL import Image
 
-    from mmpipe.shard import open_for_size, square_resize
+    from mmpipe.shard import open_for_size, sample_image, square_resize
 
     def crop_box(im: Image.Image) -> tuple[int, int, int, int]:
         w, h = im.size
@@ -245,25 +261,34 @@ def resize_psnr() -> dict[str, float]:
         return cv2.resize(crop, (256, 256), interpolation=cv2.INTER_AREA)
 
     filters = {
-        "HAMMING (shard)": lambda im: np.asarray(square_resize(im, 256)),
+        "HAMMING of the full-scale decode (before)": lambda im: np.asarray(square_resize(im, 256)),
         "cv2 INTER_AREA": area,
         "BOX": pil(Image.Resampling.BOX),
         "BILINEAR": pil(Image.Resampling.BILINEAR),
     }
     images = []
-    for path in sorted((COCO / "images").iterdir()):
+    paths = sorted((COCO / "images").iterdir())
+    for path in paths:
         im = open_for_size(path, 256)
         im.load()
         images.append(im)
     refs = [pil(Image.Resampling.LANCZOS)(im).astype(np.float64) for im in images]
     out = {}
     for name, fn in filters.items():
-        db = [
-            10 * np.log10(255**2 / np.mean((fn(im).astype(np.float64) - ref) ** 2))
-            for im, ref in zip(images, refs, strict=True)
-        ]
-        out[name] = float(np.mean(db))
+        out[name] = float(
+            np.mean([_psnr(fn(im), ref) for im, ref in zip(images, refs, strict=True)])
+        )
+    shipped = [np.asarray(sample_image(Image.open(p), 256)) for p in paths]
+    out["M/8 decode + HAMMING (shard, shipped)"] = float(
+        np.mean([_psnr(a, ref) for a, ref in zip(shipped, refs, strict=True)])
+    )
     return out
+
+
+def _psnr(a: Any, ref: Any) -> float:
+    import numpy as np
+
+    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - ref) ** 2)))
 
 
 def run_img2dataset(exe: Path, src: Path, out: Path) -> tuple[float, float, int]:

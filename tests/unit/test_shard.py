@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -142,3 +143,71 @@ def test_input_errors(aligned, tmp_path):
     with pytest.raises(InputError, match="image file not found"):
         shard(aligned, tmp_path / "s", workers=2)
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+COCO_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco-mini" / "images"
+
+
+def _jpeg(img: Image.Image, **save) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **save)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(10 * np.log10(255**2 / max(np.mean((x - y) ** 2), 1e-9)))
+
+
+def _full_scale(img: Image.Image, size: int) -> Image.Image:
+    """The reference: full-resolution decode, centre square, LANCZOS."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return img.resize((size, size), Image.Resampling.LANCZOS, box=box)
+
+
+def test_a_photo_is_decoded_at_the_smallest_eighth_that_keeps_image_size():
+    """640x480-class photo for 256 px: libjpeg-turbo's 5/8 scale (Pillow's draft cannot reduce
+    below 2x), never below image_size, and the sample stays the same picture."""
+    from mmpipe.shard import _scaled_jpeg, sample_image
+
+    path = sorted(COCO_PHOTOS.glob("*.jpg"))[0]
+    with Image.open(path) as img:
+        w, h = img.size
+        decoded = _scaled_jpeg(img, 256)
+    assert decoded is not None and min(decoded.size) >= 256
+    assert decoded.size == (-(-w * 5 // 8), -(-h * 5 // 8))  # 422 px side: 5/8 -> 264 >= 256
+    with Image.open(path) as img:
+        sample = sample_image(img, 256)
+    with Image.open(path) as img:
+        reference = _full_scale(img, 256)
+    assert sample.size == (256, 256) and sample.mode == "RGB"
+    assert _psnr(sample, reference) > 28  # ~32 dB measured; a wrong crop or channel order < 15
+    with Image.open(path) as img:  # 7/8 of the short side below image_size: no reduction
+        assert _scaled_jpeg(img, min(w, h)) is None
+
+
+def test_reduced_decode_keeps_greyscale_exif_and_refuses_what_it_cannot_decode():
+    from mmpipe.shard import _scaled_jpeg, sample_image
+
+    grey = Image.radial_gradient("L").resize((96, 64))
+    out = sample_image(_jpeg(grey), 16)
+    assert out.mode == "RGB" and _psnr(out, _full_scale(_jpeg(grey), 16)) > 28
+    # EXIF orientation 6 on a reduced decode: the top half (yellow) shows on the right
+    tall = Image.new("RGB", (64, 128), (0, 0, 255))
+    tall.paste((255, 255, 0), (0, 0, 64, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert _scaled_jpeg(_jpeg(tall, exif=exif.tobytes()), 16) is not None
+    out = sample_image(_jpeg(tall, exif=exif.tobytes()), 16)
+    assert out.getpixel((2, 8))[2] > 200 and out.getpixel((13, 8))[0] > 200
+    # CMYK is left to Pillow; a damaged stream is left to Pillow's verdict (and message)
+    assert _scaled_jpeg(_jpeg(Image.new("CMYK", (96, 64))), 16) is None
+    buf = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").save(buf, format="JPEG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    assert _scaled_jpeg(Image.open(io.BytesIO(cut)), 16) is None
+    with pytest.raises(OSError, match="truncated"):
+        sample_image(Image.open(io.BytesIO(cut)), 16)
