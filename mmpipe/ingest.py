@@ -247,6 +247,7 @@ def run_ingest(p: IngestParams, out_dir: Path, check_cache: Path | None = None) 
         report["audio"] = {**audio, "by_reason": rejects.by_reason("audio")}
     report["data_root"] = _data_root_record(p, source.root, out_dir)
     report["image_check"] = p.image_check  # "header": shard rejects what it cannot decode
+    report["strict"] = p.strict  # ... or, strict, fails at the first image it cannot decode
     if generated is not None:
         report["synthetic"] = {k: generated[k] for k in ("n_images", "n_captions")}
     fault_point("ingest:records-written")

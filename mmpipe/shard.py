@@ -48,7 +48,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmpipe.config import ShardParams, section_hash
-from mmpipe.errors import InputError, check
+from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.faults import fault_point
 from mmpipe.incremental import (
     MembersWriter,
@@ -488,14 +488,21 @@ class SplitWriter:
 
 
 class RejectsWriter:
-    """``rejects.jsonl`` of the pairs left out (streamed, in pair order), counted per split."""
+    """``rejects.jsonl`` of the pairs left out (streamed, in pair order), counted per split;
+    ``strict`` (ingest.strict): the first one fails the stage instead, naming the image."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, strict: bool = False) -> None:
         self.fh = path.open("w", encoding="utf-8")
         self.per_split = dict.fromkeys(SPLITS, 0)
+        self.strict = strict
 
     def add(self, record: dict[str, Any]) -> None:
-        """Write one reject record."""
+        """Write one reject record (strict: raise ValidationFailed)."""
+        if self.strict:
+            raise ValidationFailed(
+                f"{record['file']}: {record['reason']} ({record['detail']}); ingest.strict is "
+                "true and ingest.image_check is header, so shard's decode is the check"
+            )
         self.fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
         self.per_split[record["split"]] += 1
 
@@ -507,10 +514,12 @@ class RejectsWriter:
 # ----------------------------------------------------------------------------- stage
 
 
-def header_checked(ingest_dir: Path) -> bool:
+def header_checked(ingest_dir: Path) -> tuple[bool, bool]:
     """Whether ingest only checked headers (``ingest.image_check: header``): then shard's is the
-    one full decode and an undecodable image is a reject, not an error."""
-    return read_json(Path(ingest_dir) / "report.json").get("image_check") == "header"
+    one full decode and an undecodable image is a reject, not an error; and whether ingest ran
+    strict (then that reject fails the stage)."""
+    report = read_json(Path(ingest_dir) / "report.json")
+    return report.get("image_check") == "header", bool(report.get("strict", False))
 
 
 def open_pairs(align_dir: Path, ingest_dir: Path) -> tuple[pq.ParquetFile, dict[str, Any], Path]:
@@ -722,7 +731,8 @@ def run_shard(
     reuse = plan_reuse(previous, output_params_hash(p), pairs, p.copies)
     if previous is not None:
         link_shards(reuse, Path(previous), out_dir)
-    rejects = RejectsWriter(out_dir / "rejects.jsonl") if header_checked(ingest_dir) else None
+    header, strict = header_checked(ingest_dir)
+    rejects = RejectsWriter(out_dir / "rejects.jsonl", strict) if header else None
     try:
         splits, new = write_splits(
             pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse, rejects

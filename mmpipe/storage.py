@@ -191,7 +191,9 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
     """Upload a committed local shard set to ``url`` as a new version, then move the pointer.
 
     Returns ``{"url", "version", "uploaded", "reused"}``. Shards already in the version's prefix
-    with the manifest's byte size are not uploaded again (a re-run after a kill resumes).
+    with the manifest's byte size are not uploaded again (a re-run after a kill resumes). Shard's
+    ``rejects.jsonl`` (when there is one) goes with them, so its named rejects travel with the
+    counts in the manifest.
     """
     shard_dir = Path(shard_dir)
     manifest_bytes = (shard_dir / MANIFEST).read_bytes()
@@ -208,6 +210,9 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
             continue
         fs.put_file(str(shard_dir / name), target)  # one PUT (multipart for large): whole or none
         uploaded += 1
+    rejects = shard_dir / "rejects.jsonl"  # ingest.image_check: header: the pairs left out
+    if rejects.is_file():
+        fs.put_file(str(rejects), join(prefix, rejects.name))
     fs.pipe_file(join(prefix, MANIFEST), manifest_bytes)
     # last: the pointer; a reader resolving it before this line still gets the old version
     pointer = json.dumps({"version": version, "manifest_sha256": sha}, indent=1).encode()

@@ -179,3 +179,24 @@ def test_model_card_data_counts_shard_rejects(tmp_path):
 
     data = training_data(_run(tmp_path, "header"))
     assert data["rejected"] == {"images": 2, "captions": 2, "shard pairs": 3}
+
+
+def test_strict_header_mode_fails_shard_at_the_first_undecodable_image(tmp_path):
+    """ingest.strict keeps fail-fast when shard's decode is the check: no shards, the image named."""
+    from mmpipe.errors import ValidationFailed
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for k in range(4):
+        (root / f"images/good{k}.jpg").write_bytes(_photo(40 + k))
+    (root / "images/huffman.jpg").write_bytes(_bad_huffman(44))
+    names = sorted(p.name for p in (root / "images").iterdir())
+    (root / "captions.csv").write_text(
+        "image,caption\n" + "".join(f"images/{n},a caption of {n}\n" for n in names)
+    )
+    layout = Layout(tmp_path / "strict")
+    p = IngestParams(source="folder", root=str(root), image_check="header", strict=True)
+    run_ingest(p, layout.ingest_dir)  # the header check passes it: structure intact
+    run_align(layout.ingest_dir, AlignParams(train=0.5, val=0.25, test=0.25), layout.align_dir)
+    with pytest.raises(ValidationFailed, match=r"images/huffman\.jpg: undecodable_image"):
+        run_shard(layout.align_dir, layout.ingest_dir, ShardParams(image_size=16), layout.shard_dir)

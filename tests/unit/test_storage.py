@@ -31,7 +31,10 @@ def test_is_url_and_redact():
 
 def test_published_shards_read_back_sample_for_sample(tmp_path, url):
     local = write_mood_shards(tmp_path / "shards", per_shard=6)
+    (local / "rejects.jsonl").write_text('{"file": "images/x.jpg"}\n')  # header mode's rejects
     out = storage.publish_shards(local, url)
+    with fsspec.open(f"{out['url']}/rejects.jsonl", "rb") as fh:
+        assert fh.read() == (local / "rejects.jsonl").read_bytes()
     assert out["uploaded"] == len(list(local.glob("*.tar"))) and out["reused"] == 0
     for split in ("train", "val"):
         remote = list(iterate_split(url, split))
