@@ -647,13 +647,27 @@ def write_splits(
     return splits, members.new
 
 
+# What makes a sample's bytes besides the params: bump when the decode, resize or encode changes
+# (2: JPEGs decoded at libjpeg-turbo's M/8 scales), so an incremental run never reuses shards
+# written the old way beside samples written the new way.
+SAMPLE_CODE = 2
+
+
 def output_params_hash(p: ShardParams) -> str:
     """section_hash of the params with where they run normalised (`workers`, `executor`,
-    `address`) and without `output` (where the shards are published): none can change a byte."""
-    return section_hash(
+    `address`) and without `output` (where the shards are published): none can change a byte;
+    with SAMPLE_CODE and the decoders' versions (Pillow, simplejpeg), which can."""
+    import hashlib
+
+    import PIL
+    import simplejpeg
+
+    params = section_hash(
         p.model_copy(update={"workers": 1, "executor": "process", "address": None}),
         exclude={"output"},
     )
+    code = f"{params}|{SAMPLE_CODE}|{PIL.__version__}|{simplejpeg.__version__}"
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
 
 
 def build_manifest(

@@ -84,3 +84,15 @@ def test_other_params_reuse_nothing(night, tmp_path):
     # every file the same bytes (members.parquet too): a forced re-run keeps dvc.lock's hash
     for path in first.iterdir():
         assert (tmp_path / "same" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_shards_written_by_another_sample_code_are_not_reused(night, tmp_path, monkeypatch):
+    """Same params, another decoder (an mmpipe or Pillow upgrade): reuse would mix old and new
+    samples, so nothing is reused and the result equals a from-scratch run."""
+    import mmpipe.shard
+
+    first, _ = night("1", 20)
+    align, ingest = tmp_path / "align-1", tmp_path / "ingest-1"
+    monkeypatch.setattr(mmpipe.shard, "SAMPLE_CODE", mmpipe.shard.SAMPLE_CODE + 1)
+    report = run_shard(align, ingest, PARAMS, tmp_path / "upgraded", previous=first)
+    assert report["reused_shards"] == 0 and report["new_samples"] == report["samples"]
