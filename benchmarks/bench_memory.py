@@ -84,7 +84,6 @@ def child(stage: str, src: Path, work: Path, workers: int) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "main_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "main_after_imports_mib": round(base / 1024, 1),
-        "workers_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "tree_peak_mib": round(peak[0] / 2**20, 1),
     }
 
