@@ -53,11 +53,13 @@ class Predictor:
     training: dict[str, Any] | None = None  # what it was trained on (mmpipe.modelcard)
     profile: Profile | None = None  # the training data's embedding profile (mmpipe.ood)
     audio_limits: AudioParams = field(default_factory=AudioParams)  # ingest.audio's checks
+    decode: str = "reduced"  # shard.decode of the shards it was trained on
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (stored beside a logged model)."""
         out: dict[str, Any] = {
             "image_size": self.image_size,
+            "decode": self.decode,
             "classes": self.classes,
             "task": self.task,
         }
@@ -99,7 +101,7 @@ class Predictor:
     def _tensor(self, image: ImageInput) -> torch.Tensor:
         from mmpipe.data import decode_image
 
-        jpg = _preprocess(image, self.image_size)  # bytes, as stored in shards
+        jpg = _preprocess(image, self.image_size, self.decode)  # bytes, as stored in shards
         return decode_image(jpg)  # (3, S, S)
 
     @torch.no_grad()
@@ -290,7 +292,7 @@ def _name(item: ImageInput) -> str:
     return str(item) if isinstance(item, str | Path) else f"<{type(item).__name__}>"
 
 
-def _preprocess(image: ImageInput, size: int) -> bytes:
+def _preprocess(image: ImageInput, size: int, decode: str = "reduced") -> bytes:
     """A path / bytes / PIL image as the stored sample's JPEG bytes; unreadable input names the file.
 
     The file is opened, not loaded, before ``shard.preprocess_image``: a large JPEG is then
@@ -299,10 +301,10 @@ def _preprocess(image: ImageInput, size: int) -> bytes:
     from mmpipe.shard import preprocess_image
 
     if isinstance(image, Image.Image):
-        return preprocess_image(image, size)
+        return preprocess_image(image, size, decode=decode)
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image)) as img:
-            return preprocess_image(img, size)
+            return preprocess_image(img, size, decode=decode)
     except FileNotFoundError:
         raise InputError(f"{image}: image file not found") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
@@ -377,7 +379,9 @@ def load_predictor(
     names = classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes")
     task = sidecar.get("task") or info["model_args"]["task"]
     profile = sidecar.get("profile_file")
+    decode = sidecar.get("decode") or info.get("decode") or manifest.get("decode") or "reduced"
     return Predictor(
         model, int(size), list(names or []), task, str(checkpoint), torch.device(device),
         training=sidecar.get("training"), profile=load_profile(profile) if profile else None,
+        decode=decode,
     )  # fmt: skip

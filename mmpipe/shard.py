@@ -11,9 +11,10 @@ Streaming: pairs.parquet (sorted by (split, pair_id) by align) is read batch by 
 a few jobs are in flight in the pool, so memory does not grow with the number of pairs. Image
 paths are relative to the data root that ingest recorded (``ingest.resolve_data_root``): the
 shards hold no absolute path, so the same data gives the same bytes wherever it lives.
-Each image is decoded once (cached per image_id for its several captions), JPEGs at the largest
-DCT-domain reduction that keeps both sides >= image_size: libjpeg-turbo's M/8 scales through
-simplejpeg (``_scaled_jpeg``), Pillow ``draft`` where that does not apply.
+Each image is decoded once (cached per image_id for its several captions). ``shard.decode:
+reduced`` (default): JPEGs at the largest DCT-domain reduction that keeps both sides >=
+image_size, libjpeg-turbo's M/8 scales through simplejpeg (``_scaled_jpeg``), Pillow ``draft``
+where that does not apply; ``full``: at full resolution. The manifest records the mode.
 
 Undecodable images: with ``ingest.image_check: decode`` (the default) ingest decoded every
 image, so one shard cannot decode has changed since ingest: an InputError. With ``header``
@@ -187,17 +188,20 @@ _UPRIGHT = {
 }
 
 
-def sample_image(img: Image.Image, size: int) -> Image.Image:
+def sample_image(img: Image.Image, size: int, decode: str = "reduced") -> Image.Image:
     """The stored sample picture of an opened image: upright, RGB, centre square, size x size.
 
-    Cheapest order: decode at reduced scale (JPEG draft), crop + resize in the file's own
+    ``decode`` (shard.decode): "reduced" decodes a JPEG at the smallest M/8 scale keeping
+    ``size`` (``_scaled_jpeg``, else Pillow's draft), "full" at full resolution.
+    Cheapest order: decode at reduced scale, crop + resize in the file's own
     orientation, then turn the small result upright (the centre square of a rotated image is the
     rotated centre square), so no full-size copy is made for the transpose or the mode.
     """
     orientation = img.getexif().get(0x0112)
-    decoded = _scaled_jpeg(img, size)
+    decoded = _scaled_jpeg(img, size) if decode == "reduced" else None
     if decoded is None:
-        _draft(img, size)
+        if decode == "reduced":
+            _draft(img, size)
         img.load()
         decoded = img if img.mode == "RGB" else img.convert("RGB")
     small = square_resize(decoded, size)
@@ -214,14 +218,16 @@ def encode_jpeg(image: Image.Image | np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def preprocess_image(img: Image.Image, image_size: int, quality: int = 90) -> bytes:
+def preprocess_image(
+    img: Image.Image, image_size: int, quality: int = 90, decode: str = "reduced"
+) -> bytes:
     """Exactly the stored (un-augmented) sample image: ``sample_image`` encoded as JPEG.
 
     Give it an image as opened (not yet loaded): a JPEG is then decoded at the same reduced
     scale as in shard, so the bytes equal the stored sample's. An already loaded image is
     resized from full resolution (equal to the stored sample when no reduction applied).
     """
-    return encode_jpeg(sample_image(img, image_size), quality)
+    return encode_jpeg(sample_image(img, image_size, decode), quality)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -269,7 +275,9 @@ def _base_image(pair: dict[str, Any]) -> tuple[Image.Image, bytes] | str:
     p: ShardParams = _STATE["p"]
     path = _STATE["root"] / pair["image_path"]
     on_error = _undecodable if _STATE["reject_undecodable"] else None
-    img = open_original(path, lambda original: sample_image(original, p.image_size), on_error)
+    img = open_original(
+        path, lambda original: sample_image(original, p.image_size, p.decode), on_error
+    )
     entry = img if isinstance(img, str) else (img, encode_jpeg(img, p.jpeg_quality))
     cache[pair["image_id"]] = entry
     if len(cache) > _STATE["cache_max"]:
@@ -696,6 +704,7 @@ def build_manifest(
     return {
         "params_hash": output_params_hash(p),
         "image_size": p.image_size,
+        "decode": p.decode,  # predict preprocesses as the shards were written
         "classes": list(align_report.get("classes", [])),
         "labels": status,
         "labelled_pairs_per_split": align_report.get("labelled_pairs_per_split", {}),

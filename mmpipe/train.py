@@ -161,6 +161,7 @@ def create_trainer(
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     meta = {
         "classes": classes, "num_classes": len(classes), "image_size": manifest.get("image_size"),
+        "decode": manifest.get("decode", "reduced"),
         "task": p.task, "params": p.model_dump(mode="json"),
         "model_args": p.model_args().model_dump(mode="json"), "model_config": model.config,
         "params_hash": manifest.get("params_hash"),

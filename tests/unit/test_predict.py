@@ -244,7 +244,12 @@ def test_register_stage_versions_and_promotes_only_a_better_model(proj):
     # image size + classes came from the project's manifest into the logged sidecar
     _, sidecar = tracking.download_model(second["model_uri"], store, root)
     training = sidecar.pop("training")  # what predict prints the model was trained on
-    assert sidecar == {"image_size": IMAGE_SIZE, "classes": CLASSES, "task": "multiclass"}
+    assert sidecar == {
+        "image_size": IMAGE_SIZE,
+        "decode": "reduced",
+        "classes": CLASSES,
+        "task": "multiclass",
+    }
     assert training["classes"] == CLASSES and len(training["data_hash"]) == 64
 
 
@@ -256,3 +261,27 @@ def test_caption_command_refuses_a_model_that_is_not_a_captioning_model(proj, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "a multiclass model has no caption decoder" in err and "train.task=captioning" in err
+
+
+def test_a_model_trained_on_full_decode_shards_preprocesses_at_full_resolution(proj, shared_data):
+    """shard.decode travels manifest -> checkpoint -> predictor: a photo is preprocessed the way
+    the model's shards were written, not by the default."""
+    from mmpipe.data import decode_image
+    from mmpipe.shard import preprocess_image
+
+    _, ckpt, _ = proj
+    assert predict.load_predictor(ckpt).decode == "reduced"  # nothing recorded: the default
+    state = torch.load(ckpt, weights_only=True)
+    state["decode"] = "full"  # as train records a full-decode manifest's shard.decode
+    full_ckpt = ckpt.parent / "full.pt"
+    torch.save(state, full_ckpt)
+    p = predict.load_predictor(full_ckpt)
+    assert p.decode == "full" and p.describe()["decode"] == "full"
+    photo = next((shared_data / "coco-mini" / "images").glob("*.jpg"))
+    with Image.open(photo) as opened:
+        full = decode_image(preprocess_image(opened, IMAGE_SIZE, decode="full"))
+    with Image.open(photo) as opened:
+        reduced = decode_image(preprocess_image(opened, IMAGE_SIZE))
+    got = p.load_images([photo])[0]
+    torch.testing.assert_close(got, full, rtol=0, atol=0)
+    assert not torch.equal(got, reduced)

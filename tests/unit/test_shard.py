@@ -104,14 +104,34 @@ def test_loader_reads_what_shard_wrote(aligned, tmp_path):
     assert batches[0]["image"].shape[1:] == (3, 16, 16)
 
 
-def test_stored_image_equals_preprocess_image(aligned, tmp_path):
-    """predict.py feeds preprocess_image output to the model: it must equal the stored bytes."""
-    shard(aligned, tmp_path / "s", jpeg_quality=85)
+@pytest.mark.parametrize("decode", ["reduced", "full"])
+def test_stored_image_equals_preprocess_image(aligned, tmp_path, decode):
+    """predict.py feeds preprocess_image output to the model: it must equal the stored bytes,
+    for either shard.decode (the manifest records which)."""
+    shard(aligned, tmp_path / "s", jpeg_quality=85, decode=decode)
+    assert read_manifest(tmp_path / "s")["decode"] == decode
     root = aligned[1].parent / "raw"  # the fixture's data root
     for s in iterate_split(tmp_path / "s", "val"):
         assert not Path(s["json"]["image_path"]).is_absolute()
         with Image.open(root / s["json"]["image_path"]) as img:
-            assert preprocess_image(img, 16, 85) == s["jpg"]
+            assert preprocess_image(img, 16, 85, decode=decode) == s["jpg"]
+
+
+def test_full_decode_resizes_from_full_resolution():
+    """shard.decode: full never decodes at a reduced scale: the sample equals Pillow's full
+    decode + the HAMMING resize, where `reduced` decodes a 640x480-class photo at 5/8."""
+    from mmpipe.shard import sample_image, square_resize
+
+    path = sorted(COCO_PHOTOS.glob("*.jpg"))[0]
+    with Image.open(path) as img:
+        full = sample_image(img, 256, "full")
+    with Image.open(path) as img:
+        img.load()
+        expected = square_resize(img.convert("RGB"), 256)
+    with Image.open(path) as img:
+        reduced = sample_image(img, 256, "reduced")
+    assert np.array_equal(np.asarray(full), np.asarray(expected))
+    assert _psnr(full, reduced) < 45  # the two modes are different pictures
 
 
 def test_preprocess_centre_crops_and_applies_exif():

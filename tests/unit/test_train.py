@@ -158,6 +158,7 @@ def test_checkpoint_is_weights_only_and_reloads(shards, tmp_path):
     assert state["classes"] == MOOD_CLASSES and state["num_classes"] == 2
     model, info = load_model(tmp_path / "best.pt")
     assert info["image_size"] == 32 and info["params"]["width"] == 16
+    assert info["decode"] == "reduced"  # the manifest's shard.decode (default when unrecorded)
     images, texts = torch.zeros(3, 3, 32, 32), ["a circle", "a square on the left, sad", ""]
     out = model(images, texts)
     assert out["logits"].shape == (3, 2) and out["image_emb"].shape == (3, 16)
