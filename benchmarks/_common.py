@@ -278,3 +278,54 @@ def update_readme_block(
     if not re.search(pattern, text, flags=re.S):
         raise SystemExit(f"{readme}: no {start} ... {end} markers")
     readme.write_text(re.sub(pattern, lambda _: block, text, flags=re.S), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- README benchmarks
+
+
+def readme_benchmark_args(name: str, doc: str | None, work_dir: str) -> argparse.ArgumentParser:
+    """The arguments of a script whose table goes between README markers: --smoke, --work-dir,
+    --out-dir, --update-readme and --readme-from (the table from a saved full run's JSON)."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc)
+    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
+    ap.add_argument("--work-dir", type=Path, default=Path(work_dir), help="project dir(s)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help=f"where {name}.json goes")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
+    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
+                    help=f"rewrite README.md's table from a saved full run's {name}.json "
+                    "(no training)")  # fmt: skip
+    return ap
+
+
+def saved_full_run(
+    path: Path,
+    overrides: list[str],
+    complete: Callable[[dict[str, Any]], bool] = lambda saved: True,
+    what: str = "a full-size run",
+) -> dict[str, Any]:
+    """A saved run's JSON, refused (SystemExit) unless it is the full-size run with these
+    ``overrides`` (and ``complete``): a README table never comes from a smoke or changed run."""
+    saved = json.loads(Path(path).read_text())
+    if saved["mode"] != "full" or saved["overrides"] != overrides or not complete(saved):
+        raise SystemExit(f"{path}: not {what}")
+    return saved
+
+
+def parse_readme_args(
+    name: str,
+    doc: str | None,
+    work_dir: str,
+    argv: list[str] | None,
+    full: list[str],
+    from_saved: Callable[[dict[str, Any]], None],
+) -> argparse.Namespace | None:
+    """The parsed ``readme_benchmark_args``; None when --readme-from was given and
+    ``from_saved`` has rewritten the README from that saved ``full`` run. --update-readme with
+    --smoke is refused before any work."""
+    args = readme_benchmark_args(name, doc, work_dir).parse_args(argv)
+    if args.readme_from is not None:
+        from_saved(saved_full_run(args.readme_from, full))
+        return None
+    if args.update_readme and args.smoke:
+        raise SystemExit("--update-readme needs the full-size run")
+    return args

@@ -16,7 +16,6 @@ is what the decoder costs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -26,7 +25,14 @@ from typing import Any
 
 import yaml
 
-from benchmarks._common import REPO, RESULTS, interleaved, machine, mmpipe_run, update_readme_block
+from benchmarks._common import (
+    REPO,
+    interleaved,
+    machine,
+    mmpipe_run,
+    parse_readme_args,
+    update_readme_block,
+)
 from benchmarks.classic_systems import SMOKE
 
 CONFIG = REPO / "configs" / "captioning.yaml"
@@ -96,22 +102,10 @@ def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.captioning", description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
-    ap.add_argument("--work-dir", type=Path, default=Path("runs/captioning"), help="project dir")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where captioning.json goes")
-    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
-    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
-                    help="rewrite README.md's table from a saved full run's captioning.json")  # fmt: skip
-    args = ap.parse_args(argv)
-    if args.readme_from is not None:
-        saved = json.loads(args.readme_from.read_text())
-        if saved["mode"] != "full" or saved["overrides"] != FULL:
-            raise SystemExit(f"{args.readme_from}: not a full-size run")
-        update_readme(markdown(saved))
+    args = parse_readme_args("captioning", __doc__, "runs/captioning", argv, FULL,
+                             lambda saved: update_readme(markdown(saved)))  # fmt: skip
+    if args is None:  # --readme-from: done
         return 0
-    if args.update_readme and args.smoke:
-        raise SystemExit("--update-readme needs the full-size run")
     overrides = SMOKE if args.smoke else FULL
     project = args.work_dir.resolve()
     print("captioning: mmpipe run ...", flush=True)

@@ -16,13 +16,19 @@ of the two; see evaluate's ablation), so the fused model's figure reads against 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine, mmpipe_run, update_readme_block
+from benchmarks._common import (
+    REPO,
+    machine,
+    mmpipe_run,
+    readme_benchmark_args,
+    saved_full_run,
+    update_readme_block,
+)
 
 CONFIGS = {  # config -> the system it reproduces (README order)
     "sentiment_lstm_cnn": "LSTM text + CNN image, softmax over sentiment classes",
@@ -106,25 +112,16 @@ def update_readme(table: str, command: str, readme: Path = REPO / "README.md") -
 
 def readme_from(path: Path) -> int:
     """README.md's table from a saved run: only a complete full-size run of every config."""
-    saved = json.loads(path.read_text())
-    names = [row["name"] for row in saved["rows"]]
-    if saved["mode"] != "full" or saved["overrides"] or names != list(CONFIGS):
-        raise SystemExit(f"{path}: not a complete full-size run of every config ({names})")
+    saved = saved_full_run(path, [], lambda s: [r["name"] for r in s["rows"]] == list(CONFIGS),
+                           "a complete full-size run of every config")  # fmt: skip
     update_readme(markdown(saved["rows"]), "python -m benchmarks.classic_systems --update-readme")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.classic_systems", description=__doc__)
+    ap = readme_benchmark_args("classic_systems", __doc__, "runs/classic")
     ap.add_argument("--only", default=None, help="comma-separated config names")
-    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
-    ap.add_argument("--work-dir", type=Path, default=Path("runs/classic"), help="project dirs")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where classic_systems.json goes")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
-    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
-    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
-                    help="rewrite README.md's table from a saved full run's classic_systems.json "
-                    "(no training)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.readme_from is not None:
         return readme_from(args.readme_from)

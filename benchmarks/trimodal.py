@@ -15,13 +15,12 @@ modality pair (image-text, image-audio, text-audio, both directions).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, RESULTS, machine, mmpipe_run, update_readme_block
+from benchmarks._common import REPO, machine, mmpipe_run, parse_readme_args, update_readme_block
 from benchmarks.classic_systems import SMOKE
 
 RUNS = {"image + text": "none", "image + text + audio": "cnn"}  # label -> train.audio_encoder
@@ -83,22 +82,10 @@ def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.trimodal", description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="tiny params: checks the script")
-    ap.add_argument("--work-dir", type=Path, default=Path("runs/trimodal"), help="project dirs")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where trimodal.json goes")
-    ap.add_argument("--update-readme", action="store_true", help="rewrite README.md's table")
-    ap.add_argument("--readme-from", type=Path, default=None, metavar="JSON",
-                    help="rewrite README.md's table from a saved full run's trimodal.json")  # fmt: skip
-    args = ap.parse_args(argv)
-    if args.readme_from is not None:
-        saved = json.loads(args.readme_from.read_text())
-        if saved["mode"] != "full" or saved["overrides"] != FULL:
-            raise SystemExit(f"{args.readme_from}: not a full-size run")
-        update_readme(markdown(saved["rows"]))
+    args = parse_readme_args("trimodal", __doc__, "runs/trimodal", argv, FULL,
+                             lambda saved: update_readme(markdown(saved["rows"])))  # fmt: skip
+    if args is None:  # --readme-from: done
         return 0
-    if args.update_readme and args.smoke:
-        raise SystemExit("--update-readme needs the full-size run")
     overrides = SMOKE if args.smoke else FULL
     rows = []
     for label in RUNS:

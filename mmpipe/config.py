@@ -340,7 +340,8 @@ class ModelConfig(Section):
     )
     caption_vocab_size: int = Field(
         5000, ge=1, description="captioning: the most frequent train words the decoder knows "
-        "(others are <unk> in training and never generated).",
+        "(others are <unk> in training and never generated). With init_from a captioning "
+        "checkpoint, that checkpoint's vocabulary is used instead (its rows keep their words).",
     )  # fmt: skip
     caption_max_words: int = Field(
         24, ge=1, description="captioning: cap of the generated length in words; the longest "

@@ -342,7 +342,8 @@ def run_train(
             raise InputError(f"{redact(str(shard_dir))}: the ranks of this job read different "
                              "shard versions (manifest sha256); start the job again")  # fmt: skip
         with signals.deferred():
-            caption = caption_vocabulary(shard_dir, p) if p.task == "captioning" else None
+            source = work / LAST if resuming else init_checkpoint
+            caption = caption_vocabulary(shard_dir, p, source) if p.task == "captioning" else None
             t = create_trainer(p, d, manifest, None if resuming else init_checkpoint, caption)
             t.meta["resume_key"] = key
             at, rng = start_or_resume(t, work, resume)
@@ -358,10 +359,28 @@ def run_train(
         close_distributed(d)
 
 
-def caption_vocabulary(shard_dir: Path, p: TrainParams) -> dict[str, Any]:
-    """Captioning's vocabulary and max length, from the train split's captions."""
-    texts = (sample["txt"] for sample in iterate_split(shard_dir, "train"))
-    return build_vocabulary(texts, p.caption_vocab_size, p.caption_max_words)
+def caption_vocabulary(
+    shard_dir: Path, p: TrainParams, source: Path | None = None
+) -> dict[str, Any]:
+    """Captioning's vocabulary and max length, from the train split's captions.
+
+    ``source`` (the init_from checkpoint, or the resumed last.pt): when it holds a captioning
+    decoder, its vocabulary is kept, so every loaded embedding/output row keeps its word (a
+    vocabulary rebuilt from other captions would put the same size in another order and load
+    the rows under the wrong words); train words it lacks are ``<unk>``, said in the log.
+    """
+    texts = [sample["txt"] for sample in iterate_split(shard_dir, "train")]
+    spec = build_vocabulary(texts, p.caption_vocab_size, p.caption_max_words)
+    old = read_checkpoint(source).get("caption") if source is not None else None
+    if not old:
+        return spec
+    vocab = list(old["vocab"])
+    unknown = sorted(set(spec["vocab"]) - set(vocab))
+    if unknown:
+        log.warning("train: the captioning vocabulary of %s (%d words) lacks %d of this run's "
+                    "%d train words (%s...): they are <unk>", source, len(vocab), len(unknown),
+                    len(spec["vocab"]), ", ".join(unknown[:5]))  # fmt: skip
+    return {**spec, "vocab": vocab}
 
 
 def local_init_checkpoint(source: str) -> Path:
@@ -644,7 +663,8 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
         "contrastive": float(contrastive.detach()),
         "task": t_global / max(n_global, 1.0),
         "samples": float(len(img)),
-        "labelled": n_global,
+        # captioning's n counts target tokens; the report counts the pairs that trained
+        "labelled": float(len(img)) if p.task == "captioning" else n_global,
     }
     if "itm_logits" in out:
         itm = itm_loss(out["itm_logits"], out["itm_labels"])

@@ -387,3 +387,15 @@ def save_random_checkpoint(path: Path, cfg=None, classes: list[str] | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, path)
     return path
+
+
+def readme_table_from(module: Any, saved: Path, tmp_path: Path, monkeypatch) -> str:
+    """The README after a benchmark's ``main(["--readme-from", saved])`` on a README holding
+    the module's START/END markers; asserts only the text between them changed."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{module.START}\nold\n{module.END}\nafter\n")
+    monkeypatch.setattr(module.update_readme, "__defaults__", (readme,))
+    assert module.main(["--readme-from", str(saved)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    return text

@@ -32,7 +32,9 @@ def caption(rng: random.Random, colour: str, shape: str) -> str:
     return f"{rng.choice(LEADS)} {text}" if rng.random() < 0.35 else text
 
 
-def write_caption_shards(root: Path, n_images: dict[str, int], per_image: int = 2) -> Path:
+def write_caption_shards(
+    root: Path, n_images: dict[str, int], per_image: int = 2, make_caption=caption
+) -> Path:
     """Shards of colour_image()s with unlabelled captions as the shard stage stores them."""
     from mmpipe.io import write_json_atomic
     from mmpipe.shard import preprocess_image
@@ -50,7 +52,7 @@ def write_caption_shards(root: Path, n_images: dict[str, int], per_image: int = 
                     meta = {"pair_id": key, "image_id": f"{split}img{i:03d}", "caption_id": key,
                             "label": None, "label_index": -1, "split": split, "meta": {},
                             "copy": 0}  # fmt: skip
-                    for ext, data in (("jpg", jpg), ("txt", caption(rng, colour, shape).encode()),
+                    for ext, data in (("jpg", jpg), ("txt", make_caption(rng, colour, shape).encode()),
                                       ("json", json.dumps(meta).encode())):  # fmt: skip
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size = len(data)
@@ -87,6 +89,7 @@ def test_captioning_trains_without_labels_and_stores_its_vocabulary(trained):
     assert report["task_loss"] == "on" and report["history"][-1]["train_task"] > 0
     first, last = report["history"][0]["train_task"], report["history"][-1]["train_task"]
     assert last < 0.5 * first  # the token loss goes down
+    assert report["history"][-1]["train_labelled_pairs"] == 64  # pairs (32 images x 2), not tokens
     assert set(COLOURS) | set(SHAPES) | {"a"} <= set(info["caption"]["vocab"])
     assert model.decoder is not None and model.head is None
 
@@ -168,3 +171,33 @@ def test_report_shows_the_scores_beside_the_baseline_and_example_captions(tmp_pa
     assert "| nearest-neighbour train caption | 0.2200 | 0.7500 |" in text
     assert "examples/caption_00_abc.png" in text
     assert "generated: a red circle" in text and "references: a red circle / one red circle" in text
+
+
+def test_init_from_a_captioning_checkpoint_keeps_its_vocabulary_rows_and_words(tmp_path):
+    """Fine-tuning on captions whose vocabulary has the same size in another order: the new
+    decoder uses the checkpoint's vocabulary, so each loaded row still means its word."""
+    from mmpipe.checkpoint import read_checkpoint, read_manifest
+    from mmpipe.distributed import init_distributed
+    from mmpipe.train import caption_vocabulary, create_trainer
+
+    def colour_twice(rng: random.Random, colour: str, shape: str) -> str:
+        return f"{caption(rng, colour, shape)} {colour}"  # colours now tie with the shapes
+
+    sizes = {"train": 16, "val": 2}
+    first = write_caption_shards(tmp_path / "a", sizes)
+    second = write_caption_shards(tmp_path / "b", sizes, make_caption=colour_twice)
+    p = tiny_train_params(task="captioning", text_encoder="lstm", width=32, decoder_layers=1,
+                          epochs=1)  # fmt: skip
+    run_train(first, p, tmp_path / "source")
+    source = read_checkpoint(tmp_path / "source" / "best.pt")
+    own = caption_vocabulary(second, p)["vocab"]
+    assert sorted(own) == sorted(source["caption"]["vocab"]) and own != source["caption"]["vocab"]
+    warm = p.model_copy(update={"init_from": str(tmp_path / "source")})
+    spec = caption_vocabulary(second, warm, tmp_path / "source" / "best.pt")
+    t = create_trainer(warm, init_distributed("cpu"), read_manifest(second),
+                       tmp_path / "source" / "best.pt", spec)  # fmt: skip
+    assert t.model.decoder.vocab == source["caption"]["vocab"]
+    assert torch.equal(t.model.decoder.embed.weight, source["model"]["decoder.embed.weight"])
+    run_train(second, warm, tmp_path / "warm")
+    warmed = read_checkpoint(tmp_path / "warm" / "best.pt")
+    assert warmed["caption"]["vocab"] == source["caption"]["vocab"]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import captioning as bc
+from tests.conftest import readme_table_from
 
 
 def _saved(tmp_path, mode="full", overrides=None):
@@ -21,12 +22,7 @@ def _saved(tmp_path, mode="full", overrides=None):
 
 
 def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bc.START}\nold\n{bc.END}\nafter\n")
-    monkeypatch.setattr(bc.update_readme, "__defaults__", (readme,))
-    assert bc.main(["--readme-from", str(_saved(tmp_path))]) == 0
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    text = readme_table_from(bc, _saved(tmp_path), tmp_path, monkeypatch)
     assert "| decoder, beam search (3 beams) | **0.310** | **0.900** |" in text
     assert "| nearest-neighbour train caption (baseline) | 0.200 | 0.500 |" in text
     assert "20 samples/s for the captioning model vs 25" in text and "ratio 0.80" in text
@@ -37,3 +33,9 @@ def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
 def test_readme_refuses_a_smoke_or_changed_run(tmp_path, bad):
     with pytest.raises(SystemExit, match="not a full-size run"):
         bc.main(["--readme-from", str(_saved(tmp_path, **bad))])
+
+
+def test_update_readme_refuses_the_smoke_size_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="needs the full-size run"):
+        bc.main(["--smoke", "--update-readme", "--work-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import trimodal as tm
+from tests.conftest import readme_table_from
 
 
 def _saved(tmp_path, mode="full", overrides=None):
@@ -21,12 +22,7 @@ def _saved(tmp_path, mode="full", overrides=None):
 
 
 def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{tm.START}\nold\n{tm.END}\nafter\n")
-    monkeypatch.setattr(tm.update_readme, "__defaults__", (readme,))
-    assert tm.main(["--readme-from", str(_saved(tmp_path))]) == 0
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
+    text = readme_table_from(tm, _saved(tmp_path), tmp_path, monkeypatch)
     assert "| image + text | **0.900** | 0.500 | 0.400 | 0.300 | — | — | — | — |" in text
     assert "| image + text + audio | **0.950** | 0.500 | 0.400 | 0.300 | 0.200 | 0.100 |" in text
 
