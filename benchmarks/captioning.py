@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"{int(m['n_caption_images'])} test images, each against all its reference captions. "
         f"Training: {speed['captioning']:.0f} samples/s for the captioning model vs "
         f"{speed['concat head']:.0f} for the same encoders with the concat classification head "
-        f"(ratio {speed['captioning'] / speed['concat head']:.2f}, measured side by side).",
+        f"(ratio {speed['captioning'] / speed['concat head']:.2f}, measured side by side"
+        f"{conditions(result)}).",
     ]
     return "\n".join(lines)
+
+
+def conditions(result: dict[str, Any]) -> str:
+    """', on 2 cores (CPU name), 1-min load average 3.1 when measured' (what the samples/s
+    depend on); empty for a run saved before they were recorded."""
+    m, load = result.get("machine") or {}, result.get("throughput_load")
+    if not m or load is None:
+        return ""
+    gpu = ", GPU" if m.get("gpu") else ", no GPU"
+    return f" on {m['cores']} cores ({m['cpu']}{gpu}), 1-min load average {load:.1f} when measured"
 
 
 def update_readme(table: str, readme: Path = REPO / "README.md") -> None:
@@ -112,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = mmpipe_run(CONFIG, project, overrides)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     print("captioning: training throughput ...", flush=True)
+    load = os.getloadavg()[0]  # the neighbours' load the samples/s were measured under
     speed = throughput(project, overrides, steps=2 if args.smoke else 10, repeats=2)
     beam = yaml.safe_load(CONFIG.read_text())["evaluate"]["beam_size"]
     result = {"mode": "smoke" if args.smoke else "full", "machine": machine(), "seconds": seconds,
-              "overrides": overrides, "metrics": metrics, "beam": beam, "samples_per_s": speed}  # fmt: skip
+              "overrides": overrides, "metrics": metrics, "beam": beam, "samples_per_s": speed,
+              "throughput_load": round(load, 2)}  # fmt: skip
     result["table"] = markdown(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "captioning.json").write_text(json.dumps(result, indent=2))

@@ -29,6 +29,16 @@ def test_readme_table_from_a_saved_full_run(tmp_path, monkeypatch):
     assert "`python -m benchmarks.captioning --update-readme`" in text
 
 
+def test_the_samples_per_s_say_on_what_machine_and_load(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    saved = json.loads(path.read_text())
+    saved["machine"] = {"cores": 2, "cpu": "Some CPU", "gpu": False}
+    path.write_text(json.dumps({**saved, "throughput_load": 3.14}))
+    text = readme_table_from(bc, path, tmp_path, monkeypatch)
+    assert "(ratio 0.80, measured side by side on 2 cores (Some CPU, no GPU), 1-min load " \
+           "average 3.1 when measured)." in text  # fmt: skip
+
+
 @pytest.mark.parametrize("bad", [{"mode": "smoke"}, {"overrides": ["train.epochs=1"]}])
 def test_readme_refuses_a_smoke_or_changed_run(tmp_path, bad):
     with pytest.raises(SystemExit, match="not a full-size run"):
