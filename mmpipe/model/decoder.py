@@ -9,7 +9,8 @@ Teacher forcing: the input is ids[:-1], the target ids[1:]; PAD is ignored by th
 vocabulary is built by train from the train captions (``build_vocabulary``), stored in the
 checkpoint (``caption`` entry: words + max length) and rebuilt with the model; words are the
 project's word tokenisation (``text.words``: lower-case letters and digits), unknown ones
-``<unk>``. Decoding is greedy or beam search (length-normalised log-probability).
+``<unk>``. Decoding is greedy or beam search (length-normalised log-probability); neither
+repeats a word trigram within a caption (``CaptionDecoder.no_repeat_ngram``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def build_vocabulary(captions: Iterable[str], max_words: int, max_len: int) -> d
 
 class CaptionDecoder(nn.Module):
     """Pre-norm transformer decoder; output projection tied to the token embedding."""
+
+    # decoding never repeats a word trigram of its own caption (Paulus et al. 2017): a small
+    # decoder's likeliest continuation loops ("a red circle and a red circle ..."); 0 = off
+    no_repeat_ngram = 3
 
     def __init__(self, spec: dict[str, Any], image_dim: int, width: int, layers: int,
                  dropout: float, pos_len: int):  # fmt: skip
@@ -101,6 +106,8 @@ class CaptionDecoder(nn.Module):
         """Log-probabilities of the next token (B, V); never PAD/BOS/UNK, only EOS at the cap."""
         logp = F.log_softmax(self.logits(seqs, memory, valid)[:, -1].float(), dim=-1)
         logp[:, [PAD, BOS, UNK]] = -torch.inf
+        for row, tok in repeated_ngrams(seqs.tolist(), self.no_repeat_ngram):
+            logp[row, tok] = -torch.inf
         if last:
             logp[:, :EOS] = -torch.inf
             logp[:, EOS + 1 :] = -torch.inf
@@ -157,6 +164,18 @@ class CaptionDecoder(nn.Module):
         """One caption per image: greedy (beam 1) or beam search."""
         rows = self.greedy(image) if beam <= 1 else self.beam(image, beam)
         return [self.text(r) for r in rows]
+
+
+def repeated_ngrams(rows: list[list[int]], n: int) -> list[tuple[int, int]]:
+    """(row, token) pairs where ``token`` would repeat an ``n``-gram already in that row."""
+    if n <= 0:
+        return []
+    out = []
+    for r, row in enumerate(rows):
+        prefix = tuple(row[len(row) - n + 1 :])
+        out += [(r, row[i + n - 1]) for i in range(len(row) - n + 1)
+                if tuple(row[i : i + n - 1]) == prefix]  # fmt: skip
+    return out
 
 
 def _strip(row: list[int]) -> list[int]:

@@ -201,3 +201,25 @@ def test_init_from_a_captioning_checkpoint_keeps_its_vocabulary_rows_and_words(t
     run_train(second, warm, tmp_path / "warm")
     warmed = read_checkpoint(tmp_path / "warm" / "best.pt")
     assert warmed["caption"]["vocab"] == source["caption"]["vocab"]
+
+
+def test_decoding_never_repeats_a_trigram_of_its_own_caption():
+    """A decoder that always prefers the same word: without the block it loops (x x x x x);
+    greedy and beam search both stop each trigram from coming back."""
+    from mmpipe.model.decoder import EOS, CaptionDecoder
+    from mmpipe.model.features import Encoded
+
+    dec = CaptionDecoder({"vocab": [*SPECIALS, "x", "y"], "max_len": 5}, 4, 8, 1, 0.0, 5)
+    x, y = 4, 5
+
+    def fake_logits(ids, memory, valid):
+        out = torch.full((*ids.shape, 6), -30.0)
+        out[:, -1, [x, y, EOS]] = torch.log(torch.tensor([0.9, 0.06, 0.04]))
+        return out
+
+    dec.logits = fake_logits  # type: ignore[method-assign]
+    image = Encoded(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
+    assert dec.greedy(image) == [[x, x, x, y, x]] == dec.beam(image, 1)
+    assert dec.beam(image, 3)[0] == [x, x, x, y, x]
+    dec.no_repeat_ngram = 0
+    assert dec.greedy(image) == [[x] * 5]
