@@ -68,6 +68,7 @@ from mmpipe.io import (
 )
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import dask_map, ordered_map, process_pool
+from mmpipe.storage import REJECTS
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,12 @@ def sample_image(img: Image.Image, size: int, decode: str = "reduced") -> Image.
     rotated centre square), so no full-size copy is made for the transpose or the mode.
     """
     orientation = img.getexif().get(0x0112)
-    decoded = _scaled_jpeg(img, size) if decode == "reduced" else None
-    if decoded is None:
-        if decode == "reduced":
+    decoded = None
+    if decode == "reduced":
+        decoded = _scaled_jpeg(img, size)
+        if decoded is None:
             _draft(img, size)
+    if decoded is None:
         img.load()
         decoded = img if img.mode == "RGB" else img.convert("RGB")
     small = square_resize(decoded, size)
@@ -755,7 +758,7 @@ def run_shard(
     if previous is not None:
         link_shards(reuse, Path(previous), out_dir)
     header, strict = header_checked(ingest_dir)
-    rejects = RejectsWriter(out_dir / "rejects.jsonl", strict) if header else None
+    rejects = RejectsWriter(out_dir / REJECTS, strict) if header else None
     try:
         splits, new = write_splits(
             pairs, p, root, out_dir, align_dir / "pairs.parquet", reuse, rejects
@@ -791,7 +794,7 @@ def run_shard(
             "shard: %d pairs left out, their image cannot be decoded (%s): %d pairs = %d sharded"
             " + %d rejected",
             report["rejected_pairs"],
-            out_dir / "rejects.jsonl",
+            out_dir / REJECTS,
             report["pairs"],
             report["pairs"] - report["rejected_pairs"],
             report["rejected_pairs"],

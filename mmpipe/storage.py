@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "LATEST"
 MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"  # shard's pairs left out (ingest.image_check: header)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -210,9 +211,8 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
             continue
         fs.put_file(str(shard_dir / name), target)  # one PUT (multipart for large): whole or none
         uploaded += 1
-    rejects = shard_dir / "rejects.jsonl"  # ingest.image_check: header: the pairs left out
-    if rejects.is_file():
-        fs.put_file(str(rejects), join(prefix, rejects.name))
+    if (shard_dir / REJECTS).is_file():
+        fs.put_file(str(shard_dir / REJECTS), join(prefix, REJECTS))
     fs.pipe_file(join(prefix, MANIFEST), manifest_bytes)
     # last: the pointer; a reader resolving it before this line still gets the old version
     pointer = json.dumps({"version": version, "manifest_sha256": sha}, indent=1).encode()
