@@ -8,6 +8,8 @@ reads it (no pickled objects):
     params          the whole train section it was trained with (seed, task, ...)
     classes, num_classes, image_size, task, model_config, params_hash
     caption         captioning only: the decoder's vocabulary and max length (words)
+    hf              Hugging Face parts only: per role (dual, vision, text) the architecture config,
+                    the tokenizer's files and the preprocessing (``mmpipe.model.hf.HFSpec``)
     step, epoch, batch_in_epoch, best_metric, history
     + in last.pt (exact resume): optimizer, scheduler, scaler, rng, epoch_sums
 
@@ -121,7 +123,10 @@ def load_model(path: str | Path) -> tuple[MultimodalModel, dict[str, Any]]:
     """
     state = read_checkpoint(path)
     cfg = model_args(state)
-    model = create_model(cfg, int(state.get("num_classes", 0)), state.get("caption"))
+    # Hugging Face parts are rebuilt from the specs stored with the weights: no hub, no path
+    model = create_model(
+        cfg, int(state.get("num_classes", 0)), state.get("caption"), hf=state.get("hf") or {}
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

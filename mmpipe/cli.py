@@ -136,6 +136,27 @@ def _add_predict_parsers(sub: Any) -> None:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--model", default=None, help=model_help)
     add_params_arguments(p)
+    p = sub.add_parser(
+        "eval-retrieval",
+        help="R@1/5/10 both ways of a model on a whole image-caption collection (JSON)",
+        description="Embed every image and caption of a collection and rank all against all, "
+        "the protocol of the Flickr/COCO retrieval tables and clip_benchmark: each caption "
+        "queries every image, each image every caption (a hit for any of its own). Prints "
+        "R@K, median ranks, counts and chance levels as JSON; rejected records are counted.",
+    )
+    p.add_argument("root", help="the collection's folder (images + captions file)")
+    p.add_argument("--captions", required=True,
+                   help="captions file under ROOT: .csv/.jsonl/.parquet (image, caption), or "
+                   "COCO captions .json with --source coco")  # fmt: skip
+    p.add_argument("--source", choices=("folder", "coco"), default="folder")
+    p.add_argument("--model", default=None,
+                   help=f"{model_help}; or hf:<hub id or directory> of a CLIP/SigLIP, scored "
+                   "zero-shot")  # fmt: skip
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let an hf: model download when not in the local cache")  # fmt: skip
+    add_params_arguments(p)
     p = sub.add_parser("caption", help="a caption for an image (a train.task=captioning model)")
     p.add_argument("image")
     p.add_argument("--beam", type=int, default=None,
@@ -144,7 +165,27 @@ def _add_predict_parsers(sub: Any) -> None:
     add_params_arguments(p)
 
 
-def _run_predict(args: argparse.Namespace) -> Any:
+def _run_eval_retrieval(args: argparse.Namespace) -> Any:
+    from mmpipe.io import write_json_atomic
+    from mmpipe.predict import hf_predictor
+    from mmpipe.retrieval import eval_retrieval
+
+    if args.model and args.model.startswith("hf:"):
+        predictor = hf_predictor(args.model, allow_download=args.allow_download)
+    else:
+        predictor = _load_predictor(args)[0]
+    result = eval_retrieval(
+        Path(args.root), args.captions, predictor, source=args.source, batch_size=args.batch_size
+    )
+    result["model"] = args.model or predictor.source
+    if args.json:
+        write_json_atomic(Path(args.json), result)
+    return result
+
+
+def _load_predictor(args: argparse.Namespace) -> tuple[Any, Any, Any, Path]:
+    """The predictor of ``--model`` (else the champion, else models/), its params, its sidecar
+    and its checkpoint."""
     from mmpipe import tracking
     from mmpipe.predict import load_predictor
 
@@ -154,6 +195,13 @@ def _run_predict(args: argparse.Namespace) -> Any:
         args.model, params.tracking, params.register, layout
     )
     predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
+    return predictor, params, sidecar, checkpoint
+
+
+def _run_predict(args: argparse.Namespace) -> Any:
+    from mmpipe import tracking
+
+    predictor, params, sidecar, checkpoint = _load_predictor(args)
     predictor.audio_limits = params.ingest.audio
     if args.command == "predict":
         images, captions = [args.image], [args.caption]
@@ -203,6 +251,8 @@ def _dispatch(args: argparse.Namespace) -> Any:
             return pipeline.run_stage(args.command, params, layout, resume=resume)
     if args.command == "params":
         return params_from_args(args).model_dump(mode="json")
+    if args.command == "eval-retrieval":
+        return _run_eval_retrieval(args)
     return _run_predict(args)
 
 

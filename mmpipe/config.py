@@ -12,10 +12,17 @@ import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -269,6 +276,10 @@ class ShardParams(Section):
     )
 
 
+# a Hugging Face model by hub id or local directory (mmpipe.model.hf)
+HFName = Annotated[str, StringConstraints(pattern=r"^hf:.+")]
+
+
 class ModelConfig(Section):
     """The model: encoders, widths, fusion head and task; all ``mmpipe.model`` reads.
 
@@ -276,15 +287,32 @@ class ModelConfig(Section):
     rebuilt from its checkpoint alone. Its fields are the model part of the ``train`` section.
     """
 
-    image_encoder: Literal["cnn", "resnet", "efficientnet_lite0", "patch"] = Field(
+    image_encoder: Literal["cnn", "resnet", "efficientnet_lite0", "patch"] | HFName = Field(
         "cnn",
-        description="Image encoder: small CNN, ResNet-style, pretrained EfficientNet-Lite0, or "
-        "`patch` (ViLT's linear patch embedding, for fusion=single_stream).",
+        description="Image encoder: small CNN, ResNet-style, pretrained EfficientNet-Lite0, "
+        "`patch` (ViLT's linear patch embedding, for fusion=single_stream), or "
+        "`hf:<hub id or directory>`: any Hugging Face vision backbone (a CLIP/SigLIP vision tower, "
+        "ViT, ...) with its own preprocessing (docs/real-photos.md).",
     )
-    text_encoder: Literal["lstm", "transformer", "minilm", "embedding"] = Field(
+    text_encoder: Literal["lstm", "transformer", "minilm", "embedding"] | HFName = Field(
         "transformer",
-        description="Text encoder: biLSTM, small transformer, pretrained MiniLM, or `embedding` "
-        "(word embeddings only, ViLT's text side, for fusion=single_stream).",
+        description="Text encoder: biLSTM, small transformer, pretrained MiniLM, `embedding` "
+        "(word embeddings only, ViLT's text side, for fusion=single_stream), or "
+        "`hf:<hub id or directory>`: any Hugging Face text backbone + its tokenizer.",
+    )
+    pretrained: HFName | None = Field(
+        None,
+        description="A whole pretrained dual encoder, `hf:<hub id or directory>` of a CLIPModel "
+        "or SiglipModel: both towers, its projections and temperature (and SigLIP's bias), its "
+        "image size, mean/std and tokenizer; image_encoder, text_encoder and embed_dim are then "
+        "unused. Usable with zero training steps (train.epochs: 0). Loaded offline unless "
+        "train.allow_download.",
+    )
+    contrastive_loss: Literal["infonce", "sigmoid"] = Field(
+        "infonce",
+        description="Contrastive objective: infonce (CLIP's symmetric softmax) or sigmoid "
+        "(SigLIP's pairwise sigmoid with a learned bias; init_temperature 0.1 and bias -10 as "
+        "in the SigLIP paper, or the pretrained SigLIP's own).",
     )
     patch_size: int = Field(
         8, ge=2, description="Patch side in pixels of image_encoder=patch (64 px -> 8x8 patches)."
@@ -364,6 +392,16 @@ class ModelConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _pretrained_alone(self) -> ModelConfig:
+        if self.pretrained and any(
+            e.startswith("hf:") for e in (self.image_encoder, self.text_encoder)
+        ):
+            raise ValueError(
+                "pretrained names both towers: leave image_encoder/text_encoder unset with it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _itm_needs_tokens(self) -> ModelConfig:
         if self.itm_weight > 0 and self.fusion not in ("cross_attention", "single_stream"):
             raise ValueError(
@@ -428,8 +466,27 @@ class TrainParams(ModelConfig):
         "then a task stage with freeze_image; each stage has its own epochs, lr and warm-up. "
         "Empty = one stage of train.epochs at train.lr. When given, train.epochs is ignored.",
     )
+    allow_download: bool = Field(
+        False,
+        description="Let a Hugging Face model (pretrained, image_encoder or text_encoder `hf:`) "
+        "download from the hub when it is not in the local cache. false = offline: a missing "
+        "model is one line naming it and how to fetch it (exit 2).",
+    )
+    feature_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Frozen-feature cache: with the image tower locked (freeze_image; with "
+        "unfreeze_last, its locked prefix), its features are computed once per (shard, encoder) "
+        "and reused across epochs and runs (.mmpipe/feature-cache/ of the project). auto = on "
+        "unless online_augment changes each epoch's pixels; on = also then (features of the "
+        "un-augmented pixels); off = never.",
+    )
     # optimisation
-    epochs: int = Field(8, ge=1, description="Passes over the train shards.")
+    epochs: int = Field(
+        8,
+        ge=0,
+        description="Passes over the train shards. 0 = no training: the model as loaded (a "
+        "pretrained dual encoder's zero-shot model), validated once.",
+    )
     batch_size: int = Field(128, ge=1, description="Global batch size (split across DDP ranks).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
     lr: float = Field(2e-3, gt=0.0, description="Peak AdamW learning rate.")
@@ -448,6 +505,32 @@ class TrainParams(ModelConfig):
         "of the (stage's) steps, so on small data the lr still peaks and decays. 50 is the "
         "default run's schedule: with the 5 % fraction (30 steps) it ended at 0.56 validation "
         "accuracy instead of 0.92 (README).",
+    )
+    encoder_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="The encoders' trainable parameters learn at lr x this; projections, "
+        "temperature and heads at lr. Below 1 for pretrained towers (e.g. 0.02: 2e-5 under a "
+        "1e-3 head lr), as in LiT and CLIP fine-tuning.",
+    )
+    unfreeze_last: int = Field(
+        0,
+        ge=0,
+        description="With freeze_image/freeze_text: keep the last N layer groups of each frozen "
+        "encoder trainable (``layer_groups``: transformer layers, conv blocks, the final norm/"
+        "head). Stages set their own.",
+    )
+    grad_cache: bool = Field(
+        False,
+        description="Feature-cached gradient accumulation (open_clip's accum_freq, GradCache): "
+        "with grad_accum > 1 the contrastive loss sees the whole batch_size, not one "
+        "micro-batch: embeddings of every micro-batch are computed without gradients first, then "
+        "each micro-batch is re-run with gradients against them. Costs one extra forward.",
+    )
+    grad_checkpointing: bool = Field(
+        False,
+        description="Activation (gradient) checkpointing in the Hugging Face and MiniLM towers: "
+        "less memory for a larger batch, about one more forward of compute.",
     )
     grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm (0 = no clipping).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
@@ -483,7 +566,8 @@ class TrainParams(ModelConfig):
             "lambda_contrastive": self.lambda_contrastive,
             "freeze_image": self.freeze_image, "freeze_text": self.freeze_text,
         }  # fmt: skip
-        stages = self.stages or [TrainStage(name="train", epochs=self.epochs)]
+        one = TrainStage(name="train", epochs=max(self.epochs, 1), unfreeze_last=self.unfreeze_last)
+        stages = self.stages or [one]
         return [
             s.model_copy(update={k: v for k, v in base.items() if getattr(s, k) is None})
             for s in stages

@@ -273,6 +273,9 @@ class SampleShuffle:
         yield from buf
 
 
+NO_IMAGE = torch.empty(0)  # a sample's pixels when the loader is asked for none
+
+
 class DecodeSample:
     """Raw tar sample -> {image (3, H, W), text, label, key, image_id, caption_id, meta}."""
 
@@ -283,10 +286,12 @@ class DecodeSample:
         epoch: int,
         skips: SkipCounter,
         audio: bool = False,
+        images: bool = True,
     ) -> None:
         self.specs = [TransformSpec.model_validate(s) for s in augment]
         self.seed, self.epoch, self.skips = seed, epoch, skips
         self.audio = audio  # shards with a third modality: every row gets `audio` (None = absent)
+        self.images = images  # False: the frozen-feature cache stands in, no pixels decoded
         create_augment(self.specs)  # fail fast in the caller's process on a bad spec
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -301,15 +306,20 @@ class DecodeSample:
         """Decode one sample; online augmentation is seeded by (seed, epoch, key)."""
         key = sample["__key__"]
         meta = json.loads(sample["json"])
-        image = decode_rgb(sample["jpg"])
-        if compose is not None:
-            image = apply_augment(compose, image, derive_seed("online", self.seed, self.epoch, key))
+        if self.images:
+            image = decode_rgb(sample["jpg"])
+            if compose is not None:
+                seed = derive_seed("online", self.seed, self.epoch, key)
+                image = apply_augment(compose, image, seed)
+            pixels = to_tensor(image)
+        else:
+            pixels = NO_IMAGE
         label = int(meta.get("label_index", -1))
         # numpy, not a tensor: pickled with the chunk, no shared-memory file per clip
         audio = clip_features(sample["flac"]) if "flac" in sample else None
         return {
             **({"audio": audio} if self.audio else {}),
-            "image": to_tensor(image),
+            "image": pixels,
             "text": sample["txt"].decode("utf-8"),
             "label": label,
             # every class of a multi-label; shards without label_indices: the one label, if any
@@ -487,6 +497,7 @@ def create_dataloader(
     limit: int | None = None,
     skip_batches: int = 0,
     max_bad_samples: int | None = 0,
+    images: bool = True,
 ) -> wds.WebLoader:
     """Batches of one split for one epoch (see the module docstring); ``.stats`` counts samples.
 
@@ -496,6 +507,8 @@ def create_dataloader(
     ``shuffle_buffer > 0`` shuffles shard order and samples, seeded by (seed, epoch). With
     ``world_size > 1`` each rank gets ``count // world_size`` samples, disjoint across ranks.
     ``skip_batches`` resumes an epoch: the same call without it yields those batches first.
+    ``images=False`` decodes no pixels (batches' ``image`` is (B, 0)): the frozen-feature cache
+    stands in for them.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise InputError(
@@ -513,7 +526,7 @@ def create_dataloader(
         wds.tarfile_to_samples(handler=skips),
         RankFilter(shards, rank, world_size, rotate),
         SampleShuffle(shuffle_buffer, seed, epoch, rank) if shuffle else None,
-        DecodeSample(list(augment), seed, epoch, skips, audio=has_audio(shard_dir)),
+        DecodeSample(list(augment), seed, epoch, skips, audio=has_audio(shard_dir), images=images),
         Chunk(max(1, min(batch_size, 256)), skips),
     )
     expected = total // world_size if world_size > 1 else total

@@ -271,6 +271,7 @@ def stage_train(
                 on_epoch_end=tracking.epoch_logger(run),
                 init_checkpoint=init,
                 report_extra=extra,
+                cache_dir=layout.feature_cache,
             )
             tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
             if report["stopped_by"] is None:  # installed in models/

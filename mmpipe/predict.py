@@ -385,3 +385,19 @@ def load_predictor(
         training=sidecar.get("training"), profile=load_profile(profile) if profile else None,
         decode=decode,
     )  # fmt: skip
+
+
+def hf_predictor(name: str, *, allow_download: bool = False, device: str = "cpu") -> Predictor:
+    """A pretrained dual encoder as it ships (``hf:<id or directory>`` of a CLIP/SigLIP): its
+    own projections and temperature, images at its processor's size (decoded at full resolution,
+    like its processor), for zero-shot retrieval and classification without training."""
+    from mmpipe.config import ModelConfig
+    from mmpipe.model import create_model
+    from mmpipe.model.hf import expected_image_size
+
+    model = create_model(ModelConfig(pretrained=name), 0, allow_download=allow_download)
+    wanted = expected_image_size(model.hf_specs)
+    if wanted is None:
+        raise InputError(f"{name}: its processor config names no image size")
+    return Predictor(model.eval().to(device), wanted[1], [], "multiclass", name,
+                     torch.device(device), decode="full")  # fmt: skip

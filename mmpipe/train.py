@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mmpipe import featurecache, signals
 from mmpipe import metrics as M
-from mmpipe import signals
 from mmpipe.checkpoint import (
     BEST,
     LAST,
@@ -77,8 +77,8 @@ from mmpipe.model import (
     MultimodalModel,
     audio_info_nce,
     audio_inputs,
+    contrastive_objective,
     create_model,
-    info_nce,
     predict_labels,
 )
 from mmpipe.model.decoder import build_vocabulary
@@ -116,6 +116,11 @@ class Trainer:
     warmup: int = 0  # warm-up steps of the current stage
     task_loss: str = "on"  # "on", or why it is off (no labelled train pairs)
     init: dict[str, Any] | None = None  # what init_from loaded, skipped and left new
+    cache_dir: Path | None = None  # where the frozen-feature cache lives (None: not cached)
+    shard_dir: str | Path | None = None  # the shards the cache is built from
+    manifest: dict[str, Any] | None = None
+    features: featurecache.FeatureCache | None = None  # the current stage's cached features
+    cache_report: dict[str, Any] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16/fp16 autocast, or nothing."""
@@ -142,15 +147,22 @@ def create_trainer(
     manifest: dict[str, Any],
     init_checkpoint: Path | None = None,
     caption: dict[str, Any] | None = None,
+    shard_dir: str | Path | None = None,
+    cache_dir: Path | None = None,
 ) -> Trainer:
     """Model (warm-started from ``init_checkpoint``), the first stage's optimiser and schedule,
     AMP and (if distributed) the DDP wrapper, all seeded. ``caption``: captioning's vocabulary
-    (``caption_vocabulary``)."""
+    (``caption_vocabulary``). With ``cache_dir`` and a locked image tower, the first stage's
+    frozen features are loaded or computed there (``mmpipe.featurecache``) from ``shard_dir``."""
     device, classes = resolve_device(p, d), list(manifest.get("classes") or [])
     check_task_data(p, manifest)
     amp = resolve_amp(p, device)
     seed_everything(p.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = create_model(p.model_args(), len(classes), caption).to(device)
+    model = create_model(p.model_args(), len(classes), caption, allow_download=p.allow_download)
+    model = model.to(device)
+    check_image_size(model, manifest)
+    if p.grad_checkpointing:
+        enable_grad_checkpointing(model)
     init = load_matching(model, init_checkpoint) if init_checkpoint is not None else None
     if p.compile and device.type != "cuda":
         log.warning("train.compile is ignored on CPU")
@@ -168,12 +180,40 @@ def create_trainer(
     }  # fmt: skip
     if caption is not None:
         meta["caption"] = caption
+    if model.hf_specs:  # what rebuilds the Hugging Face parts without their directories
+        meta["hf"] = model.hf_specs
     val_count = (manifest["splits"].get("val") or {}).get("count", 0)
     t = Trainer(p, d, device, amp, model, model, None, None, scaler, micro,  # type: ignore[arg-type]
                 steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
     t.task_loss = task_loss_status(p, manifest)
+    t.cache_dir, t.shard_dir, t.manifest = cache_dir, shard_dir, manifest
     enter_stage(t, 0)
     return t
+
+
+def check_image_size(model: MultimodalModel, manifest: dict[str, Any]) -> None:
+    """InputError when a Hugging Face vision tower takes another image size than the shards'."""
+    from mmpipe.model.hf import expected_image_size
+
+    wanted = expected_image_size(model.hf_specs)
+    have = manifest.get("image_size")
+    if wanted and have and int(have) != wanted[1]:
+        raise InputError(
+            f"train: hf:{wanted[0]} takes {wanted[1]} px images (its processor config) but the "
+            f"shards hold {have} px images; set shard.image_size={wanted[1]} and shard again"
+        )
+
+
+def enable_grad_checkpointing(model: MultimodalModel) -> None:
+    """Activation checkpointing in the towers that support it (HF backbones, MiniLM)."""
+    from mmpipe.model.hf import set_gradient_checkpointing
+
+    done = [name for name in ("image_encoder", "text_encoder")
+            if set_gradient_checkpointing(getattr(model, name))]  # fmt: skip
+    if not done:
+        log.warning("train.grad_checkpointing: no tower of this model supports it; ignored")
+    else:
+        log.info("train: gradient checkpointing in %s", ", ".join(done))
 
 
 def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
@@ -229,14 +269,16 @@ def wrap_model(t: Trainer) -> torch.nn.Module:
 
 
 def enter_stage(t: Trainer, index: int) -> None:
-    """Start stage ``index``: its freezing, a fresh AdamW at its lr, its warm-up + cosine."""
+    """Start stage ``index``: its freezing, a fresh AdamW at its lr (the encoders' at lr x
+    encoder_lr_scale), its warm-up + cosine, and its frozen-feature cache."""
     s = t.stages[index]
     t.model.set_frozen(bool(s.freeze_image), bool(s.freeze_text), s.unfreeze_last)
     t.net = wrap_model(t)
     steps = t.steps_per_epoch * s.epochs
     t.warmup = warmup_steps(t.p, steps)
-    groups = param_groups(t.model, t.p.weight_decay)
+    groups = param_groups(t.model, t.p.weight_decay, s.lr, t.p.encoder_lr_scale)
     t.optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98))
+    load_features(t, s)
     schedule = partial(warmup_cosine, warmup=t.warmup, total=steps)
     t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, schedule)
     t.stage = index
@@ -244,6 +286,25 @@ def enter_stage(t: Trainer, index: int) -> None:
         log.info("train: stage %d/%d %r: %d epochs, lr %g, warm-up %d of %d steps, %s",
                  index + 1, len(t.stages), s.name, s.epochs, s.lr, t.warmup, steps,
                  describe_freezing(s))  # fmt: skip
+
+
+def load_features(t: Trainer, s: TrainStage) -> None:
+    """The stage's frozen-feature cache (``mmpipe.featurecache``), or None when it has none.
+
+    Rank 0 computes missing files first; the other ranks then read them."""
+    t.features = None
+    plan = featurecache.plan(
+        t.model, t.p.feature_cache, bool(t.p.online_augment), s.unfreeze_last
+    ) if t.cache_dir is not None and t.manifest is not None and s.freeze_image else None  # fmt: skip
+    if plan is None:
+        return
+    build = partial(featurecache.build, t.model, plan, t.shard_dir, t.manifest, t.cache_dir,
+                    t.device)  # fmt: skip
+    if t.d.main:
+        t.features, t.cache_report = build()
+    barrier(t.d)
+    if not t.d.main:
+        t.features, t.cache_report = build()
 
 
 def describe_freezing(s: TrainStage) -> str:
@@ -313,6 +374,7 @@ def run_train(
     on_epoch_end: EpochCallback | None = None,
     init_checkpoint: Path | None = None,
     report_extra: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train on ``shard_dir`` (a directory or a published shard set's URL, ``storage``); the
     finished model replaces ``out_dir`` whole; returns the report.
@@ -327,7 +389,8 @@ def run_train(
     ``on_epoch_end(epoch, metrics)`` runs on rank 0 after each epoch (MLflow logging).
     ``init_checkpoint``: the checkpoint file ``p.init_from`` names (a registry source resolved
     by the caller); a path in ``p.init_from`` is used as is. A resumed run ignores it: its
-    weights come from the work directory's last.pt.
+    weights come from the work directory's last.pt. ``cache_dir``: where the frozen-feature
+    cache lives (``mmpipe.featurecache``; None = no cache).
     """
     shard_dir, out_dir = shard_location(shard_dir), Path(out_dir)
     work = partial_dir(out_dir)
@@ -344,7 +407,8 @@ def run_train(
         with signals.deferred():
             source = work / LAST if resuming else init_checkpoint
             caption = caption_vocabulary(shard_dir, p, source) if p.task == "captioning" else None
-            t = create_trainer(p, d, manifest, None if resuming else init_checkpoint, caption)
+            init = None if resuming else init_checkpoint
+            t = create_trainer(p, d, manifest, init, caption, shard_dir, cache_dir)
             t.meta["resume_key"] = key
             at, rng = start_or_resume(t, work, resume)
             report = train_loop(shard_dir, work, t, at, rng, max_steps, on_epoch_end)
@@ -497,6 +561,10 @@ def train_loop(
         "training %s on %s (amp=%s, world=%d, micro-batch=%d, %d steps/epoch)",
         *(t.model.config, t.device, t.amp, d.world_size, t.micro_batch, t.steps_per_epoch),
     )
+    if p.total_epochs() == 0 and not at.history:
+        untrained_checkpoint(shard_dir, work, t, at)
+    cached_accum = p.grad_cache and accum > 1
+    pending: list[dict[str, Any]] = []  # grad_cache: this step's micro-batches so far
     while at.epoch < p.total_epochs() and stopped_by is None:
         if stage_at(t, at.epoch) != t.stage:
             enter_stage(t, stage_at(t, at.epoch))
@@ -517,11 +585,18 @@ def train_loop(
                 stopped_by = "lost"
                 break
             boundary = (at.batch_in_epoch + 1) % accum == 0
-            # DDP syncs gradients only on the micro-batch that ends an optimiser step
-            with contextlib.nullcontext() if boundary or not d.enabled else t.net.no_sync():
-                loss, parts = compute_loss(t, batch)
-                t.scaler.scale(loss / accum).backward()
-            add(at.sums, **parts, batches=1)
+            if cached_accum:  # the step's micro-batches first, then one contrastive batch
+                pending.append(batch)
+                if boundary:
+                    for parts in grad_cache_backward(t, pending):
+                        add(at.sums, **parts, batches=1)
+                    pending = []
+            else:
+                # DDP syncs gradients only on the micro-batch that ends an optimiser step
+                with contextlib.nullcontext() if boundary or not d.enabled else t.net.no_sync():
+                    loss, parts = compute_loss(t, batch)
+                    t.scaler.scale(loss / accum).backward()
+                add(at.sums, **parts, batches=1)
             at.batch_in_epoch += 1
             bar.update(1)
             if boundary:
@@ -532,6 +607,10 @@ def train_loop(
                     stopped_by = "max_steps"
                     break
         bar.close()
+        if pending and stopped_by is None:  # the data ended inside a grad_cache step
+            for parts in grad_cache_backward(t, pending):
+                add(at.sums, **parts, batches=1)
+            pending = []
         if stopped_by is not None:
             stop_checkpoint(t, at, work, stopped_by)
             break
@@ -543,6 +622,21 @@ def train_loop(
             on_epoch_end(row["epoch"], dict(row))
     stopped_by = "signal" if stopped_by == "lost" else stopped_by
     return make_report(t, at, stopped_by, time.perf_counter() - started)
+
+
+def untrained_checkpoint(shard_dir: Path, work: Path, t: Trainer, at: Progress) -> None:
+    """train.epochs 0: the model as loaded (a pretrained dual encoder, zero-shot), validated
+    once and saved as best.pt and last.pt."""
+    row: dict[str, Any] = {"epoch": 0, "step": 0, "stage": t.stages[t.stage].name}
+    if t.d.main:
+        row.update(validate(shard_dir, t))
+        at.history.append(row)
+        at.best = selection_metric(row, t.p.task)[1]
+        save_checkpoint(checkpoint_state(t, at, full=False), work / BEST)
+        save_checkpoint(checkpoint_state(t, at), work / LAST)
+    barrier(t.d)
+    log.info("train.epochs=0: the model as loaded, not trained: %s",
+             {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})  # fmt: skip
 
 
 def stop_checkpoint(t: Trainer, at: Progress, work: Path, stopped_by: str) -> None:
@@ -634,19 +728,15 @@ def stage_reports(t: Trainer) -> list[dict[str, Any]]:
 def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """Multitask loss of one micro-batch over the GLOBAL batch, and its logged parts."""
     p, d, stage = t.p, t.d, t.stages[t.stage]
-    images = batch["image"].to(t.device, non_blocking=True)
     target = batch_targets(batch, p.task).to(t.device)
     groups_local = group_ids(batch["image_id"]).to(t.device)
-    extra = audio_inputs(batch, t.device)
-    if p.itm_weight > 0:  # ITM negatives come from this rank's micro-batch
-        extra["itm_groups"] = groups_local
     with t.autocast():
-        out = t.net(images, list(batch["text"]), **extra)
+        out = t.net(*model_inputs(t, batch))
     target = out.get("caption_target", target)  # captioning: the caption's next words
     img = all_gather_grad(out["image_emb"].float(), d)  # (N, D), N = global micro-batch
     txt = all_gather_grad(out["text_emb"].float(), d)  # (N, D)
     groups = all_gather_grad(groups_local, d)  # (N,)
-    contrastive = info_nce(img, txt, out["logit_scale"], groups)
+    contrastive = contrastive_objective(out, img, txt, groups)
     if "audio_emb" in out:  # the third modality: + image-audio and text-audio InfoNCE
         aud = all_gather_grad(out["audio_emb"].float(), d)
         mask = all_gather_grad(out["audio_mask"].to(torch.uint8), d).bool()  # gloo: no bool
@@ -674,6 +764,75 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     return loss, parts
 
 
+def grad_cache_backward(t: Trainer, batches: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One optimiser step's backward with feature-cached accumulation (GradCache, Gao et al.
+    2021; open_clip's accum_freq): the contrastive loss over all the step's micro-batches at once.
+
+    Pass 1 embeds every micro-batch without gradients, computes the contrastive loss of the
+    whole step's batch and its gradient with respect to each embedding (and the temperature);
+    pass 2 re-runs each micro-batch with gradients and back-propagates those cached embedding
+    gradients, plus its task loss (as the plain loop would). Memory is one micro-batch's
+    activations; the contrastive batch is batch_size. Returns each micro-batch's logged parts.
+    """
+    p, d, stage = t.p, t.d, t.stages[t.stage]
+    w_con, w_task = stage.lambda_contrastive or 0.0, stage.lambda_task or 0.0
+    with torch.no_grad(), t.autocast():
+        first = [t.net(*model_inputs(t, b)) for b in batches]
+    img = torch.cat([o["image_emb"].float() for o in first]).requires_grad_(True)  # (A*b, D)
+    txt = torch.cat([o["text_emb"].float() for o in first]).requires_grad_(True)
+    groups = torch.cat([group_ids(b["image_id"]) for b in batches]).to(t.device)
+    scale = {"logit_scale": t.model.scale()}
+    if t.model.contrastive_loss == "sigmoid":
+        scale["logit_bias"] = t.model.logit_bias
+    gathered = (all_gather_grad(img, d), all_gather_grad(txt, d), all_gather_grad(groups, d))
+    con = contrastive_objective(scale, *gathered)
+    t.scaler.scale(w_con * con).backward()  # grads of img, txt (cached) and the temperature
+    img_grad, txt_grad = (
+        img.grad.split([len(o["image_emb"]) for o in first]),
+        txt.grad.split([len(o["text_emb"]) for o in first]),
+    )
+    rows = []
+    for j, batch in enumerate(batches):
+        last = j == len(batches) - 1
+        with contextlib.nullcontext() if last or not d.enabled else t.net.no_sync():
+            with t.autocast():
+                out = t.net(*model_inputs(t, batch))
+            target = out.get("caption_target", batch_targets(batch, p.task).to(t.device))
+            t_sum, n = task_loss_sum(out["logits"], target, p.task)
+            t_global, n_global = all_reduce_sum([float(t_sum.detach()), float(n)], d, t.device)
+            task = t_sum * (d.world_size / max(n_global, 1.0))
+            # the cached gradients flow into this micro-batch's embeddings; the scale's zero
+            # term keeps every parameter in DDP's graph
+            surrogate = (out["image_emb"].float() * img_grad[j]).sum() + (
+                out["text_emb"].float() * txt_grad[j]
+            ).sum()
+            loss = (
+                surrogate + t.scaler.scale(w_task * task / len(batches)) + 0.0 * out["logit_scale"]
+            )
+            loss.backward()
+        rows.append({
+            "loss": w_con * float(con.detach()) + w_task * t_global / max(n_global, 1.0),
+            "contrastive": float(con.detach()), "task": t_global / max(n_global, 1.0),
+            "samples": float(len(out["image_emb"]) * d.world_size), "labelled": n_global,
+        })  # fmt: skip
+    return rows
+
+
+def model_inputs(t: Trainer, batch: dict[str, Any]) -> tuple[Any, ...]:
+    """The forward's positional arguments for a loader batch: images (None when the frozen-feature
+    cache stands in: then ``image_cache``), texts, and the audio/ITM/cache keyword values."""
+    extra = audio_inputs(batch, t.device)
+    if t.p.itm_weight > 0:  # ITM negatives come from this rank's micro-batch
+        extra["itm_groups"] = group_ids(batch["image_id"]).to(t.device)
+    images = None
+    if t.features is not None:
+        cache = t.features.lookup(list(batch["key"]), t.device)
+    else:
+        images, cache = batch["image"].to(t.device, non_blocking=True), None
+    return (images, list(batch["text"]), extra.get("audio"), extra.get("audio_mask"),
+            extra.get("itm_groups"), None, cache)  # fmt: skip
+
+
 def optimizer_step(t: Trainer) -> None:
     """Unscale, clip, step, schedule, and clamp the temperature like CLIP."""
     if t.p.grad_clip > 0:
@@ -699,6 +858,7 @@ def train_batches(shard_dir: Path, t: Trainer, at: Progress) -> Iterator[dict[st
         drop_last=d.enabled,  # all_gather needs equal micro-batches on every rank
         skip_batches=at.batch_in_epoch,  # resume inside an epoch
         max_bad_samples=p.max_bad_samples,
+        images=t.features is None,  # cached features stand in for the pixels: none decoded
     )  # fmt: skip
     return iter(loader)
 
@@ -745,19 +905,20 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
     t.model.eval()
     sums: dict[str, float] = {}
     targets, logits = [], []  # labelled rows only
-    loader = create_dataloader(shard_dir, "val", t.p.batch_size, num_workers=t.p.num_workers)
+    ranking = ValRetrieval()
+    loader = create_dataloader(shard_dir, "val", t.p.batch_size, num_workers=t.p.num_workers,
+                               images=t.features is None)  # fmt: skip
     itm = val_itm_inputs(t)
     with torch.random.fork_rng(devices=[]):  # validation must not move the training RNG
         for batch in loader:
             y = batch_targets(batch, t.p.task).to(t.device)
             with t.autocast():
-                audio = audio_inputs(batch, t.device)
-                if itm:
-                    itm["itm_groups"] = group_ids(batch["image_id"]).to(t.device)
-                out = t.model(batch["image"].to(t.device), list(batch["text"]), **audio, **itm)
+                args = model_inputs(t, batch)
+                out = t.model(*args[:5], itm.get("itm_generator"), args[6])
             img, txt = out["image_emb"].float(), out["text_emb"].float()  # (B, D) each
             groups = group_ids(batch["image_id"]).to(t.device)
-            con = info_nce(img, txt, out["logit_scale"], groups)
+            ranking.add(img, txt, batch["image_id"])
+            con = contrastive_objective(out, img, txt, groups)
             if "audio_emb" in out:
                 aud, mask = out["audio_emb"].float(), out["audio_mask"]
                 con = con + audio_info_nce(img, txt, aud, mask, out["logit_scale"], groups)
@@ -777,8 +938,43 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
     if not sums:
         return {}
     if not targets:  # captioning: loss parts only; best.pt is picked on -val_loss
-        return val_metrics(sums, torch.empty(0), torch.empty(0), t)
-    return val_metrics(sums, torch.cat(targets), torch.cat(logits), t)
+        return {**val_metrics(sums, torch.empty(0), torch.empty(0), t), **ranking.metrics()}
+    return {**val_metrics(sums, torch.cat(targets), torch.cat(logits), t), **ranking.metrics()}
+
+
+class ValRetrieval:
+    """R@1 both ways over the val split (its first ``VAL_RETRIEVAL_TEXTS`` captions and their
+    images), the protocol of evaluate: each caption against every image, each image against
+    every caption (a hit for any of its own). What picks best.pt without labels."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, torch.Tensor] = {}  # image_id -> (D,), in first-seen order
+        self.index: dict[str, int] = {}
+        self.texts: list[torch.Tensor] = []
+        self.owner: list[int] = []  # caption -> its image's row
+
+    def add(self, img: torch.Tensor, txt: torch.Tensor, image_ids: list[str]) -> None:
+        """A val batch's embeddings (B, D) each, and its rows' image ids."""
+        for i, image_id in enumerate(image_ids):
+            if len(self.owner) >= VAL_RETRIEVAL_TEXTS:
+                return
+            if image_id not in self.index:
+                self.index[image_id] = len(self.images)
+                self.images[image_id] = img[i].detach().float().cpu()
+            self.owner.append(self.index[image_id])
+            self.texts.append(txt[i].detach().float().cpu())
+
+    def metrics(self) -> dict[str, float]:
+        """val_i2t_r1, val_t2i_r1 and their mean val_mean_r1 (what picks best.pt unlabelled)."""
+        if len(self.images) < 2:
+            return {}
+        sim = torch.stack(list(self.images.values())) @ torch.stack(self.texts).T  # (I, T)
+        i2t = M.recall_at_k_i2t(sim, self.owner, [1])[1]
+        t2i = M.recall_at_k_t2i(sim, self.owner, [1])[1]
+        return {"val_i2t_r1": i2t, "val_t2i_r1": t2i, "val_mean_r1": 0.5 * (i2t + t2i)}
+
+
+VAL_RETRIEVAL_TEXTS = 5000  # keeps the (images x captions) similarity small on large val splits
 
 
 def val_itm_inputs(t: Trainer) -> dict[str, Any]:
@@ -825,10 +1021,14 @@ SELECTION = {"regression": "val_rmse", "multilabel": "val_micro_f1"}  # else val
 
 def selection_metric(metrics: dict[str, float], task: str) -> tuple[str, float | None]:
     """(name, value) of what picks best.pt, higher is better: the task's validation metric
-    (minus val_rmse for regression), else minus the val loss (no labelled val pairs)."""
+    (minus val_rmse for regression); without labelled val pairs, val retrieval (val_mean_r1:
+    a contrastive run's val loss can rise while its retrieval still improves), except for
+    captioning (its task loss), else minus the val loss."""
     name = SELECTION.get(task, "val_accuracy")
     if name in metrics:
         return (f"-{name}", -metrics[name]) if name == "val_rmse" else (name, metrics[name])
+    if "val_mean_r1" in metrics and task != "captioning":
+        return "val_mean_r1", metrics["val_mean_r1"]
     return "-val_loss", -metrics["val_loss"] if "val_loss" in metrics else None
 
 
@@ -936,15 +1136,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices/kernels/embeddings; not norms, biases or the logit scale."""
+ENCODERS = ("image_encoder.", "text_encoder.", "audio_encoder.")
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None, encoder_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices/kernels/embeddings; not norms, biases or the logit scale.
+    With ``encoder_scale`` != 1 the encoders' parameters get their own groups at lr x scale
+    (small for pretrained towers, larger for the new projections and heads)."""
     trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    decay = [q for n, q in trainable if q.ndim >= 2]
-    no_decay = [q for n, q in trainable if q.ndim < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    encoder = [(n, q) for n, q in trainable if n.startswith(ENCODERS)] if encoder_scale != 1 else []
+    rest = [(n, q) for n, q in trainable if not (encoder_scale != 1 and n.startswith(ENCODERS))]
+    groups = [
+        {"params": [q for n, q in rest if q.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [q for n, q in rest if q.ndim < 2], "weight_decay": 0.0},
     ]
+    if encoder and lr is not None:
+        groups += [
+            {"params": [q for n, q in encoder if q.ndim >= 2], "weight_decay": weight_decay,
+             "lr": lr * encoder_scale},
+            {"params": [q for n, q in encoder if q.ndim < 2], "weight_decay": 0.0,
+             "lr": lr * encoder_scale},
+        ]  # fmt: skip
+    return groups if len(groups) == 2 else [g for g in groups if g["params"]]
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

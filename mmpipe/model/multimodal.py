@@ -24,11 +24,13 @@ from mmpipe.model.audio import create_audio_encoder
 from mmpipe.model.decoder import PAD, CaptionDecoder
 from mmpipe.model.features import Encoded
 from mmpipe.model.fusion import apply_head, create_fusion_head
+from mmpipe.model.hf import create_hf_parts
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.itm import itm_pairs
 from mmpipe.model.text import create_text_encoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
+SIGLIP_INIT_BIAS = -10.0  # SigLIP (Zhai et al. 2023): b = -10 keeps the many negatives quiet
 
 
 def num_outputs(task: str, num_classes: int) -> int:
@@ -39,16 +41,35 @@ def num_outputs(task: str, num_classes: int) -> int:
 class MultimodalModel(nn.Module):
     """Image + text encoders, projections into a shared space, a learnable temperature, a head."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, caption: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_classes: int,
+        caption: dict[str, Any] | None = None,
+        hf: dict[str, Any] | None = None,
+        allow_download: bool = False,
+    ):
         super().__init__()
         self.task, self.num_classes = cfg.task, num_classes
-        self.image_encoder = create_image_encoder(cfg)
-        self.text_encoder = create_text_encoder(cfg)
+        # Hugging Face parts: pretrained weights when training, or rebuilt from a checkpoint's
+        # specs (``hf``, no file read); none for the built-in encoders (no RNG draw either)
+        parts = create_hf_parts(cfg, hf, allow_download)
+        self.hf_specs = parts.specs or {}
+        self.image_encoder = parts.image_encoder or create_image_encoder(cfg)
+        self.text_encoder = parts.text_encoder or create_text_encoder(cfg)
         di, dt = self.image_encoder.out_dim, self.text_encoder.out_dim
         k = num_outputs(cfg.task, num_classes)
-        self.image_proj = nn.Linear(di, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(dt, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.embed_dim = parts.embed_dim or cfg.embed_dim  # a pretrained dual encoder's own
+        self.image_proj = parts.image_proj or nn.Linear(di, self.embed_dim, bias=False)
+        self.text_proj = parts.text_proj or nn.Linear(dt, self.embed_dim, bias=False)
+        scale = parts.logit_scale
+        if scale is None:
+            scale = math.log(1.0 / cfg.init_temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
+        self.contrastive_loss = cfg.contrastive_loss
+        if cfg.contrastive_loss == "sigmoid":  # SigLIP's learned bias (paper init: -10)
+            bias = parts.logit_bias if parts.logit_bias is not None else SIGLIP_INIT_BIAS
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
         self.decoder = create_caption_decoder(cfg, di, caption)
         self.head = None if self.decoder is not None else create_fusion_head(
             cfg.fusion,
@@ -62,10 +83,13 @@ class MultimodalModel(nn.Module):
         )  # fmt: skip
         # what the model is, for logs and reports (model_args are what rebuild it)
         self.config = {
-            "image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder,
+            "image_encoder": cfg.pretrained or cfg.image_encoder,
+            "text_encoder": cfg.pretrained or cfg.text_encoder,
             "fusion": cfg.fusion, "task": cfg.task, "image_dim": di, "text_dim": dt,
-            "embed_dim": cfg.embed_dim, "num_outputs": k,
+            "embed_dim": self.embed_dim, "num_outputs": k,
         }  # fmt: skip
+        if cfg.contrastive_loss != "infonce":
+            self.config["contrastive_loss"] = cfg.contrastive_loss
         self.audio_encoder = create_audio_encoder(cfg)
         if self.audio_encoder is not None:
             self._add_audio(cfg, k)
@@ -79,7 +103,7 @@ class MultimodalModel(nn.Module):
         logits are added to the image-text head's where a clip is present (late fusion: a
         masked clip leaves the image-text prediction exactly as without audio)."""
         da = self.audio_encoder.out_dim
-        self.audio_proj = nn.Linear(da, cfg.embed_dim, bias=False)
+        self.audio_proj = nn.Linear(da, self.embed_dim, bias=False)
         self.audio_head = nn.Sequential(
             nn.Linear(da, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, k),
@@ -113,9 +137,19 @@ class MultimodalModel(nn.Module):
         ei, et = self.encode(images, texts)
         return ei.pooled, et.pooled
 
-    def encode(self, images: torch.Tensor, texts: list[str]) -> tuple[Encoded, Encoded]:
-        """Pooled + token features of both modalities; what the ablation heads are trained on."""
-        return self.image_encoder.encode(images), self.text_encoder.encode(list(texts))
+    def encode(
+        self, images: torch.Tensor | None, texts: list[str], image_cache: Any = None
+    ) -> tuple[Encoded, Encoded]:
+        """Pooled + token features of both modalities; what the ablation heads are trained on.
+
+        ``image_cache`` (``features.CachedImages``): the images' features from the frozen-feature
+        cache instead of ``images`` (None then): the locked part of the image tower is not run.
+        """
+        if image_cache is not None:
+            ei = image_cache.encoded(self.image_encoder)
+        else:
+            ei = self.image_encoder.encode(images)
+        return ei, self.text_encoder.encode(list(texts))
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100."""
@@ -164,25 +198,29 @@ class MultimodalModel(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         texts: list[str],
         audio: torch.Tensor | None = None,
         audio_mask: torch.Tensor | None = None,
         itm_groups: torch.Tensor | None = None,
         itm_generator: torch.Generator | None = None,
+        image_cache: Any = None,
     ) -> dict[str, torch.Tensor]:
         """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}; with an
         audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool; with an
         ITM head and ``itm_groups`` (B,) (the pairs' image ids) also "itm_logits" and
         "itm_labels" (P,) of the pairs + negatives sampled by contrastive similarity (from
         ``itm_generator``, else the global RNG); captioning: "logits" (B, T, V) of the
-        teacher-forced captions, "caption_target" (B, T)."""
-        ei, et = self.encode(images, texts)  # pooled (B, Fi), (B, Ft) + tokens
+        teacher-forced captions, "caption_target" (B, T); "logit_bias" () with the sigmoid loss.
+        ``image_cache``: the images' cached frozen features instead of ``images``."""
+        ei, et = self.encode(images, texts, image_cache)  # pooled (B, Fi), (B, Ft) + tokens
         out = {
             "image_emb": self.encode_image_features(ei),
             "text_emb": self.encode_text_features(et),
             "logit_scale": self.scale(),
         }
+        if self.contrastive_loss == "sigmoid":
+            out["logit_bias"] = self.logit_bias
         if self.decoder is not None:  # captioning: the captions are the targets
             out["logits"], out["caption_target"] = self.decoder.teacher_forced(ei, list(texts))
             return out
@@ -204,11 +242,19 @@ class MultimodalModel(nn.Module):
 
 
 def create_model(
-    cfg: ModelConfig, num_classes: int, caption: dict[str, Any] | None = None
+    cfg: ModelConfig,
+    num_classes: int,
+    caption: dict[str, Any] | None = None,
+    hf: dict[str, Any] | None = None,
+    allow_download: bool = False,
 ) -> MultimodalModel:
     """Build the model ``cfg`` describes for a dataset with ``num_classes`` label classes;
-    captioning also needs its vocabulary (``caption``: decoder.build_vocabulary's spec)."""
-    return MultimodalModel(cfg, num_classes, caption)
+    captioning also needs its vocabulary (``caption``: decoder.build_vocabulary's spec).
+
+    Hugging Face parts (``cfg.pretrained`` or an ``hf:`` encoder) load their pretrained weights
+    offline (a download only with ``allow_download``), or, given ``hf`` (a checkpoint's
+    ``meta["hf"]``), are rebuilt from it without reading any file."""
+    return MultimodalModel(cfg, num_classes, caption, hf, allow_download)
 
 
 def create_caption_decoder(
@@ -244,6 +290,40 @@ def info_nce(
     i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
     t2i = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
     return 0.5 * (i2t + t2i)
+
+
+def sigmoid_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) over a batch of N pairs; () .
+
+    Every (image, text) cell is an independent binary problem: +1 for a pair (or, with
+    ``groups``, any two rows sharing an image), -1 otherwise; summed over cells, / N.
+    """
+    logits = logit_scale * image_emb.float() @ text_emb.float().T + logit_bias  # (N, N)
+    if groups is None:
+        same = torch.eye(len(logits), device=logits.device)
+    else:
+        same = (groups[:, None] == groups[None, :]).float()
+    labels = 2.0 * same - 1.0
+    return -F.logsigmoid(labels * logits).sum() / len(logits)
+
+
+def contrastive_objective(
+    out: dict[str, torch.Tensor],
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's contrastive loss (``ModelConfig.contrastive_loss``) on (N, D) embeddings,
+    with the scale (and bias) of a forward's ``out``."""
+    if "logit_bias" in out:
+        return sigmoid_loss(image_emb, text_emb, out["logit_scale"], out["logit_bias"], groups)
+    return info_nce(image_emb, text_emb, out["logit_scale"], groups)
 
 
 def audio_info_nce(

@@ -1,0 +1,217 @@
+"""The frozen-feature cache: a locked image tower runs once per image, not once per epoch.
+
+With the image tower locked (LiT) and no online augmentation, what it computes for a stored
+sample never changes, so training reads its features instead of decoding and encoding pixels
+again every epoch (open_clip and LiT do the same with precomputed features). With only the
+tower's last layer groups trainable (``unfreeze_last``), the locked prefix's output is cached
+and the trainable groups run on it (``TokenEncoder.encode_from``).
+
+Keyed by content, like ingest's check cache: one file per (shard sha256, encoder digest) under
+``cache_dir/<digest>/<sha256>.pt``; the digest covers the locked weights, how many groups are
+cached, whether tokens are kept, the image size and decode of the shards. A shard set that
+changes only in some shards (an incremental shard run) reuses the others' files; another
+night with the same shards and encoder reuses them all. Every file is checked against the
+manifest's sample count before use; a mismatch is rebuilt. Files hold tensors and lists only
+(``torch.load(weights_only=True)``) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from mmpipe.checkpoint import save_checkpoint
+from mmpipe.data import decode_image, split_shards
+from mmpipe.errors import InputError
+from mmpipe.model.features import CachedImages
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when what a cache file holds changes
+
+
+@dataclass
+class Plan:
+    """What to cache: the output of the image encoder's first ``start`` layer groups (all of
+    them: ``whole``), with the token grid when a head reads it."""
+
+    start: int
+    whole: bool
+    tokens: bool
+
+
+def plan(
+    model: torch.nn.Module, mode: str, online_augment: bool, unfreeze_last: int
+) -> Plan | None:
+    """The cache plan of a model whose image tower is locked (fully, or all but its last
+    ``unfreeze_last`` groups), or None: no lock, ``mode`` "off", or online augmentation (each
+    epoch's pixels differ; ``mode`` "on" caches anyway, on the un-augmented pixels)."""
+    if mode == "off" or not model.freeze_image:
+        return None
+    if online_augment and mode != "on":
+        log.info("train: frozen-feature cache off: train.online_augment changes the pixels")
+        return None
+    encoder = model.image_encoder
+    groups = len(encoder.layer_groups()) if hasattr(encoder, "layer_groups") else 0
+    if unfreeze_last == 0:
+        tokens = model.decoder is not None or getattr(model.head, "token_level", False)
+        return Plan(start=groups, whole=True, tokens=bool(tokens))
+    if not hasattr(encoder, "encode_from") or unfreeze_last >= groups:
+        return None
+    return Plan(start=groups - unfreeze_last, whole=False, tokens=False)
+
+
+def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) -> str:
+    """sha256 over what the cached features depend on: the locked weights (and buffers, e.g.
+    BatchNorm statistics), the plan, the shards' image size and decode, the format version."""
+    h = hashlib.sha256()
+    head = {"version": VERSION, "start": p.start, "whole": p.whole, "tokens": p.tokens,
+            "image_size": manifest.get("image_size"), "decode": manifest.get("decode"),
+            "encoder": type(model.image_encoder).__name__}  # fmt: skip
+    h.update(json.dumps(head, sort_keys=True).encode())
+    state = model.image_encoder.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _encode(model: torch.nn.Module, p: Plan, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The cached features of a batch of images: (B, ...) float32 on the CPU (exactly what
+    the tower computes: a cached run trains as an uncached one would)."""
+    encoder = model.image_encoder
+    if not p.whole:
+        return {"x": encoder.encode_prefix(images, p.start).float().cpu()}
+    enc = encoder.encode(images)
+    out = {"x": enc.pooled.float().cpu()}
+    if p.tokens:
+        out["tokens"] = enc.tokens.float().cpu()
+    return out
+
+
+def _build_shard(
+    model: torch.nn.Module, p: Plan, url: str, device: torch.device, batch: int
+) -> dict[str, Any]:
+    """Encode one shard's images (identical image bytes once) -> {keys, rows, x[, tokens]}."""
+    keys, rows, parts = [], [], []
+    seen: dict[bytes, int] = {}
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            parts.append(_encode(model, p, torch.stack(pending).to(device)))
+            pending.clear()
+
+    for sample in wds.tarfile_samples(iter([{"url": url}])):
+        digest = hashlib.sha1(sample["jpg"]).digest()
+        if digest not in seen:
+            seen[digest] = len(seen)
+            pending.append(decode_image(sample["jpg"]))
+            if len(pending) == batch:
+                flush()
+        keys.append(sample["__key__"])
+        rows.append(seen[digest])
+    flush()
+    out: dict[str, Any] = {"keys": keys, "rows": torch.tensor(rows, dtype=torch.long)}
+    for name in parts[0] if parts else ():
+        out[name] = torch.cat([part[name] for part in parts])
+    return out
+
+
+class FeatureCache:
+    """The cached features of the train and val splits, looked up by sample key."""
+
+    def __init__(self, p: Plan, files: list[dict[str, Any]]) -> None:
+        self.plan = p
+        self.index: dict[str, tuple[int, int]] = {}  # key -> (file, row)
+        for f, data in enumerate(files):
+            for key, row in zip(data["keys"], data["rows"].tolist(), strict=True):
+                self.index[key] = (f, row)
+        self.x = [data.get("x") for data in files]
+        self.tokens = [data.get("tokens") for data in files]
+
+    def lookup(self, keys: list[str], device: torch.device) -> CachedImages:
+        """The features of the samples ``keys`` (a batch), as float32 on ``device``."""
+        try:
+            where = [self.index[k] for k in keys]
+        except KeyError as exc:
+            raise InputError(
+                f"frozen-feature cache has no sample {exc}; delete the cache"
+            ) from None
+        x = torch.stack([self.x[f][r] for f, r in where]).float().to(device)
+        tokens = None
+        if self.plan.tokens:
+            tokens = torch.stack([self.tokens[f][r] for f, r in where]).float().to(device)
+        return CachedImages(self.plan.start, self.plan.whole, x, tokens)
+
+
+def build(
+    model: torch.nn.Module,
+    p: Plan,
+    shard_dir: Any,
+    manifest: dict[str, Any],
+    cache_dir: Path,
+    device: torch.device,
+    splits: tuple[str, ...] = ("train", "val"),
+    batch: int = 64,
+) -> tuple[FeatureCache, dict[str, Any]]:
+    """Load or compute the features of every shard of ``splits``; (cache, report)."""
+    digest = encoder_digest(model, p, manifest)
+    folder = cache_dir / digest[:32]
+    files, built, reused = [], 0, 0
+    started = time.perf_counter()
+    training = model.image_encoder.training
+    model.image_encoder.eval()
+    try:
+        for split in splits:
+            if not (manifest["splits"].get(split) or {}).get("count"):
+                continue
+            for ref, entry in zip(
+                split_shards(shard_dir, split), _entries(manifest, split), strict=True
+            ):
+                path = folder / f"{entry['sha256']}.pt"
+                data = _read(path, ref.count)
+                if data is None:
+                    data = _build_shard(model, p, ref.url, device, batch)
+                    save_checkpoint(data, path)
+                    built += 1
+                else:
+                    reused += 1
+                files.append(data)
+    finally:
+        model.image_encoder.train(training)
+    seconds = time.perf_counter() - started
+    report = {"digest": digest, "dir": str(folder), "shards_built": built, "shards_reused": reused,
+              "cached_groups": p.start, "whole_tower": p.whole, "seconds": round(seconds, 3)}  # fmt: skip
+    log.info("train: frozen-feature cache %s: %d shard(s) encoded, %d reused (%.1f s)",
+             folder, built, reused, seconds)  # fmt: skip
+    return FeatureCache(p, files), report
+
+
+def _entries(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    return list(manifest["splits"][split]["shards"])
+
+
+def _read(path: Path, count: int) -> dict[str, Any] | None:
+    """A cache file if it is whole and holds ``count`` samples (the manifest's), else None."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: rebuild it
+        log.warning("train: frozen-feature cache file %s unreadable; rebuilding it", path)
+        return None
+    if not isinstance(data, dict) or len(data.get("keys", ())) != count:
+        log.warning("train: frozen-feature cache file %s does not match the manifest", path)
+        return None
+    return data
