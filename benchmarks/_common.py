@@ -318,11 +318,15 @@ def parse_readme_args(
     argv: list[str] | None,
     full: list[str],
     from_saved: Callable[[dict[str, Any]], None],
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace | None:
-    """The parsed ``readme_benchmark_args``; None when --readme-from was given and
-    ``from_saved`` has rewritten the README from that saved ``full`` run. --update-readme with
-    --smoke is refused before any work."""
-    args = readme_benchmark_args(name, doc, work_dir).parse_args(argv)
+    """The parsed ``readme_benchmark_args`` (+ the script's own, ``extra``); None when
+    --readme-from was given and ``from_saved`` has rewritten the README from that saved ``full``
+    run. --update-readme with --smoke is refused before any work."""
+    ap = readme_benchmark_args(name, doc, work_dir)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args(argv)
     if args.readme_from is not None:
         from_saved(saved_full_run(args.readme_from, full))
         return None

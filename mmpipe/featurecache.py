@@ -81,7 +81,7 @@ def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) ->
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         h.update(name.encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
 
 

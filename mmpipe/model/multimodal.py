@@ -126,10 +126,18 @@ class MultimodalModel(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> MultimodalModel:
-        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics untouched)."""
+        """Frozen parts stay in eval mode (no dropout, BatchNorm statistics untouched); so do
+        the BatchNorm layers of the trainable last blocks of a frozen tower (``unfreeze_last``:
+        fine-tuning a pretrained CNN's top on small batches keeps its ImageNet statistics)."""
         super().train(mode)
         for block in getattr(self, "frozen", []):
             block.eval()
+        for encoder, frozen in ((self.image_encoder, getattr(self, "freeze_image", False)),
+                                (self.text_encoder, getattr(self, "freeze_text", False))):  # fmt: skip
+            if frozen:
+                for m in encoder.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
         return self
 
     def features(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

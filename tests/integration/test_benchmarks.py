@@ -106,3 +106,20 @@ def test_summary_table_from_payloads(tmp_path: Path) -> None:
     table = markdown([payload])
     assert "| x | f | 2 x | 0.5 | >= 0.8 | **no** |" in table
     assert "`python -m benchmarks.bench_x`" in table
+
+
+def test_real_retrieval_benchmark_smoke(tmp_path: Path) -> None:
+    """The real-photo benchmark end to end on 60 Flickr8k photos: the split, both rows trained
+    through `mmpipe run` and scored by `mmpipe eval-retrieval`, the table."""
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), TQDM_DISABLE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "benchmarks.real_retrieval", "--smoke", "--work-dir",
+           str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "out" / "real_retrieval.json").read_text())
+    assert payload["mode"] == "smoke" and payload["train_images"] == 40
+    for row in payload["rows"].values():
+        assert row["scores"]["images"] == 20 and row["scores"]["captions"] == 100
+        assert 0.0 <= row["scores"]["i2t"]["R@1"] <= 1.0 and row["train_minutes"] is not None
+    assert "the recipe" in payload["table"]
