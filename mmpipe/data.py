@@ -498,6 +498,7 @@ def create_dataloader(
     skip_batches: int = 0,
     max_bad_samples: int | None = 0,
     images: bool = True,
+    pin_memory: bool = False,
 ) -> wds.WebLoader:
     """Batches of one split for one epoch (see the module docstring); ``.stats`` counts samples.
 
@@ -508,7 +509,7 @@ def create_dataloader(
     ``world_size > 1`` each rank gets ``count // world_size`` samples, disjoint across ranks.
     ``skip_batches`` resumes an epoch: the same call without it yields those batches first.
     ``images=False`` decodes no pixels (batches' ``image`` is (B, 0)): the frozen-feature cache
-    stands in for them.
+    stands in for them. ``pin_memory``: page-locked batches for asynchronous copies to a GPU.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise InputError(
@@ -536,6 +537,7 @@ def create_dataloader(
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_identity,
+        pin_memory=pin_memory,
         persistent_workers=False,
         worker_init_fn=functools.partial(_init_loader_worker, env=_store_env())
         if num_workers

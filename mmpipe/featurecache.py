@@ -1,10 +1,11 @@
-"""The frozen-feature cache: a locked image tower runs once per image, not once per epoch.
+"""The frozen-feature cache: a locked tower runs once per sample, not once per epoch.
 
 With the image tower locked (LiT) and no online augmentation, what it computes for a stored
 sample never changes, so training reads its features instead of decoding and encoding pixels
 again every epoch (open_clip and LiT do the same with precomputed features). With only the
 tower's last layer groups trainable (``unfreeze_last``), the locked prefix's output is cached
-and the trainable groups run on it (``TokenEncoder.encode_from``).
+and the trainable groups run on it (``TokenEncoder.encode_from``). A locked text tower's pooled
+features are cached the same way (not its tokens: a token-level head reads the text tower).
 
 Keyed by content, like ingest's check cache: one file per (shard sha256, encoder digest) under
 ``cache_dir/<digest>/<sha256>.pt``; the digest covers the locked weights, how many groups are
@@ -31,7 +32,7 @@ import webdataset as wds
 from mmpipe.checkpoint import save_checkpoint
 from mmpipe.data import decode_image, split_shards
 from mmpipe.errors import InputError
-from mmpipe.model.features import CachedImages
+from mmpipe.model.features import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,30 @@ VERSION = 1  # bump when what a cache file holds changes
 
 @dataclass
 class Plan:
-    """What to cache: the output of the image encoder's first ``start`` layer groups (all of
+    """What to cache: the output of the ``tower`` encoder's first ``start`` layer groups (all of
     them: ``whole``), with the token grid when a head reads it."""
 
     start: int
     whole: bool
     tokens: bool
+    tower: str = "image"  # or "text"
+
+    def encoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's encoder this plan caches."""
+        return model.image_encoder if self.tower == "image" else model.text_encoder
+
+
+def text_plan(model: torch.nn.Module, mode: str) -> Plan | None:
+    """The cache plan of a locked text tower (pooled features), or None: not locked, ``mode``
+    "off", or a head that reads the text tokens (token-level fusion, captioning)."""
+    if mode == "off" or not model.freeze_text:
+        return None
+    if model.decoder is not None or getattr(model.head, "token_level", False):
+        return None
+    groups = (
+        model.text_encoder.layer_groups() if hasattr(model.text_encoder, "layer_groups") else []
+    )
+    return Plan(start=len(groups), whole=True, tokens=False, tower="text")
 
 
 def plan(
@@ -71,13 +90,23 @@ def plan(
 
 def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) -> str:
     """sha256 over what the cached features depend on: the locked weights (and buffers, e.g.
-    BatchNorm statistics), the plan, the shards' image size and decode, the format version."""
+    BatchNorm statistics), the plan, the shards' image size and decode (image) or the tokenizer
+    (text), the format version."""
     h = hashlib.sha256()
+    encoder = p.encoder(model)
     head = {"version": VERSION, "start": p.start, "whole": p.whole, "tokens": p.tokens,
-            "image_size": manifest.get("image_size"), "decode": manifest.get("decode"),
-            "encoder": type(model.image_encoder).__name__}  # fmt: skip
+            "tower": p.tower, "encoder": type(encoder).__name__}  # fmt: skip
+    if p.tower == "image":
+        head.update(image_size=manifest.get("image_size"), decode=manifest.get("decode"))
+    else:
+        head.update(max_tokens=getattr(encoder, "max_tokens", None),
+                    max_length=getattr(encoder, "max_length", None),
+                    vocab_size=getattr(encoder, "vocab_size", None))  # fmt: skip
+        for spec in getattr(model, "hf_specs", {}).values():
+            for name, data in sorted(spec.get("tokenizer_files", {}).items()):
+                h.update(name.encode() + hashlib.sha256(data).digest())
     h.update(json.dumps(head, sort_keys=True).encode())
-    state = model.image_encoder.state_dict()
+    state = encoder.state_dict()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -86,13 +115,13 @@ def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) ->
 
 
 @torch.no_grad()
-def _encode(model: torch.nn.Module, p: Plan, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The cached features of a batch of images: (B, ...) float32 on the CPU (exactly what
-    the tower computes: a cached run trains as an uncached one would)."""
-    encoder = model.image_encoder
+def _encode(model: torch.nn.Module, p: Plan, inputs: Any) -> dict[str, torch.Tensor]:
+    """The cached features of a batch of images (or texts): (B, ...) float32 on the CPU
+    (exactly what the tower computes: a cached run trains as an uncached one would)."""
+    encoder = p.encoder(model)
     if not p.whole:
-        return {"x": encoder.encode_prefix(images, p.start).float().cpu()}
-    enc = encoder.encode(images)
+        return {"x": encoder.encode_prefix(inputs, p.start).float().cpu()}
+    enc = encoder.encode(inputs)
     out = {"x": enc.pooled.float().cpu()}
     if p.tokens:
         out["tokens"] = enc.tokens.float().cpu()
@@ -100,36 +129,58 @@ def _encode(model: torch.nn.Module, p: Plan, images: torch.Tensor) -> dict[str, 
 
 
 def _build_shard(
-    model: torch.nn.Module, p: Plan, url: str, device: torch.device, batch: int
+    model: torch.nn.Module,
+    p: Plan,
+    url: str,
+    device: torch.device,
+    batch: int,
+    memo: dict[bytes, dict[str, torch.Tensor]],
 ) -> dict[str, Any]:
-    """Encode one shard's images (identical image bytes once) -> {keys, rows, x[, tokens]}."""
-    keys, rows, parts = [], [], []
-    seen: dict[bytes, int] = {}
-    pending: list[torch.Tensor] = []
+    """Encode one shard's images or captions -> {keys, rows, x[, tokens]}.
 
-    def flush() -> None:
-        if pending:
-            parts.append(_encode(model, p, torch.stack(pending).to(device)))
-            pending.clear()
-
+    An input is encoded once per build: ``memo`` (content digest -> features) carries what
+    earlier shards of the same build encoded (the 5 captions of a photo are 5 samples with the
+    same image bytes, spread over several shards)."""
+    keys, digests, pending = [], [], {}
+    member = "jpg" if p.tower == "image" else "txt"
     for sample in wds.tarfile_samples(iter([{"url": url}])):
-        digest = hashlib.sha1(sample["jpg"]).digest()
-        if digest not in seen:
-            seen[digest] = len(seen)
-            pending.append(decode_image(sample["jpg"]))
+        digest = hashlib.sha1(sample[member]).digest()
+        if digest not in memo and digest not in pending:
+            data = sample[member]
+            pending[digest] = decode_image(data) if p.tower == "image" else data.decode("utf-8")
             if len(pending) == batch:
-                flush()
+                _encode_into(model, p, pending, device, memo)
         keys.append(sample["__key__"])
-        rows.append(seen[digest])
-    flush()
-    out: dict[str, Any] = {"keys": keys, "rows": torch.tensor(rows, dtype=torch.long)}
-    for name in parts[0] if parts else ():
-        out[name] = torch.cat([part[name] for part in parts])
+        digests.append(digest)
+    _encode_into(model, p, pending, device, memo)
+    order = list(dict.fromkeys(digests))  # this shard's distinct inputs, first-seen order
+    row_of = {d: i for i, d in enumerate(order)}
+    out: dict[str, Any] = {"keys": keys, "rows": torch.tensor([row_of[d] for d in digests])}
+    for name in memo[order[0]] if order else ():
+        out[name] = torch.stack([memo[d][name] for d in order])
     return out
 
 
+def _encode_into(
+    model: torch.nn.Module,
+    p: Plan,
+    pending: dict[bytes, Any],
+    device: torch.device,
+    memo: dict[bytes, dict[str, torch.Tensor]],
+) -> None:
+    """Encode the ``pending`` inputs as one batch into ``memo``; empties ``pending``."""
+    if not pending:
+        return
+    values = list(pending.values())
+    inputs = torch.stack(values).to(device) if p.tower == "image" else values
+    features = _encode(model, p, inputs)
+    for i, digest in enumerate(pending):
+        memo[digest] = {name: x[i] for name, x in features.items()}
+    pending.clear()
+
+
 class FeatureCache:
-    """The cached features of the train and val splits, looked up by sample key."""
+    """The cached features of one tower for the train and val splits, by sample key."""
 
     def __init__(self, p: Plan, files: list[dict[str, Any]]) -> None:
         self.plan = p
@@ -140,7 +191,7 @@ class FeatureCache:
         self.x = [data.get("x") for data in files]
         self.tokens = [data.get("tokens") for data in files]
 
-    def lookup(self, keys: list[str], device: torch.device) -> CachedImages:
+    def lookup(self, keys: list[str], device: torch.device) -> CachedFeatures:
         """The features of the samples ``keys`` (a batch), as float32 on ``device``."""
         try:
             where = [self.index[k] for k in keys]
@@ -152,7 +203,7 @@ class FeatureCache:
         tokens = None
         if self.plan.tokens:
             tokens = torch.stack([self.tokens[f][r] for f, r in where]).float().to(device)
-        return CachedImages(self.plan.start, self.plan.whole, x, tokens)
+        return CachedFeatures(self.plan.start, self.plan.whole, x, tokens)
 
 
 def build(
@@ -170,8 +221,10 @@ def build(
     folder = cache_dir / digest[:32]
     files, built, reused = [], 0, 0
     started = time.perf_counter()
-    training = model.image_encoder.training
-    model.image_encoder.eval()
+    encoder = p.encoder(model)
+    training = encoder.training
+    encoder.eval()
+    memo: dict[bytes, dict[str, torch.Tensor]] = {}
     try:
         for split in splits:
             if not (manifest["splits"].get(split) or {}).get("count"):
@@ -182,19 +235,20 @@ def build(
                 path = folder / f"{entry['sha256']}.pt"
                 data = _read(path, ref.count)
                 if data is None:
-                    data = _build_shard(model, p, ref.url, device, batch)
+                    data = _build_shard(model, p, ref.url, device, batch, memo)
                     save_checkpoint(data, path)
                     built += 1
                 else:
                     reused += 1
                 files.append(data)
     finally:
-        model.image_encoder.train(training)
+        encoder.train(training)
     seconds = time.perf_counter() - started
-    report = {"digest": digest, "dir": str(folder), "shards_built": built, "shards_reused": reused,
-              "cached_groups": p.start, "whole_tower": p.whole, "seconds": round(seconds, 3)}  # fmt: skip
-    log.info("train: frozen-feature cache %s: %d shard(s) encoded, %d reused (%.1f s)",
-             folder, built, reused, seconds)  # fmt: skip
+    report = {"tower": p.tower, "digest": digest, "dir": str(folder), "shards_built": built,
+              "shards_reused": reused, "cached_groups": p.start, "whole_tower": p.whole,
+              "seconds": round(seconds, 3)}  # fmt: skip
+    log.info("train: frozen-feature cache (%s tower) %s: %d shard(s) encoded, %d reused (%.1f s)",
+             p.tower, folder, built, reused, seconds)  # fmt: skip
     return FeatureCache(p, files), report
 
 

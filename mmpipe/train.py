@@ -119,8 +119,10 @@ class Trainer:
     cache_dir: Path | None = None  # where the frozen-feature cache lives (None: not cached)
     shard_dir: str | Path | None = None  # the shards the cache is built from
     manifest: dict[str, Any] | None = None
-    features: featurecache.FeatureCache | None = None  # the current stage's cached features
+    features: featurecache.FeatureCache | None = None  # the current stage's cached image side
+    text_features: featurecache.FeatureCache | None = None  # ... and text side
     cache_report: dict[str, Any] | None = None
+    channels_last: bool = False  # conv image encoder on CUDA: NHWC kernels (tensor cores)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16/fp16 autocast, or nothing."""
@@ -187,8 +189,22 @@ def create_trainer(
                 steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
     t.task_loss = task_loss_status(p, manifest)
     t.cache_dir, t.shard_dir, t.manifest = cache_dir, shard_dir, manifest
+    t.channels_last = use_channels_last(model, device)
     enter_stage(t, 0)
     return t
+
+
+CONV_ENCODERS = ("cnn", "resnet", "efficientnet_lite0")
+
+
+def use_channels_last(model: MultimodalModel, device: torch.device) -> bool:
+    """Convert a conv image encoder to channels_last on CUDA (NHWC: faster convolutions under
+    autocast); False elsewhere (CPU, and transformer image towers, which have no convolutions
+    to speed up)."""
+    if device.type != "cuda" or model.config["image_encoder"] not in CONV_ENCODERS:
+        return False
+    model.image_encoder.to(memory_format=torch.channels_last)
+    return True
 
 
 def check_image_size(model: MultimodalModel, manifest: dict[str, Any]) -> None:
@@ -289,22 +305,39 @@ def enter_stage(t: Trainer, index: int) -> None:
 
 
 def load_features(t: Trainer, s: TrainStage) -> None:
-    """The stage's frozen-feature cache (``mmpipe.featurecache``), or None when it has none.
+    """The stage's frozen-feature caches (``mmpipe.featurecache``) of a locked image tower (or
+    its locked prefix) and a locked text tower; None where a tower has none.
 
     Rank 0 computes missing files first; the other ranks then read them."""
-    t.features = None
-    plan = featurecache.plan(
-        t.model, t.p.feature_cache, bool(t.p.online_augment), s.unfreeze_last
-    ) if t.cache_dir is not None and t.manifest is not None and s.freeze_image else None  # fmt: skip
-    if plan is None:
+    t.features = t.text_features = None
+    if t.cache_dir is None or t.manifest is None:
         return
-    build = partial(featurecache.build, t.model, plan, t.shard_dir, t.manifest, t.cache_dir,
-                    t.device)  # fmt: skip
-    if t.d.main:
-        t.features, t.cache_report = build()
-    barrier(t.d)
-    if not t.d.main:
-        t.features, t.cache_report = build()
+    plans = {
+        "image": featurecache.plan(
+            t.model, t.p.feature_cache, bool(t.p.online_augment), s.unfreeze_last
+        ) if s.freeze_image else None,
+        "text": featurecache.text_plan(t.model, t.p.feature_cache)
+        if s.freeze_text and not s.unfreeze_last else None,
+    }  # fmt: skip
+    reports = {}
+    for tower, plan in plans.items():
+        if plan is None:
+            continue
+        build = partial(featurecache.build, t.model, plan, t.shard_dir, t.manifest, t.cache_dir,
+                        t.device)  # fmt: skip
+        cache = None
+        if t.d.main:
+            cache, reports[tower] = build()
+        barrier(t.d)
+        if not t.d.main:
+            cache, reports[tower] = build()
+        if tower == "image":
+            t.features = cache
+        else:
+            t.text_features = cache
+    t.cache_report = reports.get("image") or reports.get("text")
+    if reports:
+        t.cache_report = {**t.cache_report, "towers": reports}
 
 
 def describe_freezing(s: TrainStage) -> str:
@@ -412,15 +445,35 @@ def run_train(
             t.meta["resume_key"] = key
             at, rng = start_or_resume(t, work, resume)
             report = train_loop(shard_dir, work, t, at, rng, max_steps, on_epoch_end)
+            add_cache_time(t, report)
             if report["stopped_by"] == "signal":
                 raise interrupted(at, work)
             if report["stopped_by"] is None and d.main:
-                installed = {k: v for k, v in report.items() if k != "seconds"}  # no timings
+                installed = {k: v for k, v in report.items() if k not in UNVERSIONED}
                 install_model(work, out_dir, {**installed, **(report_extra or {})})
         signals.raise_if_requested(f"after train finished ({out_dir} holds the new model)")
         return report
     finally:
         close_distributed(d)
+
+
+# what the returned report has but the installed train_report.json must not (it is versioned:
+# the same run twice gives the same bytes): timings, and the cache's local paths
+UNVERSIONED = ("seconds", "feature_cache")
+
+
+def add_cache_time(t: Trainer, report: dict[str, Any]) -> None:
+    """The frozen-feature pass belongs to the stage's time: ``seconds`` includes it (the log's
+    "train stage took", MLflow's train_seconds), ``feature_cache`` says what it did."""
+    towers = (t.cache_report or {}).get("towers", {})
+    if not towers:
+        return
+    cache = sum(r["seconds"] for r in towers.values())
+    report["seconds"] = round(report["seconds"] + cache, 3)
+    report["feature_cache"] = towers
+    log.info("train stage took %.1f s (frozen-feature pass %.1f s, %s)", report["seconds"], cache,
+             ", ".join(f"{k}: {r['shards_built']} shard(s) encoded, {r['shards_reused']} reused"
+                       for k, r in towers.items()))  # fmt: skip
 
 
 def caption_vocabulary(
@@ -820,7 +873,8 @@ def grad_cache_backward(t: Trainer, batches: list[dict[str, Any]]) -> list[dict[
 
 def model_inputs(t: Trainer, batch: dict[str, Any]) -> tuple[Any, ...]:
     """The forward's positional arguments for a loader batch: images (None when the frozen-feature
-    cache stands in: then ``image_cache``), texts, and the audio/ITM/cache keyword values."""
+    cache stands in: then ``image_cache``), texts, the audio/ITM values, and the cached image
+    and text features (None where a tower is not cached)."""
     extra = audio_inputs(batch, t.device)
     if t.p.itm_weight > 0:  # ITM negatives come from this rank's micro-batch
         extra["itm_groups"] = group_ids(batch["image_id"]).to(t.device)
@@ -829,8 +883,13 @@ def model_inputs(t: Trainer, batch: dict[str, Any]) -> tuple[Any, ...]:
         cache = t.features.lookup(list(batch["key"]), t.device)
     else:
         images, cache = batch["image"].to(t.device, non_blocking=True), None
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+    texts = None
+    if t.text_features is not None:
+        texts = t.text_features.lookup(list(batch["key"]), t.device)
     return (images, list(batch["text"]), extra.get("audio"), extra.get("audio_mask"),
-            extra.get("itm_groups"), None, cache)  # fmt: skip
+            extra.get("itm_groups"), None, cache, texts)  # fmt: skip
 
 
 def optimizer_step(t: Trainer) -> None:
@@ -859,6 +918,7 @@ def train_batches(shard_dir: Path, t: Trainer, at: Progress) -> Iterator[dict[st
         skip_batches=at.batch_in_epoch,  # resume inside an epoch
         max_bad_samples=p.max_bad_samples,
         images=t.features is None,  # cached features stand in for the pixels: none decoded
+        pin_memory=t.device.type == "cuda",
     )  # fmt: skip
     return iter(loader)
 
@@ -914,7 +974,7 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
             y = batch_targets(batch, t.p.task).to(t.device)
             with t.autocast():
                 args = model_inputs(t, batch)
-                out = t.model(*args[:5], itm.get("itm_generator"), args[6])
+                out = t.model(*args[:5], itm.get("itm_generator"), *args[6:])
             img, txt = out["image_emb"].float(), out["text_emb"].float()  # (B, D) each
             groups = group_ids(batch["image_id"]).to(t.device)
             ranking.add(img, txt, batch["image_id"])

@@ -67,9 +67,9 @@ def concat_encoded(parts: list[Encoded]) -> Encoded:
 
 
 @dataclass
-class CachedImages:
-    """A batch's image features from the frozen-feature cache (``mmpipe.featurecache``), in
-    place of its pixels: the locked part of the image tower is not run again.
+class CachedFeatures:
+    """A batch's features from the frozen-feature cache (``mmpipe.featurecache``), in place of
+    its pixels (or, for a locked text tower, its texts): the locked part is not run again.
 
     ``start`` is how many of the encoder's ``layer_groups()`` produced ``x``: all of them (a
     locked tower: ``x`` is the pooled (B, F) and ``tokens`` the (B, N, F) grid, or None when no

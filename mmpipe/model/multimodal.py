@@ -146,17 +146,23 @@ class MultimodalModel(nn.Module):
         return ei.pooled, et.pooled
 
     def encode(
-        self, images: torch.Tensor | None, texts: list[str], image_cache: Any = None
+        self,
+        images: torch.Tensor | None,
+        texts: list[str],
+        image_cache: Any = None,
+        text_cache: Any = None,
     ) -> tuple[Encoded, Encoded]:
         """Pooled + token features of both modalities; what the ablation heads are trained on.
 
-        ``image_cache`` (``features.CachedImages``): the images' features from the frozen-feature
-        cache instead of ``images`` (None then): the locked part of the image tower is not run.
+        ``image_cache`` / ``text_cache`` (``features.CachedFeatures``): the features from the
+        frozen-feature cache instead of the pixels / texts: the locked part is not run.
         """
         if image_cache is not None:
             ei = image_cache.encoded(self.image_encoder)
         else:
             ei = self.image_encoder.encode(images)
+        if text_cache is not None:
+            return ei, text_cache.encoded(self.text_encoder)
         return ei, self.text_encoder.encode(list(texts))
 
     def scale(self) -> torch.Tensor:
@@ -213,6 +219,7 @@ class MultimodalModel(nn.Module):
         itm_groups: torch.Tensor | None = None,
         itm_generator: torch.Generator | None = None,
         image_cache: Any = None,
+        text_cache: Any = None,
     ) -> dict[str, torch.Tensor]:
         """{"image_emb" (B, D), "text_emb" (B, D), "logit_scale" (), "logits" (B, K)}; with an
         audio encoder and ``audio`` also "audio_emb" (B, D) and "audio_mask" (B,) bool; with an
@@ -220,8 +227,8 @@ class MultimodalModel(nn.Module):
         "itm_labels" (P,) of the pairs + negatives sampled by contrastive similarity (from
         ``itm_generator``, else the global RNG); captioning: "logits" (B, T, V) of the
         teacher-forced captions, "caption_target" (B, T); "logit_bias" () with the sigmoid loss.
-        ``image_cache``: the images' cached frozen features instead of ``images``."""
-        ei, et = self.encode(images, texts, image_cache)  # pooled (B, Fi), (B, Ft) + tokens
+        ``image_cache`` / ``text_cache``: cached frozen features instead of the pixels / texts."""
+        ei, et = self.encode(images, texts, image_cache, text_cache)  # (B, Fi), (B, Ft) + tokens
         out = {
             "image_emb": self.encode_image_features(ei),
             "text_emb": self.encode_text_features(et),

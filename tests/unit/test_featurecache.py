@@ -150,3 +150,43 @@ def _manifest(shards: Path) -> dict:
     from mmpipe.checkpoint import read_manifest
 
     return read_manifest(shards)
+
+
+@pytest.mark.gpu
+def test_cached_locked_tower_trains_on_cuda_with_bf16(shards, tmp_path):
+    p = tiny_train_params(epochs=1, freeze_image=True, device="cuda", amp="bf16")
+    report = run_train(shards, p, tmp_path / "m", cache_dir=tmp_path / "cache")
+    assert report["device"].startswith("cuda") and report["amp"] == "bfloat16"
+    assert torch.isfinite(torch.tensor(report["history"][-1]["train_loss"]))
+    assert list((tmp_path / "cache").rglob("*.pt"))
+
+
+@pytest.mark.gpu
+def test_conv_image_tower_runs_channels_last_on_cuda(shards):
+    p = tiny_train_params(device="cuda", amp="bf16", image_encoder="efficientnet_lite0",
+                          text_encoder="minilm", freeze_image=True, unfreeze_last=2)  # fmt: skip
+    t = create_trainer(p, Dist(), _manifest(shards))
+    assert t.channels_last
+    from mmpipe.data import create_dataloader
+
+    batch = next(iter(create_dataloader(shards, "train", 8, pin_memory=True)))
+    loss, _ = compute_loss(t, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_locked_text_tower_is_cached_too(shards, tmp_path):
+    p = tiny_train_params(epochs=2, freeze_image=True, freeze_text=True, dropout=0.0)
+    cached = run_train(shards, p, tmp_path / "a", cache_dir=tmp_path / "cache")
+    plain = run_train(shards, p, tmp_path / "b")
+    for c, u in zip(cached["history"], plain["history"], strict=True):
+        assert c["train_loss"] == pytest.approx(u["train_loss"], rel=1e-5)
+        assert c["val_mean_r1"] == pytest.approx(u["val_mean_r1"])
+    t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "cache")
+    assert t.text_features is not None and t.features is not None
+    assert set(t.cache_report["towers"]) == {"image", "text"}
+    assert all(r["shards_built"] == 0 for r in t.cache_report["towers"].values())
+    # a token-level head reads the text tokens: the text tower is then not cached
+    p = tiny_train_params(freeze_text=True, fusion="cross_attention")
+    t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "c2")
+    assert t.text_features is None

@@ -146,3 +146,14 @@ def test_gradient_checkpointing_turns_on_in_hf_towers(tiny_hf):
     out = model(_images(), ["a", "b"])
     (out["image_emb"].sum() + out["text_emb"].sum()).backward()
     assert model.text_encoder.model.embeddings.token_embedding.weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_pretrained_clip_trains_on_cuda_under_autocast(tiny_hf):
+    cfg = ModelConfig(pretrained=f"hf:{tiny_hf['clip']}")
+    model = create_model(cfg, 0).cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(_images().cuda(), ["a dog", "a cat"])
+    loss = info_nce(out["image_emb"].float(), out["text_emb"].float(), out["logit_scale"])
+    loss.backward()
+    assert torch.isfinite(loss) and model.logit_scale.grad is not None
