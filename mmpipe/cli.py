@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_predict_parsers(sub: Any) -> None:
     model_help = (
         "model URI, checkpoint or models dir (default: the registry's champion "
-        "(register.model_name@register.alias), else models/best.pt)"
+        "(register.model_name@register.alias), else models/best.pt), or hf:<hub id or dir> of "
+        "a CLIP/SigLIP as it ships (zero-shot)"
     )
     p = sub.add_parser("predict", help="classify an (image, caption) pair")
     p.add_argument("image")
@@ -149,9 +150,7 @@ def _add_predict_parsers(sub: Any) -> None:
                    help="captions file under ROOT: .csv/.jsonl/.parquet (image, caption), or "
                    "COCO captions .json with --source coco")  # fmt: skip
     p.add_argument("--source", choices=("folder", "coco"), default="folder")
-    p.add_argument("--model", default=None,
-                   help=f"{model_help}; or hf:<hub id or directory> of a CLIP/SigLIP, scored "
-                   "zero-shot")  # fmt: skip
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--allow-download", action="store_true",
@@ -167,13 +166,9 @@ def _add_predict_parsers(sub: Any) -> None:
 
 def _run_eval_retrieval(args: argparse.Namespace) -> Any:
     from mmpipe.io import write_json_atomic
-    from mmpipe.predict import hf_predictor
     from mmpipe.retrieval import eval_retrieval
 
-    if args.model and args.model.startswith("hf:"):
-        predictor = hf_predictor(args.model, allow_download=args.allow_download)
-    else:
-        predictor = _load_predictor(args)[0]
+    predictor = _load_predictor(args)[0]
     result = eval_retrieval(
         Path(args.root), args.captions, predictor, source=args.source, batch_size=args.batch_size
     )
@@ -190,6 +185,11 @@ def _load_predictor(args: argparse.Namespace) -> tuple[Any, Any, Any, Path]:
     from mmpipe.predict import load_predictor
 
     params = params_from_args(args, file_optional=True)
+    if args.model and args.model.startswith("hf:"):  # a pretrained dual encoder as it ships
+        from mmpipe.predict import hf_predictor
+
+        allow = params.train.allow_download or getattr(args, "allow_download", False)
+        return hf_predictor(args.model, allow_download=allow), params, {}, Path(args.model)
     layout = Layout(Path(args.project_dir))
     checkpoint, sidecar = tracking.resolve_model(
         args.model, params.tracking, params.register, layout

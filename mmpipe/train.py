@@ -518,7 +518,15 @@ def partial_dir(out_dir: Path) -> Path:
 
 
 # Params that change how a run executes, not what it computes: a resume may change them.
-RESUME_FREE = ("num_workers", "device", "compile", "max_bad_samples")
+RESUME_FREE = (
+    "num_workers",
+    "device",
+    "compile",
+    "max_bad_samples",
+    "feature_cache",
+    "allow_download",
+    "grad_checkpointing",
+)
 
 
 def resume_key(p: TrainParams, data_sha256: str) -> dict[str, Any]:
