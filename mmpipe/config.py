@@ -543,6 +543,16 @@ class RegisterParams(Section):
     greater_is_better: bool | None = Field(
         None, description="Direction of `metric`; null = the metric's own (rmse, mae: lower)."
     )
+    chance_margin: float | None = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Promote only a model whose `metric` clears its chance level on the test "
+        "split (the input-blind guess, or a random ranking for R@K) by this fraction of the way "
+        "from chance to a perfect score (1; 0 for rmse/mae): 0.1 with mean_r1 chance 0.25 needs "
+        "0.325. Below that the version is registered without the alias and says why. null = no "
+        "chance check (smoke tests of the pipeline's mechanics only).",
+    )
 
 
 class TrackingParams(Section):

@@ -439,6 +439,7 @@ def stage_register(
     from mmpipe import tracking
     from mmpipe.checkpoint import read_checkpoint
     from mmpipe.modelcard import training_data
+    from mmpipe.objectives import task_label
     from mmpipe.ood import create_profile
     from mmpipe.predict import load_predictor
     from mmpipe.publish import describe_registered
@@ -470,8 +471,9 @@ def stage_register(
             rescore=functools.partial(score_on_test_split, params, layout),
         )
         model_params = read_checkpoint(predictor.source)["params"]  # what it was trained with
+        task = task_label(predictor.task, metrics)  # "retrieval": no labels to train or score
         describe_registered(
-            params, layout, registered, metrics, predictor.training, predictor.task, model_params
+            params, layout, registered, metrics, predictor.training, task, model_params
         )
         return registered
 

@@ -285,3 +285,29 @@ def test_a_model_trained_on_full_decode_shards_preprocesses_at_full_resolution(p
     got = p.load_images([photo])[0]
     torch.testing.assert_close(got, full, rtol=0, atol=0)
     assert not torch.equal(got, reduced)
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity, as every JSON parser but Python's does."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_predict_of_a_model_without_task_labels_prints_valid_json(proj, capsys):
+    """coco-mini unlabelled: `mmpipe predict` printed "confidence": NaN, which is not JSON."""
+    from mmpipe.cli import main
+
+    root, _, images = proj
+    ckpt = save_random_checkpoint(root / "unlabelled" / "best.pt", classes=[])
+    outside = root / "elsewhere"  # no shard manifest to take class names from
+    outside.mkdir()
+    argv = ["predict", str(images[0]), "a red circle", "--model", str(ckpt)]
+    assert main([*argv, "--project-dir", str(outside)]) == 0
+    out = _strict_json(capsys.readouterr().out)
+    assert out["confidence"] is None and "without labels" in out["note"]
+    regression = predict.decode_logits(torch.tensor([[0.3]]), "regression", [])
+    assert regression[0]["confidence"] is None
