@@ -443,6 +443,7 @@ def stage_register(
     from mmpipe.ood import create_profile
     from mmpipe.predict import load_predictor
     from mmpipe.publish import describe_registered
+    from mmpipe.serving import example_frame
 
     with project_lock(layout, "mmpipe register"):
         current = _checkpoint_sha256(layout)  # hashed once: both checks below compare with it
@@ -459,9 +460,11 @@ def stage_register(
         data_hash = check_provenance(metrics, layout, current)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
-        profile = create_profile(predictor.model, shard_source(params, layout)[0])
+        shards = shard_source(params, layout)[0]
+        profile = create_profile(predictor.model, shards)
         run = tracking.connect(params.tracking, layout.root).run(run_id)
-        model_uri = tracking.log_model(run, predictor, profile=profile)
+        example = example_frame(shards)  # the served model's input example: a training sample
+        model_uri = tracking.log_model(run, predictor, example=example, profile=profile)
         registered = tracking.register_and_maybe_promote(
             run,
             model_uri,

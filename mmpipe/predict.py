@@ -214,7 +214,8 @@ class Predictor:
         return self.classify_pairs([image], [caption], [audio])[0]
 
     def predict_frame(self, frame: Any) -> Any:
-        """pyfunc entry: DataFrame[image (base64 or path), caption] -> DataFrame of predictions."""
+        """In-process DataFrame[image (base64 or path), caption] -> DataFrame of predictions (the
+        served model takes base64 only: ``mmpipe.serving``)."""
         import pandas as pd
 
         missing = {"image", "caption"} - set(frame.columns)

@@ -113,20 +113,22 @@ def test_decode_logits_tasks():
 
 @pytest.mark.parametrize("size", [32, 96, 128, 224])
 def test_register_at_every_image_size(proj, size):
-    """The logged model's input example is a base64 PNG of the shards' image size: at 96 and 128
-    a 255+ character run without '/' once made `Path(...).is_file()` raise 'File name too long'
-    inside the signature inference, so register crashed."""
+    """The logged model at any image size serves what the predictor answers: at 96 and 128 a
+    255+ character base64 run without '/' once made `Path(...).is_file()` raise 'File name too
+    long' inside the signature inference, so register crashed."""
+    from mmpipe.serving import example_frame, predict_rows
+
     root, ckpt, images = proj
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
     predictor = predict.load_predictor(ckpt, image_size=size)
     with tracking.start_run(store, root, run_name="train") as run:
         pass
-    uri = tracking.log_model(run, predictor)
+    uri = tracking.log_model(run, predictor, example=example_frame(root / "data" / "shards"))
     result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
     assert result["version"] == 1 and result["promoted"]
     loaded = tracking.load_pyfunc(uri)
     frame = _frame(images)
-    pd.testing.assert_frame_equal(loaded.predict(frame), predictor.predict_frame(frame))
+    pd.testing.assert_frame_equal(loaded.predict(frame), predict_rows(predictor, frame))
     cell = base64.b64encode(b"\xff" * 900).decode()  # 1200 chars of '/': every segment short
     long_run = base64.b64encode(bytes(range(256)) * 3).decode().replace("/", "+")
     for text in (cell, long_run):
@@ -136,8 +138,7 @@ def test_register_at_every_image_size(proj, size):
 def _frame(images) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "image": [base64.b64encode(p.read_bytes()).decode() for p in images[:3]]
-            + [str(images[3])],
+            "image": [base64.b64encode(p.read_bytes()).decode() for p in images],
             "caption": ["a red circle", "a blue square", "a teal circle", "an orange square"],
         }
     )
@@ -155,15 +156,19 @@ def test_logged_model_reloads_and_predicts_the_same(proj, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # nothing may need pickle
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    from mmpipe.serving import example_frame, predict_rows
+
     direct_predictor = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
     direct = direct_predictor.predict_frame(_frame(images))
     with tracking.start_run(store, root, run_name="train") as run:
         pass
-    uri = tracking.log_model(run, direct_predictor)
+    example = example_frame(root / "data" / "shards")
+    uri = tracking.log_model(run, direct_predictor, example=example)
     loaded = tracking.load_pyfunc(uri)
     assert loaded.metadata.signature is not None
     assert [c.name for c in loaded.metadata.signature.inputs] == ["image", "caption"]
-    pd.testing.assert_frame_equal(loaded.predict(_frame(images)), direct)
+    served = predict_rows(direct_predictor, _frame(images))
+    pd.testing.assert_frame_equal(loaded.predict(_frame(images)), served)
 
     # registered as champion, the default source resolves through the registry
     result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
