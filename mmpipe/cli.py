@@ -29,6 +29,7 @@ from mmpipe.config import (
     params_from_args,
 )
 from mmpipe.errors import MmpipeError
+from mmpipe.io import json_safe
 from mmpipe.layout import STAGES, Layout
 
 log = logging.getLogger("mmpipe")
@@ -305,5 +306,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mmpipe {args.command}: error: {full}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    print(json.dumps(json_safe(result), indent=2, sort_keys=True, default=str, allow_nan=False))
     return 0

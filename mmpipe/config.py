@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -626,6 +627,16 @@ class RegisterParams(Section):
     greater_is_better: bool | None = Field(
         None, description="Direction of `metric`; null = the metric's own (rmse, mae: lower)."
     )
+    chance_margin: float | None = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Promote only a model whose `metric` clears its chance level on the test "
+        "split (the input-blind guess, or a random ranking for R@K) by this fraction of the way "
+        "from chance to a perfect score (1; 0 for rmse/mae): 0.1 with mean_r1 chance 0.25 needs "
+        "0.325. Below that the version is registered without the alias and says why. null = no "
+        "chance check (smoke tests of the pipeline's mechanics only).",
+    )
 
 
 class TrackingParams(Section):
@@ -710,7 +721,8 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
 
 
 def params_file(path: str | Path, project_dir: str | Path = ".") -> Path:
-    """The params file a command means: a relative ``--params`` is inside ``--project-dir``."""
+    """The params file a command means: the default ``params.yaml`` is inside ``--project-dir``
+    (a ``--params`` given on a command line is already absolute: ``_WorkingDirPath``)."""
     path = Path(path)
     return path if path.is_absolute() else Path(project_dir) / path
 
@@ -742,6 +754,14 @@ def load_params(
         raise ParamsError(_format_validation_error(exc, origin)) from None
 
 
+class _WorkingDirPath(argparse.Action):
+    """A path given on the command line, made absolute against the working directory (where the
+    user typed it), so a flow or a scheduled run that gets it later reads the same file."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, os.path.abspath(values))
+
+
 def add_params_arguments(parser: argparse.ArgumentParser, *, writes: bool = False) -> None:
     """``--params``, ``--set`` and ``--project-dir``: how every command line names its params.
 
@@ -751,7 +771,9 @@ def add_params_arguments(parser: argparse.ArgumentParser, *, writes: bool = Fals
     parser.add_argument(
         "--params",
         default="params.yaml",
-        help="params file, relative to --project-dir (default: params.yaml)",
+        action=_WorkingDirPath,
+        help="params file; a relative path is relative to the working directory (default: "
+        "params.yaml in --project-dir)",
     )
     parser.add_argument(
         "--set",
@@ -782,7 +804,7 @@ def params_from_args(args: argparse.Namespace, *, file_optional: bool = False) -
     ``mmpipe predict`` also work outside a project); a ``--params`` given explicitly must exist.
     """
     path: Path | None = params_file(args.params, args.project_dir)
-    if file_optional and args.params == "params.yaml" and not path.is_file():
+    if file_optional and args.params == "params.yaml" and not path.is_file():  # (the default)
         path = None
     return load_params(path, args.overrides)
 

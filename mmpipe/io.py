@@ -7,6 +7,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -115,6 +116,18 @@ def write_json_atomic(dest: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON atomically (stable diffs, DVC-friendly)."""
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     write_bytes_atomic(dest, text.encode("utf-8"))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float replaced by None: JSON has no NaN (Python's
+    json writes it anyway, and other parsers reject the document)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_jsonl_atomic(dest: str | Path, rows: Iterable[dict[str, Any]]) -> int:

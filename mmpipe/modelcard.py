@@ -124,18 +124,41 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def decision(registered: Mapping[str, Any]) -> str:
-    """One sentence: promoted or not, on which metric, against which champion."""
+    """One sentence: promoted or not, on which metric, against which champion (or chance)."""
     metric, value = registered.get("metric"), registered.get("value")
     old_v, old = (
         registered.get("previous_champion_version"),
         registered.get("previous_champion_value"),
     )
+    if registered.get("compared_on") == "chance":
+        return (
+            f"**Not promoted**: {metric} {fmt_metric(value)} is at chance (chance "
+            f"{fmt_metric(registered.get('chance'))}, needs "
+            f"{fmt_metric(registered.get('chance_bar'))}); registered without the "
+            f"`{registered.get('alias', 'champion')}` alias."
+        )
     if old_v is None:
         return f"**Champion**: the first version of this model ({metric} {fmt_metric(value)})."
     verb = "**Promoted to champion**" if registered.get("promoted") else "**Not promoted**"
     return (
         f"{verb}: {metric} {fmt_metric(value)} against {fmt_metric(old)} of the champion "
         f"v{old_v} ({'better' if registered.get('promoted') else 'not better'})."
+    )
+
+
+def chance_rule(registered: Mapping[str, Any]) -> str:
+    """The promotion rule against chance, with this version's numbers (or why it was not checked)."""
+    level, bar, margin = (registered.get(k) for k in ("chance", "chance_bar", "chance_margin"))
+    metric = registered.get("metric")
+    if level is None:
+        return f"No chance level was measured for {metric}: promotion did not check it."
+    if bar is None or margin is None:
+        return f"Chance level of {metric}: {fmt_metric(level)} (not checked: chance_margin null)."
+    return (
+        f"**Promotion rule**: {metric} must clear its chance level on the test split "
+        f"({fmt_metric(level)}: an input-blind guess, or a random ranking for recall) by "
+        f"{margin:.0%} of the way to a perfect score, i.e. reach {fmt_metric(bar)} "
+        "(register.chance_margin)."
     )
 
 
@@ -159,6 +182,8 @@ def render_card(
         f"### {name} v{version}: {task}",
         "",
         decision(registered),
+        "",
+        chance_rule(registered),
         "",
         f"**Trained on** {trained_on(data)}.",
         f"Image-caption pairs per split: {split_text or 'unknown'}; labels: {data.get('labels')}.",

@@ -14,11 +14,17 @@ Every run, labelled or not, is also scored on retrieval: ``i2t_rK``, ``t2i_rK``,
 labelled pair has retrieval only, so its register metric defaults to ``mean_r1``; captioning
 needs no labels (its captions are its targets), so it is always scored and registered on cider.
 
+A model is promoted only when its register metric clears the metric's chance level (what
+evaluate writes as the input-blind guess: ``<metric>_chance``, ``i2t_chance_rK``, ...) by
+``register.chance_margin`` of the way from chance to a perfect score (``chance_bar``).
+
 Pure Python: the params validation (config), the pipeline's pre-flight check and evaluate use it.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -138,3 +144,40 @@ def metric_of(
         order = ("accuracy", "vqa_accuracy", "map", "rmse", "macro_f1", "cider")
         metric = next((m for m in order if m in scores), RETRIEVAL_METRIC)
     return metric, greater_is_better(metric) if greater is None else greater
+
+
+# metrics.json keys of a register metric's chance level, where it is not `<metric>_chance`
+_CHANCE_KEYS = {
+    RETRIEVAL_METRIC: ("i2t_chance_r1", "t2i_chance_r1"),  # mean_r1 is their mean's counterpart
+    "zero_shot_accuracy": ("zero_shot_chance",),
+}
+_RECALL = re.compile(r"(i2t|t2i)_r(\d+)")
+
+
+def chance_level(metric: str, scores: Mapping[str, Any]) -> float | None:
+    """The chance level of ``metric`` in metrics.json ``scores`` (what an input-blind guess or a
+    random ranking scores on this test split); None when evaluate wrote none for it."""
+    recall = _RECALL.fullmatch(metric)
+    if recall:
+        keys: tuple[str, ...] = (f"{recall[1]}_chance_r{recall[2]}",)
+    else:
+        keys = _CHANCE_KEYS.get(metric, (f"{metric}_chance",))
+    values = [scores.get(k) for k in keys]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def chance_bar(chance: float, greater: bool, margin: float) -> float:
+    """The score a model must reach to count as better than chance: ``margin`` of the way from
+    the chance level to a perfect score (1 for the rates, 0 for the errors rmse and mae)."""
+    perfect = 1.0 if greater else 0.0
+    return chance + margin * (perfect - chance)
+
+
+def task_label(task: str, metrics: Mapping[str, Any]) -> str:
+    """What a run was scored on, as reports and model cards name it: the task, or ``retrieval``
+    when the run had no task labels (its head was never trained nor scored)."""
+    if task in UNLABELLED_TASKS or DEFAULT_METRIC.get(task, "") in metrics:
+        return task
+    return "retrieval"

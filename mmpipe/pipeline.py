@@ -440,9 +440,11 @@ def stage_register(
     from mmpipe import tracking
     from mmpipe.checkpoint import read_checkpoint
     from mmpipe.modelcard import training_data
+    from mmpipe.objectives import task_label
     from mmpipe.ood import create_profile
     from mmpipe.predict import load_predictor
     from mmpipe.publish import describe_registered
+    from mmpipe.serving import example_frame
 
     with project_lock(layout, "mmpipe register"):
         current = _checkpoint_sha256(layout)  # hashed once: both checks below compare with it
@@ -459,9 +461,11 @@ def stage_register(
         data_hash = check_provenance(metrics, layout, current)
         predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)
         predictor.training = training_data(layout)
-        profile = create_profile(predictor.model, shard_source(params, layout)[0])
+        shards = shard_source(params, layout)[0]
+        profile = create_profile(predictor.model, shards)
         run = tracking.connect(params.tracking, layout.root).run(run_id)
-        model_uri = tracking.log_model(run, predictor, profile=profile)
+        example = example_frame(shards)  # the served model's input example: a training sample
+        model_uri = tracking.log_model(run, predictor, example=example, profile=profile)
         registered = tracking.register_and_maybe_promote(
             run,
             model_uri,
@@ -471,8 +475,9 @@ def stage_register(
             rescore=functools.partial(score_on_test_split, params, layout),
         )
         model_params = read_checkpoint(predictor.source)["params"]  # what it was trained with
+        task = task_label(predictor.task, metrics)  # "retrieval": no labels to train or score
         describe_registered(
-            params, layout, registered, metrics, predictor.training, predictor.task, model_params
+            params, layout, registered, metrics, predictor.training, task, model_params
         )
         return registered
 

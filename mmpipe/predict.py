@@ -185,7 +185,7 @@ class Predictor:
         out = self.model(self.load_images(images), list(captions), **extra)
         sims = (out["image_emb"] * out["text_emb"]).sum(-1).cpu()  # (B,)
         if self.task == "captioning":  # the "label" of a pair is the image's caption
-            rows = [{"label": c, "label_index": -1, "confidence": float("nan")}
+            rows = [{"label": c, "label_index": -1, "confidence": None}
                     for c in self.caption_images(images)]  # fmt: skip
         else:
             rows = decode_logits(out["logits"].float().cpu(), self.task, self.classes)
@@ -214,7 +214,8 @@ class Predictor:
         return self.classify_pairs([image], [caption], [audio])[0]
 
     def predict_frame(self, frame: Any) -> Any:
-        """pyfunc entry: DataFrame[image (base64 or path), caption] -> DataFrame of predictions."""
+        """In-process DataFrame[image (base64 or path), caption] -> DataFrame of predictions (the
+        served model takes base64 only: ``mmpipe.serving``)."""
         import pandas as pd
 
         missing = {"image", "caption"} - set(frame.columns)
@@ -226,7 +227,7 @@ class Predictor:
             {
                 "label": [str(r["label"]) for r in rows],
                 "label_index": [int(r["label_index"]) for r in rows],
-                "confidence": [float(r["confidence"]) for r in rows],
+                "confidence": [_float(r["confidence"]) for r in rows],
                 "similarity": [float(r["similarity"]) for r in rows],
             }
         )
@@ -237,15 +238,16 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
 
     multilabel: ``label`` joins every class with probability > 0.5 by "|" (``labels`` lists
     them); vqa: ``label`` is the answer. A model trained without labels has no task prediction.
+    ``confidence`` is None where there is none (regression, no labels): JSON has no NaN.
     """
     if task == "regression":
         return [
-            {"label": f"{v:.6g}", "label_index": -1, "confidence": float("nan"), "value": float(v)}
+            {"label": f"{v:.6g}", "label_index": -1, "confidence": None, "value": float(v)}
             for v in logits.reshape(len(logits), -1)[:, 0].tolist()
         ]
     if not classes:  # an untrained head's outputs mean nothing: say so instead
         note = "the model was trained without labels (retrieval only): no task prediction"
-        return [{"label": "", "label_index": -1, "confidence": float("nan"), "note": note}
+        return [{"label": "", "label_index": -1, "confidence": None, "note": note}
                 for _ in range(len(logits))]  # fmt: skip
     names = list(classes)
     if task == "multilabel":
@@ -285,6 +287,11 @@ def _decode_multilabel(logits: torch.Tensor, names: list[str]) -> list[dict[str,
             "probabilities": {names[j] if j < len(names) else str(j): q for j, q in enumerate(p)},
         })  # fmt: skip
     return rows
+
+
+def _float(value: float | None) -> float:
+    """A DataFrame cell: None (no confidence) is pandas' missing value."""
+    return float("nan") if value is None else float(value)
 
 
 def _name(item: ImageInput) -> str:

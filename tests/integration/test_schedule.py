@@ -88,7 +88,7 @@ def _start_serving(project: Path, port: int) -> tuple[subprocess.Popen, Path]:
         "sys.exit(main(sys.argv[1:], flow=tiny_nightly))"
     )
     args = ["--cron", CRON, "--timezone", TIMEZONE, "--port", str(port), "--project-dir"]
-    args += [str(project), "--params", "my-params.yaml"]
+    args += [str(project), "--params", str(project / "my-params.yaml")]
     for o in OVERRIDES:
         args += ["--set", o]
     env = {**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONUNBUFFERED": "1"}
@@ -342,7 +342,8 @@ def test_bad_set_exits_2_before_serving(tmp_path):
     port = _free_port()
     _project(tmp_path)
     cmd = [sys.executable, "-m", "mmpipe", "schedule", "--project-dir", str(tmp_path)]
-    cmd += ["--params", "my-params.yaml", "--set", "train.epoch=2", "--port", str(port)]
+    cmd += ["--params", str(tmp_path / "my-params.yaml"), "--set", "train.epoch=2"]
+    cmd += ["--port", str(port)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "train.epoch: unknown key" in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,21 @@ def test_cli_stage_help_lists_every_field(capsys):
     out = capsys.readouterr().out
     for name in Params.model_fields["shard"].annotation.model_fields:
         assert f"shard.{name} =" in out
+
+
+def test_cli_params_path_is_relative_to_the_working_directory(tmp_path, monkeypatch, capsys):
+    """`mmpipe run --params configs/x.yaml --project-dir runs/x` (what configs/*.yaml say): the
+    file given is the one in the working directory, not runs/x/configs/x.yaml."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "x.yaml").write_text("shard:\n  copies: 5\n")
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["params", "--params", "configs/x.yaml", "--project-dir", "runs/x"]) == 0
+    assert '"copies": 5' in capsys.readouterr().out
+    # a relative path given to a process is still the one it meant once the flow resolves it
+    from mmpipe.config import add_params_arguments, params_file
+
+    parser = argparse.ArgumentParser()
+    add_params_arguments(parser)
+    args = parser.parse_args(["--params", "configs/x.yaml", "--project-dir", "runs/x"])
+    assert params_file(args.params, args.project_dir) == tmp_path / "configs" / "x.yaml"

@@ -12,10 +12,13 @@ from mmpipe.config import ParamsError, load_params
 from mmpipe.errors import InputError
 from mmpipe.objectives import (
     DEFAULT_METRIC,
+    chance_bar,
+    chance_level,
     check_metric_for_data,
     has_task_labels,
     metric_of,
     resolve_metric,
+    task_label,
 )
 
 LABELLED = {"labels": "all", "labelled_pairs_per_split": {"train": 10, "val": 2, "test": 3}}
@@ -139,3 +142,26 @@ def test_every_task_has_a_default_metric_its_scores_contain():
         else:
             target = torch.tensor([0, 1, 0, 1, 0, 1])
         assert metric in scoring.score_outputs(task, logits, target), task
+
+
+# ----------------------------------------------------------------------------- chance
+
+
+def test_chance_level_of_each_register_metric():
+    scores = {"i2t_chance_r1": 0.3, "t2i_chance_r1": 0.2, "i2t_chance_r5": 0.9,
+              "accuracy_chance": 0.75, "rmse_chance": 2.0, "zero_shot_chance": 0.25}  # fmt: skip
+    assert chance_level("mean_r1", scores) == pytest.approx(0.25)
+    assert chance_level("i2t_r5", scores) == 0.9
+    assert chance_level("accuracy", scores) == 0.75
+    assert chance_level("zero_shot_accuracy", scores) == 0.25
+    assert chance_level("macro_f1", scores) is None  # evaluate wrote none: nothing to compare
+    assert chance_level("mean_r1", {"i2t_chance_r1": float("nan"), "t2i_chance_r1": 0.2}) is None
+    # the bar: `margin` of the way from chance to a perfect score (1 for rates, 0 for errors)
+    assert chance_bar(0.25, True, 0.1) == pytest.approx(0.325)
+    assert chance_bar(2.0, False, 0.1) == pytest.approx(1.8)
+
+
+def test_an_unlabelled_run_is_named_retrieval():
+    assert task_label("multiclass", {"mean_r1": 0.3}) == "retrieval"
+    assert task_label("multiclass", {"mean_r1": 0.3, "accuracy": 0.9}) == "multiclass"
+    assert task_label("captioning", {"cider": 0.1}) == "captioning"

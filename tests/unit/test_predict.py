@@ -113,20 +113,22 @@ def test_decode_logits_tasks():
 
 @pytest.mark.parametrize("size", [32, 96, 128, 224])
 def test_register_at_every_image_size(proj, size):
-    """The logged model's input example is a base64 PNG of the shards' image size: at 96 and 128
-    a 255+ character run without '/' once made `Path(...).is_file()` raise 'File name too long'
-    inside the signature inference, so register crashed."""
+    """The logged model at any image size serves what the predictor answers: at 96 and 128 a
+    255+ character base64 run without '/' once made `Path(...).is_file()` raise 'File name too
+    long' inside the signature inference, so register crashed."""
+    from mmpipe.serving import example_frame, predict_rows
+
     root, ckpt, images = proj
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
     predictor = predict.load_predictor(ckpt, image_size=size)
     with tracking.start_run(store, root, run_name="train") as run:
         pass
-    uri = tracking.log_model(run, predictor)
+    uri = tracking.log_model(run, predictor, example=example_frame(root / "data" / "shards"))
     result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
     assert result["version"] == 1 and result["promoted"]
     loaded = tracking.load_pyfunc(uri)
     frame = _frame(images)
-    pd.testing.assert_frame_equal(loaded.predict(frame), predictor.predict_frame(frame))
+    pd.testing.assert_frame_equal(loaded.predict(frame), predict_rows(predictor, frame))
     cell = base64.b64encode(b"\xff" * 900).decode()  # 1200 chars of '/': every segment short
     long_run = base64.b64encode(bytes(range(256)) * 3).decode().replace("/", "+")
     for text in (cell, long_run):
@@ -136,8 +138,7 @@ def test_register_at_every_image_size(proj, size):
 def _frame(images) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "image": [base64.b64encode(p.read_bytes()).decode() for p in images[:3]]
-            + [str(images[3])],
+            "image": [base64.b64encode(p.read_bytes()).decode() for p in images],
             "caption": ["a red circle", "a blue square", "a teal circle", "an orange square"],
         }
     )
@@ -155,15 +156,19 @@ def test_logged_model_reloads_and_predicts_the_same(proj, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # nothing may need pickle
     store = TrackingParams(uri=f"sqlite:///{root / 'mlflow.db'}")
+    from mmpipe.serving import example_frame, predict_rows
+
     direct_predictor = predict.load_predictor(ckpt, shard_dir=root / "data" / "shards")
     direct = direct_predictor.predict_frame(_frame(images))
     with tracking.start_run(store, root, run_name="train") as run:
         pass
-    uri = tracking.log_model(run, direct_predictor)
+    example = example_frame(root / "data" / "shards")
+    uri = tracking.log_model(run, direct_predictor, example=example)
     loaded = tracking.load_pyfunc(uri)
     assert loaded.metadata.signature is not None
     assert [c.name for c in loaded.metadata.signature.inputs] == ["image", "caption"]
-    pd.testing.assert_frame_equal(loaded.predict(_frame(images)), direct)
+    served = predict_rows(direct_predictor, _frame(images))
+    pd.testing.assert_frame_equal(loaded.predict(_frame(images)), served)
 
     # registered as champion, the default source resolves through the registry
     result = tracking.register_and_maybe_promote(run, uri, {"accuracy": 0.5}, RegisterParams())
@@ -285,3 +290,29 @@ def test_a_model_trained_on_full_decode_shards_preprocesses_at_full_resolution(p
     got = p.load_images([photo])[0]
     torch.testing.assert_close(got, full, rtol=0, atol=0)
     assert not torch.equal(got, reduced)
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity, as every JSON parser but Python's does."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_predict_of_a_model_without_task_labels_prints_valid_json(proj, capsys):
+    """coco-mini unlabelled: `mmpipe predict` printed "confidence": NaN, which is not JSON."""
+    from mmpipe.cli import main
+
+    root, _, images = proj
+    ckpt = save_random_checkpoint(root / "unlabelled" / "best.pt", classes=[])
+    outside = root / "elsewhere"  # no shard manifest to take class names from
+    outside.mkdir()
+    argv = ["predict", str(images[0]), "a red circle", "--model", str(ckpt)]
+    assert main([*argv, "--project-dir", str(outside)]) == 0
+    out = _strict_json(capsys.readouterr().out)
+    assert out["confidence"] is None and "without labels" in out["note"]
+    regression = predict.decode_logits(torch.tensor([[0.3]]), "regression", [])
+    assert regression[0]["confidence"] is None

@@ -117,3 +117,41 @@ def test_without_a_run_record_and_with_missing_parts(tmp_path):
     assert md.startswith("# mmpipe evaluation") and "| accuracy | 3.1416 |" in md
     for absent in ("ablation", "Classification", "Retrieval examples", "What changed", "This run"):
         assert absent not in md
+
+
+def _unlabelled_at_chance(root) -> tuple:
+    """coco-mini without labels: the first version, at chance, registered without the alias."""
+    metrics = {"mean_r1": 0.275, "i2t_r1": 0.25, "t2i_r1": 0.3, "i2t_chance_r1": 0.25,
+               "t2i_chance_r1": 0.25, "n_test_pairs": 20.0, "n_test_images": 4.0}  # fmt: skip
+    write_json_atomic(root / "metrics.json", metrics)
+    registered = {
+        "model_name": "mmpipe-fusion", "version": 1, "metric": "mean_r1", "value": 0.275,
+        "promoted": False, "previous_champion_version": None, "previous_champion_value": None,
+        "champion_version": None, "compared_on": "chance", "chance": 0.25, "chance_bar": 0.325,
+        "chance_margin": 0.1,
+        "reason": "mean_r1 0.2750 does not clear chance 0.2500 by the margin (needs 0.3250)",
+    }  # fmt: skip
+    context = {"params": {"train": {"task": "multiclass"}, "register": {"metric": None}},
+               "registered": registered, "champion": None}  # fmt: skip
+    return metrics, registered, context
+
+
+def test_a_run_at_chance_is_not_a_green_banner_and_is_named_retrieval(tmp_path):
+    metrics, _, context = _unlabelled_at_chance(tmp_path)
+    md = render_markdown(tmp_path, context)
+    assert "registered, not promoted" in md and "first champion" not in md
+    assert "chance 0.2500" in md and "0.3250" in md
+    assert "task=retrieval" in md and "task=multiclass" not in md
+    assert "| mean_r1 | 0.2750 | – | – | 0.2500 |" in md  # the chance column has mean_r1's
+    assert "class='verdict good'" not in render_html(tmp_path, context)
+
+
+def test_model_card_of_a_run_at_chance(tmp_path):
+    from mmpipe.modelcard import render_card
+
+    metrics, registered, _ = _unlabelled_at_chance(tmp_path)
+    card = render_card(registered=registered, metrics=metrics, data={}, task="retrieval",
+                       champion=None, commit="abc", params_note="x")  # fmt: skip
+    assert card.startswith("### mmpipe-fusion v1: retrieval")
+    assert "**Not promoted**" in card and "**Champion**" not in card
+    assert "chance 0.2500" in card and "0.3250" in card and "10%" in card

@@ -252,3 +252,38 @@ def test_second_project_in_one_process_gets_its_own_store(tmp_path, monkeypatch)
     # a value the user sets themselves still wins
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/y.db")
     assert tracking.tracking_uri(None, tmp_path / "b") == "sqlite:////x/y.db"
+
+
+def test_registry_does_not_promote_a_model_at_chance(store, tmp_path):
+    """coco-mini unlabelled: mean_r1 0.275 on 4 test images (chance 0.25) registered without the
+    alias, saying why; a model clear of chance by the margin then becomes the first champion."""
+    p = RegisterParams(model_name="chance")
+    chance = {"i2t_chance_r1": 0.25, "t2i_chance_r1": 0.25}
+    at_chance = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"mean_r1": 0.275, **chance}, p, data_hash="d"
+    )
+    assert (at_chance["promoted"], at_chance["champion_version"]) == (False, None)
+    assert at_chance["compared_on"] == "chance" and at_chance["chance"] == 0.25
+    assert at_chance["chance_bar"] == pytest.approx(0.325)
+    assert "chance" in at_chance["reason"] and "0.3250" in at_chance["reason"]
+    client = tracking.connect(store, tmp_path).client
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("chance", "champion")
+    tags = client.get_model_version("chance", "1").tags
+    assert "chance" in tags["not_promoted_because"]
+    clear = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"mean_r1": 0.5, **chance}, p, data_hash="d"
+    )
+    assert (clear["promoted"], clear["champion_version"]) == (True, 2)
+    # better than the champion, but at chance on its own metric: the alias stays
+    worse = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"rmse": 1.0, "rmse_chance": 1.02}, RegisterParams(
+            model_name="chance", metric="rmse", greater_is_better=False), data_hash="d",
+    )  # fmt: skip
+    assert not worse["promoted"] and worse["champion_version"] == 2
+    # register.chance_margin null: no chance check (smoke tests of the flow's mechanics only)
+    off = RegisterParams(model_name="off", chance_margin=None)
+    out = tracking.register_and_maybe_promote(
+        *_logged_model(store, tmp_path), {"mean_r1": 0.2, **chance}, off, data_hash="d"
+    )
+    assert out["promoted"]
