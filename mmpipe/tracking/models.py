@@ -134,7 +134,13 @@ def serving_requirements(predictor: Predictor) -> list[str]:
     args = getattr(predictor.model, "config", None) or {}  # MultimodalModel's encoder names
     names = list(SERVING_PACKAGES)
     for key in ("image_encoder", "text_encoder"):
-        names += _ENCODER_PACKAGES.get(str(args.get(key)), ())
+        encoder = str(args.get(key))
+        # a Hugging Face model (hf:...) is rebuilt from the checkpoint by transformers (and
+        # tokenizers, safetensors: its dependencies); nothing of its directory is needed
+        names += (
+            ("transformers",) if encoder.startswith("hf:") else _ENCODER_PACKAGES.get(encoder, ())
+        )
+    names = list(dict.fromkeys(names))
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
