@@ -33,6 +33,7 @@ SCRIPTS = (
     "object_store",
     "dask",
     "incremental",
+    "feature_cache",
 )
 
 

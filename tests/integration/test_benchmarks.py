@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask",
-    "incremental", "models",
+    "incremental", "models", "feature_cache",
 ]  # fmt: skip
 
 
