@@ -147,8 +147,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Held-out split of `{result['data']}`: {test['images']} test photos, {test['captions']} "
-        f"captions, never seen in training; the model trained on the other "
-        f"{result['train_images']} photos. The recipe is {gain['i2t'] * 100:+.1f} / "
+        f"captions, never seen in training; each run got the other {result['train_images']} "
+        "photos (align keeps its val and test shares of them). The recipe is "
+        f"{gain['i2t'] * 100:+.1f} / "
         f"{gain['t2i'] * 100:+.1f} points R@1 (image→text / text→image) over the frozen towers. "
         f"Trained on {m['cores']} CPU cores ({m['cpu']}, {'GPU' if m['gpu'] else 'no GPU'}); "
         "minutes and samples/s are the train stage's (the first epoch includes the frozen "
