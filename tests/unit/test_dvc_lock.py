@@ -44,7 +44,12 @@ def stale_entries(status: dict) -> dict[str, list[str]]:
 def test_stale_entries_names_code_and_params_but_not_data():
     status = {
         "shard": [
-            {"changed deps": {"mmpipe/shard.py": "modified", "data/align/pairs.parquet": "deleted"}},
+            {
+                "changed deps": {
+                    "mmpipe/shard.py": "modified",
+                    "data/align/pairs.parquet": "deleted",
+                }
+            },
             {"changed outs": {"data/shards": "not in cache"}},
         ],
         "train": [{"changed params": {"params.yaml": {"train.epochs": "modified"}}}],
