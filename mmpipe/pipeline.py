@@ -337,6 +337,15 @@ def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
     )
 
 
+def check_splits(params: Params, layout: Layout) -> None:
+    """Right after align: InputError in one line when its splits cannot train and evaluate this
+    run (``mmpipe.preflight``), before shard and training spend their time."""
+    from mmpipe.align import read_align_report
+    from mmpipe.preflight import check_splits as check
+
+    check(read_align_report(layout.align_dir), params)
+
+
 def register_params(params: Params, layout: Layout) -> RegisterParams:
     """params.register with the metric and its direction resolved for the trained model's task
     and the shards' labels (null = the task's default, or mean_r1 without labels)."""
@@ -508,7 +517,8 @@ def run_stage(
 def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
     """Every stage in order in this process (no orchestration), under one hold of the lock.
 
-    The register metric is checked against the shards before training starts. A signal between
+    align's splits are checked right after align (``check_splits``), the register metric
+    against the shards before training starts. A signal between
     two stages stops the run before the next one (``signals.Interrupted``).
     """
     results: dict[str, Any] = {}
@@ -518,6 +528,8 @@ def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str
             if name == "train":
                 check_register_metric(params, layout)
             results[name] = run_stage(name, params, layout, resume=resume)
+            if name == "align":
+                check_splits(params, layout)
     return results
 
 
