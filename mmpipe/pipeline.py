@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def run_data_stage(
 
     Under a flow (``parent_run_id``) the stage is also recorded as a nested MLflow run.
     """
-    out_dir = layout.stage_dir(stage)
+    out_dir, started = layout.stage_dir(stage), time.time()  # the MLflow run's start
     with project_lock(layout, f"mmpipe {stage}"):
         fingerprint = stage_fingerprint(stage, params, layout)
         with staged_dir(out_dir) as staging:
@@ -195,6 +196,7 @@ def run_data_stage(
                 section=getattr(params, stage),
                 report=report,
                 report_file=report_file if report_file.is_file() else out_dir / MANIFEST,
+                started=started,
             )
     return report
 
