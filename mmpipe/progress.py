@@ -73,18 +73,20 @@ class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm.tqdm)
         if not self._logs:
             yield from super().__iter__()
             return
-        try:
-            for item in self.iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()  # not when abandoned (an error mid-loop): nothing after the error's line
 
     def close(self) -> None:
         if getattr(self, "_logs", False) and getattr(self, "_started", None) is not None:
             self._say(time.monotonic())
             self._started = None  # once, however often close() is called
         super().close()
+
+    def __del__(self) -> None:
+        self._started = None  # collected, not closed: its last line would come after any error
+        super().__del__()
 
     def _say(self, now: float) -> None:
         desc, unit = self._about

@@ -66,3 +66,21 @@ def test_describe_formats_long_runs():
         "epoch 1/8: 120/500 (24%), 2 batch/s, 1m00s so far, ETA 3m10s"
     )
     assert describe("", 7, None, 4000.0) == "progress: 7, 0.00175 it/s, 1h06m40s so far"
+
+
+def test_a_loop_abandoned_by_an_error_says_nothing_after_it(monkeypatch, caplog):
+    """The stage's error line must stay the last line (the CLI's one line)."""
+    import gc
+
+    monkeypatch.setenv("MMPIPE_PROGRESS_SECONDS", "3600")
+    caplog.set_level(logging.INFO)
+
+    def stage() -> None:
+        for i in tqdm(range(10), desc="ingest images", disable=None, file=io.StringIO()):
+            if i == 3:
+                raise ValueError("bad record")
+
+    with pytest.raises(ValueError):
+        stage()
+    gc.collect()
+    assert _lines(caplog) == []
