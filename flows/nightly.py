@@ -9,7 +9,9 @@ with a nested run per stage; the parent run gets the night's headline metrics (`
 ``promoted``) and the morning report (``reports/report.html``). The outputs are then recorded
 with DVC (``dvc.lock``, tasks/versioning.py), so `dvc status` is clean and `dvc repro` a no-op
 after the flow. If a stage fails, later stages do not run (so nothing is promoted), and the flow
-logs a summary table of every stage before it fails.
+logs a summary table of every stage before it fails. align's splits are checked right after align
+(``pipeline.check_splits``). A user error (bad input or params) ends the flow run Failed with the
+one line ``mmpipe <stage>`` prints for it, and no traceback: the CLI prints it and exits 2.
 
 The flow holds the project lock for its whole run (a second run fails "project busy", or waits
 with ``--wait-lock``). SIGTERM stops it: during training the model is checkpointed first; the
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from mmpipe import lock, signals
 from mmpipe.commit import as_disk_full
@@ -36,7 +39,7 @@ from mmpipe.config import Params, ParamsError, add_params_arguments, load_params
 from mmpipe.config import params_file as params_path  # `params_file` is the flow parameter
 from mmpipe.errors import MmpipeError
 from mmpipe.layout import Layout, sqlite_path, store_uri
-from mmpipe.pipeline import DATA_STAGES, ORDER, close_flow_run, project_lock
+from mmpipe.pipeline import DATA_STAGES, ORDER, check_splits, close_flow_run, project_lock
 from tasks.stages import (
     data_stage,
     finish_tracking_task,
@@ -50,6 +53,15 @@ from tasks.versioning import record_outputs_task
 
 class StageFailed(RuntimeError):
     """A stage of the nightly flow failed; the message is the flow's summary table."""
+
+
+class UserError(StageFailed):
+    """A stage (or the check after align) failed on the user's input or params: ``line`` is the
+    one line ``mmpipe <stage>`` prints for it; the message adds the summary table."""
+
+    def __init__(self, line: str, table: str) -> None:
+        super().__init__(f"{line}\n{table}")
+        self.line = line
 
 
 def summary_table(rows: list[dict[str, str]]) -> str:
@@ -154,6 +166,12 @@ def nightly(
     if isinstance(stopped, signals.Interrupted):
         raise signals.Interrupted(f"nightly flow {stopped}; nothing was promoted\n{table}",
                                   stopped.signum)  # fmt: skip
+    if isinstance(stopped, MmpipeError):  # the user's to fix: one line, no traceback
+        stage = next(r["stage"] for r in rows if r["status"] == "FAILED")
+        prog = "python -m flows.nightly" if stage == "check" else f"mmpipe {stage}"
+        line = f"{prog}: error: {stopped}"
+        why = f"nightly flow stopped at {stage} (see the summary); nothing was promoted"
+        return Failed(message=why, data=UserError(line, table))
     if stopped is not None:
         raise StageFailed(f"nightly flow failed; nothing was promoted\n{table}")
     return {
@@ -209,6 +227,12 @@ def run_stages(
             {"stage": name, "status": status, "time": f"{timings[name]:.1f}s",
              "detail": detail(name, results[name])}
         )  # fmt: skip
+        if name == "align":  # before shard and training spend their time on unusable splits
+            try:
+                check_splits(params, layout)
+            except MmpipeError as exc:
+                stopped = exc
+                rows.append({"stage": "check", "status": "FAILED", "detail": str(exc)})
     return rows, results, timings, stopped
 
 
@@ -237,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except signals.Interrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except UserError as exc:  # the flow logged the summary table
+        print(exc.line, file=sys.stderr)
+        return 2
     except StageFailed as exc:
         print(str(exc), file=sys.stderr)
         return 1

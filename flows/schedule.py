@@ -34,6 +34,7 @@ README "Scheduling" has the commands.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -168,6 +169,22 @@ def build_deployment(
     )
 
 
+def create_runner() -> Any:
+    """``prefect.serve``'s Runner (the schedule paused on a clean stop), stopped by SIGTERM
+    without a warning: Prefect's own handler calls the async ``stop`` from inside the event loop
+    and never awaits it (``RuntimeWarning: coroutine 'Runner.astop' was never awaited``).
+    Exiting unwinds ``Runner.start`` instead, which stops the runner and pauses the schedule,
+    exactly what the handler's exit did after the lost call."""
+    from prefect.runner import Runner
+
+    class QuietRunner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            self._logger.info("SIGTERM received, shutting down...")
+            sys.exit(0)
+
+    return QuietRunner(pause_on_shutdown=True)
+
+
 def serve_schedule(
     project_dir: str | Path = ".",
     cron: str = DEFAULT_CRON,
@@ -181,7 +198,7 @@ def serve_schedule(
     """Start/reuse the server and serve the nightly deployment until stopped (blocks)."""
     if flow is None:
         from flows.nightly import nightly as flow
-    from prefect import serve
+    from prefect.exceptions import TerminationSignal
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_HOME,
@@ -201,7 +218,10 @@ def serve_schedule(
             deployment = build_deployment(flow, cron, timezone, params)
             print(f"serving {flow.name}/{DEPLOYMENT} at cron {cron!r} ({timezone}); Ctrl-C stops")
             print(f"Prefect UI: {url.removesuffix('/api')}/deployments", flush=True)
-            serve(deployment, print_starting_message=False)
+            runner = create_runner()
+            runner.add_deployment(deployment)
+            with contextlib.suppress(TerminationSignal):  # as prefect.serve, quiet on SIGTERM
+                asyncio.run(runner.start())
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -72,6 +72,7 @@ from mmpipe.model import (
 )
 from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
+from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.report import CAPTIONS_JSON
 
 log = logging.getLogger(__name__)
@@ -402,7 +403,7 @@ def _train_head(
     if task == "multilabel":  # the loss takes class lists: the multi-hot rows as index lists
         y = torch.where(y > 0, torch.arange(y.shape[1]), -1)
     head.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="ablation head", unit="epoch", disable=None, leave=False):
         for idx in torch.randperm(len(y), generator=gen).split(256):
             logits = _head_logits(head, x_i, x_t, x_a, idx)
             total, n = task_loss_sum(logits, y[idx], task)

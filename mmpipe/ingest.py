@@ -64,7 +64,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from mmpipe.audio import AUDIO_REJECT_REASONS, ingest_audio
 from mmpipe.config import IngestParams, section_hash
@@ -86,6 +85,7 @@ from mmpipe.io import (
 )
 from mmpipe.keys import KeyIndex, arrow_keys, string_keys
 from mmpipe.parallel import dask_map, ordered_map, process_pool
+from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 
 log = logging.getLogger(__name__)
 

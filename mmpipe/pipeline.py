@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def run_data_stage(
 
     Under a flow (``parent_run_id``) the stage is also recorded as a nested MLflow run.
     """
-    out_dir = layout.stage_dir(stage)
+    out_dir, started = layout.stage_dir(stage), time.time()  # the MLflow run's start
     with project_lock(layout, f"mmpipe {stage}"):
         fingerprint = stage_fingerprint(stage, params, layout)
         with staged_dir(out_dir) as staging:
@@ -195,6 +196,7 @@ def run_data_stage(
                 section=getattr(params, stage),
                 report=report,
                 report_file=report_file if report_file.is_file() else out_dir / MANIFEST,
+                started=started,
             )
     return report
 
@@ -336,6 +338,15 @@ def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
     return check_metric_for_data(
         params.register.metric, params.train.task, manifest, params.evaluate.ks
     )
+
+
+def check_splits(params: Params, layout: Layout) -> None:
+    """Right after align: InputError in one line when its splits cannot train and evaluate this
+    run (``mmpipe.preflight``), before shard and training spend their time."""
+    from mmpipe.align import read_align_report
+    from mmpipe.preflight import check_splits as check
+
+    check(read_align_report(layout.align_dir), params)
 
 
 def register_params(params: Params, layout: Layout) -> RegisterParams:
@@ -514,7 +525,8 @@ def run_stage(
 def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
     """Every stage in order in this process (no orchestration), under one hold of the lock.
 
-    The register metric is checked against the shards before training starts. A signal between
+    align's splits are checked right after align (``check_splits``), the register metric
+    against the shards before training starts. A signal between
     two stages stops the run before the next one (``signals.Interrupted``).
     """
     results: dict[str, Any] = {}
@@ -524,6 +536,8 @@ def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str
             if name == "train":
                 check_register_metric(params, layout)
             results[name] = run_stage(name, params, layout, resume=resume)
+            if name == "align":
+                check_splits(params, layout)
     return results
 
 

@@ -46,7 +46,6 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from mmpipe.config import ShardParams, section_hash
 from mmpipe.errors import InputError, ValidationFailed, check
@@ -68,6 +67,7 @@ from mmpipe.io import (
 )
 from mmpipe.layout import SPLITS
 from mmpipe.parallel import dask_map, ordered_map, process_pool
+from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.storage import REJECTS
 
 log = logging.getLogger(__name__)

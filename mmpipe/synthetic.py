@@ -76,10 +76,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from mmpipe.config import SyntheticParams, section_hash
 from mmpipe.parallel import process_pool
+from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 
 log = logging.getLogger(__name__)
 

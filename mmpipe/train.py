@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmpipe import featurecache, signals
 from mmpipe import metrics as M
@@ -84,6 +83,7 @@ from mmpipe.model import (
 from mmpipe.model.decoder import build_vocabulary
 from mmpipe.model.itm import itm_loss
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
+from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.storage import redact
 
 log = logging.getLogger(__name__)

@@ -39,12 +39,16 @@ def create_run(
     name: str,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
+    start_time: int | None = None,
 ) -> Run:
-    """A new RUNNING run, nested under ``parent_run_id``, with MLflow's source/user tags."""
+    """A new RUNNING run, nested under ``parent_run_id``, with MLflow's source/user tags;
+    ``start_time`` (ms since the epoch) when it started before now."""
     tags = {**owner_tags(), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    created = store.client.create_run(store.experiment_id, run_name=name, tags=resolve_tags(tags))
+    created = store.client.create_run(
+        store.experiment_id, start_time=start_time, run_name=name, tags=resolve_tags(tags)
+    )
     return store.run(created.info.run_id)
 
 
@@ -206,15 +210,18 @@ def log_stage_run(
     section: BaseModel | Mapping[str, Any],
     report: Mapping[str, Any],
     report_file: str | Path | None = None,
+    started: float | None = None,
 ) -> str:
     """Record a finished data stage as a run nested under the flow's run; returns its id.
 
     Params = the stage's params section (flattened, ``<stage>.`` prefix), metrics = the numeric
-    counts of its report (``seen``, ``accepted``, ...), artifact = its report file.
+    counts of its report (``seen``, ``accepted``, ...), artifact = its report file. ``started``
+    (``time.time()`` when the stage began) makes the run's duration the stage's.
     """
     store = connect(p, root)
     tags = {"mmpipe.kind": "stage", "mmpipe.stage": stage}
-    run = create_run(store, stage, parent_run_id, tags)
+    start_ms = None if started is None else int(started * 1000)
+    run = create_run(store, stage, parent_run_id, tags, start_time=start_ms)
     _log_flat_params(run, flatten(section, f"{stage}."))
     log_metrics(run, report)
     if report_file is not None and Path(report_file).is_file():

@@ -88,3 +88,62 @@ def test_repro_of_a_grown_collection_is_incremental(tmp_path):
     assert samples(project / "data/shards") == samples(scratch / "data/shards")
     kept = {s["name"] for e in before["splits"].values() for s in e["shards"]}
     assert kept & {p.name for p in (project / "data/shards").glob("*.tar")}
+
+
+def _versioned(project: Path) -> dict[str, str]:
+    """sha256 of every file of the outputs dvc.yaml declares (data, model, reports)."""
+    import hashlib
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    outs = [
+        next(iter(o)) if isinstance(o, dict) else o
+        for s in stages.values()
+        for o in s.get("outs", []) + s.get("metrics", [])
+    ]
+    files = {}
+    for out in map(project.joinpath, outs):
+        for f in sorted(out.rglob("*")) if out.is_dir() else [out]:
+            if f.is_file():
+                files[str(f.relative_to(project))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return files
+
+
+def test_restore_an_experiment_and_a_past_night(tmp_path):
+    """README "Restore a past night / an experiment", step by step: an experiment applied to the
+    workspace, then back to HEAD, then a past commit; each restore brings back every versioned
+    output of that night (the report's inputs included) and deletes nothing."""
+    project = make_project(tmp_path / "proj")
+    _dvc(project, "repro")
+    env = git_env()
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=project, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"git {' '.join(args)}:\n{proc.stderr}"
+        return proc.stdout
+
+    git("add", "-A")
+    git("commit", "-qm", "night 1")
+    night1 = _versioned(project)
+    assert {"reports/evaluation_report.json", "reports/examples/examples.json"} <= set(night1)
+
+    _dvc(project, "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
+    _dvc(project, "exp", "apply", "gated")
+    experiment = _versioned(project)
+    changed = {f for f in night1 if experiment.get(f) != night1[f]}
+    assert {"reports/metrics.json", "reports/evaluation_report.json"} <= changed, changed
+
+    # back to HEAD (README): the workspace is night 1 again, whole, and both tools say clean
+    git("checkout", "--", "params.yaml", "dvc.lock", "reports/")
+    _dvc(project, "checkout")
+    assert _versioned(project) == night1
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+    assert git("status", "--porcelain") == ""
+
+    # the experiment kept as night 2, then night 1 restored from its commit
+    _dvc(project, "exp", "apply", "gated")
+    git("add", "-A")
+    git("commit", "-qm", "night 2")
+    git("checkout", "-q", "HEAD~1")
+    _dvc(project, "checkout")
+    assert _versioned(project) == night1
+    assert json.loads(_dvc(project, "status", "--json")) == {}

@@ -164,3 +164,47 @@ def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harn
         for r in [rev, *[e["revs"][0] for e in rev.get("experiments") or []]]
     ]
     assert len(values) >= 2 and all(isinstance(v, float) for v in values), values
+
+
+def test_splits_that_cannot_evaluate_stop_the_flow_right_after_align(harness, tmp_path):
+    """A test split with too few images fails before shard and training, in one line that names
+    the split, its counts and the params to change."""
+    from flows.nightly import UserError
+
+    project = make_project(tmp_path / "proj")
+    with pytest.raises(UserError) as exc:
+        nightly(
+            project_dir=str(project),
+            overrides=["align.train=0.98", "align.val=0.01", "align.test=0.01"],
+        )
+    line = exc.value.line
+    assert line.startswith("python -m flows.nightly: error: the test split has ")
+    assert "align.test=0.01" in line and "\n" not in line
+    table = str(exc.value)
+    assert re.search(r"^check +FAILED +the test split has", table, re.M), table
+    assert re.search(r"^shard +not run", table, re.M) and re.search(r"^train +not run", table, re.M)
+    assert not (project / "data" / "shards").exists() and not (project / "models").exists()
+
+
+def test_a_user_error_under_the_flow_is_one_line_and_the_table_once(tmp_path):
+    """`python -m flows.nightly` with a missing data root: exit 2, the line `mmpipe ingest`
+    prints for it, the summary table once, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import git_env
+
+    project = make_project(tmp_path / "proj")
+    env = {**git_env(), "PREFECT_HOME": str(tmp_path / "prefect")}
+    root = tmp_path / "nowhere"
+    cmd = ["-m", "flows.nightly", "--project-dir", str(project), "--set", "ingest.source=folder"]
+    proc = subprocess.run(
+        [sys.executable, *cmd, "--set", f"ingest.root={root}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    line = f"mmpipe ingest: error: data root not found or not a directory: {root} (ingest.root)"
+    assert out.splitlines().count(line) == 1, out
+    assert out.count("stage      status") == 1, out
+    assert "Traceback" not in out, out

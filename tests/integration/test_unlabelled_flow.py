@@ -43,20 +43,27 @@ def _champion(project):
     return int(champion.version), {int(v.version): v.tags for v in versions}
 
 
-def test_flickr30k_sample_unlabelled_runs_end_to_end(harness, shared_data, tmp_path):
-    # 2 image groups (1.jpg with 20 captions, its 3 byte-identical copies merged; another with
-    # 5): align seed 4 puts one in train and one in test
+def test_flickr30k_sample_stops_right_after_align(harness, shared_data, tmp_path):
+    """The README's sample is 2 captioned images (1.jpg with 20 captions, its 3 byte-identical
+    copies merged; another with 5): any split leaves at most 1 test image, where R@1 is 1.0
+    whatever the model. The flow says so after align, before shard and training (it used to
+    train, then evaluate R@K on that one image)."""
+    from flows.nightly import UserError
+
     source = [
         "ingest.source=folder", f"ingest.root={SHARED_DATA / 'flickr30k-sample'}",
         "ingest.captions=captions.jsonl", "align.train=0.5", "align.val=0.0", "align.test=0.5",
         "align.seed=4",
     ]  # fmt: skip
     project = make_project(tmp_path / "proj", TINY_OVERRIDES + source)
-    out = nightly(project_dir=str(project))
-    assert out["promoted"] and out["version"] == out["champion_version"] == 1
-    _check_retrieval_only(project)
-    detail = {row["stage"]: row["detail"] for row in out["summary"]}
-    assert detail["evaluate"].startswith("mean_r1=")
+    with pytest.raises(UserError) as exc:
+        nightly(project_dir=str(project))
+    assert exc.value.line == (
+        "python -m flows.nightly: error: the test split has 1 images (images per split 1/0/1, "
+        "pairs 5/0/20 (train/val/test)): recall@1 needs more than 1; raise align.test "
+        "(align.train=0.5, align.val=0, align.test=0.5; the three sum to 1) or add data"
+    )
+    assert not (project / "models").exists()
 
 
 def test_coco_mini_without_labels_keeps_the_better_retrieval_champion(

@@ -128,3 +128,29 @@ def test_a_rerun_replaces_the_whole_output(layout):
     files = {"manifest.json", "members.parquet", ".stamp.json"}
     assert {p.name for p in layout.shard_dir.iterdir()} == listed | files
     assert pipeline.stage_is_current("shard", params, layout)
+
+
+def test_a_data_stage_run_in_mlflow_lasts_as_long_as_the_stage(layout, monkeypatch):
+    """The nested MLflow run of a data stage starts when the stage starts (it is created when the
+    stage has finished), so its duration is the stage's, not the few ms of logging it."""
+    import time
+
+    from mmpipe import tracking
+
+    params = _params()
+    align = pipeline._DATA_FUNCTIONS["align"]
+
+    def slow(params, layout, out_dir):
+        time.sleep(1.5)
+        return align(params, layout, out_dir)
+
+    monkeypatch.setitem(pipeline._DATA_FUNCTIONS, "align", slow)
+    parent = tracking.open_parent_run(params.tracking, layout.root, params)
+    called = time.time() * 1000
+    pipeline.run_data_stage("align", params, layout, parent_run_id=parent)
+    store = tracking.connect(params.tracking, layout.root)
+    runs = store.client.search_runs([store.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    (run,) = runs
+    assert run.info.run_name == "align"
+    # started before the stage's 1.5 s of work, not when it was logged after it
+    assert run.info.start_time - called < 1500 <= run.info.end_time - run.info.start_time
