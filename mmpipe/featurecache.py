@@ -238,6 +238,9 @@ def build(
                     data = _build_shard(model, p, ref.url, device, batch, memo)
                     save_checkpoint(data, path)
                     built += 1
+                    log.info("train: frozen-feature cache (%s tower): %s shard %s encoded "
+                             "(%d distinct inputs so far, %.0f s)", p.tower, split,
+                             Path(ref.url).name, len(memo), time.perf_counter() - started)  # fmt: skip
                 else:
                     reused += 1
                 files.append(data)
