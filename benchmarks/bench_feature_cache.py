@@ -7,7 +7,11 @@ MiniLM) train 2 epochs through ``run_train`` in three settings, each in its own 
 - both towers locked (linear heads on frozen features), cached: epoch 1 pays the one pass of
   each tower over the samples, epoch 2 only the heads;
 - the same, with the cache off (``train.feature_cache: off``): every epoch runs both towers;
-- the image tower locked, the text tower trained (LiT), cached: epoch 2 still trains MiniLM.
+- the image tower locked, the text tower trained (LiT), cached (its own cache directory, so its
+  epoch 1 pays the pass): epoch 2 still trains MiniLM.
+
+A run that finds the cache already built (another night, the same shards and tower) pays no pass
+in its epoch 1 either.
 
 Each setting's epoch seconds come from the train loop's own timing (``epoch_seconds``); the
 first epoch's include the cache's pass (``feature_cache`` of run_train's report), which runs
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "both locked, cache off": epochs(shard_dir, work / "b", None, **locked,
                                              feature_cache="off"),
             "image locked, text trained, cached": epochs(
-                shard_dir, work / "c", work / "cache", freeze_image=True, encoder_lr_scale=0.05
+                shard_dir, work / "c", work / "cache-lit", freeze_image=True, encoder_lr_scale=0.05
             ),
         }  # fmt: skip
     a, b, lit = (
