@@ -1091,11 +1091,12 @@ def selection_metric(metrics: dict[str, float], task: str) -> tuple[str, float |
     """(name, value) of what picks best.pt, higher is better: the task's validation metric
     (minus val_rmse for regression); without labelled val pairs, val retrieval (val_mean_r1:
     a contrastive run's val loss can rise while its retrieval still improves), except for
-    captioning (its task loss), else minus the val loss."""
+    captioning (its task loss) and ITM runs (the val loss holds ITM's share), else minus the
+    val loss."""
     name = SELECTION.get(task, "val_accuracy")
     if name in metrics:
         return (f"-{name}", -metrics[name]) if name == "val_rmse" else (name, metrics[name])
-    if "val_mean_r1" in metrics and task != "captioning":
+    if "val_mean_r1" in metrics and task != "captioning" and "val_itm" not in metrics:
         return "val_mean_r1", metrics["val_mean_r1"]
     return "-val_loss", -metrics["val_loss"] if "val_loss" in metrics else None
 
