@@ -150,8 +150,8 @@ def test_cron_runs_are_scheduled_and_a_served_run_completes(served):
 
     t0 = time.monotonic()
     project, port, proc, log = served
-    expected_params = {
-        "params_file": "my-params.yaml",
+    expected_params = {  # a --params on the command line is the working directory's: absolute
+        "params_file": str(project / "my-params.yaml"),
         "overrides": OVERRIDES,
         "project_dir": str(project.resolve()),
     }
@@ -200,7 +200,7 @@ def test_cron_runs_are_scheduled_and_a_served_run_completes(served):
         assert run.state is not None and run.state.is_completed(), run.state
         assert run.deployment_id == dep.id
     written = json.loads((project / "tiny-nightly-ran.json").read_text())
-    assert written == {"params_file": "my-params.yaml", "overrides": OVERRIDES}
+    assert written == {"params_file": str(project / "my-params.yaml"), "overrides": OVERRIDES}
     print(f"served run completed after {time.monotonic() - t0:.1f} s")
 
     # SIGTERM (what a service manager sends) stops serving promptly; the reused server survives

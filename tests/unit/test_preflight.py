@@ -55,8 +55,14 @@ def test_an_empty_train_split_fails(params):
 
 
 def test_too_few_test_images_for_any_k_fails_and_for_some_warns(params, caplog):
+    # unlabelled, retrieval is all evaluate scores and register promotes on: it fails
     with pytest.raises(InputError, match=r"test split has 1 images.*recall@1 needs more than 1"):
+        check_splits(_report([40, 5, 1], [120, 15, 3], [0, 0, 0]), params)
+    # labelled, the run is judged on its task metric: R@K only warns
+    with caplog.at_level(logging.WARNING):
         check_splits(_report([40, 5, 1], [120, 15, 3]), params)
+    assert "recall@1,5,10 will be 1.0 whatever the model" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         check_splits(_report([40, 5, 6], [120, 15, 18]), params)
     assert "recall@10 will be 1.0 whatever the model: the test split has 6 images" in caplog.text
