@@ -311,6 +311,24 @@ def saved_full_run(
     return saved
 
 
+def save_readme_table(
+    name: str,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+    update_readme: Callable[[str], None],
+) -> int:
+    """A README benchmark's end: its table into ``result``, ``<out-dir>/<name>.json``, the table
+    printed, and the README's block rewritten with --update-readme; exit code 0."""
+    result["table"] = markdown(result)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(result["table"])
+    if args.update_readme:
+        update_readme(result["table"])
+    return 0
+
+
 def parse_readme_args(
     name: str,
     doc: str | None,

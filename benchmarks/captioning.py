@@ -32,6 +32,7 @@ from benchmarks._common import (
     machine,
     mmpipe_run,
     parse_readme_args,
+    save_readme_table,
     update_readme_block,
 )
 from benchmarks.classic_systems import SMOKE
@@ -130,13 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"mode": "smoke" if args.smoke else "full", "machine": machine(), "seconds": seconds,
               "overrides": overrides, "metrics": metrics, "beam": beam, "samples_per_s": speed,
               "throughput_load": round(load, 2)}  # fmt: skip
-    result["table"] = markdown(result)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "captioning.json").write_text(json.dumps(result, indent=2))
-    print(result["table"])
-    if args.update_readme:
-        update_readme(result["table"])
-    return 0
+    return save_readme_table("captioning", args, result, markdown, update_readme)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO, machine, parse_readme_args, update_readme_block
+from benchmarks._common import (
+    REPO,
+    machine,
+    parse_readme_args,
+    save_readme_table,
+    update_readme_block,
+)
 
 CONFIG = REPO / "configs" / "real_photos.yaml"
 DATA = REPO.parent / "shared" / "data" / "flickr8k"
@@ -206,13 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result["chance"] = {way: {f"R@{k}": chance[way][k] for k in KS} for way in ("i2t", "t2i")}
     result["train_images"] = len({json.loads(r)["image"] for r in
                                   (train / "captions.jsonl").read_text().splitlines()})  # fmt: skip
-    result["table"] = markdown(result)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "real_retrieval.json").write_text(json.dumps(result, indent=2))
-    print(result["table"])
-    if args.update_readme:
-        update_readme(result["table"])
-    return 0
+    return save_readme_table("real_retrieval", args, result, markdown, update_readme)
 
 
 def run_row(
