@@ -4,16 +4,19 @@ Outputs under ``out_dir`` (the driver's staging directory, switched in whole):
     metrics.json          flat numbers for `dvc metrics show`: retrieval (i2t_r1, mean_r1, median
                           ranks, ...) always; the task's metrics when the test split has labels
                           (mmpipe/objectives.py), with ``<primary>_chance`` and the ablation's
-                          best_unimodal_<primary> / fusion_gain; + the sha256 of the checkpoint
-                          scored and of the shard manifest (``checkpoint_sha256``,
-                          ``data_sha256``: register checks both)
+                          best_unimodal_<primary> / fusion_gain; numbers only (no hashes:
+                          `dvc exp show` lists every key of it as a metric)
     per_class.json        precision / recall / F1 / support (multilabel: + AP) per class
-    per_question_type.json  VQA accuracy per question type (vqa)
+    per_question_type.json  VQA accuracy per question type (vqa; an empty list otherwise)
     ablation.json         every fusion head trained on frozen features, with the task's metrics
     plots/                recall_at_k, ablation, training, and per task confusion (classes), roc
                           (binary), predicted_vs_true (regression): JSON rows for `dvc plots`
                           and the same charts as PNG (mmpipe.plots)
-    evaluation_report.json  the checkpoint used, task, labels, skipped parts with their reasons
+    evaluation_report.json  the checkpoint used, task, labels, skipped parts with their reasons,
+                          and ``scored``: the sha256 of the checkpoint scored and of the shard
+                          manifest (``checkpoint_sha256``, ``data_sha256``: register checks both
+                          against models/ and data/shards, and the report's ``metrics`` against
+                          metrics.json)
     examples/             a few test images as thumbnails + their top-3 captions (for the report)
     report.md, report.html  written by the caller (mmpipe.report), with the run's context
 
@@ -546,13 +549,15 @@ def labelled_train(manifest: dict[str, Any]) -> bool:
 
 
 def write_task_outputs(result: TaskResult, out_dir: Path, test: SplitOutputs, task: str) -> None:
-    """per_class.json, per_question_type.json (vqa) and the task's plots (PNG + JSON rows)."""
+    """per_class.json, per_question_type.json (empty but for vqa) and the task's plots (PNG +
+    JSON rows)."""
     plots = out_dir / "plots"
     for name in TASK_PLOTS:
         (plots / name).unlink(missing_ok=True)
     write_json_atomic(out_dir / "per_class.json", result.per_class)
-    if task == "vqa":
-        write_json_atomic(out_dir / "per_question_type.json", result.per_question_type)
+    # written for every task (empty but for vqa): a versioned output (dvc.yaml), so a restore
+    # never leaves another run's behind
+    write_json_atomic(out_dir / "per_question_type.json", result.per_question_type)
     if result.confusion is not None:
         names = [r["class"] for r in result.per_class]
         plot_confusion(result.confusion, names, plots / "confusion.png")
@@ -691,7 +696,7 @@ def run_evaluate(
     retrieval_examples(test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
-    write_json_atomic(out_dir / "metrics.json", {**metrics, **scored})
+    write_json_atomic(out_dir / "metrics.json", metrics)
     write_json_atomic(
         out_dir / "evaluation_report.json",
         {
@@ -701,15 +706,17 @@ def run_evaluate(
             "skipped": skipped,
             "classes": classes,
             "metrics": metrics,
+            "scored": scored,
         },
     )
     log.info("evaluate took %.1f s", time.perf_counter() - t0)
-    return {**metrics, **scored}
+    return metrics
 
 
 def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
     """What a metrics file scored: the checkpoint's sha256 and the shard manifest's (the data
-    version, hence the test split). register refuses metrics whose hashes are not current."""
+    version, hence the test split), kept in evaluation_report.json (hashes are not metrics).
+    register refuses metrics whose hashes are not current."""
     return {
         "checkpoint_sha256": sha256_file(checkpoint),
         "data_sha256": manifest_sha256(shard_dir),

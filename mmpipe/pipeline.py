@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -409,6 +410,20 @@ def stage_evaluate(
     return metrics
 
 
+def scored_by(metrics: dict[str, Any], layout: Layout) -> dict[str, str]:
+    """What ``metrics`` (metrics.json) scored: the ``scored`` hashes of the evaluation_report.json
+    beside it (``checkpoint_sha256``, ``data_sha256``); {} when there is none, or when it is
+    another evaluation's (its metrics are not these, e.g. only one of the two was restored)."""
+    path = layout.eval_dir / "evaluation_report.json"
+    report = read_json(path) if path.is_file() else {}
+    same = _canonical(report.get("metrics")) == _canonical(metrics)  # NaN equals NaN here
+    return dict(report.get("scored") or {}) if same else {}
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
 def check_provenance(metrics: dict[str, Any], layout: Layout, have: str | None = None) -> str:
     """The data hash register may use: metrics.json scored THIS checkpoint (of sha256 ``have``,
     hashed here when not given) on THIS data, which is the data the model was trained on; else
@@ -417,15 +432,20 @@ def check_provenance(metrics: dict[str, Any], layout: Layout, have: str | None =
 
     path = layout.eval_dir / "metrics.json"
     checkpoint = pick_checkpoint(layout.model_dir)
-    scored, have = metrics.get("checkpoint_sha256"), have or sha256_file(checkpoint)
+    provenance = scored_by(metrics, layout)
+    scored, have = provenance.get("checkpoint_sha256"), have or sha256_file(checkpoint)
     if scored != have:
-        why = "records none" if scored is None else f"scored {scored[:12]}..."
+        why = (
+            "records no checkpoint (no evaluation_report.json of the same evaluation beside it)"
+            if scored is None
+            else f"scored {scored[:12]}..."
+        )
         raise InputError(
             f"{path} {why}, not {checkpoint} (sha256 {have[:12]}...): models/ changed since "
             "`mmpipe evaluate`; run `mmpipe evaluate` before `mmpipe register`"
         )
     data_hash = manifest_hash(layout)
-    if metrics.get("data_sha256") != data_hash:
+    if provenance.get("data_sha256") != data_hash:
         raise InputError(
             f"{path} was scored on another data version than {layout.shard_dir} now holds "
             "(its manifest changed since `mmpipe evaluate`); run `mmpipe evaluate` again"

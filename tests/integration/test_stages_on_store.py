@@ -62,7 +62,8 @@ def test_train_and_evaluate_read_the_published_version(tmp_path, s3):
     for name, tensor in _weights(local).items():
         assert torch.equal(tensor, _weights(here)[name]), name
     metrics = pipeline.run_stage("evaluate", params, here)
-    assert metrics["data_sha256"] == data_hash and metrics["n_test_pairs"] > 0
+    scored = json.loads((here.eval_dir / "evaluation_report.json").read_text())["scored"]
+    assert scored["data_sha256"] == data_hash and metrics["n_test_pairs"] > 0
     assert pipeline.run_stage("register", params, here)["version"] == 1
 
     # a node with no local shards at all reads what LATEST names (now the other project's)
@@ -78,7 +79,7 @@ def test_train_and_evaluate_read_the_published_version(tmp_path, s3):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     report = json.loads((node / "models" / "train_report.json").read_text())
     assert latest.endswith(report["data_hash"][:16])
-    scored = json.loads((node / "reports" / "metrics.json").read_text())
+    scored = json.loads((node / "reports" / "evaluation_report.json").read_text())["scored"]
     assert scored["data_sha256"] == report["data_hash"]
     for out in (train, evaluate):
         assert s3.env["AWS_SECRET_ACCESS_KEY"] not in out.stdout + out.stderr

@@ -169,3 +169,27 @@ def test_evaluate_logs_progress_of_long_passes(project, caplog):
     heads = [m for m in lines if m.startswith("evaluate: ablation head")]
     assert [m.split()[4].rstrip(":") for m in heads] == list(ABLATION_MODES)
     assert heads[0].startswith(f"evaluate: ablation head 1/{len(ABLATION_MODES)} image_only")
+
+
+def test_hashes_are_not_metrics_and_register_checks_them_beside_the_metrics(project):
+    """metrics.json holds numbers only (`dvc exp show` lists every key as a metric); what they
+    scored (checkpoint and data sha256) is in evaluation_report.json, which register reads,
+    and only when that report is the same evaluation's as metrics.json."""
+    from mmpipe.errors import InputError
+    from mmpipe.evaluate import run_evaluate
+    from mmpipe.io import sha256_file, write_json_atomic
+    from mmpipe.layout import Layout
+    from mmpipe.pipeline import check_provenance
+
+    layout = Layout(project.root)
+    run_evaluate(project.shards, project.models, _params(ablation=False), layout.eval_dir)
+    metrics = read_json(layout.eval_dir / "metrics.json")
+    assert all(isinstance(v, int | float) for v in metrics.values()), metrics
+    scored = read_json(layout.eval_dir / "evaluation_report.json")["scored"]
+    assert scored["checkpoint_sha256"] == sha256_file(project.models / "best.pt")
+    assert scored["data_sha256"] == sha256_file(project.shards / "manifest.json")
+    write_json_atomic(project.models / "train_report.json", {"data_hash": scored["data_sha256"]})
+    assert check_provenance(metrics, layout) == scored["data_sha256"]
+    # another evaluation's metrics (only metrics.json restored, say): refused, never trusted
+    with pytest.raises(InputError, match="records no checkpoint"):
+        check_provenance({**metrics, "accuracy": -1.0}, layout)

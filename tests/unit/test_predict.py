@@ -208,7 +208,11 @@ def _register(root, store, register, accuracy):
     report = read_json(report_path) if report_path.is_file() else {}
     if report.get("data_hash") != scored["data_sha256"]:  # as stage_train installs it
         write_json_atomic(report_path, {**report, "data_hash": scored["data_sha256"]})
-    write_json_atomic(root / "reports" / "metrics.json", {"accuracy": accuracy, **scored})
+    metrics = {"accuracy": accuracy}  # numbers only; what they scored is evaluate's report
+    write_json_atomic(root / "reports" / "metrics.json", metrics)
+    write_json_atomic(
+        root / "reports" / "evaluation_report.json", {"metrics": metrics, "scored": scored}
+    )
     params = Params(tracking=store, register=register)
     return pipeline.stage_register(params, Layout(root))
 
