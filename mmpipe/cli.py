@@ -51,6 +51,7 @@ examples:
   mmpipe train --help                         every train param: default, meaning, choices
   mmpipe predict img.jpg "a red circle"       classify a pair with the champion model
   mmpipe ui                                   browse runs and models in the MLflow UI
+  git checkout <rev> && mmpipe restore        a past night: data, model and report
 """
 
 RUN_HELP = "all stages in order, without Prefect (the nightly flow is `python -m flows.nightly`)"
@@ -112,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_params_arguments(p)
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    p = sub.add_parser(
+        "restore",
+        help="check out the outputs dvc.lock names; refuses (changing nothing) when one is in "
+        "no cache, where `dvc checkout` would delete it",
+        description='The DVC half of a restore (README "Restore a past night / an '
+        'experiment"): after `git checkout <rev>` (or `git checkout -- params.yaml dvc.lock '
+        "reports/`), bring back every output of that dvc.lock, report included.",
+    )
+    p.add_argument(
+        "--project-dir", default=".", help="project directory holding dvc.yaml and dvc.lock"
+    )
     # `mmpipe schedule ...` never reaches argparse (see main); listed for `mmpipe --help`
     sub.add_parser("schedule", help="serve the nightly flow on a cron schedule (see its --help)")
     return parser
@@ -252,6 +264,13 @@ def _dispatch(args: argparse.Namespace) -> Any:
             return pipeline.run_stage(args.command, params, layout, resume=resume)
     if args.command == "params":
         return params_from_args(args).model_dump(mode="json")
+    if args.command == "restore":
+        from mmpipe import pipeline
+        from mmpipe.restore import restore
+
+        layout = Layout(Path(args.project_dir))
+        with pipeline.project_lock(layout, "mmpipe restore"):  # never under a running night
+            return restore(layout.root)
     if args.command == "eval-retrieval":
         return _run_eval_retrieval(args)
     return _run_predict(args)
