@@ -95,6 +95,8 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/metrics.py",
             "mmpipe/report.py",
             "mmpipe/plots.py",
+            "mmpipe/publish.py",  # the run record and the report are its outputs too
+            "mmpipe/modelcard.py",
         ),
         inputs=("models", "data/shards"),
         out="reports",

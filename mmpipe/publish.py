@@ -2,7 +2,8 @@
 row in MLflow.
 
     reports/run.json     the run's context: date, commit, params, timings, the registered version
-                         and the champion it was compared with (not versioned: differs every run)
+                         and the champion it was compared with (a DVC output of evaluate, like
+                         the report: a restore brings back that night's, dvc.yaml)
     reports/report.html  the page a person opens the morning after (mmpipe.report), built from
                          run.json and evaluate's outputs; report.md is the same in Markdown
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,18 +125,30 @@ def test_restore_an_experiment_and_a_past_night(tmp_path):
     git("add", "-A")
     git("commit", "-qm", "night 1")
     night1 = _versioned(project)
+    record = {"reports/run.json", "reports/report.md", "reports/report.html"}
     assert {"reports/evaluation_report.json", "reports/examples/examples.json"} <= set(night1)
+    assert record <= set(night1)  # the morning report and its run record: that night's
+
+    def restore() -> None:  # the DVC half of the README's restore
+        proc = subprocess.run(
+            [sys.executable, "-m", "mmpipe", "restore"], cwd=project, env=env,
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
 
     _dvc(project, "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
     _dvc(project, "exp", "apply", "gated")
     experiment = _versioned(project)
     changed = {f for f in night1 if experiment.get(f) != night1[f]}
-    assert {"reports/metrics.json", "reports/evaluation_report.json"} <= changed, changed
+    assert {"reports/metrics.json", "reports/evaluation_report.json", *record} <= changed, changed
+    assert "fusion=gated" in (project / "reports/report.md").read_text()
 
     # back to HEAD (README): the workspace is night 1 again, whole, and both tools say clean
     git("checkout", "--", "params.yaml", "dvc.lock", "reports/")
-    _dvc(project, "checkout")
-    assert _versioned(project) == night1
+    restore()
+    assert _versioned(project) == night1  # report.md, run.json, report.html included
+    report = (project / "reports/report.md").read_text()
+    assert "fusion=concat" in report and "fusion=gated" not in report
     assert json.loads(_dvc(project, "status", "--json")) == {}
     assert git("status", "--porcelain") == ""
 
@@ -144,6 +157,8 @@ def test_restore_an_experiment_and_a_past_night(tmp_path):
     git("add", "-A")
     git("commit", "-qm", "night 2")
     git("checkout", "-q", "HEAD~1")
-    _dvc(project, "checkout")
+    restore()
     assert _versioned(project) == night1
+    run = json.loads((project / "reports/run.json").read_text())
+    assert run["params"]["train"]["fusion"] == "concat"
     assert json.loads(_dvc(project, "status", "--json")) == {}
