@@ -584,8 +584,12 @@ class EvaluateParams(Section):
 
     batch_size: int = Field(256, ge=1, description="Batch size for embedding the test split.")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="K of recall@K.")
-    ablation: bool = Field(
-        True, description="Train every fusion head on frozen features and compare."
+    ablation: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train every fusion head on frozen features and compare. auto: on in the "
+        "nightly flow, `dvc repro` and `mmpipe evaluate`, off in an experiment (`dvc exp run`, "
+        "which sets DVC_EXP_BASELINE_REV), so an experiment's evaluate costs no more than the "
+        "night's scoring; `dvc exp run -S evaluate.ablation=true` runs it there too.",
     )
     ablation_epochs: int = Field(30, ge=1, description="Epochs of each ablation head.")
     ablation_tokens: bool = Field(

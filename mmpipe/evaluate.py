@@ -503,28 +503,46 @@ def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict
     return out
 
 
+EXPERIMENT_ENV = "DVC_EXP_BASELINE_REV"  # set by `dvc exp run` for every stage it runs
+OFF_IN_EXPERIMENT = (
+    "evaluate.ablation is auto: off in an experiment (`dvc exp run`); "
+    "`-S evaluate.ablation=true` runs it"
+)
+
+
+def ablation_enabled(p: EvaluateParams, experiment: bool) -> tuple[bool, str | None]:
+    """Whether the ablation runs, and why not when ``auto`` turns it off (``experiment``: this
+    evaluate runs under `dvc exp run`)."""
+    if p.ablation == "auto":
+        return (False, OFF_IN_EXPERIMENT) if experiment else (True, None)
+    return bool(p.ablation), None
+
+
 def fusion_ablation(
     model: torch.nn.Module,
     shard_dir: Path,
     p: EvaluateParams,
     train_params: TrainParams,
     labelled: bool,
+    experiment: bool = False,
 ) -> tuple[dict[str, Any], dict[str, float], str | None]:
-    """ablation.json's content, its summary metrics, and why it was skipped (None if it ran).
+    """ablation.json's content, its summary metrics, and why it was skipped (None if it ran or
+    was switched off).
 
     ``labelled`` False: the task metrics were skipped, so there is nothing to compare heads on.
     """
     fusion = train_params.fusion
+    enabled, why_off = ablation_enabled(p, experiment)
     ablation: dict[str, Any] = {
-        "enabled": p.ablation,
+        "enabled": enabled,
         "configured_fusion": fusion,
         "epochs": p.ablation_epochs,
         "results": [],
         "note": "heads trained on frozen features of encoders trained "
         f"with fusion={fusion!r}; see mmpipe/evaluate.py",
     }
-    if not p.ablation:
-        return ablation, {}, None
+    if not enabled:
+        return ablation, {}, why_off
     if not labelled:
         return ablation, {}, "no labelled pairs to train and score the heads on"
     rows, reason = run_ablation(model, shard_dir, p, train_params)
@@ -636,11 +654,14 @@ def run_evaluate(
     model_dir: Path,
     p: EvaluateParams,
     out_dir: Path,
+    *,
+    experiment: bool = False,
 ) -> dict[str, Any]:
     """Evaluate models/best.pt (else last.pt) on the test shards; returns the flat metrics dict.
 
     The task, the fusion mode and the ablation's head sizes and seed are the checkpoint's own
-    (the train params it stores), so evaluate reads no train params.
+    (the train params it stores), so evaluate reads no train params. ``experiment``: it runs
+    under `dvc exp run`, where ``evaluate.ablation: auto`` leaves the ablation out.
     """
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = shard_location(shard_dir), Path(model_dir), Path(out_dir)
@@ -684,9 +705,9 @@ def run_evaluate(
     write_task_outputs(result, out_dir, test, model.task)
 
     labelled = result.skipped is None and model.task != "captioning"
-    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, labelled)
+    ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, labelled, experiment)
     metrics.update(summary)
-    if model.task == "captioning" and p.ablation:
+    if model.task == "captioning" and ablation["enabled"]:
         reason = "captioning has a caption decoder, no fusion head to compare"
     if reason:
         skipped["ablation"] = reason

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -395,13 +396,16 @@ def stage_evaluate(
     """Evaluate models/ on the test shards into reports/ (switched in whole), logged to the
     training run."""
     from mmpipe import tracking
-    from mmpipe.evaluate import run_evaluate
+    from mmpipe.evaluate import EXPERIMENT_ENV, run_evaluate
     from mmpipe.publish import stage_report
 
+    experiment = bool(os.environ.get(EXPERIMENT_ENV))  # under `dvc exp run` (evaluate.ablation)
     with project_lock(layout, "mmpipe evaluate"):
         with staged_dir(layout.eval_dir) as staging:
             shards = shard_source(params, layout)[0]
-            metrics = run_evaluate(shards, layout.model_dir, params.evaluate, staging)
+            metrics = run_evaluate(
+                shards, layout.model_dir, params.evaluate, staging, experiment=experiment
+            )
             stage_report(params, layout, staging)  # the flow rewrites it once registered
             fault_point("evaluate:staged")
         run_id = _train_run_id(layout)

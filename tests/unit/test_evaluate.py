@@ -193,3 +193,27 @@ def test_hashes_are_not_metrics_and_register_checks_them_beside_the_metrics(proj
     # another evaluation's metrics (only metrics.json restored, say): refused, never trusted
     with pytest.raises(InputError, match="records no checkpoint"):
         check_provenance({**metrics, "accuracy": -1.0}, layout)
+
+
+def test_an_experiment_leaves_the_ablation_out_unless_asked(project, monkeypatch):
+    """evaluate.ablation: auto (params.yaml's) runs the heads at night and leaves them out under
+    `dvc exp run` (DVC_EXP_BASELINE_REV set), saying why; an explicit true runs them there."""
+    from mmpipe.config import Params, load_params
+    from mmpipe.evaluate import EXPERIMENT_ENV, ablation_enabled
+    from mmpipe.layout import Layout
+    from mmpipe.pipeline import stage_evaluate
+    from tests.conftest import REPO
+
+    assert load_params(REPO / "params.yaml").evaluate.ablation == "auto"
+    auto = EvaluateParams()
+    assert ablation_enabled(auto, experiment=False) == (True, None)
+    assert ablation_enabled(EvaluateParams(ablation=True), experiment=True) == (True, None)
+    assert ablation_enabled(EvaluateParams(ablation=False), experiment=False) == (False, None)
+
+    monkeypatch.setenv(EXPERIMENT_ENV, "0" * 40)  # what `dvc exp run` sets for its stages
+    layout = Layout(project.root)
+    metrics = stage_evaluate(Params(evaluate=_params(ablation="auto")), layout)
+    assert "fusion_gain" not in metrics and "accuracy" in metrics
+    assert read_json(layout.eval_dir / "ablation.json")["enabled"] is False
+    skipped = read_json(layout.eval_dir / "evaluation_report.json")["skipped"]
+    assert "dvc exp run" in skipped["ablation"] and "evaluate.ablation=true" in skipped["ablation"]
