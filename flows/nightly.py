@@ -112,7 +112,9 @@ def detail(stage: str, result: dict[str, Any]) -> str:
             "shard": ("samples", "shards", "new_samples", "reused_shards"),
             "evaluate": (_headline(result), "i2t_r1", "t2i_r1"),
             "register": ("version", "promoted", "champion_version"),
-        }[stage]
+        }.get(stage)
+        if keys is None:  # a stage without its own line: its top-level numbers and flags
+            keys = tuple(k for k, v in result.items() if isinstance(v, int | float | bool))
         parts = {k: result[k] for k in keys if k in result}
     return ", ".join(f"{k}={_fmt(v)}" for k, v in parts.items())
 

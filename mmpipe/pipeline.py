@@ -55,8 +55,7 @@ from mmpipe.storage import (
 log = logging.getLogger(__name__)
 
 STAMP = ".stamp.json"
-ORDER = ("ingest", "align", "shard", "train", "evaluate", "register")
-DATA_STAGES = ("ingest", "align", "shard")
+ORDER = tuple(STAGES)  # the DAG's order, as layout.STAGES declares it
 _REPO = Path(__file__).resolve().parents[1]  # STAGES' code paths are relative to it
 
 
@@ -164,6 +163,7 @@ _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
     "align": _align,
     "shard": _shard,
 }
+DATA_STAGES = tuple(_DATA_FUNCTIONS)  # cached by the flow on their fingerprint
 
 
 def run_data_stage(
