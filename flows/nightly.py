@@ -16,7 +16,7 @@ one line ``mmpipe <stage>`` prints for it, and no traceback: the CLI prints it a
 The flow holds the project lock for its whole run (a second run fails "project busy", or waits
 with ``--wait-lock``). SIGTERM stops it: during training the model is checkpointed first; the
 stages after the interrupted one do not run, the MLflow runs end KILLED, nothing is recorded
-with DVC, and the command exits 143 (README "Failure semantics").
+with DVC, and the command exits 143 (docs/failure-semantics.md).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Each driver reads its params section, calls the stage's pure function on the pro
     stage_train / stage_evaluate / stage_register
     run_all(params, layout)                every stage in order, in this process
 
-Failure semantics (README "Failure semantics"): every driver holds the project lock
+Failure semantics (docs/failure-semantics.md): every driver holds the project lock
 (``mmpipe.lock``, re-entrant: the CLI and the flow take it first, with ``--wait-lock``). A data
 stage and evaluate write their whole output, stamp included, into a staging directory that is
 switched in at once (``mmpipe.commit.staged_dir``): a kill leaves the previous output or the new
