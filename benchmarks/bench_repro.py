@@ -1,4 +1,4 @@
-"""How far the default run's metrics move between CPUs of this kind: the tolerance docs/results.md states.
+"""How far the default run's metrics move between CPUs of this kind (docs/results.md).
 
     python -m benchmarks.bench_repro            # the default run's params (~3 trainings, 2 cores)
     python -m benchmarks.bench_repro --quick    # 2 epochs
