@@ -302,13 +302,11 @@ class Layout:
         return self.root / ".mmpipe"
 
     mlflow_db = _state_path("mlflow.db", "The default MLflow tracking store (SQLite).")
-    mlflow_artifacts = _state_path("mlartifacts", "Artifacts of the default MLflow store.")
     prefect_home = _state_path("prefect", "PREFECT_HOME: the local Prefect server's DB and logs.")
     feature_cache = _state_path(
         "feature-cache", "The frozen-feature cache: a locked tower's features per shard."
     )
     train_run = _state_path("train_run.json", "The MLflow run that trained models/ (its sha256).")
-    last_run = _state_path("last_run.json", "The last flow run: date, commit, timings, outcome.")
 
 
 def sqlite_path(uri: str) -> Path | None:
