@@ -12,12 +12,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test lint bench ui schedule results clean
+.PHONY: setup run test test-fast lint bench ui schedule results clean
 
 setup: $(STAMP)
 
 # Re-install only when the dependency pins change. torch==2.13.0 is the CPU wheel here; for CUDA
-# see README ("GPU").
+# see docs/gpu.md.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
@@ -31,6 +31,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the unit tests only (no integration, faults or slow ones): the quick check before a commit
+test-fast: setup
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

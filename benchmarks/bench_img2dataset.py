@@ -15,7 +15,7 @@ img2dataset (installed by this script into a throw-away venv, never into the pro
 --encode_quality 95``, webdataset output.
 CPU time = user + sys of each side's processes and their children (``getrusage``). The two
 sides run interleaved ``repeats`` times; the ratio of each interleaved pair is reported with
-its spread. Target (issue 9): mmpipe >= 1.3x img2dataset's images per CPU-second.
+its spread. Target: mmpipe >= 1.3x img2dataset's images per CPU-second.
 """
 
 from __future__ import annotations

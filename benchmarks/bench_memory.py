@@ -1,6 +1,6 @@
 """Peak RSS of ingest, align and shard at growing N: streaming stages must stay flat.
 
-Target (issue 9): per-image peak-RSS slope <= 0.1 KB/image (100 B) for each stage between the
+Target: per-image peak-RSS slope <= 0.1 KB/image (100 B) for each stage between the
 smallest and the largest N (full: 10k -> 200k). ``--sizes 1000000 --source-size 16`` is the
 recorded 1M-image run (peak RSS and wall time per stage).
 

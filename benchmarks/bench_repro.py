@@ -1,4 +1,4 @@
-"""How far the default run's metrics move between CPUs of this kind: the README's tolerance.
+"""How far the default run's metrics move between CPUs of this kind (docs/results.md).
 
     python -m benchmarks.bench_repro            # the default run's params (~3 trainings, 2 cores)
     python -m benchmarks.bench_repro --quick    # 2 epochs
@@ -16,7 +16,7 @@ the script makes this one behave like others, each a *variant* of the same data 
 
 The data stages run once; each variant trains and evaluates in its own copy of the project.
 The figures are the largest absolute difference of each headline metric from the base run: the
-tolerance the README states.
+tolerance docs/results.md states.
 """
 
 from __future__ import annotations

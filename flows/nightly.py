@@ -16,7 +16,7 @@ one line ``mmpipe <stage>`` prints for it, and no traceback: the CLI prints it a
 The flow holds the project lock for its whole run (a second run fails "project busy", or waits
 with ``--wait-lock``). SIGTERM stops it: during training the model is checkpointed first; the
 stages after the interrupted one do not run, the MLflow runs end KILLED, nothing is recorded
-with DVC, and the command exits 143 (README "Failure semantics").
+with DVC, and the command exits 143 (docs/failure-semantics.md).
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def detail(stage: str, result: dict[str, Any]) -> str:
             "shard": ("samples", "shards", "new_samples", "reused_shards"),
             "evaluate": (_headline(result), "i2t_r1", "t2i_r1"),
             "register": ("version", "promoted", "champion_version"),
-        }[stage]
+        }.get(stage)
+        if keys is None:  # a stage without its own line: its top-level numbers and flags
+            keys = tuple(k for k, v in result.items() if isinstance(v, int | float | bool))
         parts = {k: result[k] for k in keys if k in result}
     return ", ".join(f"{k}={_fmt(v)}" for k, v in parts.items())
 

@@ -28,7 +28,7 @@ pile up while it is stopped; serving again resumes it (``paused=False``) with no
 
 Unattended: run it under a service manager that restarts it (``deploy/mmpipe-schedule.service``,
 a systemd user unit), or deploy to a work pool served by a worker (``deploy/prefect.yaml``).
-README "Scheduling" has the commands.
+docs/scheduling.md has the commands.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="mmpipe schedule",
         description=__doc__.split("\n")[0],
-        epilog="Unattended use, missed and overlapping nights: README, section 'Scheduling'.",
+        epilog="Unattended use, missed and overlapping nights: docs/scheduling.md.",
     )
     ap.add_argument(
         "--cron", default=DEFAULT_CRON, help=f"cron schedule (default {DEFAULT_CRON!r})"

@@ -14,7 +14,7 @@ from albumentations.core.transforms_interface import BasicTransform
 from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
 
-# albumentations 2.x renamed arguments that old configs still use (see shared/TRAPS.md)
+# albumentations 2.x renamed arguments that old configs still use
 _V2_HINT = (
     "albumentations 2.x API: RandomResizedCrop(size=(h, w)) not height/width, no always_apply, "
     "value/cval -> fill, mode -> border_mode, GaussNoise(std_range=[lo, hi]) not var_limit"

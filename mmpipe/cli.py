@@ -5,7 +5,7 @@
 `mmpipe <stage> --help` lists every field of the stage's params sections with its default,
 meaning and allowed values. Errors a user can cause (a full disk and a busy project included)
 print one clear line and exit 2, never a traceback; SIGTERM exits 143 and Ctrl-C 130, with one
-line saying what was kept (README "Failure semantics").
+line saying what was kept (docs/failure-semantics.md).
 """
 
 from __future__ import annotations

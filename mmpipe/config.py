@@ -505,7 +505,7 @@ class TrainParams(ModelConfig):
         description="Warm-up steps (null: warmup_fraction of the steps instead); capped at half "
         "of the (stage's) steps, so on small data the lr still peaks and decays. 50 is the "
         "default run's schedule: with the 5 % fraction (30 steps) it ended at 0.56 validation "
-        "accuracy instead of 0.92 (README).",
+        "accuracy instead of 0.92 (docs/tasks-and-models.md).",
     )
     encoder_lr_scale: float = Field(
         1.0,

@@ -89,7 +89,7 @@ from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute
 
 log = logging.getLogger(__name__)
 
-# Every reason a record can be rejected for: code -> meaning (README "Your own data" lists them).
+# Every reason a record can be rejected for: code -> meaning (docs/reject-reasons.md lists them).
 REJECT_REASONS = {
     # images
     "zero_bytes": "image file is empty",

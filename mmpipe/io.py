@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +130,6 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_jsonl_atomic(dest: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write one JSON object per line atomically; returns the number of rows."""
-    n = 0
-    with atomic_path(dest) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -158,11 +148,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)

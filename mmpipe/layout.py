@@ -1,8 +1,10 @@
 """The DAG in one place: each stage's params, code, inputs and outputs, and where they live.
 
-``STAGES`` is the one declaration of what a stage depends on. ``dvc.yaml`` lists the same
-(``tests/unit/test_layout.py`` checks it, key for key), the nightly flow's cache fingerprints the
-inputs it names (``mmpipe.pipeline``), and ``mmpipe <stage> --help`` lists its params sections.
+``STAGES`` is the one declaration of what a stage depends on, in the DAG's order (which
+``pipeline.ORDER`` and the flow follow). ``dvc.yaml`` lists the same (``tests/unit/test_layout.py``
+checks it, key for key; ``tests/unit/test_stage_deps.py`` checks the code against the imports),
+the nightly flow's cache fingerprints the code and inputs it names (``mmpipe.pipeline``), and
+``mmpipe <stage> --help`` lists its params sections.
 ``Layout`` turns the declaration into paths under one project directory.
 """
 
@@ -20,7 +22,9 @@ class StageSpec:
 
     help: str
     params: tuple[str, ...]  # params.yaml sections that shape its outputs (dvc.yaml `params:`)
-    code: tuple[str, ...]  # the code it runs (dvc.yaml `deps:`)
+    # every mmpipe module its driver runs, lazy imports included (dvc.yaml `deps:`; a directory
+    # stands for its Python files): tests/unit/test_stage_deps.py checks it on the imports
+    code: tuple[str, ...]
     inputs: tuple[str, ...]  # earlier stages' outputs it reads (dvc.yaml `deps:`)
     out: str | None  # its output directory (dvc.yaml `outs:`); None: it writes to MLflow only
     tracked: bool = False  # logs to MLflow, so it also reads the `tracking` section
@@ -34,12 +38,26 @@ STAGES: dict[str, StageSpec] = {
         help="read a source, validate every record, write records + rejects",
         params=("ingest",),
         code=(
-            "mmpipe/ingest.py",
-            "mmpipe/synthetic.py",
-            "mmpipe/metrics.py",
-            "mmpipe/keys.py",
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
             "mmpipe/audio.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/errors.py",
+            "mmpipe/faults.py",
             "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/metrics.py",
+            "mmpipe/objectives.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/progress.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
         ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
@@ -47,7 +65,21 @@ STAGES: dict[str, StageSpec] = {
     "align": StageSpec(
         help="pair images and captions, count orphans, split by image group",
         params=("align",),
-        code=("mmpipe/align.py", "mmpipe/keys.py"),
+        code=(
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/errors.py",
+            "mmpipe/faults.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/objectives.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/storage.py",
+        ),
         inputs=("data/ingest/records.parquet", "data/ingest/images.parquet"),
         out="data/align",
     ),
@@ -55,10 +87,28 @@ STAGES: dict[str, StageSpec] = {
         help="augment + write WebDataset shards and manifest.json",
         params=("shard",),
         code=(
-            "mmpipe/shard.py",
-            "mmpipe/augment.py",
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
             "mmpipe/audio.py",
+            "mmpipe/augment.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/errors.py",
+            "mmpipe/faults.py",
             "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/metrics.py",
+            "mmpipe/objectives.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/progress.py",
+            "mmpipe/shard.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
         ),
         # the images themselves are named by pairs.parquet's content-hash image ids; the data
         # root they live under is in ingest's report
@@ -69,14 +119,40 @@ STAGES: dict[str, StageSpec] = {
         help="train the dual encoder + fusion classifier",
         params=("train",),
         code=(
-            "mmpipe/model",
-            "mmpipe/train.py",
-            "mmpipe/featurecache.py",
-            "mmpipe/data.py",
-            "mmpipe/checkpoint.py",
-            "mmpipe/distributed.py",
-            "mmpipe/metrics.py",
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
             "mmpipe/audio.py",
+            "mmpipe/augment.py",
+            "mmpipe/checkpoint.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/data.py",
+            "mmpipe/distributed.py",
+            "mmpipe/errors.py",
+            "mmpipe/faults.py",
+            "mmpipe/featurecache.py",
+            "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/metrics.py",
+            "mmpipe/model",
+            "mmpipe/modelcard.py",
+            "mmpipe/objectives.py",
+            "mmpipe/ood.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/predict.py",
+            "mmpipe/progress.py",
+            "mmpipe/serving.py",
+            "mmpipe/shard.py",
+            "mmpipe/signals.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
+            "mmpipe/tracking",
+            "mmpipe/train.py",
         ),
         inputs=("data/shards",),
         out="models",
@@ -88,15 +164,46 @@ STAGES: dict[str, StageSpec] = {
         # the model, the task and the ablation's seed come from the checkpoint, not params.train
         params=("evaluate",),
         code=(
-            "mmpipe/evaluate.py",
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
+            "mmpipe/audio.py",
+            "mmpipe/augment.py",
             "mmpipe/captioning.py",
-            "mmpipe/scoring.py",
-            "mmpipe/objectives.py",
+            "mmpipe/checkpoint.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/data.py",
+            "mmpipe/distributed.py",
+            "mmpipe/errors.py",
+            "mmpipe/evaluate.py",
+            "mmpipe/faults.py",
+            "mmpipe/featurecache.py",
+            "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
             "mmpipe/metrics.py",
-            "mmpipe/report.py",
-            "mmpipe/plots.py",
-            "mmpipe/publish.py",  # the run record and the report are its outputs too
+            "mmpipe/model",
             "mmpipe/modelcard.py",
+            "mmpipe/objectives.py",
+            "mmpipe/ood.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/plots.py",
+            "mmpipe/predict.py",
+            "mmpipe/progress.py",
+            "mmpipe/publish.py",
+            "mmpipe/report.py",
+            "mmpipe/scoring.py",
+            "mmpipe/serving.py",
+            "mmpipe/shard.py",
+            "mmpipe/signals.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
+            "mmpipe/tracking",
+            "mmpipe/train.py",
         ),
         inputs=("models", "data/shards"),
         out="reports",
@@ -106,7 +213,48 @@ STAGES: dict[str, StageSpec] = {
     "register": StageSpec(
         help="register the model; promote if it beats the champion",
         params=("register",),
-        code=("mmpipe/tracking", "mmpipe/predict.py", "mmpipe/objectives.py"),
+        code=(
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
+            "mmpipe/audio.py",
+            "mmpipe/augment.py",
+            "mmpipe/captioning.py",
+            "mmpipe/checkpoint.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/data.py",
+            "mmpipe/distributed.py",
+            "mmpipe/errors.py",
+            "mmpipe/evaluate.py",
+            "mmpipe/faults.py",
+            "mmpipe/featurecache.py",
+            "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/metrics.py",
+            "mmpipe/model",
+            "mmpipe/modelcard.py",
+            "mmpipe/objectives.py",
+            "mmpipe/ood.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/plots.py",
+            "mmpipe/predict.py",
+            "mmpipe/progress.py",
+            "mmpipe/publish.py",
+            "mmpipe/report.py",
+            "mmpipe/scoring.py",
+            "mmpipe/serving.py",
+            "mmpipe/shard.py",
+            "mmpipe/signals.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
+            "mmpipe/tracking",
+            "mmpipe/train.py",
+        ),
         inputs=("models", "reports/metrics.json", "data/shards/manifest.json"),
         out=None,
         tracked=True,
@@ -154,13 +302,11 @@ class Layout:
         return self.root / ".mmpipe"
 
     mlflow_db = _state_path("mlflow.db", "The default MLflow tracking store (SQLite).")
-    mlflow_artifacts = _state_path("mlartifacts", "Artifacts of the default MLflow store.")
     prefect_home = _state_path("prefect", "PREFECT_HOME: the local Prefect server's DB and logs.")
     feature_cache = _state_path(
         "feature-cache", "The frozen-feature cache: a locked tower's features per shard."
     )
     train_run = _state_path("train_run.json", "The MLflow run that trained models/ (its sha256).")
-    last_run = _state_path("last_run.json", "The last flow run: date, commit, timings, outcome.")
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -8,7 +8,7 @@ Each driver reads its params section, calls the stage's pure function on the pro
     stage_train / stage_evaluate / stage_register
     run_all(params, layout)                every stage in order, in this process
 
-Failure semantics (README "Failure semantics"): every driver holds the project lock
+Failure semantics (docs/failure-semantics.md): every driver holds the project lock
 (``mmpipe.lock``, re-entrant: the CLI and the flow take it first, with ``--wait-lock``). A data
 stage and evaluate write their whole output, stamp included, into a staging directory that is
 switched in at once (``mmpipe.commit.staged_dir``): a kill leaves the previous output or the new
@@ -57,8 +57,7 @@ from mmpipe.storage import (
 log = logging.getLogger(__name__)
 
 STAMP = ".stamp.json"
-ORDER = ("ingest", "align", "shard", "train", "evaluate", "register")
-DATA_STAGES = ("ingest", "align", "shard")
+ORDER = tuple(STAGES)  # the DAG's order, as layout.STAGES declares it
 _REPO = Path(__file__).resolve().parents[1]  # STAGES' code paths are relative to it
 
 
@@ -166,6 +165,7 @@ _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
     "align": _align,
     "shard": _shard,
 }
+DATA_STAGES = tuple(_DATA_FUNCTIONS)  # cached by the flow on their fingerprint
 
 
 def run_data_stage(

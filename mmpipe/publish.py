@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.config import Params, flatten
-from mmpipe.io import read_json, write_json_atomic
+from mmpipe.io import write_json_atomic
 from mmpipe.layout import Layout
 from mmpipe.modelcard import render_card, training_data
 
@@ -148,12 +148,6 @@ def stage_report(params: Params, layout: Layout, out_dir: Path | None = None) ->
     """The report after `mmpipe evaluate` on its own (e.g. `dvc repro`): nothing registered."""
     context = run_context(params, layout, origin="mmpipe evaluate")
     return write_run_report(layout, context, out_dir)
-
-
-def read_run_record(layout: Layout) -> dict[str, Any] | None:
-    """reports/run.json, if a run wrote one."""
-    path = layout.eval_dir / RUN_RECORD
-    return read_json(path) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- registration

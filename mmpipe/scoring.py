@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmpipe import metrics as M
@@ -168,8 +167,3 @@ def task_target(batch: dict[str, Any], task: str, num_outputs: int) -> torch.Ten
 def primary_score(task: str, scores: dict[str, float]) -> float | None:
     """The task's primary metric in ``scores`` (what the ablation compares), None if absent."""
     return scores.get(DEFAULT_METRIC[task])
-
-
-def as_array(x: torch.Tensor) -> np.ndarray:
-    """CPU numpy copy (for JSON rows)."""
-    return x.detach().cpu().numpy()

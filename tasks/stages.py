@@ -1,7 +1,8 @@
 """Prefect tasks: thin wrappers of the stage drivers in `mmpipe.pipeline`.
 
 Tasks take the params the flow validated once (a ``Params``) and the project's ``Layout``, and
-return the stage's small report dict: paths and counts, never tensors or tables (TRAPS.md).
+return the stage's small report dict: paths and counts, never tensors or tables (Prefect
+pickles the results it persists).
 Each task run is named after its stage.
 
 Data stages (ingest, align, shard) are cached on *content*: the key is the stage's fingerprint

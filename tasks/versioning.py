@@ -1,6 +1,6 @@
 """Record the flow's outputs with DVC, so `dvc status` is clean and `dvc repro` a no-op after it.
 
-The decision (README, "Reproducing a stage"): the flow runs the stage functions itself (Prefect
+The decision (docs/restore.md, "Reproducing a stage"): the flow runs the stage functions itself (Prefect
 retries, caching, MLflow runs per stage) and then *records* what it made with ``dvc commit``,
 exactly as if ``dvc repro`` had made it: ``dvc.lock`` gets each stage's code, params and output
 hashes, and the outputs go into the DVC cache. Running the stages through ``dvc repro`` instead

@@ -96,7 +96,7 @@ def connect(p: TrackingParams | None, root: str | Path) -> Store:
     """The store of ``p`` for the project at ``root``; creates the DB and experiment once.
 
     Call it before launching parallel workers: SQLite's first-start schema migration races when
-    several processes start at once (TRAPS.md, mlflow#6490). A file lock serialises the creation
+    several processes start at once (mlflow#6490). A file lock serialises the creation
     across processes; later calls in this process are cheap.
     """
     p = p or TrackingParams()

@@ -117,7 +117,7 @@ def test_two_torchrun_agents_as_two_nodes_match_single_process(tmp_path, trained
     shared disk do.
 
     The real multi-node command is the same with the first node's address as the endpoint
-    (README, "Scaling out"); rank 0 alone writes the checkpoint and report.
+    (docs/scaling-out.md); rank 0 alone writes the checkpoint and report.
     """
     local, p, single, script = trained_once
     shards = publish_shards(local, s3.url("ddp", tmp_path.name))["url"]

@@ -110,7 +110,7 @@ def _versioned(project: Path) -> dict[str, str]:
 
 
 def test_restore_an_experiment_and_a_past_night(tmp_path):
-    """README "Restore a past night / an experiment", step by step: an experiment applied to the
+    """docs/restore.md "Restore a past night / an experiment", step by step: an experiment applied to the
     workspace, then back to HEAD, then a past commit; each restore brings back every versioned
     output of that night (the report's inputs included) and deletes nothing."""
     project = make_project(tmp_path / "proj")
@@ -143,7 +143,7 @@ def test_restore_an_experiment_and_a_past_night(tmp_path):
     assert {"reports/metrics.json", "reports/evaluation_report.json", *record} <= changed, changed
     assert "fusion=gated" in (project / "reports/report.md").read_text()
 
-    # back to HEAD (README): the workspace is night 1 again, whole, and both tools say clean
+    # back to HEAD (docs/restore.md): the workspace is night 1 again, whole, and both tools say clean
     git("checkout", "--", "params.yaml", "dvc.lock", "reports/")
     restore()
     assert _versioned(project) == night1  # report.md, run.json, report.html included

@@ -129,7 +129,7 @@ def _coco_params(root, labels: bool) -> IngestParams:
 
 
 def test_unlabelled_flickr_sample_end_to_end(shared_data, tmp_path):
-    """The README's folder example without labels: ingest -> align -> shard, no crash."""
+    """docs/your-own-data.md's folder example without labels: ingest -> align -> shard, no crash."""
     from mmpipe.checkpoint import read_manifest
     from mmpipe.data import iterate_split
 

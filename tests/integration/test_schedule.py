@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 CRON = "30 2 * * *"
-TIMEZONE = "Europe/Paris"  # not UTC: the schedule must carry the timezone (TRAPS.md)
+TIMEZONE = "Europe/Paris"  # not UTC: the schedule must carry the timezone (cron is UTC without)
 OVERRIDES = ["train.epochs=1", "shard.copies=0"]
 HOLD = "hold"  # while this file exists in the project, a tiny_nightly run keeps running
 

@@ -1,46 +1,12 @@
-"""The layering BRIEF.md promises, checked on the source: flows -> tasks -> mmpipe, mmpipe never
-imports Prefect or DVC, only mmpipe.tracking imports MLflow, and no two modules import each
-other (directly or round a loop), counting imports inside functions too."""
+"""The layering ARCHITECTURE.md describes, checked on the source: flows -> tasks -> mmpipe,
+mmpipe never imports Prefect or DVC, only mmpipe.tracking imports MLflow, and no two modules
+import each other (directly or round a loop), counting imports inside functions too."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+from tests.imports import MODULES, imports
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("mmpipe", "tasks", "flows")
-
-
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {
-    _module_name(path): path for pkg in PACKAGES for path in sorted((REPO / pkg).rglob("*.py"))
-}
-
-
-def _imports(name: str) -> set[str]:
-    """Every module ``name`` imports (top level or inside functions), as dotted names."""
-    tree = ast.parse(MODULES[name].read_text())
-    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                base = ".".join(
-                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
-                ).rstrip(".")
-            for alias in node.names:  # `from mmpipe import tracking` imports a module
-                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
-    return found
-
-
-GRAPH = {name: {m for m in _imports(name) if m in MODULES and m != name} for name in MODULES}
+GRAPH = {name: {m for m in imports(name) if m in MODULES and m != name} for name in MODULES}
 
 
 def _top(name: str) -> str:
@@ -61,7 +27,7 @@ def test_mmpipe_imports_no_orchestrator_and_only_tracking_imports_mlflow():
     for name in MODULES:
         if _top(name) != "mmpipe":
             continue
-        roots = {m.split(".")[0] for m in _imports(name)}
+        roots = {m.split(".")[0] for m in imports(name)}
         assert not roots & {"prefect", "dvc"}, name
         if "mlflow" in roots:
             assert name.startswith("mmpipe.tracking"), name

@@ -582,13 +582,13 @@ def test_synthetic_source_reads_through_folder_path(tmp_path):
     assert "seconds" not in (tmp_path / "report.json").read_text()
 
 
-def test_readme_lists_every_reject_reason():
+def test_docs_list_every_reject_reason():
     from mmpipe.ingest import REJECT_REASONS
     from tests.conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "reject-reasons.md").read_text()
     for code, meaning in REJECT_REASONS.items():
-        assert f"| `{code}` | {meaning} |" in readme, code
+        assert f"| `{code}` | {meaning} |" in page, code
 
 
 def test_absolute_image_path_inside_the_root_is_stored_relative(root, tmp_path):

@@ -82,10 +82,12 @@ def test_a_code_change_invalidates_the_stage(layout, tmp_path_factory, monkeypat
     shutil.copytree(Path(pipeline.__file__).parent, repo / "mmpipe")
     monkeypatch.setattr(pipeline, "_REPO", repo)
     assert pipeline.stage_is_current("align", params, layout)  # same code, other place
-    with (repo / "mmpipe" / "align.py").open("a") as fh:
+    # parallel.py runs ingest's and shard's per-chunk work; align never imports it
+    with (repo / "mmpipe" / "parallel.py").open("a") as fh:
         fh.write("\n# changed\n")
-    assert not pipeline.stage_is_current("align", params, layout)
-    assert pipeline.stage_is_current("shard", params, layout)
+    assert not pipeline.stage_is_current("shard", params, layout)
+    assert not pipeline.stage_is_current("ingest", params, layout)
+    assert pipeline.stage_is_current("align", params, layout)
 
 
 def test_user_source_files_are_fingerprinted_by_size_and_mtime(tmp_path):
