@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "restore",
         help="check out the outputs dvc.lock names; refuses (changing nothing) when one is in "
         "no cache, where `dvc checkout` would delete it",
-        description='The DVC half of a restore (README "Restore a past night / an '
-        'experiment"): after `git checkout <rev>` (or `git checkout -- params.yaml dvc.lock '
-        "reports/`), bring back every output of that dvc.lock, report included.",
+        description="The DVC half of a restore (docs/restore.md): after `git checkout <rev>` "
+        "(or `git checkout -- params.yaml dvc.lock reports/`), bring back every output of that "
+        "dvc.lock, then rewrite the report and run.json from the restored outputs.",
     )
     p.add_argument(
         "--project-dir", default=".", help="project directory holding dvc.yaml and dvc.lock"

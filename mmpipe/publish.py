@@ -2,8 +2,9 @@
 row in MLflow.
 
     reports/run.json     the run's context: date, commit, params, timings, the registered version
-                         and the champion it was compared with (a DVC output of evaluate, like
-                         the report: a restore brings back that night's, dvc.yaml)
+                         and the champion it was compared with (not a DVC output: it differs on
+                         every run; `mmpipe restore` rewrites it and the report from the
+                         restored outputs, and each night's own is on its MLflow parent run)
     reports/report.html  the page a person opens the morning after (mmpipe.report), built from
                          run.json and evaluate's outputs; report.md is the same in Markdown
 
@@ -144,9 +145,12 @@ def write_run_report(
     return write_report(out_dir, context)
 
 
-def stage_report(params: Params, layout: Layout, out_dir: Path | None = None) -> dict[str, str]:
-    """The report after `mmpipe evaluate` on its own (e.g. `dvc repro`): nothing registered."""
-    context = run_context(params, layout, origin="mmpipe evaluate")
+def stage_report(
+    params: Params, layout: Layout, out_dir: Path | None = None, origin: str = "mmpipe evaluate"
+) -> dict[str, str]:
+    """The report after `mmpipe evaluate` on its own (e.g. `dvc repro`) or after `mmpipe
+    restore`: evaluate's outputs as they are, nothing registered."""
+    context = run_context(params, layout, origin=origin)
     return write_run_report(layout, context, out_dir)
 
 

@@ -9,7 +9,12 @@ a restore to such a lock loses `data/shards` that nothing can bring back but a r
 in one line naming them and what to run (`dvc pull` from a remote, or `dvc repro`), having changed
 nothing; otherwise it runs `dvc checkout`. The git half of a restore (`git checkout <rev>`, or
 `git checkout -- params.yaml dvc.lock reports/`) only touches files git tracks, so it never
-deletes an output: README "Restore a past night / an experiment".
+deletes an output (docs/restore.md).
+
+The run record (``reports/run.json``, ``report.md``, ``report.html``: date, commit, timings,
+MLflow runs) is not a DVC output, since it differs on every run; after the checkout ``restore``
+rewrites it from the restored evaluate outputs and the restored params.yaml, so no file still
+describes the run that was there before. Each night's own record is on its MLflow parent run.
 
 DVC is run as a command (``python -m dvc``), never imported: mmpipe stays a plain library.
 """
@@ -69,4 +74,18 @@ def restore(root: Path) -> dict[str, Any]:
     if missing:
         raise InputError(refusal(missing))
     changed = [line.strip() for line in _dvc(root, "checkout").splitlines() if line.strip()]
-    return {"project": str(root.resolve()), "checked_out": changed}
+    return {"project": str(root.resolve()), "checked_out": changed, "report": rewrite_record(root)}
+
+
+def rewrite_record(root: Path) -> dict[str, str] | None:
+    """The run record and the morning report made again from the restored outputs (None: the
+    project has no evaluate outputs to describe)."""
+    from mmpipe.config import load_params
+    from mmpipe.layout import Layout
+    from mmpipe.publish import stage_report
+
+    layout = Layout(root)
+    if not (layout.eval_dir / "evaluation_report.json").is_file():
+        return None
+    params = load_params(root / "params.yaml" if (root / "params.yaml").is_file() else None)
+    return stage_report(params, layout, origin="mmpipe restore")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import yaml
 
 from flows.nightly import StageFailed, nightly
 from tests.conftest import make_project
@@ -150,20 +149,9 @@ def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harn
     assert not {p for p in committed if p.startswith(("data/", "models/", ".mmpipe/"))}
     run("git", "commit", "-qm", "nightly")
 
-    # the other orchestrator, same params: every output the same bytes (dvc.lock's hashes),
-    # but the run record and the report made from it (their date, timings, the registration)
-    def hashes() -> dict[str, str]:
-        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-        return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
-
-    before = hashes()
+    # the other orchestrator, same params: every output the same bytes (dvc.lock's hashes)
     assert ran(run("dvc", "repro", "--force")) == {"ingest", "align", "shard", "train", "evaluate"}
-    record = {"reports/run.json", "reports/report.md", "reports/report.html"}
-    after = hashes()
-    assert record <= set(before) and {k: before[k] for k in set(before) - record} == {
-        k: after[k] for k in set(after) - record
-    }
-    assert run("git", "status", "--porcelain", "reports") == ""
+    assert run("git", "status", "--porcelain", "dvc.lock", "reports") == ""
 
     exp = run("dvc", "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
     assert ran(exp) == {"train", "evaluate"}, exp  # data unchanged: cached
