@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test test-fast lint bench ui schedule results clean
+.PHONY: setup run test test-fast lint bench ui schedule results docs clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ schedule: setup
 # README's results section from the last run's reports (reports/run.json, metrics.json, plots/)
 results: setup
 	$(PY) -m mmpipe.results --readme README.md
+
+# docs/params.md, every param, from the pydantic models in mmpipe/config.py (a unit test fails
+# when the committed page is stale). PHONY: docs/ is also a directory.
+docs: setup
+	$(PY) -m mmpipe.paramsdoc --output docs/params.md
 
 clean:
 	rm -rf data models reports .mmpipe
