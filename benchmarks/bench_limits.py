@@ -289,8 +289,8 @@ def markdown(payload: dict[str, Any]) -> str:
     warm = payload["data"]["runs"]["train"]["warmup"]["cpu"]
     lines += [
         "",
-        f"{cond['n_images']} synthetic images (params.yaml's data otherwise: "
-        f"{cond['splits']} samples per split), train batch {cond['batch_size']} x "
+        f"{cond['n_images']} synthetic images (params.yaml's data otherwise: samples "
+        f"{', '.join(f'{k} {v:,}' for k, v in sorted(cond['splits'].items()))}), train batch {cond['batch_size']} x "
         f"{cond['train_steps']} steps, evaluate batch {cond['eval_batch_size']}, "
         f"{cond['repeats']} interleaved repeats, median; {m['cores']} cores ({m['cpu']}), "
         f"torch {m['torch']} with {cond['torch_threads']} intra-op thread(s); load average "
