@@ -34,6 +34,7 @@ SCRIPTS = (
     "dask",
     "incremental",
     "feature_cache",
+    "limits",
 )
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask",
-    "incremental", "models", "feature_cache",
+    "incremental", "models", "feature_cache", "limits",
 ]  # fmt: skip
 
 
@@ -71,6 +71,13 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
     elif name == "incremental":  # only the new images decoded, the from-scratch bytes
         assert payload["data"]["identical"] is True
         assert payload["data"]["image_checks"] == {"checked": 4, "reused": 40}
+    elif name == "limits":  # every stage and its bare loop did the same samples, CPU counted
+        counts = payload["data"]["counts"]
+        for mine, bare in (("train", "train_bare"), ("loader_w0", "loader_raw"),
+                           ("embed", "embed_bare")):  # fmt: skip
+            assert counts[mine] == counts[bare] and counts[mine][0] > 0
+        assert all(min(r["cpu"]) > 0 for r in payload["data"]["runs"].values())
+        assert {f["ratio"] is not None for f in payload["figures"]} == {True}
     elif name == "object_store":  # the same epoch from the S3 server and from disk
         assert set(payload["data"]["best_seconds"]) == {"local", "s3"}
         assert all(v > 0 for v in values.values())
