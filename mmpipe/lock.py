@@ -95,7 +95,7 @@ def _acquire(path: Path, what: str, run_id: str | None, wait: float) -> int:
     deadline = time.monotonic() + wait
     told = False
     while not try_flock(fd):
-        owner = _read_owner(fd)
+        owner = _holder(fd)
         if time.monotonic() >= deadline:
             os.close(fd)
             hint = "" if wait else "; pass --wait-lock SECONDS to wait for it"
@@ -111,9 +111,25 @@ def _acquire(path: Path, what: str, run_id: str | None, wait: float) -> int:
     return fd
 
 
+def _holder(fd: int, patience: float = 2.0) -> dict[str, Any]:
+    """The holder's record, read while it is held. A holder writes its record just after it
+    takes the lock, so a reader can land in between (on a loaded machine, for a while): an empty
+    or half-written record is read again for up to ``patience`` seconds before the message says
+    there is none."""
+    deadline = time.monotonic() + patience
+    owner = _read_owner(fd)
+    while not owner and time.monotonic() < deadline:
+        time.sleep(0.02)
+        owner = _read_owner(fd)
+    return owner
+
+
 def _write_owner(fd: int, owner: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(owner, sort_keys=True).encode(), 0)
+    """Write the record, then cut what an older, longer one left after it: the file is never
+    empty in between (a reader sees the old record, or the new one with a tail it rejects)."""
+    raw = json.dumps(owner, sort_keys=True).encode()
+    os.pwrite(fd, raw, 0)
+    os.ftruncate(fd, len(raw))
 
 
 def annotate(state_dir: str | Path, *, run_id: str) -> None:

@@ -82,3 +82,27 @@ def test_reentrant_in_one_process_and_skipped_by_other_ranks(tmp_path, monkeypat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_holder_that_has_not_written_its_record_yet_is_still_named(tmp_path):
+    """Between taking the flock and writing its record a holder's file is empty (for a while on
+    a loaded machine): the refused writer waits for the record instead of saying 'no owner'."""
+    import fcntl
+    import json
+    import threading
+
+    from mmpipe.lock import LOCK_FILE
+
+    path = tmp_path / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, no record yet
+    record = {"pid": 4242, "host": "h", "what": "mmpipe run", "since": "now", "run_id": None}
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps(record).encode(), 0))
+    late.start()
+    try:
+        busy = pytest.raises(ProjectBusy, match=r"project busy: mmpipe run \(pid 4242 on h\)")
+        with busy, project_lock(tmp_path, what="mmpipe run"):
+            pass
+    finally:
+        late.join()
+        os.close(fd)
