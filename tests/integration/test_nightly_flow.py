@@ -7,7 +7,7 @@ import re
 import pytest
 
 from flows.nightly import StageFailed, nightly
-from tests.conftest import make_project
+from tests.conftest import SHARED_DATA, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -167,15 +167,20 @@ def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harn
 
 
 def test_splits_that_cannot_evaluate_stop_the_flow_right_after_align(harness, tmp_path):
-    """A test split with too few images fails before shard and training, in one line that names
-    the split, its counts and the params to change."""
+    """An unlabelled collection (judged on retrieval) whose test split has too few images for
+    R@K fails before shard and training, in one line that names the split, its counts and the
+    params to change. (A labelled run only warns: tests/unit/test_preflight.py.)"""
     from flows.nightly import UserError
 
     project = make_project(tmp_path / "proj")
+    unlabelled = [
+        "ingest.source=coco", f"ingest.root={SHARED_DATA / 'coco-mini'}",
+        "ingest.captions=captions.json", "ingest.labels_file=null",
+    ]  # fmt: skip
     with pytest.raises(UserError) as exc:
         nightly(
             project_dir=str(project),
-            overrides=["align.train=0.98", "align.val=0.01", "align.test=0.01"],
+            overrides=[*unlabelled, "align.train=0.98", "align.val=0.01", "align.test=0.01"],
         )
     line = exc.value.line
     assert line.startswith("python -m flows.nightly: error: the test split has ")
