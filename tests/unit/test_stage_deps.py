@@ -12,6 +12,7 @@ are the roots. The closure then follows every import of every module, imports in
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,21 +40,29 @@ def _top_level_names() -> dict[str, str]:
     return names
 
 
+def _reach(start: list[str], step: Callable[[str], list[str]]) -> set[str]:
+    """Everything reachable from ``start`` by ``step`` (a worklist walk)."""
+    todo, seen = list(start), set()
+    while todo:
+        item = todo.pop()
+        if item not in seen:
+            seen.add(item)
+            todo += step(item)
+    return seen
+
+
 def driver_functions(stage: str) -> set[str]:
     """The pipeline.py functions that run ``stage``: its entry points and what they call."""
     if stage in pipeline.DATA_STAGES:
         todo = ["run_data_stage", pipeline._DATA_FUNCTIONS[stage].__name__]
     else:
         todo = [f"stage_{stage}"]
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
+
+    def calls(name: str) -> list[str]:
         used = {n.id for n in ast.walk(FUNCTIONS[name]) if isinstance(n, ast.Name)}
-        todo += [n for n in used if n in FUNCTIONS and FUNCTIONS[n] is not FUNCTIONS.get(name)]
-    return seen
+        return [n for n in used if n in FUNCTIONS and FUNCTIONS[n] is not FUNCTIONS.get(name)]
+
+    return _reach(todo, calls)
 
 
 def driver_imports(stage: str) -> set[str]:
@@ -72,16 +81,14 @@ def _with_packages(module: str) -> set[str]:
 
 def import_closure(stage: str) -> set[str]:
     """Every mmpipe module the stage runs, pipeline.py (its driver) included."""
-    todo = [PIPELINE, *driver_imports(stage)]
-    seen: set[str] = set()
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        todo += [m for m in _with_packages(module) if m != module]
+
+    def step(module: str) -> list[str]:
+        nxt = [m for m in _with_packages(module) if m != module]
         if module != PIPELINE:  # pipeline.py's own imports count only where a driver uses them
-            todo += [m for found in imports(module) for m in _with_packages(found)]
+            nxt += [m for found in imports(module) for m in _with_packages(found)]
+        return nxt
+
+    seen = _reach([PIPELINE, *driver_imports(stage)], step)
     return {m for m in seen if m.startswith("mmpipe")}
 
 
