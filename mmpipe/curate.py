@@ -80,8 +80,15 @@ REJECT_REASONS = {
     "below_top_fraction": "pair: not in the top curate.keep_fraction of its source by score",
 }
 _IMAGE_CODES = ("", "image_too_small", "aspect_ratio", "near_duplicate", "no_caption_kept")
-_PAIR_CODES = ("", "image_rejected", "caption_too_few_words", "caption_too_short", "language",
-               "low_score", "below_top_fraction")  # fmt: skip
+_PAIR_CODES = (
+    "",
+    "image_rejected",
+    "caption_too_few_words",
+    "caption_too_short",
+    "language",
+    "low_score",
+    "below_top_fraction",
+)
 
 
 # ----------------------------------------------------------------------------- perceptual hash
@@ -340,8 +347,9 @@ def caption_codes(captions: list[str], p: CurateParams) -> tuple[np.ndarray, lis
 # ----------------------------------------------------------------------------- scores
 
 
-def embed_images(predictor: Any, images: Images, root: Path, rows: np.ndarray, dest: Path,
-                 batch: int) -> np.memmap:  # fmt: skip
+def embed_images(
+    predictor: Any, images: Images, root: Path, rows: np.ndarray, dest: Path, batch: int
+) -> np.memmap:
     """L2-normalised embeddings of the images at ``rows`` into a memory map (N, D) at ``dest``
     (rows not embedded stay 0)."""
     paths = _take(images.column("rel_path"), rows)
@@ -379,8 +387,9 @@ def pair_scores(
     return np.einsum("nd,nd->n", text, image_emb).astype(np.float32)
 
 
-def top_fraction(scores: np.ndarray, sources: np.ndarray, eligible: np.ndarray,
-                 fraction: float) -> np.ndarray:  # fmt: skip
+def top_fraction(
+    scores: np.ndarray, sources: np.ndarray, eligible: np.ndarray, fraction: float
+) -> np.ndarray:
     """A mask of the eligible pairs NOT in the top ``fraction`` (by score, ties by record order)
     of their source: ceil(fraction * n) are kept per source."""
     drop = np.zeros(len(scores), dtype=bool)
@@ -401,8 +410,15 @@ class Rejects:
         self.fh = fh
         self.counts: Counter[tuple[str, str]] = Counter()
 
-    def add(self, kind: str, id_: str, image_id: str, reason: str, detail: Any = None,
-            score: float | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        kind: str,
+        id_: str,
+        image_id: str,
+        reason: str,
+        detail: Any = None,
+        score: float | None = None,
+    ) -> None:
         check(reason in REJECT_REASONS, f"undocumented reject reason {reason!r}")
         row = {"kind": kind, "id": id_, "image_id": image_id, "reason": reason, "detail": detail}
         if score is not None:
@@ -414,8 +430,9 @@ class Rejects:
         return dict(sorted((r, n) for (k, r), n in self.counts.items() if k == kind))
 
 
-def _records_pass(records: pq.ParquetFile, images: Images, p: CurateParams,
-                  scoring: tuple[Any, np.ndarray] | None) -> dict[str, Any]:  # fmt: skip
+def _records_pass(
+    records: pq.ParquetFile, images: Images, p: CurateParams, scoring: tuple[Any, np.ndarray] | None
+) -> dict[str, Any]:
     """Per-record arrays: reject code, detail (language), score, source (for keep_fraction)."""
     n = records.metadata.num_rows
     code = np.zeros(n, dtype=np.int8)
@@ -442,8 +459,9 @@ def _records_pass(records: pq.ParquetFile, images: Images, p: CurateParams,
             todo = np.flatnonzero((c == 0) & known)
             if len(todo):
                 predictor, emb = scoring
-                s = pair_scores(predictor, [captions[i] for i in todo], emb[rows[todo]],
-                                p.batch_size)  # fmt: skip
+                s = pair_scores(
+                    predictor, [captions[i] for i in todo], emb[rows[todo]], p.batch_size
+                )
                 score[at + todo] = s
         code[at : at + k] = c
         sources.extend(batch.column(2).cast(pa.string()).to_pylist())
@@ -458,7 +476,9 @@ def _records_pass(records: pq.ParquetFile, images: Images, p: CurateParams,
     return {"code": code, "score": score, "row_of": row_of, "details": details}
 
 
-def _write_records(records: pq.ParquetFile, images: Images, arrays: dict[str, Any], out_dir: Path, rejects: Rejects) -> int:  # fmt: skip
+def _write_records(
+    records: pq.ParquetFile, images: Images, arrays: dict[str, Any], out_dir: Path, rejects: Rejects
+) -> int:
     """records.parquet (kept rows, ingest's schema and metadata) + pair rejects; kept count."""
     code, score, row_of = arrays["code"], arrays["score"], arrays["row_of"]
     kept, at = 0, 0
@@ -489,8 +509,13 @@ def _write_records(records: pq.ParquetFile, images: Images, arrays: dict[str, An
     return kept
 
 
-def _write_images(images: Images, gid_of_row: dict[int, str], keep_of: dict[int, str],
-                  out_dir: Path, rejects: Rejects) -> int:  # fmt: skip
+def _write_images(
+    images: Images,
+    gid_of_row: dict[int, str],
+    keep_of: dict[int, str],
+    out_dir: Path,
+    rejects: Rejects,
+) -> int:
     """images.parquet (kept rows + group_id) + image rejects; the kept count."""
     # an image that had captions and lost every one here leaves with them (align would count it
     # as an orphan without a caption, which it was not)
@@ -525,17 +550,23 @@ def _write_images(images: Images, gid_of_row: dict[int, str], keep_of: dict[int,
 def _write_scores(records: pq.ParquetFile, score: np.ndarray, dest: Path) -> None:
     """scores.parquet: caption_id, image_id, score (null = not scored) of every pair in."""
     at = 0
-    schema = pa.schema([("caption_id", pa.string()), ("image_id", pa.string()),
-                        ("score", pa.float32())])  # fmt: skip
+    schema = pa.schema(
+        [("caption_id", pa.string()), ("image_id", pa.string()), ("score", pa.float32())]
+    )
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batch in iter_batches(records, BATCH, ["caption_id", "image_id"]):
             k = batch.num_rows
             s = score[at : at + k]
-            writer.write_table(pa.table({
-                "caption_id": batch.column(0).cast(pa.string()),
-                "image_id": batch.column(1).cast(pa.string()),
-                "score": pa.array(s, pa.float32(), mask=np.isnan(s)),
-            }, schema=schema))  # fmt: skip
+            writer.write_table(
+                pa.table(
+                    {
+                        "caption_id": batch.column(0).cast(pa.string()),
+                        "image_id": batch.column(1).cast(pa.string()),
+                        "score": pa.array(s, pa.float32(), mask=np.isnan(s)),
+                    },
+                    schema=schema,
+                )
+            )
             at += k
 
 
@@ -582,37 +613,64 @@ def run_curate(
         if scorer is not None:
             _write_scores(records, arrays["score"], out_dir / "scores.parquet")
     fault_point("curate:written")
-    report = make_report(records, images, kept_pairs, kept_images, rejects, p, near,
-                         arrays["score"], scorer_info)  # fmt: skip
+    report = make_report(
+        records, images, kept_pairs, kept_images, rejects, p, near, arrays["score"], scorer_info
+    )
     write_json_atomic(out_dir / "report.json", report)
     seconds = time.perf_counter() - started
-    log.info("curate: %d/%d pairs and %d/%d images kept, %s near-duplicate groups in %.1fs",
-             kept_pairs, report["pairs"]["in"], kept_images, report["images"]["in"],
-             near["groups"] if near else "no", seconds)  # fmt: skip
+    log.info(
+        "curate: %d/%d pairs and %d/%d images kept, %s near-duplicate groups in %.1fs",
+        kept_pairs,
+        report["pairs"]["in"],
+        kept_images,
+        report["images"]["in"],
+        near["groups"] if near else "no",
+        seconds,
+    )
     return {**report, "seconds": round(seconds, 3), "hash_seconds": round(hash_seconds, 3)}
 
 
-def make_report(records: pq.ParquetFile, images: Images, kept_pairs: int, kept_images: int,
-                rejects: Rejects, p: CurateParams, near: dict[str, Any] | None,
-                score: np.ndarray, scorer_info: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+def make_report(
+    records: pq.ParquetFile,
+    images: Images,
+    kept_pairs: int,
+    kept_images: int,
+    rejects: Rejects,
+    p: CurateParams,
+    near: dict[str, Any] | None,
+    score: np.ndarray,
+    scorer_info: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The curate report, with its accounting identities asserted."""
     n_pairs = records.metadata.num_rows
     scored = score[~np.isnan(score)]
     report: dict[str, Any] = {
-        "pairs": {"in": n_pairs, "kept": kept_pairs, "rejected": n_pairs - kept_pairs,
-                  "by_reason": rejects.by_reason("pair")},
-        "images": {"in": len(images), "kept": kept_images, "rejected": len(images) - kept_images,
-                   "by_reason": rejects.by_reason("image")},
+        "pairs": {
+            "in": n_pairs,
+            "kept": kept_pairs,
+            "rejected": n_pairs - kept_pairs,
+            "by_reason": rejects.by_reason("pair"),
+        },
+        "images": {
+            "in": len(images),
+            "kept": kept_images,
+            "rejected": len(images) - kept_images,
+            "by_reason": rejects.by_reason("image"),
+        },
         "near_duplicates": near,
         "scorer": scorer_info,
-        "scores": None if not len(scored) else {
+        "scores": None
+        if not len(scored)
+        else {
             "scored_pairs": len(scored),
             "mean": round(float(scored.mean()), 6),
-            "quantiles": {q: round(float(np.quantile(scored, float(q))), 6)
-                          for q in ("0.1", "0.25", "0.5", "0.75", "0.9")},
+            "quantiles": {
+                q: round(float(np.quantile(scored, float(q))), 6)
+                for q in ("0.1", "0.25", "0.5", "0.75", "0.9")
+            },
         },
         "params_hash": section_hash(p),
-    }  # fmt: skip
+    }
     for kind in ("pairs", "images"):
         c = report[kind]
         ok = c["in"] == c["kept"] + c["rejected"] == c["kept"] + sum(c["by_reason"].values())
