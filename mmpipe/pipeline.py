@@ -181,7 +181,7 @@ def curate_scorer(params: Params, layout: Layout) -> tuple[Any, dict[str, Any] |
         identity["resolved"], params.tracking, params.register, layout
     )
     predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
-    return predictor, {**identity, "sha256": sha256_file(checkpoint)}
+    return predictor, {**identity, "checkpoint_sha256": sha256_file(checkpoint)}
 
 
 def scorer_identity(params: Params, layout: Layout) -> dict[str, Any]:
@@ -209,9 +209,14 @@ def scorer_identity(params: Params, layout: Layout) -> dict[str, Any]:
     if tracking.is_model_uri(info["resolved"]):
         info["version"] = tracking.model_version(info["resolved"], params.tracking, layout.root)
         return info
-    from mmpipe.checkpoint import pick_checkpoint
-
-    info["sha256"] = sha256_file(pick_checkpoint(source))
+    path = Path(source)  # a checkpoint, or a models dir: the digest of its checkpoints
+    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if not all(f.is_file() for f in files) or not files:
+        raise InputError(f"curate.scorer {source}: no checkpoint there (a .pt file or models dir)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}".encode())
+    info["sha256"] = h.hexdigest()
     return info
 
 
