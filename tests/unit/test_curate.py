@@ -215,3 +215,91 @@ def test_language_filter_keeps_the_listed_language(make_ingest, tmp_path):
     assert rejects[records.loc[0, "caption_id"]]["detail"] == "de"
     assert records.loc[1, "caption_id"] not in rejects
     check_counts(report, out)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkpoint trained in a tiny run (colour shards, 1 epoch)."""
+    from mmpipe.train import run_train
+    from tests.conftest import tiny_train_params, write_colour_shards
+
+    root = tmp_path_factory.mktemp("trained")
+    shards = write_colour_shards(root / "shards", {"train": 16, "val": 4, "test": 4})
+    run_train(shards, tiny_train_params(epochs=1), root / "models")
+    return root / "models"
+
+
+def _scored_project(make_ingest, tmp_path, trained, sub="proj", **kw) -> tuple[dict, Path]:
+    from mmpipe import pipeline
+    from mmpipe.config import Params
+    from mmpipe.layout import Layout
+
+    layout = Layout(tmp_path / sub)
+    make_ingest(n_images=12, name=f"{sub}/data/ingest")
+    params = Params(curate=CurateParams(scorer=str(trained), workers=1, **kw))
+    return pipeline.run_data_stage("curate", params, layout), layout.curate_dir
+
+
+def test_a_trained_checkpoint_scores_every_pair(make_ingest, tmp_path, trained):
+    from mmpipe.predict import load_predictor
+
+    report, out = _scored_project(make_ingest, tmp_path, trained)
+    records = pd.read_parquet(out.parent / "ingest" / "records.parquet")
+    images = pd.read_parquet(out.parent / "ingest" / "images.parquet").set_index("image_id")
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert list(scores["caption_id"]) == list(records["caption_id"])
+    known = records["image_id"].isin(images.index).to_numpy()
+    assert scores["score"].notna().to_numpy().tolist() == known.tolist()
+    assert report["scores"]["scored_pairs"] == known.sum()
+    assert report["scorer"]["scorer"] == str(trained) and len(report["scorer"]["sha256"]) == 64
+    # the score is the cosine of the pair's own image and caption (checked for one pair)
+    predictor = load_predictor(trained)
+    row = records[known].iloc[3]
+    root = out.parent / "ingest" / read_json(out.parent / "ingest" / "report.json")["data_root"]
+    image = predictor.embed_images([str(root / images.loc[row["image_id"], "rel_path"])])
+    text = predictor.embed_captions([row["caption"]])
+    cosine = float((image @ text.T).item() / (image.norm() * text.norm()))
+    assert scores.set_index("caption_id").loc[row["caption_id"], "score"] == pytest.approx(
+        cosine, abs=1e-5
+    )
+    check_counts(report, out)
+
+
+def test_min_score_and_keep_fraction_reject_by_score(make_ingest, tmp_path, trained):
+    report, out = _scored_project(make_ingest, tmp_path, trained, "all")
+    scores = pd.read_parquet(out / "scores.parquet").dropna()
+    cut = float(scores["score"].median())
+
+    report, out = _scored_project(make_ingest, tmp_path, trained, "min", min_score=cut)
+    rejects = [r for r in read_jsonl(out / "rejects.jsonl") if r["reason"] == "low_score"]
+    assert len(rejects) == (scores["score"] < cut).sum() > 0
+    assert all(r["score"] < cut for r in rejects)
+    kept = pd.read_parquet(out / "records.parquet")
+    kept_scores = scores[scores["caption_id"].isin(kept["caption_id"])]["score"]
+    assert len(kept_scores) == len(scores) - len(rejects) and kept_scores.min() >= cut
+    check_counts(report, out)
+
+    report, out = _scored_project(make_ingest, tmp_path, trained, "frac", keep_fraction=0.5)
+    rejects = [r for r in read_jsonl(out / "rejects.jsonl") if r["reason"] == "below_top_fraction"]
+    assert len(rejects) == len(scores) - -(-len(scores) // 2)  # one source: ceil(n / 2) kept
+    worst_kept = scores["score"].nlargest(-(-len(scores) // 2)).min()
+    assert all(r["score"] <= worst_kept for r in rejects)
+    check_counts(report, out)
+
+
+def test_champion_without_a_champion_scores_nothing(make_ingest, tmp_path, monkeypatch):
+    from mmpipe import pipeline
+    from mmpipe.config import Params
+    from mmpipe.layout import Layout
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    layout = Layout(tmp_path / "proj")
+    make_ingest(n_images=6, name="proj/data/ingest")
+    params = Params(curate=CurateParams(scorer="champion", min_score=0.5, workers=1))
+    report = pipeline.run_data_stage("curate", params, layout)
+    assert report["scorer"] == {"scorer": "champion", "resolved": None}
+    assert report["scores"] is None and report["pairs"]["rejected"] == 0
+    assert not (layout.curate_dir / "scores.parquet").exists()
