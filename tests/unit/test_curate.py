@@ -303,3 +303,11 @@ def test_champion_without_a_champion_scores_nothing(make_ingest, tmp_path, monke
     assert report["scorer"] == {"scorer": "champion", "resolved": None}
     assert report["scores"] is None and report["pairs"]["rejected"] == 0
     assert not (layout.curate_dir / "scores.parquet").exists()
+
+
+def test_docs_list_every_curate_reject_reason():
+    from tests.conftest import REPO
+
+    page = (REPO / "docs" / "reject-reasons.md").read_text()
+    for code, meaning in REJECT_REASONS.items():
+        assert f"| `{code}` | {meaning} |" in page, code
