@@ -261,10 +261,30 @@ class CurateParams(Section):
         description="Keep captions whose detected language (py3langid, ISO 639-1, e.g. [en]) is "
         "listed (`language`); null = off.",
     )
+    semantic_dedup: bool = Field(
+        False,
+        description="SemDeDup with the scorer's image embeddings: k-means clusters, and in each "
+        "cluster an image whose cosine similarity to another exceeds semantic_threshold is a "
+        "reject `semantic_duplicate` (the one farthest from the centroid stays). Needs a scorer.",
+    )
+    semantic_threshold: float = Field(
+        0.95, gt=0.0, le=1.0, description="semantic_dedup: cosine similarity of duplicates."
+    )
+    semantic_clusters: int | None = Field(
+        None, ge=1, description="semantic_dedup: k-means clusters; null = sqrt(images)."
+    )
     batch_size: int = Field(64, ge=1, description="Images per scorer batch.")
     workers: int = Field(2, ge=1, description="Worker processes hashing images.")
     executor: Executor = _executor_field()
     address: str | None = _address_field()
+
+    @model_validator(mode="after")
+    def _scores_need_a_scorer(self) -> CurateParams:
+        wants = [k for k in ("min_score", "keep_fraction") if getattr(self, k) is not None]
+        wants += ["semantic_dedup"] if self.semantic_dedup else []
+        if wants and not self.scorer:
+            raise ValueError(f"curate.{wants[0]} needs curate.scorer (a model to embed with)")
+        return self
 
 
 class AlignParams(Section):

@@ -72,6 +72,7 @@ REJECT_REASONS = {
     "aspect_ratio": "image: long side / short side above curate.max_aspect_ratio",
     "near_duplicate": "image: a near-copy of the group's kept image (curate.keep_one_per_group)",
     "no_caption_kept": "image: every caption of it was rejected here",
+    "semantic_duplicate": "image: within curate.semantic_threshold of another in its cluster",
     "image_rejected": "pair: its image was rejected here (detail: the image's reason)",
     "caption_too_few_words": "pair: fewer words than curate.min_caption_words",
     "caption_too_short": "pair: fewer characters than curate.min_caption_chars",
@@ -79,7 +80,14 @@ REJECT_REASONS = {
     "low_score": "pair: image-text score below curate.min_score",
     "below_top_fraction": "pair: not in the top curate.keep_fraction of its source by score",
 }
-_IMAGE_CODES = ("", "image_too_small", "aspect_ratio", "near_duplicate", "no_caption_kept")
+_IMAGE_CODES = (
+    "",
+    "image_too_small",
+    "aspect_ratio",
+    "near_duplicate",
+    "no_caption_kept",
+    "semantic_duplicate",
+)
 _PAIR_CODES = (
     "",
     "image_rejected",
@@ -379,6 +387,43 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def semantic_dedup(emb: np.ndarray, images: Images, p: CurateParams) -> dict[str, Any]:
+    """SemDeDup (Abbas et al. 2023) on the kept images' embeddings: k-means, then in each
+    cluster, ordered by distance to the centroid (farthest first), an image more similar than
+    ``semantic_threshold`` to an earlier one is rejected. Returns the report's counts."""
+    from sklearn.cluster import KMeans
+
+    rows = np.flatnonzero(images.code == 0)
+    k = min(len(rows), p.semantic_clusters or max(1, round(math.sqrt(len(rows)))))
+    if len(rows) < 2:
+        return {
+            "clusters": 0,
+            "threshold": p.semantic_threshold,
+            "removed": 0,
+            "removed_per_cluster": {},
+        }
+    x = np.asarray(emb[rows], dtype=np.float32)
+    km = KMeans(n_clusters=k, n_init=1, random_state=0).fit(x)
+    removed: dict[str, int] = {}
+    for c in range(k):
+        members = np.flatnonzero(km.labels_ == c)
+        if len(members) < 2:
+            continue
+        centre = _normalise(km.cluster_centers_[c : c + 1])[0]
+        order = members[np.argsort(x[members] @ centre, kind="stable")]  # farthest first
+        sims = np.triu(x[order] @ x[order].T, k=1)  # (m, m): each with the ones before it
+        drop = order[sims.max(axis=0) > p.semantic_threshold]
+        images.code[rows[drop]] = 5
+        if len(drop):
+            removed[str(c)] = len(drop)
+    return {
+        "clusters": k,
+        "threshold": p.semantic_threshold,
+        "removed": sum(removed.values()),
+        "removed_per_cluster": removed,
+    }
+
+
 def pair_scores(
     predictor: Any, captions: list[str], image_emb: np.ndarray, batch: int
 ) -> np.ndarray:
@@ -602,11 +647,13 @@ def run_curate(
         scratch_dir(out_dir / ".work") as work,
     ):
         rejects = Rejects(fh)
-        scoring = None
+        scoring, semantic = None, None
         if scorer is not None:
             wanted = np.flatnonzero(images.code == 0)
             emb = embed_images(scorer, images, data_root, wanted, work / "images.npy", p.batch_size)
             scoring = (scorer, emb)
+            if p.semantic_dedup:
+                semantic = semantic_dedup(emb, images, p)
         arrays = _records_pass(records, images, p, scoring)
         kept_pairs = _write_records(records, images, arrays, out_dir, rejects)
         kept_images = _write_images(images, gid_of_row, keep_of, out_dir, rejects)
@@ -616,6 +663,7 @@ def run_curate(
     report = make_report(
         records, images, kept_pairs, kept_images, rejects, p, near, arrays["score"], scorer_info
     )
+    report["semantic_dedup"] = semantic
     write_json_atomic(out_dir / "report.json", report)
     seconds = time.perf_counter() - started
     log.info(

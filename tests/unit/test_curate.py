@@ -311,3 +311,28 @@ def test_docs_list_every_curate_reject_reason():
     page = (REPO / "docs" / "reject-reasons.md").read_text()
     for code, meaning in REJECT_REASONS.items():
         assert f"| `{code}` | {meaning} |" in page, code
+
+
+def test_semantic_dedup_leaves_no_two_kept_images_above_the_threshold(
+    make_ingest, tmp_path, trained
+):
+    from mmpipe.predict import load_predictor
+
+    kw = dict(semantic_dedup=True, semantic_threshold=0.9, semantic_clusters=1)
+    report, out = _scored_project(make_ingest, tmp_path, trained, "sem", **kw)
+    sem = report["semantic_dedup"]
+    assert sem["removed"] == report["images"]["by_reason"]["semantic_duplicate"] > 0
+    assert sem["removed_per_cluster"] == {"0": sem["removed"]}
+    check_counts(report, out)
+    kept = pd.read_parquet(out / "images.parquet")
+    root = out.parent / "ingest" / read_json(out.parent / "ingest" / "report.json")["data_root"]
+    emb = load_predictor(trained).embed_images([str(root / r) for r in kept["rel_path"]])
+    emb = emb / emb.norm(dim=1, keepdim=True)
+    sims = (emb @ emb.T).numpy()
+    np.fill_diagonal(sims, -1)
+    assert sims.max() <= 0.9 + 1e-5
+
+
+def test_score_filters_without_a_scorer_are_a_params_error():
+    with pytest.raises(ValueError, match="curate.min_score needs curate.scorer"):
+        CurateParams(min_score=0.2)
