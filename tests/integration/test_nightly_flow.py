@@ -41,6 +41,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     )
     assert _statuses(second) == {
         "ingest": "skipped",
+        "curate": "skipped",
         "align": "skipped",
         "shard": "skipped",
         "train": "done",
@@ -97,6 +98,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     shutil.rmtree(project / "data" / "shards")
     third = nightly(project_dir=str(project))
     assert [_statuses(third)[s] for s in ("ingest", "curate", "align", "shard")] == [
+        "skipped",
         "skipped",
         "skipped",
         "done",
