@@ -484,7 +484,8 @@ def _records_pass(
     score = np.full(n, np.nan, dtype=np.float32)
     row_of = np.full(n, -1, dtype=np.int64)
     details: dict[int, str] = {}
-    sources: list[str] = []
+    source = np.zeros(n, dtype=np.int32)  # keep_fraction's groups: a code per source name
+    source_codes: dict[str | None, int] = {}
     at = 0
     for batch in iter_batches(records, BATCH, ["image_id", "caption", "source"]):
         k = batch.num_rows
@@ -509,13 +510,15 @@ def _records_pass(
                 )
                 score[at + todo] = s
         code[at : at + k] = c
-        sources.extend(batch.column(2).cast(pa.string()).to_pylist())
+        if p.keep_fraction is not None:
+            names = batch.column(2).cast(pa.string()).to_pylist()
+            codes = [source_codes.setdefault(x, len(source_codes)) for x in names]
+            source[at : at + k] = codes
         at += k
     if scoring is not None and p.min_score is not None:
         code[(code == 0) & (score < p.min_score)] = 5
     if scoring is not None and p.keep_fraction is not None:
-        src = np.array([s or "" for s in sources], dtype=object)
-        code[top_fraction(score, src, (code == 0) & ~np.isnan(score), p.keep_fraction)] = 6
+        code[top_fraction(score, source, (code == 0) & ~np.isnan(score), p.keep_fraction)] = 6
     kept_rows = row_of[(code == 0) & (row_of >= 0)]
     images.has_kept[kept_rows] = True
     return {"code": code, "score": score, "row_of": row_of, "details": details}

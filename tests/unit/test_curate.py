@@ -336,3 +336,14 @@ def test_semantic_dedup_leaves_no_two_kept_images_above_the_threshold(
 def test_score_filters_without_a_scorer_are_a_params_error():
     with pytest.raises(ValueError, match="curate.min_score needs curate.scorer"):
         CurateParams(min_score=0.2)
+
+
+def test_keep_fraction_is_per_source():
+    from mmpipe.curate import top_fraction
+
+    scores = np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.3, np.nan], dtype=np.float32)
+    sources = np.array([0, 0, 0, 1, 1, 1, 1])
+    eligible = ~np.isnan(scores)
+    drop = top_fraction(scores, sources, eligible, 0.5)
+    # source 0: ceil(1.5) = 2 kept (0.9, 0.5); source 1: 2 kept (0.8, 0.3); the unscored stays
+    assert drop.tolist() == [False, True, False, False, True, False, False]
