@@ -63,7 +63,13 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     children = client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'"
     )
-    assert sorted(r.info.run_name for r in children) == ["align", "ingest", "shard", "train"]
+    assert sorted(r.info.run_name for r in children) == [
+        "align",
+        "curate",
+        "ingest",
+        "shard",
+        "train",
+    ]
     ingest_run = next(r for r in children if r.info.run_name == "ingest")
     m = ingest_run.data.metrics
     assert m["images.seen"] == m["images.accepted"] + m["images.rejected"] > 0
