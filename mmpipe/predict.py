@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
+from mmpipe.checkpoint import load_model, pick_checkpoint
 from mmpipe.config import AudioParams
 from mmpipe.errors import InputError
+from mmpipe.manifest import MANIFEST, Manifest, read_manifest
 from mmpipe.model import predict_labels
 from mmpipe.ood import Profile, load_profile
 
@@ -373,20 +374,21 @@ def load_predictor(
     model, info = load_model(checkpoint)
     model.to(device)
     sidecar = sidecar or {}
-    manifest = {}
+    # without the shards' manifest: the defaults of a manifest that records nothing
+    manifest = Manifest(splits={})
     if shard_dir is not None and (Path(shard_dir) / MANIFEST).is_file():
         manifest = read_manifest(shard_dir)
     size = image_size or sidecar.get("image_size") or info.get("image_size")
-    size = size or manifest.get("image_size")
+    size = size or manifest.image_size
     if not size:
         raise InputError(
             f"{checkpoint}: image size unknown (not in the checkpoint, and no shard manifest "
             f"in {shard_dir}); pass image_size="
         )
-    names = classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes")
+    names = classes or sidecar.get("classes") or info.get("classes") or manifest.classes
     task = sidecar.get("task") or info["model_args"]["task"]
     profile = sidecar.get("profile_file")
-    decode = sidecar.get("decode") or info.get("decode") or manifest.get("decode") or "reduced"
+    decode = sidecar.get("decode") or info.get("decode") or manifest.decode
     return Predictor(
         model, int(size), list(names or []), task, str(checkpoint), torch.device(device),
         training=sidecar.get("training"), profile=load_profile(profile) if profile else None,

@@ -267,8 +267,8 @@ def test_two_stages_in_one_run_and_resume_across_the_boundary(shards, tmp_path):
 
 
 def test_init_from_loads_matching_weights_and_reports_the_rest(shards, tmp_path):
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.distributed import init_distributed
+    from mmpipe.manifest import read_manifest
     from mmpipe.train import create_trainer
 
     run_train(shards, tiny_train_params(epochs=1), tmp_path / "source")
