@@ -1,4 +1,4 @@
-"""Each stage against its limit (issue 28, item 2): mmpipe's own code vs a bare loop doing the
+"""Each stage against its limit: mmpipe's own code vs a bare loop doing the
 same work on the same data, in one run, as ratios.
 
 - train: ``mmpipe.train.run_train`` for ``steps`` optimiser steps (default train params: loader

@@ -61,7 +61,7 @@ class Preprocessing:
     image_size: int | None  # square side the vision tower takes (None: a text-only spec)
     mean: list[float]
     std: list[float]
-    processor: str  # the image processor class that was read (its backend: TRAPS)
+    processor: str  # the image processor class that was read (torchvision or PIL backend)
     max_length: int
     padding: str  # "longest" or "max_length" (SigLIP's text tower pools the last position)
 
