@@ -416,8 +416,7 @@ def create_hf_parts(
             model, spec = load_pretrained(name, role, allow_download)
         out_specs[role] = spec.as_dict()
         if role == "dual":
-            dual = _dual_parts(model, spec, cfg.max_tokens)
-            parts = HFParts(**{**dual.__dict__, "specs": None})
+            parts = _dual_parts(model, spec, cfg.max_tokens)  # a new HFParts, specs set below
         elif role == "vision":
             parts.image_encoder = HFVisionEncoder(model, spec.preprocessing)
         else:
