@@ -97,9 +97,11 @@ class Predictor:
 
     def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Preprocess images exactly like the shards + loader: (B, 3, S, S) normalised."""
-        return torch.stack([self._tensor(img) for img in images]).to(self.device)
+        return torch.stack([self.image_tensor(img) for img in images]).to(self.device)
 
-    def _tensor(self, image: ImageInput) -> torch.Tensor:
+    def image_tensor(self, image: ImageInput) -> torch.Tensor:
+        """One image preprocessed like the shards + loader: (3, S, S) normalised, on the CPU;
+        InputError naming it when it cannot be read."""
         from mmpipe.data import decode_image
 
         jpg = _preprocess(image, self.image_size, self.decode)  # bytes, as stored in shards
