@@ -458,10 +458,12 @@ UNVERSIONED = ("seconds", "feature_cache")
 
 
 def add_cache_time(t: Trainer, report: dict[str, Any]) -> None:
-    """The frozen-feature pass belongs to the stage's time: ``seconds`` includes it (the log's
-    "train stage took", MLflow's train_seconds), ``feature_cache`` says what it did."""
+    """The frozen-feature pass belongs to the stage's time: ``seconds`` includes it (MLflow's
+    train_seconds), ``feature_cache`` says what it did; the stage's one "train stage took" line
+    says both."""
     towers = (t.cache_report or {}).get("towers", {})
     if not towers:
+        log.info("train stage took %.1f s", report["seconds"])
         return
     cache = sum(r["seconds"] for r in towers.values())
     report["seconds"] = round(report["seconds"] + cache, 3)
@@ -754,7 +756,6 @@ def make_report(t: Trainer, at: Progress, stopped_by: str | None, seconds: float
     ``seconds`` is returned for the caller's log and MLflow; the installed train_report.json
     leaves it out (versioned outputs hold no timings)."""
     last = at.history[-1] if at.history else {}
-    log.info("training took %.1f s", seconds)
     return {
         "epochs_completed": at.epoch, "steps": at.step, "interrupted": stopped_by is not None,
         "stopped_by": stopped_by, "history": at.history, "best_metric": at.best,
