@@ -312,3 +312,10 @@ def test_training_twice_gives_the_same_bytes(shards, tmp_path, workers):
         run_train(shards, p, tmp_path / out)
     for name in ("best.pt", "last.pt", "train_report.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_the_stage_time_is_logged_once(shards, tmp_path, caplog):
+    caplog.set_level("INFO", logger="mmpipe.train")
+    report = run_train(shards, tiny_train_params(epochs=1), tmp_path / "m")
+    took = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
+    assert took == [f"train stage took {report['seconds']:.1f} s"]
