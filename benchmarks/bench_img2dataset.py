@@ -134,6 +134,8 @@ def run_mmpipe(
     put first on PYTHONPATH to measure that version side by side ("before"). ``extra``: more
     ``--set`` overrides (``ingest.image_check=header``).
     """
+    from mmpipe.manifest import read_manifest
+
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir(parents=True)
     sets = [
@@ -160,8 +162,7 @@ def run_mmpipe(
         cmd = [sys.executable, "-m", "mmpipe", stage, *params, *args]
         stages[stage], s_wall = cpu_run(cmd, cwd=project, env=env)
         wall += s_wall
-    manifest = json.loads((project / "data" / "shards" / "manifest.json").read_text())
-    done = sum(e["count"] for e in manifest["splits"].values())
+    done = sum(e.count for e in read_manifest(project / "data" / "shards").splits.values())
     return sum(stages.values()), wall, done, stages
 
 

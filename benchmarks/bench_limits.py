@@ -1,4 +1,4 @@
-"""Each stage against its limit (issue 28, item 2): mmpipe's own code vs a bare loop doing the
+"""Each stage against its limit: mmpipe's own code vs a bare loop doing the
 same work on the same data, in one run, as ratios.
 
 - train: ``mmpipe.train.run_train`` for ``steps`` optimiser steps (default train params: loader
@@ -200,14 +200,14 @@ def comparisons(work: Path, params: Any, steps: int, repeats: int) -> dict[str, 
     """Build the shards, then each comparison interleaved; every run's seconds and samples."""
     import torch
 
-    from mmpipe.checkpoint import read_manifest
+    from mmpipe.manifest import read_manifest
     from mmpipe.model import create_model
 
     shard_dir = build_shards(params, work)
     manifest = read_manifest(shard_dir)
     p, ev = params.train, params.evaluate
-    num_classes = len(manifest.get("classes") or [])
-    tars = [shard_dir / s["name"] for s in manifest["splits"]["train"]["shards"]]
+    num_classes = len(manifest.classes)
+    tars = [shard_dir / s.name for s in manifest.splits["train"].shards]
     batches = train_batches(shard_dir, p, steps)
     runs: dict[str, Any] = {}
     counter = iter(range(10**6))
@@ -228,7 +228,7 @@ def comparisons(work: Path, params: Any, steps: int, repeats: int) -> dict[str, 
         "embed_bare": lambda: bare_embed(model, decoded),
     }, repeats))  # fmt: skip
     counts = {k: v["result"] for k, v in runs.items()}
-    splits = {k: v["count"] for k, v in manifest["splits"].items()}
+    splits = {k: v.count for k, v in manifest.splits.items()}
     return {"runs": runs, "counts": counts, "splits": splits, "num_classes": num_classes}
 
 

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
+    from mmpipe.manifest import read_manifest
     from mmpipe.shard import run_shard
 
     with c.workdir(args, NAME) as work:
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_shard(
             align_dir, ingest_dir, c.shard_params(stored, workers=2, maxcount=1000), shard_dir
         )
-        manifest = json.loads((shard_dir / "manifest.json").read_text())
-        tars = [shard_dir / s["name"] for s in manifest["splits"]["train"]["shards"]]
-        train_count = manifest["splits"]["train"]["count"]
+        manifest = read_manifest(shard_dir)
+        tars = [shard_dir / s.name for s in manifest.splits["train"].shards]
+        train_count = manifest.count("train")
         rows = export_folder(shard_dir, work / "folder")
         fns = {
             "raw_tar": lambda: raw_tar_epoch(tars, batch),

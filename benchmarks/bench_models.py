@@ -40,9 +40,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def train_and_score(shard_dir: Any, work: Any, name: str, kw: dict[str, Any], size: dict) -> dict:
     """One family: train, evaluate; its metrics, samples/s and parameter counts."""
-    from mmpipe.checkpoint import load_model, read_manifest
+    from mmpipe.checkpoint import load_model
     from mmpipe.config import EvaluateParams, TrainParams
     from mmpipe.evaluate import run_evaluate
+    from mmpipe.manifest import read_manifest
     from mmpipe.model.multimodal import describe
     from mmpipe.train import run_train
 
@@ -52,7 +53,7 @@ def train_and_score(shard_dir: Any, work: Any, name: str, kw: dict[str, Any], si
     )  # fmt: skip
     models = work / "models" / kw["fusion"]
     report = run_train(shard_dir, p, models)
-    samples = read_manifest(shard_dir)["splits"]["train"]["count"] * size["epochs"]
+    samples = read_manifest(shard_dir).count("train") * size["epochs"]
     metrics = run_evaluate(
         shard_dir, models, EvaluateParams(ablation=False, batch_size=64), work / "eval" / name
     )

@@ -9,7 +9,6 @@ what fsspec/s3fs and the per-object checks add, not a network (reported, no targ
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = c.pick(args, 80, 1500, 5000)
     batch, repeats = 128, c.pick(args, 1, 2, 3)
 
+    from mmpipe.manifest import read_manifest
     from mmpipe.shard import run_shard
     from mmpipe.storage import publish_shards
     from tests.servers import start_s3
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         publish_shards(shard_dir, url)
         publish_s = time.perf_counter() - t0
-        manifest = json.loads((shard_dir / "manifest.json").read_text())
-        train_count = manifest["splits"]["train"]["count"]
-        mib = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]) / 2**20
+        manifest = read_manifest(shard_dir)
+        train_count = manifest.count("train")
+        mib = sum(s.bytes or 0 for s in manifest.splits["train"].shards) / 2**20
         fns = {
             "local": lambda: loader_epoch(shard_dir, batch),
             "s3": lambda: loader_epoch(url, batch),

@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.config import TrainParams
     from mmpipe.data import create_dataloader
     from mmpipe.distributed import Dist
+    from mmpipe.manifest import read_manifest
     from mmpipe.shard import run_shard
     from mmpipe.train import compute_loss, create_trainer, optimizer_step
 

@@ -47,10 +47,10 @@ def throughput(project: Path, overrides: list[str], steps: int, repeats: int) ->
     """Training samples/s (forward, backward, optimiser step on preloaded batches) of the
     captioning model and of the same encoders with the default concat head, on the run's
     shards: ``steps`` steps each after one warm-up step, interleaved, best of ``repeats``."""
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.config import load_params
     from mmpipe.data import create_dataloader
     from mmpipe.distributed import Dist
+    from mmpipe.manifest import read_manifest
     from mmpipe.train import caption_vocabulary, compute_loss, create_trainer, optimizer_step
 
     p = load_params(CONFIG, overrides=[*overrides, "train.num_workers=0", "train.device=cpu"])

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from mmpipe.config import load_params
     from mmpipe.distributed import Dist
+    from mmpipe.manifest import Manifest, SplitEntry
     from mmpipe.model import info_nce
     from mmpipe.train import compute_loss, create_trainer, optimizer_step
 
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.batch, args.repeats = 2, 8, 1
     p = load_params(CONFIG, ["train.device=auto"]).train
     p = p.model_copy(update={"batch_size": args.batch})
-    manifest = {"splits": {"train": {"count": args.batch * args.steps}}, "image_size": 224,
-                "classes": []}  # fmt: skip
+    train = SplitEntry(count=args.batch * args.steps)
+    manifest = Manifest(splits={"train": train}, image_size=224)
     t = create_trainer(p, Dist(), manifest)
     batch = _batch(args.batch, 224)
     bare = create_trainer(p, Dist(), manifest)  # the same model, its own optimiser

@@ -102,9 +102,7 @@ def train_row(project: Path, train: Path, overrides: list[str], threads: int) ->
         raise SystemExit(f"mmpipe run failed ({proc.returncode}); see {project}/run.log")
     text = (project / "run.log").read_text()
     # the whole train stage: the loop, plus the frozen-feature pass when the cache was built
-    took = re.findall(r"train stage took ([0-9.]+) s", text) or re.findall(
-        r"training took ([0-9.]+) s", text
-    )
+    took = re.findall(r"train stage took ([0-9.]+) s", text)
     speeds = [float(x) for x in re.findall(r"'samples_per_s': ([0-9.]+)", text)]
     return {
         "overrides": overrides,

@@ -1,4 +1,4 @@
-"""What train writes and evaluate, predict and register read back: checkpoints and the manifest.
+"""What train writes and evaluate, predict and register read back: checkpoints.
 
 A checkpoint is a plain dict of tensors and primitives, so ``torch.load(weights_only=True)``
 reads it (no pickled objects):
@@ -14,14 +14,12 @@ reads it (no pickled objects):
     + in last.pt (exact resume): optimizer, scheduler, scaler, rng, epoch_sums
 
 ``models/`` holds ``best.pt`` (best validation metric) and ``last.pt`` (every epoch); readers take
-best, else last. The shard manifest (``data/shards/manifest.json``) lists every shard per split.
+best, else last. (The shard manifest they were trained on: ``mmpipe.manifest``.)
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,10 @@ import torch
 from mmpipe.commit import disk_full
 from mmpipe.config import ModelConfig
 from mmpipe.errors import InputError
-from mmpipe.io import atomic_path, read_json, sha256_file
+from mmpipe.io import atomic_path
 from mmpipe.model import MultimodalModel, create_model
-from mmpipe.storage import is_url, join, redact, resolve_shard_bytes, resolve_shards
 
-BEST, LAST, MANIFEST = "best.pt", "last.pt", "manifest.json"
+BEST, LAST = "best.pt", "last.pt"
 # what only resuming needs; load_model's info leaves it out
 RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_sums")
 
@@ -134,40 +131,3 @@ def load_model(path: str | Path) -> tuple[MultimodalModel, dict[str, Any]]:
     info = {k: v for k, v in state.items() if k != "model" and k not in RESUME_STATE}
     info["model_args"] = cfg.model_dump(mode="json")
     return model.eval(), info
-
-
-def manifest_sha256(shard_dir: str | Path) -> str:
-    """sha256 of the shards' manifest.json (the data version), local or published."""
-    if is_url(shard_dir):
-        return hashlib.sha256(resolve_shard_bytes(str(shard_dir))[1]).hexdigest()
-    return sha256_file(Path(shard_dir) / MANIFEST)
-
-
-def shard_location(shard_dir: str | Path) -> str | Path:
-    """A local shard directory as a Path; a URL kept a string (a Path would fold its ``//``)."""
-    return str(shard_dir) if is_url(shard_dir) else Path(shard_dir)
-
-
-def read_manifest(shard_dir: str | Path, require: str | None = None) -> dict[str, Any]:
-    """The shards' manifest.json; with ``require``, that split must hold samples.
-
-    Every problem is an InputError that names the file and says how to produce it.
-    ``shard_dir`` may be a published shard set's URL (``storage.resolve_shards``).
-    """
-    if is_url(shard_dir):
-        path, manifest = join(redact(str(shard_dir)), MANIFEST), resolve_shards(str(shard_dir))[1]
-    else:
-        path = Path(shard_dir) / MANIFEST
-        if not path.is_file():
-            raise InputError(f"{path}: shard manifest not found; run `mmpipe shard` first")
-        try:
-            manifest = read_json(path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc}); run `mmpipe shard` again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise InputError(f"{path}: no 'splits' mapping; run `mmpipe shard` again")
-    if require is not None and not (manifest["splits"].get(require) or {}).get("count"):
-        raise InputError(
-            f"{path}: the {require} split is empty (too little data for align's ratios?)"
-        )
-    return manifest

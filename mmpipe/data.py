@@ -1,4 +1,4 @@
-"""Read the WebDataset shards: the training/eval loader, raw iteration, the manifest.
+"""Read the WebDataset shards: the training/eval loader, raw iteration.
 
 The loader is one flat, named list of pipeline stages (after open_clip's ``get_wds_dataset``).
 Each DataLoader worker runs::
@@ -35,12 +35,12 @@ from PIL import Image
 
 from mmpipe.audio import clip_features
 from mmpipe.augment import apply_augment, create_augment, derive_seed
-from mmpipe.checkpoint import MANIFEST, read_manifest
 from mmpipe.config import TransformSpec
 from mmpipe.errors import InputError
 from mmpipe.io import sha256_file
+from mmpipe.manifest import MANIFEST, Manifest, ShardEntry, read_manifest, resolve_manifest
 from mmpipe.parallel import pool_context
-from mmpipe.storage import is_url, join, redact, register_webdataset_schemes, resolve_shards
+from mmpipe.storage import is_url, join, redact, register_webdataset_schemes
 from mmpipe.storage import size as storage_size
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ShardRef:
 
 
 def split_shards(
-    shard_dir: str | Path, split: str, manifest: dict[str, Any] | None = None
+    shard_dir: str | Path, split: str, manifest: Manifest | None = None
 ) -> list[ShardRef]:
     """The split's shards in manifest order, each verified against the manifest.
 
@@ -72,7 +72,7 @@ def split_shards(
     shard's sha256 was checked when it was written).
     """
     if is_url(shard_dir):
-        version_url, manifest = resolve_shards(str(shard_dir))
+        version_url, manifest = resolve_manifest(shard_dir)
         refs = _shard_refs(manifest, split, version_url, remote=True)
         for ref in refs:
             check_shard_size(ref)
@@ -81,20 +81,21 @@ def split_shards(
     return _shard_refs(manifest, split, str(shard_dir), remote=False)
 
 
-def _shard_refs(manifest: dict[str, Any], split: str, where: str, remote: bool) -> list[ShardRef]:
-    entry = manifest["splits"].get(split)
+def _shard_refs(manifest: Manifest, split: str, where: str, remote: bool) -> list[ShardRef]:
+    entry = manifest.splits.get(split)
     if entry is None:
-        known = ", ".join(sorted(manifest["splits"])) or "none"
+        known = ", ".join(sorted(manifest.splits)) or "none"
         raise InputError(f"{redact(join(where, MANIFEST))}: no split {split!r} (has: {known})")
     refs, offset = [], 0
-    for shard in entry.get("shards", []):
+    for shard in entry.shards:
         if remote:
-            url = join(where, shard["name"])
+            url = join(where, shard.name)
         else:
-            url = str(Path(where) / shard["name"])
+            url = str(Path(where) / shard.name)
             verify_shard(Path(url), shard, split)
-        refs.append(ShardRef(url, offset, int(shard["count"]), int(shard["bytes"])))
-        offset += int(shard["count"])
+        size = shard.bytes if shard.bytes is not None else -1  # -1: not checked
+        refs.append(ShardRef(url, offset, shard.count, size))
+        offset += shard.count
     return refs
 
 
@@ -111,18 +112,18 @@ def check_shard_size(ref: ShardRef) -> None:
 _verified: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) hashed OK
 
 
-def verify_shard(path: Path, entry: dict[str, Any], split: str) -> None:
+def verify_shard(path: Path, entry: ShardEntry, split: str) -> None:
     """Check one shard against its manifest entry: present, same size, same sha256.
 
     The hash is computed once per process for each (path, size, mtime) (the loader is rebuilt
     every epoch); its cost next to an epoch's read is in benchmarks (bench_loader).
     """
-    where = f"manifest.json's {split} entry {entry.get('name')!r}"
+    where = f"manifest.json's {split} entry {entry.name!r}"
     again = "run `mmpipe shard` again"
     if not path.is_file():
         raise InputError(f"{path}: listed in {where} but missing; {again}")
-    want_size, want_sha = entry.get("bytes"), entry.get("sha256")
-    if not isinstance(want_size, int) or not want_sha:
+    want_size, want_sha = entry.bytes, entry.sha256
+    if want_size is None or not want_sha:
         raise InputError(f"{path}: {where} has no bytes/sha256 to verify it against; {again}")
     st = path.stat()
     if st.st_size != want_size:
@@ -553,9 +554,7 @@ def create_dataloader(
 def has_audio(shard_dir: str | Path) -> bool:
     """Whether the shards carry the audio modality (the manifest's ``audio`` entry); local or
     published on an object store."""
-    if is_url(str(shard_dir)):
-        return "audio" in resolve_shards(str(shard_dir))[1]
-    return "audio" in read_manifest(shard_dir)
+    return read_manifest(shard_dir).audio is not None
 
 
 # what a loader worker needs of the trainer's environment to open object-store shards

@@ -49,17 +49,12 @@ import torch
 
 from mmpipe import captioning, scoring
 from mmpipe import metrics as M
-from mmpipe.checkpoint import (
-    load_model,
-    manifest_sha256,
-    pick_checkpoint,
-    read_manifest,
-    shard_location,
-)
+from mmpipe.checkpoint import load_model, pick_checkpoint
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
 from mmpipe.io import atomic_path, sha256_file, write_json_atomic
+from mmpipe.manifest import Manifest, manifest_sha256, read_manifest, shard_location
 from mmpipe.model import (
     TOKEN_LEVEL,
     AudioConcatFusion,
@@ -557,13 +552,9 @@ TASK_PLOTS = ("confusion.png", "confusion.json", "roc.png", "roc.json",
               "predicted_vs_true.png", "predicted_vs_true.json")  # fmt: skip
 
 
-def labelled_train(manifest: dict[str, Any]) -> bool:
-    """Whether the task head saw labelled train pairs (older manifests: whether they list
-    classes)."""
-    per_split = manifest.get("labelled_pairs_per_split")
-    if per_split is None:
-        return bool(manifest.get("classes"))
-    return per_split.get("train", 0) > 0
+def labelled_train(manifest: Manifest) -> bool:
+    """Whether the task head saw labelled train pairs."""
+    return manifest.labelled("train")
 
 
 def write_task_outputs(result: TaskResult, out_dir: Path, test: SplitOutputs, task: str) -> None:
@@ -671,8 +662,8 @@ def run_evaluate(
     model, info = load_model(checkpoint)
     tp = TrainParams.model_validate(info["params"])
     log.info("evaluate: %s (task %s) on the test split; labels: %s", checkpoint, model.task,
-             manifest.get("labels", "unknown"))  # fmt: skip
-    classes = list(manifest.get("classes") or info.get("classes") or [])
+             manifest.labels)  # fmt: skip
+    classes = list(manifest.classes or info.get("classes") or [])
     test = embed_split(model, shard_dir, "test", p.batch_size)
     metrics: dict[str, float] = {
         "n_test_pairs": float(len(test.texts)),
@@ -723,7 +714,7 @@ def run_evaluate(
         {
             "checkpoint": checkpoint.name,
             "task": model.task,
-            "labels": manifest.get("labels"),
+            "labels": manifest.labels,
             "skipped": skipped,
             "classes": classes,
             "metrics": metrics,
@@ -750,7 +741,7 @@ def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> di
     shard_dir = shard_location(shard_dir)
     manifest = read_manifest(shard_dir, require="test")
     model, info = load_model(checkpoint)
-    classes, own = list(manifest.get("classes") or []), list(info.get("classes") or [])
+    classes, own = list(manifest.classes), list(info.get("classes") or [])
     if classes and own and classes != own:  # label indices would mean other classes
         raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
     task = TrainParams.model_validate(info["params"]).task

@@ -32,6 +32,7 @@ import webdataset as wds
 from mmpipe.checkpoint import save_checkpoint
 from mmpipe.data import decode_image, split_shards
 from mmpipe.errors import InputError
+from mmpipe.manifest import Manifest
 from mmpipe.model.features import CachedFeatures
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def plan(
     return Plan(start=groups - unfreeze_last, whole=False, tokens=False)
 
 
-def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) -> str:
+def encoder_digest(model: torch.nn.Module, p: Plan, manifest: Manifest) -> str:
     """sha256 over what the cached features depend on: the locked weights (and buffers, e.g.
     BatchNorm statistics), the plan, the shards' image size and decode (image) or the tokenizer
     (text), the format version."""
@@ -97,7 +98,7 @@ def encoder_digest(model: torch.nn.Module, p: Plan, manifest: dict[str, Any]) ->
     head = {"version": VERSION, "start": p.start, "whole": p.whole, "tokens": p.tokens,
             "tower": p.tower, "encoder": type(encoder).__name__}  # fmt: skip
     if p.tower == "image":
-        head.update(image_size=manifest.get("image_size"), decode=manifest.get("decode"))
+        head.update(image_size=manifest.image_size, decode=manifest.decode)
     else:
         head.update(max_tokens=getattr(encoder, "max_tokens", None),
                     max_length=getattr(encoder, "max_length", None),
@@ -210,7 +211,7 @@ def build(
     model: torch.nn.Module,
     p: Plan,
     shard_dir: Any,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     cache_dir: Path,
     device: torch.device,
     splits: tuple[str, ...] = ("train", "val"),
@@ -227,12 +228,12 @@ def build(
     memo: dict[bytes, dict[str, torch.Tensor]] = {}
     try:
         for split in splits:
-            if not (manifest["splits"].get(split) or {}).get("count"):
+            if not manifest.count(split):
                 continue
             for ref, entry in zip(
-                split_shards(shard_dir, split), _entries(manifest, split), strict=True
+                split_shards(shard_dir, split), manifest.splits[split].shards, strict=True
             ):
-                path = folder / f"{entry['sha256']}.pt"
+                path = folder / f"{entry.sha256}.pt"
                 data = _read(path, ref.count)
                 if data is None:
                     data = _build_shard(model, p, ref.url, device, batch, memo)
@@ -253,10 +254,6 @@ def build(
     log.info("train: frozen-feature cache (%s tower) %s: %d shard(s) encoded, %d reused (%.1f s)",
              p.tower, folder, built, reused, seconds)  # fmt: skip
     return FeatureCache(p, files), report
-
-
-def _entries(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    return list(manifest["splits"][split]["shards"])
 
 
 def _read(path: Path, count: int) -> dict[str, Any] | None:

@@ -27,7 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmpipe.errors import InputError
 from mmpipe.layout import SPLITS
+from mmpipe.manifest import ShardEntry, SplitEntry, read_manifest
 
 MEMBERS = "members.parquet"
 MEMBERS_SCHEMA = pa.schema(
@@ -64,7 +66,7 @@ class Reuse:
     """What the previous output gives this run: reusable shard entries per split, the samples
     they hold, and the pairs needing no encoding at all."""
 
-    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    shards: dict[str, list[ShardEntry]] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
     done_pairs: set[str] = field(default_factory=set)
     members: list[dict[str, str]] = field(default_factory=list)  # rows of the reused shards
@@ -86,10 +88,10 @@ def plan_reuse(
     if previous is None or not (previous / MEMBERS).is_file():
         return reuse
     try:
-        manifest = json.loads((previous / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = read_manifest(previous)
+    except (InputError, OSError):
         return reuse
-    if manifest.get("params_hash") != params_hash:
+    if manifest.params_hash != params_hash:
         return reuse
     digests = pair_digests(pairs)
     members: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -100,10 +102,10 @@ def plan_reuse(
     # in the order a from-scratch run writes (SPLITS, then shard names): reusing everything
     # gives the very same members.parquet, so the stage output's hash does not change
     for split in SPLITS:
-        entry = manifest.get("splits", {}).get(split, {})
-        for shard in sorted(entry.get("shards", []), key=lambda e: e["name"]):
-            rows = members.get(shard["name"], [])
-            ok = len(rows) == shard["count"] and (previous / shard["name"]).is_file()
+        entry = manifest.splits.get(split, SplitEntry())
+        for shard in sorted(entry.shards, key=lambda e: e.name):
+            rows = members.get(shard.name, [])
+            ok = len(rows) == shard.count and (previous / shard.name).is_file()
             if ok and all(digests.get(r["pair_id"]) == r["digest"] for r in rows):
                 reuse.shards.setdefault(split, []).append(shard)
                 reuse.keys.update(r["key"] for r in rows)
@@ -119,7 +121,7 @@ def link_shards(reuse: Reuse, previous: Path, out_dir: Path) -> None:
     """Hard-link (copy across filesystems) the reused tars into the staging directory."""
     for shards in reuse.shards.values():
         for shard in shards:
-            src, dst = previous / shard["name"], out_dir / shard["name"]
+            src, dst = previous / shard.name, out_dir / shard.name
             try:
                 os.link(src, dst)
             except OSError:
@@ -128,7 +130,7 @@ def link_shards(reuse: Reuse, previous: Path, out_dir: Path) -> None:
 
 def next_index(reuse: Reuse, split: str) -> int:
     """The first shard number of this run's new shards of ``split``."""
-    numbers = [int(s["name"].rsplit("-", 1)[1].split(".")[0]) for s in reuse.shards.get(split, [])]
+    numbers = [int(s.name.rsplit("-", 1)[1].split(".")[0]) for s in reuse.shards.get(split, [])]
     return max(numbers, default=-1) + 1
 
 

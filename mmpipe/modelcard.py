@@ -15,6 +15,7 @@ from typing import Any
 
 from mmpipe.io import read_json, sha256_file
 from mmpipe.layout import Layout
+from mmpipe.manifest import MANIFEST, Manifest, read_manifest
 
 # The few numbers a reader compares first (also the registered versions' tags), when present;
 # register.metric is always put first.
@@ -36,10 +37,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def training_data(layout: Layout) -> dict[str, Any]:
     """The data in the project's shards: where it came from, how much, which labels, its hash."""
-    from mmpipe.checkpoint import MANIFEST  # (imports torch: not needed to render a card)
-
     manifest_path = layout.shard_dir / MANIFEST
-    manifest = _read(manifest_path)
+    manifest = read_manifest(layout.shard_dir) if manifest_path.is_file() else Manifest(splits={})
     ingest = _read(layout.ingest_dir / "report.json")
     align = _read(layout.align_dir / "report.json")
     source = ingest.get("source", "unknown")
@@ -55,17 +54,17 @@ def training_data(layout: Layout) -> dict[str, Any]:
         }
         | _shard_rejected(manifest),
         "pairs_per_split": align.get("pairs_per_split")
-        or {s: e.get("count") for s, e in (manifest.get("splits") or {}).items()},
-        "classes": list(manifest.get("classes") or []),
-        "labels": manifest.get("labels", "unknown"),
-        "image_size": manifest.get("image_size"),
+        or {s: e.count for s, e in manifest.splits.items()},
+        "classes": list(manifest.classes),
+        "labels": manifest.labels,
+        "image_size": manifest.image_size,
         "data_hash": sha256_file(manifest_path) if manifest_path.is_file() else None,
     }
 
 
-def _shard_rejected(manifest: Mapping[str, Any]) -> dict[str, int]:
+def _shard_rejected(manifest: Manifest) -> dict[str, int]:
     """Pairs shard left out (ingest.image_check: header, an image it could not decode)."""
-    per_split = manifest.get("rejected_pairs_per_split")
+    per_split = manifest.rejected_pairs_per_split
     return {"shard pairs": sum(per_split.values())} if per_split is not None else {}
 
 

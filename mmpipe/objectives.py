@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mmpipe.errors import InputError
+from mmpipe.manifest import Manifest
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "multiclass": ("accuracy", "macro_f1"),
@@ -95,16 +96,9 @@ def check_metric_for_task(metric: str | None, task: str, ks: Iterable[int]) -> N
         )
 
 
-def has_task_labels(manifest: Mapping[str, Any]) -> bool:
-    """True when the shards let a task head be trained AND scored: labelled train and test pairs.
-
-    Shards written before the manifest counted labels are taken as labelled when they list
-    classes.
-    """
-    per_split = manifest.get("labelled_pairs_per_split")
-    if per_split is None:
-        return bool(manifest.get("classes"))
-    return per_split.get("train", 0) > 0 and per_split.get("test", 0) > 0
+def has_task_labels(manifest: Manifest) -> bool:
+    """True when the shards let a task head be trained AND scored: labelled train and test pairs."""
+    return manifest.labelled("train") and manifest.labelled("test")
 
 
 def resolve_metric(
@@ -117,7 +111,7 @@ def resolve_metric(
 
 
 def check_metric_for_data(
-    metric: str | None, task: str, manifest: Mapping[str, Any], ks: Iterable[int]
+    metric: str | None, task: str, manifest: Manifest, ks: Iterable[int]
 ) -> tuple[str, bool]:
     """The register metric of a run on these shards; InputError if it cannot be produced.
 
@@ -127,10 +121,10 @@ def check_metric_for_data(
     name, _ = resolve_metric(metric, None, task, labelled)
     if name in possible_metrics(task, ks, labelled):
         return name, greater_is_better(name)
-    counts = manifest.get("labelled_pairs_per_split", {})
     raise InputError(
         f"register.metric={name!r} needs labelled train and test pairs, but the shards have "
-        f"labels: {manifest.get('labels', 'none')} (labelled pairs per split: {counts}); "
+        f"labels: {manifest.labels} (labelled pairs per split: "
+        f"{manifest.labelled_pairs_per_split}); "
         f"use register.metric={RETRIEVAL_METRIC} (or null) for a retrieval-only run"
     )
 

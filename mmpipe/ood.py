@@ -213,10 +213,10 @@ def read_split(
 
 def create_profile(model: torch.nn.Module, shard_dir: Path) -> Profile | None:
     """The training data's profile from the train and val shards; None without enough of them."""
-    from mmpipe.checkpoint import read_manifest
+    from mmpipe.manifest import read_manifest
 
-    splits = read_manifest(shard_dir).get("splits") or {}
-    if not (splits.get("train") or {}).get("count") or not (splits.get("val") or {}).get("count"):
+    manifest = read_manifest(shard_dir)
+    if not manifest.count("train") or not manifest.count("val"):
         log.info("no train or val shards: the model gets no training-distribution profile")
         return None
     model.eval()

@@ -41,15 +41,15 @@ from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import read_json, sha256_file, write_json_atomic
 from mmpipe.layout import STAGES, Layout
+from mmpipe.manifest import MANIFEST, manifest_sha256, read_manifest
 from mmpipe.storage import (
-    MANIFEST,
     is_url,
     listing_digest,
     mirror,
     pinned_version,
     publish_shards,
     redact,
-    resolve_shards,
+    resolve_shard_bytes,
 )
 
 # mmpipe.checkpoint imports torch (~1.6 CPU-s per process): only the functions of the model
@@ -311,9 +311,7 @@ def shard_source(params: Params, layout: Layout) -> tuple[str | Path, str]:
     if (layout.shard_dir / MANIFEST).is_file():
         version = pinned_version(url, manifest_hash(layout))
     else:
-        version = resolve_shards(url)[0]
-    from mmpipe.checkpoint import manifest_sha256
-
+        version = resolve_shard_bytes(url)[0]
     data_hash = manifest_sha256(version)  # checks the manifest against the version's name
     log.info("reading shards from %s", redact(version))
     return version, data_hash
@@ -409,7 +407,6 @@ def check_register_metric(params: Params, layout: Layout) -> tuple[str, bool]:
     """The register metric this run will be compared on (register.metric or the task's
     default); InputError now, before training, if the shards cannot produce it (e.g.
     accuracy on an unlabelled collection)."""
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.objectives import check_metric_for_data
 
     manifest = read_manifest(shard_source(params, layout)[0])
@@ -430,7 +427,6 @@ def check_splits(params: Params, layout: Layout) -> None:
 def register_params(params: Params, layout: Layout) -> RegisterParams:
     """params.register with the metric and its direction resolved for the trained model's task
     and the shards' labels (null = the task's default, or mean_r1 without labels)."""
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.objectives import has_task_labels, resolve_metric
 
     p = params.register

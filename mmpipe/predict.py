@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmpipe.checkpoint import MANIFEST, load_model, pick_checkpoint, read_manifest
+from mmpipe.checkpoint import load_model, pick_checkpoint
 from mmpipe.config import AudioParams
 from mmpipe.errors import InputError
+from mmpipe.manifest import MANIFEST, Manifest, read_manifest
 from mmpipe.model import predict_labels
 from mmpipe.ood import Profile, load_profile
 
@@ -96,9 +97,11 @@ class Predictor:
 
     def load_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Preprocess images exactly like the shards + loader: (B, 3, S, S) normalised."""
-        return torch.stack([self._tensor(img) for img in images]).to(self.device)
+        return torch.stack([self.image_tensor(img) for img in images]).to(self.device)
 
-    def _tensor(self, image: ImageInput) -> torch.Tensor:
+    def image_tensor(self, image: ImageInput) -> torch.Tensor:
+        """One image preprocessed like the shards + loader: (3, S, S) normalised, on the CPU;
+        InputError naming it when it cannot be read."""
         from mmpipe.data import decode_image
 
         jpg = _preprocess(image, self.image_size, self.decode)  # bytes, as stored in shards
@@ -373,20 +376,21 @@ def load_predictor(
     model, info = load_model(checkpoint)
     model.to(device)
     sidecar = sidecar or {}
-    manifest = {}
+    # without the shards' manifest: the defaults of a manifest that records nothing
+    manifest = Manifest(splits={})
     if shard_dir is not None and (Path(shard_dir) / MANIFEST).is_file():
         manifest = read_manifest(shard_dir)
     size = image_size or sidecar.get("image_size") or info.get("image_size")
-    size = size or manifest.get("image_size")
+    size = size or manifest.image_size
     if not size:
         raise InputError(
             f"{checkpoint}: image size unknown (not in the checkpoint, and no shard manifest "
             f"in {shard_dir}); pass image_size="
         )
-    names = classes or sidecar.get("classes") or info.get("classes") or manifest.get("classes")
+    names = classes or sidecar.get("classes") or info.get("classes") or manifest.classes
     task = sidecar.get("task") or info["model_args"]["task"]
     profile = sidecar.get("profile_file")
-    decode = sidecar.get("decode") or info.get("decode") or manifest.get("decode") or "reduced"
+    decode = sidecar.get("decode") or info.get("decode") or manifest.decode
     return Predictor(
         model, int(size), list(names or []), task, str(checkpoint), torch.device(device),
         training=sidecar.get("training"), profile=load_profile(profile) if profile else None,

@@ -22,6 +22,7 @@ from typing import Any
 from mmpipe.config import Params
 from mmpipe.errors import InputError
 from mmpipe.layout import SPLITS
+from mmpipe.manifest import Manifest
 from mmpipe.objectives import check_metric_for_data
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def check_splits(report: Mapping[str, Any], params: Params) -> None:
         )  # fmt: skip
     labelled, pairs = report["labelled_pairs"], report["pairs"]
     labels = "none" if not labelled else "all" if labelled == pairs else "partial"
-    check_metric_for_data(
-        params.register.metric, params.train.task, {**report, "labels": labels}, ks
+    # the labels of the manifest shard will write from this report
+    to_come = Manifest(
+        splits={}, labels=labels, labelled_pairs_per_split=report["labelled_pairs_per_split"]
     )
+    check_metric_for_data(params.register.metric, params.train.task, to_come, ks)

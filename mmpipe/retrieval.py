@@ -79,7 +79,7 @@ def _embed_images(
     started, last = time.perf_counter(), time.perf_counter()
     for i, path in enumerate(paths, 1):
         try:
-            pending.append((path, predictor._tensor(path)))
+            pending.append((path, predictor.image_tensor(path)))
         except InputError as exc:
             rejected["image:not_found" if "not found" in str(exc) else "image:unreadable"] += 1
             log.warning("eval-retrieval: %s", exc)

@@ -98,11 +98,11 @@ def example_frame(shard_dir: str | Path) -> pd.DataFrame:
     image as the shards hold it, base64, and its caption)."""
     import pandas as pd
 
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.data import iterate_split
+    from mmpipe.manifest import read_manifest
 
-    splits = read_manifest(shard_dir).get("splits") or {}
-    for split in (s for s in _SPLITS if (splits.get(s) or {}).get("count")):
+    manifest = read_manifest(shard_dir)
+    for split in (s for s in _SPLITS if manifest.count(s)):
         for sample in iterate_split(shard_dir, split):
             image = base64.b64encode(sample["jpg"]).decode("ascii")
             return pd.DataFrame({"image": [image], "caption": [sample["txt"]]})

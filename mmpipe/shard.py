@@ -63,9 +63,9 @@ from mmpipe.io import (
     read_json,
     sha256_file,
     use_system_arrow_allocator,
-    write_json_atomic,
 )
 from mmpipe.layout import SPLITS
+from mmpipe.manifest import AudioEntry, Manifest, ShardEntry, SplitEntry, write_manifest
 from mmpipe.parallel import dask_map, ordered_map, process_pool
 from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.storage import REJECTS
@@ -484,10 +484,11 @@ class SplitWriter:
         self.writer = None
         fault_point("shard:shard-written")
 
-    def close(self) -> list[dict[str, Any]]:
-        """Finish the last shard; return [{name, count, bytes, sha256}] measured from the files."""
+    def close(self) -> list[ShardEntry]:
+        """Finish the last shard; return its entries (name, count, bytes, sha256) measured from
+        the files."""
         self._finish()
-        return self.shards
+        return [ShardEntry(**shard) for shard in self.shards]
 
     def abort(self) -> None:
         """Drop the open shard after an error (the stage's staging directory goes with it)."""
@@ -623,7 +624,7 @@ def write_splits(
     where: Path,
     reuse: Reuse | None = None,
     rejects: RejectsWriter | None = None,
-) -> tuple[dict[str, Any], int]:
+) -> tuple[dict[str, SplitEntry], int]:
     """Write every split's shards and members.parquet into out_dir (beside ``reuse``'s shards);
     the manifest's `splits` mapping (reused + new shards) and the number of new samples.
     With ``rejects``, a pair whose image cannot be decoded is written there instead."""
@@ -647,8 +648,8 @@ def write_splits(
                 bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
         splits = {}
         for split, writer in writers.items():
-            shards = sorted(reuse.shards.get(split, []) + writer.close(), key=lambda e: e["name"])
-            splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+            shards = sorted(reuse.shards.get(split, []) + writer.close(), key=lambda e: e.name)
+            splits[split] = SplitEntry(count=sum(s.count for s in shards), shards=shards)
         members.close()
     except BaseException:
         for writer in writers.values():
@@ -682,45 +683,42 @@ def output_params_hash(p: ShardParams) -> str:
 
 
 def build_manifest(
-    splits: dict[str, Any],
+    splits: dict[str, SplitEntry],
     align_report: dict[str, Any],
     p: ShardParams,
     rejected: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """manifest.json, with the sample-count identity checked.
-
-    ``labels`` says whether labels exist: "none" (train contrastive only), "partial" or "all",
-    with the labelled pairs per split (label_index -1 marks an unlabelled sample). A multi-label
-    (``label_separator``) has its classes in the sample's ``label_indices``; a label outside the
-    classes (``<unk>`` under align.top_k_labels) has none and is counted per split.
-    ``rejected`` (ingest.image_check: header): pairs left out per split, so that pairs in =
-    pairs sharded + pairs rejected.
+    audio: AudioEntry | None = None,
+) -> Manifest:
+    """manifest.json (its fields: ``mmpipe.manifest.Manifest``), with the sample-count identity
+    checked. ``rejected`` (ingest.image_check: header): pairs left out per split, so that pairs
+    in = pairs sharded + pairs rejected; ``audio``: when the pairs carry clips.
     """
     per_split = align_report["pairs_per_split"]
     left_out = rejected or dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
         want = (per_split[split] - left_out[split]) * (1 + p.copies if split == "train" else 1)
-        got = splits[split]["count"]
+        got = splits[split].count
         check(got == want, f"{split}: {got} samples written, {want} expected from align's report")
     labelled = align_report.get("labelled_pairs", 0)
     status = "none" if not labelled else "all" if labelled == sum(per_split.values()) else "partial"
-    return {
-        "params_hash": output_params_hash(p),
-        "image_size": p.image_size,
-        "decode": p.decode,  # predict preprocesses as the shards were written
-        "classes": list(align_report.get("classes", [])),
-        "labels": status,
-        "labelled_pairs_per_split": align_report.get("labelled_pairs_per_split", {}),
-        "label_separator": align_report.get("label_separator"),
-        "multi_label_pairs": align_report.get("multi_label_pairs", 0),
-        "unknown_label_pairs_per_split": align_report.get("unknown_label_pairs_per_split", {}),
-        "splits": splits,
-        "align_report_pairs_per_split": per_split,
-        **({"rejected_pairs_per_split": rejected} if rejected is not None else {}),
-    }
+    optional = {"rejected_pairs_per_split": rejected, "audio": audio}  # in the file when given
+    return Manifest(
+        params_hash=output_params_hash(p),
+        image_size=p.image_size,
+        decode=p.decode,
+        classes=list(align_report.get("classes", [])),
+        labels=status,
+        labelled_pairs_per_split=align_report.get("labelled_pairs_per_split", {}),
+        label_separator=align_report.get("label_separator"),
+        multi_label_pairs=align_report.get("multi_label_pairs", 0),
+        unknown_label_pairs_per_split=align_report.get("unknown_label_pairs_per_split", {}),
+        splits=splits,
+        align_report_pairs_per_split=per_split,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
 
 
-def audio_manifest(pairs: pq.ParquetFile) -> dict[str, Any]:
+def audio_manifest(pairs: pq.ParquetFile) -> AudioEntry:
     """The manifest's ``audio`` entry: the member format and the pairs with a clip per split."""
     from mmpipe.audio import SAMPLE_RATE
 
@@ -728,7 +726,7 @@ def audio_manifest(pairs: pq.ParquetFile) -> dict[str, Any]:
     for batch in pairs.iter_batches(batch_size=4096, columns=["split", "audio_path"]):
         for split in batch.column("split").filter(pc.is_valid(batch.column("audio_path"))):
             per_split[split.as_py()] += 1
-    return {"member": "flac", "sample_rate": SAMPLE_RATE, "pairs_with_audio_per_split": per_split}
+    return AudioEntry(member="flac", sample_rate=SAMPLE_RATE, pairs_with_audio_per_split=per_split)
 
 
 def run_shard(
@@ -767,20 +765,19 @@ def run_shard(
         if rejects is not None:
             rejects.close()
     rejected = rejects.per_split if rejects is not None else None
-    manifest = build_manifest(splits, align_report, p, rejected)
-    if "audio_path" in pairs.schema_arrow.names:
-        manifest["audio"] = audio_manifest(pairs)
-    write_json_atomic(out_dir / "manifest.json", manifest)
+    audio = audio_manifest(pairs) if "audio_path" in pairs.schema_arrow.names else None
+    manifest = build_manifest(splits, align_report, p, rejected, audio)
+    write_manifest(manifest, out_dir)
     seconds = time.perf_counter() - start
-    samples = sum(s["count"] for s in splits.values())
+    samples = sum(s.count for s in splits.values())
     report = {
         "pairs": pairs.metadata.num_rows,
         "samples": samples,
-        "samples_per_split": {s: e["count"] for s, e in splits.items()},
-        "shards": sum(len(e["shards"]) for e in splits.values()),
-        "bytes": sum(sh["bytes"] for e in splits.values() for sh in e["shards"]),
-        "params_hash": manifest["params_hash"],
-        "labels": manifest["labels"],
+        "samples_per_split": {s: e.count for s, e in splits.items()},
+        "shards": sum(len(e.shards) for e in splits.values()),
+        "bytes": sum(sh.bytes or 0 for e in splits.values() for sh in e.shards),
+        "params_hash": manifest.params_hash,
+        "labels": manifest.labels,
         "new_samples": new,
         "rejected_pairs": sum((rejected or {}).values()),
         "reused_shards": reuse.n_shards,

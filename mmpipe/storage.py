@@ -13,7 +13,7 @@ A shard set on an object store (``publish_shards``) is a *versioned prefix* plus
 
 An object PUT is all-or-nothing but a prefix cannot be renamed into place, so the version's
 objects are uploaded first and the small pointer object is replaced last: a reader resolves the
-pointer (``resolve_shards``) and sees the old version or the new one, never a mix. A version is
+pointer (``resolve_shard_bytes``) and sees the old version or the new one, never a mix. A version is
 content-addressed (same manifest, same prefix), so publishing the same shards twice re-uploads
 nothing that is already there with the right size.
 """
@@ -34,7 +34,7 @@ from mmpipe.errors import InputError
 log = logging.getLogger(__name__)
 
 POINTER = "LATEST"
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # a shard set's manifest: its content is mmpipe.manifest's
 REJECTS = "rejects.jsonl"  # shard's pairs left out (ingest.image_check: header)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -184,10 +184,6 @@ def _manifest_version(manifest_bytes: bytes) -> tuple[str, str]:
     return f"v-{sha[:16]}", sha
 
 
-def _shard_names(manifest: dict[str, Any]) -> list[str]:
-    return [s["name"] for split in manifest["splits"].values() for s in split.get("shards", [])]
-
-
 def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
     """Upload a committed local shard set to ``url`` as a new version, then move the pointer.
 
@@ -198,13 +194,15 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
     """
     shard_dir = Path(shard_dir)
     manifest_bytes = (shard_dir / MANIFEST).read_bytes()
+    # the raw JSON, not mmpipe.manifest's model (which reads through this module): the set's
+    # file names and sizes are all publishing needs, and the manifest goes up byte for byte
     manifest = json.loads(manifest_bytes)
     version, sha = _manifest_version(manifest_bytes)
     fs, root = filesystem(url)
     prefix = join(root, version)
     sizes = {s["name"]: s["bytes"] for sp in manifest["splits"].values() for s in sp["shards"]}
     uploaded, reused = 0, 0
-    for name in _shard_names(manifest):
+    for name in sizes:
         target = join(prefix, name)
         if fs.exists(target) and fs.size(target) == sizes[name]:
             reused += 1
@@ -220,12 +218,6 @@ def publish_shards(shard_dir: str | Path, url: str) -> dict[str, Any]:
     log.info("shards published to %s (%d uploaded, %d already there)",
              redact(join(url, version)), uploaded, reused)  # fmt: skip
     return {"url": join(url, version), "version": version, "uploaded": uploaded, "reused": reused}
-
-
-def resolve_shards(url: str) -> tuple[str, dict[str, Any]]:
-    """The version URL that ``url`` names, and its manifest (``resolve_shard_bytes``)."""
-    version_url, manifest_bytes = resolve_shard_bytes(url)
-    return version_url, json.loads(manifest_bytes)
 
 
 def pinned_version(url: str, manifest_sha256: str) -> str:

@@ -51,11 +51,8 @@ from mmpipe import metrics as M
 from mmpipe.checkpoint import (
     BEST,
     LAST,
-    manifest_sha256,
     read_checkpoint,
-    read_manifest,
     save_checkpoint,
-    shard_location,
 )
 from mmpipe.commit import staged_dir
 from mmpipe.config import TrainParams, TrainStage
@@ -72,6 +69,7 @@ from mmpipe.distributed import (
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
 from mmpipe.io import link_or_copy, remove_temps, write_json_atomic
+from mmpipe.manifest import Manifest, manifest_sha256, read_manifest, shard_location
 from mmpipe.model import (
     MultimodalModel,
     audio_info_nce,
@@ -118,7 +116,7 @@ class Trainer:
     init: dict[str, Any] | None = None  # what init_from loaded, skipped and left new
     cache_dir: Path | None = None  # where the frozen-feature cache lives (None: not cached)
     shard_dir: str | Path | None = None  # the shards the cache is built from
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     features: featurecache.FeatureCache | None = None  # the current stage's cached image side
     text_features: featurecache.FeatureCache | None = None  # ... and text side
     cache_report: dict[str, Any] | None = None
@@ -146,7 +144,7 @@ class Progress:
 def create_trainer(
     p: TrainParams,
     d: Dist,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     init_checkpoint: Path | None = None,
     caption: dict[str, Any] | None = None,
     shard_dir: str | Path | None = None,
@@ -156,7 +154,7 @@ def create_trainer(
     AMP and (if distributed) the DDP wrapper, all seeded. ``caption``: captioning's vocabulary
     (``caption_vocabulary``). With ``cache_dir`` and a locked image tower, the first stage's
     frozen features are loaded or computed there (``mmpipe.featurecache``) from ``shard_dir``."""
-    device, classes = resolve_device(p, d), list(manifest.get("classes") or [])
+    device, classes = resolve_device(p, d), list(manifest.classes)
     check_task_data(p, manifest)
     amp = resolve_amp(p, device)
     seed_everything(p.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -169,22 +167,22 @@ def create_trainer(
     if p.compile and device.type != "cuda":
         log.warning("train.compile is ignored on CPU")
     micro = micro_batch_size(p, d)
-    per_rank = manifest["splits"]["train"]["count"] // d.world_size
+    per_rank = manifest.count("train") // d.world_size
     batches = per_rank // micro if d.enabled else math.ceil(per_rank / micro)
     steps_per_epoch = max(1, math.ceil(batches / p.grad_accum))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     meta = {
-        "classes": classes, "num_classes": len(classes), "image_size": manifest.get("image_size"),
-        "decode": manifest.get("decode", "reduced"),
+        "classes": classes, "num_classes": len(classes), "image_size": manifest.image_size,
+        "decode": manifest.decode,
         "task": p.task, "params": p.model_dump(mode="json"),
         "model_args": p.model_args().model_dump(mode="json"), "model_config": model.config,
-        "params_hash": manifest.get("params_hash"),
+        "params_hash": manifest.params_hash,
     }  # fmt: skip
     if caption is not None:
         meta["caption"] = caption
     if model.hf_specs:  # what rebuilds the Hugging Face parts without their directories
         meta["hf"] = model.hf_specs
-    val_count = (manifest["splits"].get("val") or {}).get("count", 0)
+    val_count = manifest.count("val")
     t = Trainer(p, d, device, amp, model, model, None, None, scaler, micro,  # type: ignore[arg-type]
                 steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
     t.task_loss = task_loss_status(p, manifest)
@@ -207,12 +205,12 @@ def use_channels_last(model: MultimodalModel, device: torch.device) -> bool:
     return True
 
 
-def check_image_size(model: MultimodalModel, manifest: dict[str, Any]) -> None:
+def check_image_size(model: MultimodalModel, manifest: Manifest) -> None:
     """InputError when a Hugging Face vision tower takes another image size than the shards'."""
     from mmpipe.model.hf import expected_image_size
 
     wanted = expected_image_size(model.hf_specs)
-    have = manifest.get("image_size")
+    have = manifest.image_size
     if wanted and have and int(have) != wanted[1]:
         raise InputError(
             f"train: hf:{wanted[0]} takes {wanted[1]} px images (its processor config) but the "
@@ -232,18 +230,18 @@ def enable_grad_checkpointing(model: MultimodalModel) -> None:
         log.info("train: gradient checkpointing in %s", ", ".join(done))
 
 
-def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
+def check_task_data(p: TrainParams, manifest: Manifest) -> None:
     """InputError when the shards' labels cannot train ``p.task`` (before any work)."""
-    classes, multi = list(manifest.get("classes") or []), manifest.get("multi_label_pairs", 0)
+    classes, multi = manifest.classes, manifest.multi_label_pairs
     if p.task == "binary" and len(classes) > 2:
         raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
     if multi and p.task not in ("multilabel", "captioning"):  # captioning ignores labels
         raise InputError(
             f"train.task={p.task} but {multi} pairs carry several labels "
-            f"(ingest.label_separator={manifest.get('label_separator')!r}); use "
+            f"(ingest.label_separator={manifest.label_separator!r}); use "
             "train.task=multilabel"
         )
-    if p.audio_encoder != "none" and "audio" not in manifest:
+    if p.audio_encoder != "none" and manifest.audio is None:
         raise InputError(
             f"train.audio_encoder={p.audio_encoder} but the shards carry no audio; set "
             "ingest.audio_column (or ingest.synthetic.audio) or train.audio_encoder=none"
@@ -256,16 +254,13 @@ def check_task_data(p: TrainParams, manifest: dict[str, Any]) -> None:
             raise InputError(f"train.task=regression but label {bad!r} is not a number")
 
 
-def task_loss_status(p: TrainParams, manifest: dict[str, Any]) -> str:
+def task_loss_status(p: TrainParams, manifest: Manifest) -> str:
     """ "on", or why the task loss is off: contrastive training only, said once in the log."""
     if p.task == "captioning":
         return "on"  # the captions are the targets: no labels needed
-    labelled = (manifest.get("labelled_pairs_per_split") or {}).get("train")
-    if labelled is None:  # shards older than the label counts: labelled if they list classes
-        labelled = 1 if manifest.get("classes") else 0
-    if labelled:
+    if manifest.labelled("train"):
         return "on"
-    reason = f"off: no labelled train pairs (labels: {manifest.get('labels', 'none')})"
+    reason = f"off: no labelled train pairs (labels: {manifest.labels})"
     log.info("train: task loss %s; training the contrastive objective only", reason)
     return reason
 
@@ -463,10 +458,12 @@ UNVERSIONED = ("seconds", "feature_cache")
 
 
 def add_cache_time(t: Trainer, report: dict[str, Any]) -> None:
-    """The frozen-feature pass belongs to the stage's time: ``seconds`` includes it (the log's
-    "train stage took", MLflow's train_seconds), ``feature_cache`` says what it did."""
+    """The frozen-feature pass belongs to the stage's time: ``seconds`` includes it (MLflow's
+    train_seconds), ``feature_cache`` says what it did; the stage's one "train stage took" line
+    says both."""
     towers = (t.cache_report or {}).get("towers", {})
     if not towers:
+        log.info("train stage took %.1f s", report["seconds"])
         return
     cache = sum(r["seconds"] for r in towers.values())
     report["seconds"] = round(report["seconds"] + cache, 3)
@@ -759,7 +756,6 @@ def make_report(t: Trainer, at: Progress, stopped_by: str | None, seconds: float
     ``seconds`` is returned for the caller's log and MLflow; the installed train_report.json
     leaves it out (versioned outputs hold no timings)."""
     last = at.history[-1] if at.history else {}
-    log.info("training took %.1f s", seconds)
     return {
         "epochs_completed": at.epoch, "steps": at.step, "interrupted": stopped_by is not None,
         "stopped_by": stopped_by, "history": at.history, "best_metric": at.best,

@@ -61,7 +61,7 @@ class Preprocessing:
     image_size: int | None  # square side the vision tower takes (None: a text-only spec)
     mean: list[float]
     std: list[float]
-    processor: str  # the image processor class that was read (its backend: TRAPS)
+    processor: str  # the image processor class that was read (torchvision or PIL backend)
     max_length: int
     padding: str  # "longest" or "max_length" (SigLIP's text tower pools the last position)
 
@@ -416,8 +416,7 @@ def create_hf_parts(
             model, spec = load_pretrained(name, role, allow_download)
         out_specs[role] = spec.as_dict()
         if role == "dual":
-            dual = _dual_parts(model, spec, cfg.max_tokens)
-            parts = HFParts(**{**dual.__dict__, "specs": None})
+            parts = _dual_parts(model, spec, cfg.max_tokens)  # a new HFParts, specs set below
         elif role == "vision":
             parts.image_encoder = HFVisionEncoder(model, spec.preprocessing)
         else:

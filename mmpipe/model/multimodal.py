@@ -185,10 +185,6 @@ class MultimodalModel(nn.Module):
         """Encoded text features -> L2-normalised (B, D)."""
         return F.normalize(self.text_proj(et.pooled), dim=-1)
 
-    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, 1, N_MELS, FRAMES) log-mel -> L2-normalised (B, D)."""
-        return F.normalize(self.audio_proj(self.audio_encoder(audio)), dim=-1)
-
     def classify(self, images: torch.Tensor, texts: list[str], **audio: Any) -> torch.Tensor:
         """Task logits (B, K); ``audio``/``audio_mask`` (``audio_inputs``) fuse the clips."""
         if audio.get("audio") is None or self.audio_encoder is None:

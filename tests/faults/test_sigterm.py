@@ -89,7 +89,7 @@ def test_sigterm_mid_epoch_in_mmpipe_train(project):
 
 
 def test_sigterm_right_after_the_first_checkpoint(project):
-    """The moment the issue saw exit -15 (default handler) or 0 (checkpointed, exit 0)."""
+    """The moment a SIGTERM once gave exit -15 (default handler) or 0 (checkpointed, exit 0)."""
     before = _state(project)
     args = ["train", "--set", "train.seed=1", "--set", "train.epochs=2"]
     proc = mmpipe(project, *args, fault="train:checkpoint-saved", signal_name="SIGTERM")

@@ -130,8 +130,8 @@ def _coco_params(root, labels: bool) -> IngestParams:
 
 def test_unlabelled_flickr_sample_end_to_end(shared_data, tmp_path):
     """docs/your-own-data.md's folder example without labels: ingest -> align -> shard, no crash."""
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.data import iterate_split
+    from mmpipe.manifest import read_manifest
 
     params = IngestParams(
         source="folder",
@@ -142,21 +142,21 @@ def test_unlabelled_flickr_sample_end_to_end(shared_data, tmp_path):
     reports = _pipeline(params, tmp_path)
     assert reports["align"]["classes"] == [] and reports["align"]["labelled_pairs"] == 0
     manifest = read_manifest(tmp_path / "shards")
-    assert manifest["labels"] == "none" and manifest["classes"] == []
+    assert manifest.labels == "none" and manifest.classes == []
     samples = list(iterate_split(tmp_path / "shards", "train"))
     assert samples and all(s["json"]["label_index"] == -1 for s in samples)
     assert all(not s["json"]["image_path"].startswith("/") for s in samples)
 
 
 def test_coco_mini_with_and_without_labels_end_to_end(shared_data, tmp_path):
-    from mmpipe.checkpoint import read_manifest
+    from mmpipe.manifest import read_manifest
 
     root = shared_data / "coco-mini"
     bare = _pipeline(_coco_params(root, labels=False), tmp_path / "bare")
     labelled = _pipeline(_coco_params(root, labels=True), tmp_path / "labelled")
     assert bare["align"]["labelled_pairs"] == 0 and bare["shard"]["labels"] == "none"
     assert labelled["align"]["labelled_pairs"] == 120 == labelled["ingest"]["labelled_captions"]
-    assert read_manifest(tmp_path / "labelled" / "shards")["labels"] == "all"
+    assert read_manifest(tmp_path / "labelled" / "shards").labels == "all"
     assert sum(labelled["align"]["pairs_per_class"].values()) == 120
 
 
@@ -174,7 +174,7 @@ def test_shards_are_byte_identical_wherever_the_data_lives(shared_data, tmp_path
     """Same data at two places (and two project dirs): the same shard bytes."""
     import os
 
-    from mmpipe.checkpoint import read_manifest
+    from mmpipe.manifest import read_manifest
 
     shas = []
     old = os.umask(0o002)  # a group-shared project: outputs must be group-readable
@@ -184,7 +184,7 @@ def test_shards_are_byte_identical_wherever_the_data_lives(shared_data, tmp_path
             shutil.copytree(shared_data / "coco-mini", root)
             _pipeline(_coco_params(root, labels=True), tmp_path / f"project-{place[0]}")
             manifest = read_manifest(tmp_path / f"project-{place[0]}" / "shards")
-            shas.append([s["sha256"] for e in manifest["splits"].values() for s in e["shards"]])
+            shas.append([s.sha256 for e in manifest.splits.values() for s in e.shards])
     finally:
         os.umask(old)
     assert shas[0] == shas[1]

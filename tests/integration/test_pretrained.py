@@ -129,7 +129,7 @@ def test_pretrained_encoders_retrieve_held_out_real_photos_after_a_short_finetun
     the heads: one seed's R@1 moves by 0.1 from seed to seed (a few captions of 40), so a single
     seed passed or failed by luck whatever the resize filter. Measured means over seeds 0-3
     (t2i / i2t, chance 0.125): BICUBIC 0.24 / 0.22, HAMMING (shard's) 0.22 / 0.28, LANCZOS
-    0.25 / 0.22, BILINEAR 0.21 / 0.16; 16 training photos are too few for more (issue notes)."""
+    0.25 / 0.22, BILINEAR 0.21 / 0.16; 16 training photos are too few for more."""
     from mmpipe.metrics import recall_at_k_i2t, recall_at_k_t2i, retrieval_chance
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Issue 25 (3): coco-mini without labels, a run at chance. Register keeps the alias off it and
+"""Coco-mini without labels, a run at chance. Register keeps the alias off it and
 says why, the model card names the task retrieval, and `mmpipe predict` prints valid JSON."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 25 (4): the champion served by `mlflow models serve` as a user runs it, on 127.0.0.1.
+"""The champion served by `mlflow models serve` as a user runs it, on 127.0.0.1.
 
 One good request (a COCO photo for a model trained on generated shapes: answered, with the
 out-of-distribution warning) and three bad ones (a path on the server, /etc/passwd, bytes that are

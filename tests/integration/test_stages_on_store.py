@@ -71,7 +71,7 @@ def test_train_and_evaluate_read_the_published_version(tmp_path, s3):
     node.mkdir()
     (node / "params.yaml").write_text((REPO / "params.yaml").read_text())
     sets = [a for o in overrides for a in ("--set", o)]
-    latest = storage.resolve_shards(url)[0]
+    latest = storage.resolve_shard_bytes(url)[0]
     assert latest != version
     train = _mmpipe(node, s3, "train", *sets)
     assert train.returncode == 0, train.stderr[-3000:]

@@ -76,3 +76,23 @@ def test_the_checks_see_the_imports():
     assert "mmpipe.checkpoint" in GRAPH["mmpipe.train"]
     assert "mmpipe.tracking" in GRAPH["mmpipe.pipeline"]  # a function-level import
     assert "mmpipe.predict" in GRAPH["mmpipe.tracking.models"]
+
+
+def _reach(name: str) -> set[str]:
+    """Every repository module ``name`` imports, directly or through others (lazily too)."""
+    seen, todo = set(), [name]
+    while todo:
+        for dep in GRAPH[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_the_data_loader_and_the_manifest_do_not_import_the_model():
+    """Reading shards needs no model: the loader and the manifest sit below the model package
+    and the checkpoints (which rebuild models), so a change there never reaches data.py."""
+    for reader in ("mmpipe.data", "mmpipe.manifest"):
+        reached = _reach(reader)
+        model = sorted(m for m in reached if m == "mmpipe.model" or m.startswith("mmpipe.model."))
+        assert model == [] and "mmpipe.checkpoint" not in reached, (reader, model)
+    assert "mmpipe.manifest" in _reach("mmpipe.data")  # the walk sees data.py's imports

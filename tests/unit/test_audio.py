@@ -333,11 +333,13 @@ def test_synthetic_audio_is_a_mood_chord_and_leaves_images_and_captions_alone(tm
 def test_audio_encoder_without_audio_shards_is_a_clear_error():
     from mmpipe.config import TrainParams
     from mmpipe.errors import InputError
+    from mmpipe.manifest import AudioEntry, Manifest
     from mmpipe.train import check_task_data
 
     with pytest.raises(InputError, match="shards carry no audio"):
-        check_task_data(TrainParams(audio_encoder="cnn"), {"classes": ["a", "b"]})
-    check_task_data(TrainParams(audio_encoder="cnn"), {"classes": [], "audio": {}})
+        check_task_data(TrainParams(audio_encoder="cnn"), Manifest(splits={}, classes=["a", "b"]))
+    audio = AudioEntry(sample_rate=16000)
+    check_task_data(TrainParams(audio_encoder="cnn"), Manifest(splits={}, audio=audio))
 
 
 def test_audio_retrieval_scores_every_pair_by_image_group():

@@ -148,9 +148,12 @@ def test_beam_search_prefers_the_likelier_caption_over_the_greedy_prefix():
 
 
 def test_captioning_registers_on_cider_with_or_without_labels():
+    from mmpipe.manifest import Manifest
     from mmpipe.objectives import check_metric_for_data, check_metric_for_task
 
-    unlabelled = {"labels": "none", "labelled_pairs_per_split": {"train": 0, "test": 0}}
+    unlabelled = Manifest(
+        splits={}, labels="none", labelled_pairs_per_split={"train": 0, "test": 0}
+    )
     assert check_metric_for_data(None, "captioning", unlabelled, [1]) == ("cider", True)
     assert check_metric_for_data("bleu4", "captioning", unlabelled, [1]) == ("bleu4", True)
     with pytest.raises(ValueError, match="not a metric of train.task='captioning'"):
@@ -176,8 +179,9 @@ def test_report_shows_the_scores_beside_the_baseline_and_example_captions(tmp_pa
 def test_init_from_a_captioning_checkpoint_keeps_its_vocabulary_rows_and_words(tmp_path):
     """Fine-tuning on captions whose vocabulary has the same size in another order: the new
     decoder uses the checkpoint's vocabulary, so each loaded row still means its word."""
-    from mmpipe.checkpoint import read_checkpoint, read_manifest
+    from mmpipe.checkpoint import read_checkpoint
     from mmpipe.distributed import init_distributed
+    from mmpipe.manifest import read_manifest
     from mmpipe.train import caption_vocabulary, create_trainer
 
     def colour_twice(rng: random.Random, colour: str, shape: str) -> str:

@@ -147,7 +147,7 @@ def test_zero_epochs_saves_the_model_as_loaded(shards, tmp_path):
 
 
 def _manifest(shards: Path) -> dict:
-    from mmpipe.checkpoint import read_manifest
+    from mmpipe.manifest import read_manifest
 
     return read_manifest(shards)
 

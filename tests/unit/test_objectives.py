@@ -10,6 +10,7 @@ import torch
 from mmpipe import scoring
 from mmpipe.config import ParamsError, load_params
 from mmpipe.errors import InputError
+from mmpipe.manifest import Manifest
 from mmpipe.objectives import (
     DEFAULT_METRIC,
     chance_bar,
@@ -21,8 +22,12 @@ from mmpipe.objectives import (
     task_label,
 )
 
-LABELLED = {"labels": "all", "labelled_pairs_per_split": {"train": 10, "val": 2, "test": 3}}
-UNLABELLED = {"labels": "none", "labelled_pairs_per_split": {"train": 0, "val": 0, "test": 0}}
+LABELLED = Manifest(
+    splits={}, labels="all", labelled_pairs_per_split={"train": 10, "val": 2, "test": 3}
+)
+UNLABELLED = Manifest(
+    splits={}, labels="none", labelled_pairs_per_split={"train": 0, "val": 0, "test": 0}
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +46,9 @@ def test_an_explicit_metric_the_run_cannot_have_is_an_error_before_training():
     with pytest.raises(InputError, match="accuracy.*labels: none.*mean_r1"):
         check_metric_for_data("accuracy", "multiclass", UNLABELLED, [1, 5])
     # a partly labelled collection whose test split has no labels is scored on retrieval only
-    partial = {"labels": "partial", "labelled_pairs_per_split": {"train": 5, "test": 0}}
+    partial = Manifest(
+        splits={}, labels="partial", labelled_pairs_per_split={"train": 5, "test": 0}
+    )
     assert not has_task_labels(partial)
     with pytest.raises(InputError, match="partial"):
         check_metric_for_data("accuracy", "multiclass", partial, [1])

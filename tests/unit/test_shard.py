@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from mmpipe.align import run_align
-from mmpipe.checkpoint import read_manifest
 from mmpipe.config import AlignParams, ShardParams, TransformSpec
 from mmpipe.data import create_dataloader, iterate_split
 from mmpipe.errors import InputError
 from mmpipe.io import read_json, sha256_file
+from mmpipe.manifest import read_manifest
 from mmpipe.shard import preprocess_image, run_shard
 
 SPLIT = AlignParams(train=0.5, val=0.25, test=0.25)
@@ -39,12 +39,12 @@ def test_round_trip(aligned, tmp_path):
     pairs = pd.read_parquet(aligned[0] / "pairs.parquet").set_index("pair_id")
     align_report = read_json(aligned[0] / "report.json")
     manifest = read_manifest(out)
-    assert manifest["align_report_pairs_per_split"] == align_report["pairs_per_split"]
-    assert manifest["classes"] == ["cat", "dog"] and manifest["image_size"] == 16
+    assert manifest.align_report_pairs_per_split == align_report["pairs_per_split"]
+    assert manifest.classes == ["cat", "dog"] and manifest.image_size == 16
     for split in ("train", "val", "test"):
         samples = list(iterate_split(out, split))
         copies = 3 if split == "train" else 1
-        assert len(samples) == manifest["splits"][split]["count"]
+        assert len(samples) == manifest.count(split)
         assert len(samples) == align_report["pairs_per_split"][split] * copies
         keys = [s["__key__"] for s in samples]
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
@@ -60,13 +60,13 @@ def test_round_trip(aligned, tmp_path):
             assert Image.open(io.BytesIO(s["jpg"])).size == (16, 16)
         assert set(seen) == set(pairs.index[pairs["split"] == split])
         assert set(seen.values()) == {copies}
-        for entry in manifest["splits"][split]["shards"]:
-            path = out / entry["name"]
-            assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
-    assert report["samples"] == sum(e["count"] for e in manifest["splits"].values())
+        for entry in manifest.splits[split].shards:
+            path = out / entry.name
+            assert entry.sha256 == sha256_file(path) and entry.bytes == path.stat().st_size
+    assert report["samples"] == sum(e.count for e in manifest.splits.values())
     assert report["images_per_second"] > 0
-    assert manifest["labels"] == "partial"
-    assert sum(manifest["labelled_pairs_per_split"].values()) == align_report["labelled_pairs"]
+    assert manifest.labels == "partial"
+    assert sum(manifest.labelled_pairs_per_split.values()) == align_report["labelled_pairs"]
     assert "seconds" not in (out / "manifest.json").read_text()
 
 
@@ -89,18 +89,18 @@ def test_augmented_copies_differ_from_the_pair(aligned, tmp_path):
 
 def test_maxcount_and_maxsize_rotation(aligned, tmp_path):
     shard(aligned, tmp_path / "a", maxcount=5)
-    counts = [s["count"] for s in read_manifest(tmp_path / "a")["splits"]["train"]["shards"]]
+    counts = [s.count for s in read_manifest(tmp_path / "a").splits["train"].shards]
     assert len(counts) > 2 and all(c == 5 for c in counts[:-1]) and 1 <= counts[-1] <= 5
     shard(aligned, tmp_path / "b", maxsize=12 * 1024)
-    shards = read_manifest(tmp_path / "b")["splits"]["train"]["shards"]
-    assert len(shards) > 2 and all(s["bytes"] <= 12 * 1024 for s in shards)
+    shards = read_manifest(tmp_path / "b").splits["train"].shards
+    assert len(shards) > 2 and all(s.bytes <= 12 * 1024 for s in shards)
 
 
 def test_loader_reads_what_shard_wrote(aligned, tmp_path):
     shard(aligned, tmp_path / "s")
     manifest = read_manifest(tmp_path / "s")
     batches = list(create_dataloader(tmp_path / "s", "train", 8, shuffle_buffer=10))
-    assert sum(len(b["key"]) for b in batches) == manifest["splits"]["train"]["count"]
+    assert sum(len(b["key"]) for b in batches) == manifest.count("train")
     assert batches[0]["image"].shape[1:] == (3, 16, 16)
 
 
@@ -109,7 +109,7 @@ def test_stored_image_equals_preprocess_image(aligned, tmp_path, decode):
     """predict.py feeds preprocess_image output to the model: it must equal the stored bytes,
     for either shard.decode (the manifest records which)."""
     shard(aligned, tmp_path / "s", jpeg_quality=85, decode=decode)
-    assert read_manifest(tmp_path / "s")["decode"] == decode
+    assert read_manifest(tmp_path / "s").decode == decode
     root = aligned[1].parent / "raw"  # the fixture's data root
     for s in iterate_split(tmp_path / "s", "val"):
         assert not Path(s["json"]["image_path"]).is_absolute()

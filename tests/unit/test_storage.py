@@ -51,10 +51,12 @@ def test_published_shards_read_back_sample_for_sample(tmp_path, url):
 def test_a_reader_sees_the_old_version_or_the_new_never_a_mix(tmp_path, url):
     old = storage.publish_shards(write_mood_shards(tmp_path / "a", seed=1), url)
     fs = fsspec.filesystem("memory")
-    seen_before = storage.resolve_shards(url)[0]
+    seen_before = storage.resolve_shard_bytes(url)[0]
     new = storage.publish_shards(write_mood_shards(tmp_path / "b", seed=2), url)
     assert old["version"] != new["version"]
-    assert seen_before.endswith(old["version"]) and storage.resolve_shards(url)[0] == new["url"]
+    assert (
+        seen_before.endswith(old["version"]) and storage.resolve_shard_bytes(url)[0] == new["url"]
+    )
     # the old version stays whole for a reader that resolved it before the switch (pinned)
     assert len(list(iterate_split(seen_before, "train"))) == 32
     fs.pipe_file(seen_before.replace("memory://", "/") + "/manifest.json", b"{}")
@@ -121,6 +123,6 @@ def test_a_failed_publication_leaves_the_shard_stage_uncommitted(tmp_path, url, 
     assert not pipeline.stage_is_current("shard", params, layout)
     fail[0] = False
     published = pipeline.run_stage("shard", params, layout)["published"]
-    _, manifest = storage.resolve_shards(url)
-    assert manifest == json.loads((layout.shard_dir / "manifest.json").read_text())
+    _, manifest = storage.resolve_shard_bytes(url)
+    assert manifest == (layout.shard_dir / "manifest.json").read_bytes()
     assert published["uploaded"] == len(list(layout.shard_dir.glob("*.tar")))

@@ -267,8 +267,8 @@ def test_two_stages_in_one_run_and_resume_across_the_boundary(shards, tmp_path):
 
 
 def test_init_from_loads_matching_weights_and_reports_the_rest(shards, tmp_path):
-    from mmpipe.checkpoint import read_manifest
     from mmpipe.distributed import init_distributed
+    from mmpipe.manifest import read_manifest
     from mmpipe.train import create_trainer
 
     run_train(shards, tiny_train_params(epochs=1), tmp_path / "source")
@@ -312,3 +312,10 @@ def test_training_twice_gives_the_same_bytes(shards, tmp_path, workers):
         run_train(shards, p, tmp_path / out)
     for name in ("best.pt", "last.pt", "train_report.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_the_stage_time_is_logged_once(shards, tmp_path, caplog):
+    caplog.set_level("INFO", logger="mmpipe.train")
+    report = run_train(shards, tiny_train_params(epochs=1), tmp_path / "m")
+    took = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
+    assert took == [f"train stage took {report['seconds']:.1f} s"]
