@@ -58,6 +58,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/progress.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
         ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
@@ -79,6 +80,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/objectives.py",
             "mmpipe/pipeline.py",
             "mmpipe/storage.py",
+            "mmpipe/taskspec.py",
         ),
         inputs=("data/ingest/records.parquet", "data/ingest/images.parquet"),
         out="data/align",
@@ -109,6 +111,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/shard.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
         ),
         # the images themselves are named by pairs.parquet's content-hash image ids; the data
         # root they live under is in ingest's report
@@ -151,6 +154,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),
@@ -202,6 +206,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),
@@ -252,6 +257,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),
