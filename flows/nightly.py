@@ -1,4 +1,4 @@
-"""The nightly retraining flow: ingest → align → shard → train → evaluate → register.
+"""The nightly retraining flow: ingest → curate → align → shard → train → evaluate → register.
 
     python -m flows.nightly [--params params.yaml] [--set section.key=value ...] [--project-dir .]
                             [--resume] [--wait-lock SECONDS]
@@ -104,6 +104,10 @@ def detail(stage: str, result: dict[str, Any]) -> str:
     """The summary line of a stage's report: counts, the best validation metric, test scores."""
     if stage == "ingest":
         return f"images {_counts(result['images'])}, captions {_counts(result['captions'])}"
+    if stage == "curate":
+        near = result.get("near_duplicates") or {}
+        groups = f", near-duplicate groups {near['groups']}" if near else ""
+        return f"images {_curated(result['images'])}, pairs {_curated(result['pairs'])}{groups}"
     if stage == "train":
         best = result.get("selection_metric", "val_accuracy")
         parts = {"epochs": result["epochs_completed"], f"best {best}": result["best_metric"]}
@@ -118,6 +122,10 @@ def detail(stage: str, result: dict[str, Any]) -> str:
             keys = tuple(k for k, v in result.items() if isinstance(v, int | float | bool))
         parts = {k: result[k] for k in keys if k in result}
     return ", ".join(f"{k}={_fmt(v)}" for k, v in parts.items())
+
+
+def _curated(counts: dict[str, Any]) -> str:
+    return f"{counts['kept']}/{counts['in']} kept"
 
 
 def _headline(metrics: dict[str, Any]) -> str:

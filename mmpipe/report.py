@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 EXAMPLES_DIR = "examples"
 EXAMPLES_JSON = "examples.json"
 CAPTIONS_JSON = "captions.json"  # captioning's examples (evaluate.caption_result)
-STAGE_ORDER = ("ingest", "align", "shard", "train", "evaluate", "register")
+STAGE_ORDER = ("ingest", "curate", "align", "shard", "train", "evaluate", "register")
 
 
 # ----------------------------------------------------------------------------- content

@@ -23,7 +23,7 @@ from mmpipe.io import read_json, write_bytes_atomic
 from mmpipe.layout import Layout
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-STAGES = ("ingest", "align", "shard", "train", "evaluate", "register")
+STAGES = ("ingest", "curate", "align", "shard", "train", "evaluate", "register")
 ABLATION_NAMES = {
     "weighted": "weighted (learned α)",
     "late": "late (average of unimodal logits)",

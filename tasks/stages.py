@@ -5,10 +5,10 @@ return the stage's small report dict: paths and counts, never tensors or tables 
 pickles the results it persists).
 Each task run is named after its stage.
 
-Data stages (ingest, align, shard) are cached on *content*: the key is the stage's fingerprint
-(its params section, its code, the hash of its inputs). A cached result is only reused while
-the stage's outputs on disk still carry that fingerprint: `data_stage` gives the flow the task
-with ``refresh_cache=True`` otherwise, so a deleted or overwritten output re-runs (and the fresh
+Data stages (ingest, curate, align, shard) are cached on *content*: the key is the stage's
+fingerprint (its params section, its code, the hash of its inputs). A cached result is only
+reused while the stage's outputs on disk still carry that fingerprint: `data_stage` gives the
+flow the task with ``refresh_cache=True`` otherwise, so a deleted or overwritten output re-runs (and the fresh
 result is stored under the same key for the next night). Prefect's default policy would key on
 the flow-run id and never reuse anything across nights.
 """
@@ -58,7 +58,7 @@ _IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn
 def data_task(
     stage: str, params: Params, layout: Layout, parent_run_id: str | None = None
 ) -> dict[str, Any]:
-    """Data stage ``stage`` (ingest, align or shard), cached on its inputs' content + params."""
+    """Data stage ``stage`` (ingest, curate, align or shard), cached on its inputs' content + params."""
     return pipeline.run_data_stage(stage, params, layout, parent_run_id=parent_run_id)
 
 

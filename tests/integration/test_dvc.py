@@ -31,7 +31,7 @@ def _ran(output: str) -> set[str]:
 def test_repro_noop_and_partial_rerun(tmp_path):
     project = make_project(tmp_path / "proj")
     first = _dvc(project, "repro", "shard")
-    assert _ran(first) == {"ingest", "align", "shard"}
+    assert _ran(first) == {"ingest", "curate", "align", "shard"}
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     align = json.loads((project / "data/align/report.json").read_text())
     assert {s: v["count"] for s, v in manifest["splits"].items()} == align["pairs_per_split"]
@@ -57,7 +57,7 @@ def test_exp_run_with_a_param_override(tmp_path):
     _dvc(project, "repro")  # the baseline on the commit
     out = _dvc(project, "exp", "run", "-S", "train.fusion=gated", "--name", "gated")
     assert {"train", "evaluate"} <= _ran(out), out
-    assert not {"ingest", "align", "shard"} & _ran(out), out  # data unchanged: cached
+    assert not {"ingest", "curate", "align", "shard"} & _ran(out), out  # data unchanged: cached
     shown = json.loads(_dvc(project, "exp", "show", "--json"))
     text = json.dumps(shown)
     assert '"gated"' in text and "accuracy" in text
@@ -79,7 +79,7 @@ def test_repro_of_a_grown_collection_is_incremental(tmp_path):
     params["ingest"]["synthetic"]["n_images"] = 53
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(project, "repro", "shard")
-    assert _ran(out) == {"ingest", "align", "shard"}, out
+    assert _ran(out) == {"ingest", "curate", "align", "shard"}, out
     assert " shards reused" in out and ", 0 shards reused" not in out, out
     scratch = make_project(tmp_path / "scratch", [*overrides, "shard.maxcount=8"])
     scratch_params = yaml.safe_load((scratch / "params.yaml").read_text())

@@ -80,7 +80,7 @@ def test_resume_a_pretrained_clip_run(tiny_hf, tmp_path, capsys):
     settings = [f"train.pretrained=hf:{tiny_hf['clip']}", "train.freeze_text=true",
                 "train.epochs=2", "train.unfreeze_last=1"]  # fmt: skip
     project = tmp_path / "p"
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):
         _run(project, settings, capsys, command=stage)
     argv = ["train", "--project-dir", str(project), "--params", str(project / "params.yaml")]
     for o in [*TINY_OVERRIDES, *settings]:

@@ -22,7 +22,8 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     project = make_project(tmp_path / "proj")
     first = nightly(project_dir=str(project))
     assert _statuses(first) == dict.fromkeys(
-        ["ingest", "align", "shard", "train", "evaluate", "register", "report", "dvc"], "done"
+        ["ingest", "curate", "align", "shard", "train", "evaluate", "register", "report", "dvc"],
+        "done",
     )
     assert first["version"] == first["champion_version"] == 1 and first["promoted"]
     # the summary table says what each stage did, at a glance
@@ -40,6 +41,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     )
     assert _statuses(second) == {
         "ingest": "skipped",
+        "curate": "skipped",
         "align": "skipped",
         "shard": "skipped",
         "train": "done",
@@ -50,7 +52,7 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     }
     # train ran with params other than params.yaml's: dvc.lock keeps vouching for the data only
     detail = {row["stage"]: row["detail"] for row in second["summary"]}
-    assert detail["dvc"].startswith("dvc.lock records ingest, align, shard; not ")
+    assert detail["dvc"].startswith("dvc.lock records ingest, curate, align, shard; not ")
     assert "not train: params differ from params.yaml in section(s) train" in detail["dvc"]
     assert "not evaluate: its input comes from train, not recorded" in detail["dvc"]
     assert second["version"] == 2
@@ -61,7 +63,13 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
     children = client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'"
     )
-    assert sorted(r.info.run_name for r in children) == ["align", "ingest", "shard", "train"]
+    assert sorted(r.info.run_name for r in children) == [
+        "align",
+        "curate",
+        "ingest",
+        "shard",
+        "train",
+    ]
     ingest_run = next(r for r in children if r.info.run_name == "ingest")
     m = ingest_run.data.metrics
     assert m["images.seen"] == m["images.accepted"] + m["images.rejected"] > 0
@@ -95,7 +103,8 @@ def test_second_run_skips_data_stages_and_keeps_the_better_champion(harness, tmp
 
     shutil.rmtree(project / "data" / "shards")
     third = nightly(project_dir=str(project))
-    assert [_statuses(third)[s] for s in ("ingest", "align", "shard")] == [
+    assert [_statuses(third)[s] for s in ("ingest", "curate", "align", "shard")] == [
+        "skipped",
         "skipped",
         "skipped",
         "done",
@@ -139,7 +148,7 @@ def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harn
 
     out = nightly(project_dir=str(project))
     detail = {row["stage"]: row["detail"] for row in out["summary"]}
-    assert detail["dvc"] == "dvc.lock records ingest, align, shard, train, evaluate"
+    assert detail["dvc"] == "dvc.lock records ingest, curate, align, shard, train, evaluate"
     assert json.loads(run("dvc", "status", "--json")) == {}
     assert ran(run("dvc", "repro")) == set()
     # what the user commits: dvc.lock, the metrics and plots (git), nothing else of the outputs
@@ -150,7 +159,14 @@ def test_after_the_flow_dvc_is_clean_reproduces_it_and_compares_experiments(harn
     run("git", "commit", "-qm", "nightly")
 
     # the other orchestrator, same params: every output the same bytes (dvc.lock's hashes)
-    assert ran(run("dvc", "repro", "--force")) == {"ingest", "align", "shard", "train", "evaluate"}
+    assert ran(run("dvc", "repro", "--force")) == {
+        "ingest",
+        "curate",
+        "align",
+        "shard",
+        "train",
+        "evaluate",
+    }
     assert run("git", "status", "--porcelain", "dvc.lock", "reports") == ""
 
     exp = run("dvc", "exp", "run", "-S", "train.fusion=gated", "--name", "gated")

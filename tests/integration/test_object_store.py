@@ -27,7 +27,7 @@ def test_shard_stage_publishes_and_the_loader_reads_the_url(tmp_path, s3):
     url = s3.url("shards", tmp_path.name)
     params = load_params(REPO / "params.yaml", [*TINY_OVERRIDES, f"shard.output={url}"])
     layout = Layout(tmp_path)
-    for stage in ("ingest", "align"):
+    for stage in ("ingest", "curate", "align"):
         pipeline.run_stage(stage, params, layout)
     report = pipeline.run_stage("shard", params, layout)
     published = report["published"]
@@ -60,7 +60,7 @@ def test_a_shard_cut_on_the_store_fails_naming_it(tmp_path, s3):
 
 
 def _stage_shards(params, layout) -> dict[str, bytes]:
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):
         pipeline.run_stage(stage, params, layout)
     return {p.name: p.read_bytes() for p in sorted(layout.shard_dir.glob("*.tar"))}
 

@@ -60,7 +60,7 @@ def test_spoken_captions_are_retrieved_against_their_photos(tmp_path, monkeypatc
         "train.audio_encoder=cnn", "train.epochs=2", "train.batch_size=16",
     ]  # fmt: skip
     params, layout = load_params(None, overrides), Layout(tmp_path / "proj")
-    for stage in ("ingest", "align", "shard", "train", "evaluate"):
+    for stage in ("ingest", "curate", "align", "shard", "train", "evaluate"):
         pipeline.run_stage(stage, params, layout)
     report = json.loads((layout.stage_dir("ingest") / "report.json").read_text())
     assert report["audio"]["seen"] == report["audio"]["accepted"] == n  # every clip decodes

@@ -40,11 +40,11 @@ def test_train_and_evaluate_read_the_published_version(tmp_path, s3):
     overrides = [*TINY_OVERRIDES, f"shard.output={url}"]
     params = load_params(REPO / "params.yaml", overrides)
     local = Layout(tmp_path / "local")  # the same data, trained from data/shards/
-    for stage in ("ingest", "align", "shard", "train"):
+    for stage in ("ingest", "curate", "align", "shard", "train"):
         pipeline.run_stage(stage, load_params(REPO / "params.yaml", TINY_OVERRIDES), local)
 
     here = Layout(tmp_path / "here")
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):
         pipeline.run_stage(stage, params, here)
     manifest = (here.shard_dir / "manifest.json").read_bytes()
     for tar in here.shard_dir.glob("*.tar"):

@@ -85,7 +85,7 @@ def test_nightly_flow_with_everything_on_the_store_and_postgres(
     assert exp.artifact_location == artifacts
     runs = client.search_runs([exp.experiment_id])
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.info.run_name for r in runs} >= {"ingest", "align", "shard", "train"}
+    assert {r.info.run_name for r in runs} >= {"ingest", "curate", "align", "shard", "train"}
     assert all(r.info.artifact_uri.startswith(artifacts + "/") for r in runs)
     keys = _s3_keys(s3, f"mlartifacts/{tmp_path.name}")
     assert any(k.endswith("/MLmodel") for k in keys), keys

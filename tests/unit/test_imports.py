@@ -18,7 +18,7 @@ RUN_STAGES = """
 import json, sys
 from mmpipe.cli import main
 project, params, sets = sys.argv[1], sys.argv[2], sys.argv[3:]
-for stage in ("ingest", "align", "shard"):
+for stage in ("ingest", "curate", "align", "shard"):
     code = main([stage, "--params", params, "--project-dir", project, *sets])
     assert code == 0, f"{stage} exited {code}"
 print(json.dumps(sorted(m for m in HEAVY if m in sys.modules)))

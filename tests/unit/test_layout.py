@@ -53,9 +53,10 @@ def test_layout_paths_follow_the_declaration(tmp_path):
     assert layout.shard_dir == tmp_path / "data" / "shards" == layout.stage_dir("shard")
     assert layout.model_dir == tmp_path / STAGES["train"].out
     assert layout.inputs("align") == [
-        tmp_path / "data/ingest/records.parquet",
-        tmp_path / "data/ingest/images.parquet",
+        tmp_path / "data/curate/records.parquet",
+        tmp_path / "data/curate/images.parquet",
     ]
+    assert layout.curate_dir == tmp_path / "data" / "curate"
     assert layout.mlflow_db == tmp_path / ".mmpipe" / "mlflow.db"
     assert layout.prefect_home.parent == layout.state_dir
     with pytest.raises(ValueError, match="MLflow"):

@@ -26,7 +26,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("ood")
     more = [*TINY_OVERRIDES, "ingest.synthetic.n_images=96"]
     params, layout = load_params(REPO / "params.yaml", more), Layout(root)
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):
         pipeline.run_data_stage(stage, params, layout)
     run_train(layout.shard_dir, params.train, layout.model_dir)
     predictor = load_predictor(layout.model_dir, shard_dir=layout.shard_dir)

@@ -52,19 +52,25 @@ def test_a_params_change_invalidates_only_its_own_stage(layout):
 
 
 def test_a_changed_input_invalidates_the_stages_that_read_it(layout):
-    """shard reads ingest's report.json (where the data root is): a change there re-runs shard
-    though pairs.parquet is unchanged, and not align, which does not read it; a changed
-    records.parquet re-runs align (and shard only once align has rewritten pairs.parquet)."""
+    """shard (and curate) read ingest's report.json (where the data root is): a change there
+    re-runs shard though pairs.parquet is unchanged, and not align, which does not read it; a
+    changed records.parquet re-runs curate (and align only once curate has rewritten its own
+    records.parquet)."""
     params = _params()
     report = layout.ingest_dir / "report.json"
     report.write_text(report.read_text().replace("}", ', "data_root": "elsewhere"}', 1))
     assert not pipeline.stage_is_current("shard", params, layout)
+    assert not pipeline.stage_is_current("curate", params, layout)
     assert pipeline.stage_is_current("align", params, layout)
     assert pipeline.stage_is_current("ingest", params, layout)
     records = layout.ingest_dir / "records.parquet"
     table = pd.read_parquet(records)
     table.loc[0, "source"] = "elsewhere"
     table.to_parquet(records, index=False)
+    assert not pipeline.stage_is_current("curate", params, layout)
+    assert pipeline.stage_is_current("align", params, layout)
+    curated = layout.curate_dir / "records.parquet"
+    table.to_parquet(curated, index=False)
     assert not pipeline.stage_is_current("align", params, layout)
 
 
@@ -115,7 +121,7 @@ def test_a_failed_run_leaves_no_stamp(layout, monkeypatch):
     # the previous output, stamp included, exactly as it was; nothing left beside it
     assert {p.name: p.read_bytes() for p in layout.align_dir.iterdir()} == before
     assert sorted(p.name for p in layout.root.joinpath("data").iterdir()) == [
-        "align", "ingest", "shards"
+        "align", "curate", "ingest", "shards"
     ]  # fmt: skip
 
 

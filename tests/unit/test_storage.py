@@ -105,7 +105,7 @@ def test_a_failed_publication_leaves_the_shard_stage_uncommitted(tmp_path, url, 
 
     params = load_params(REPO / "params.yaml", [*TINY_OVERRIDES, f"shard.output={url}"])
     layout = Layout(tmp_path)
-    for stage in ("ingest", "align"):
+    for stage in ("ingest", "curate", "align"):
         pipeline.run_stage(stage, params, layout)
     real, fail = pipeline.publish_shards, [True]
 
