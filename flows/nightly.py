@@ -39,6 +39,7 @@ from mmpipe.config import Params, ParamsError, add_params_arguments, load_params
 from mmpipe.config import params_file as params_path  # `params_file` is the flow parameter
 from mmpipe.errors import MmpipeError
 from mmpipe.layout import Layout, sqlite_path, store_uri
+from mmpipe.objectives import metric_of
 from mmpipe.pipeline import DATA_STAGES, ORDER, check_splits, close_flow_run, project_lock
 from tasks.stages import (
     data_stage,
@@ -128,9 +129,8 @@ def _curated(counts: dict[str, Any]) -> str:
 
 
 def _headline(metrics: dict[str, Any]) -> str:
-    """The task's main test metric in evaluate's metrics (mean_r1 without labels)."""
-    keys = ("accuracy", "vqa_accuracy", "map", "rmse", "mean_r1")
-    return next((k for k in keys if k in metrics), "mean_r1")
+    """The task's register metric in evaluate's metrics (mean_r1 without labels)."""
+    return metric_of(None, None, metrics)[0]
 
 
 @flow(name="mmpipe-nightly")

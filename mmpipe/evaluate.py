@@ -68,10 +68,11 @@ from mmpipe.model import (
     predict_labels,
     task_loss_sum,
 )
-from mmpipe.objectives import DEFAULT_METRIC, RETRIEVAL_METRIC, greater_is_better
+from mmpipe.objectives import RETRIEVAL_METRIC, greater_is_better
 from mmpipe.plots import plot_confusion, plot_points, recall_rows, training_rows, write_plot
 from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.report import CAPTIONS_JSON
+from mmpipe.taskspec import task_spec
 
 log = logging.getLogger(__name__)
 
@@ -253,24 +254,23 @@ def task_metrics(out: SplitOutputs, classes: list[str], task: str, trained: bool
     if not scores:
         return TaskResult(skipped="the test split has no labelled pairs")
     result = TaskResult(metrics={**scores, **scoring.chance_scores(task, logits, target)})
-    if task == "vqa":
+    details = task_spec(task).details
+    if "per_question_type" in details:
         accuracy, result.per_question_type = scoring.vqa_by_type(
             logits, out.answers, out.qtypes, classes
         )
         result.metrics["vqa_accuracy"] = accuracy
         for row in result.per_question_type:
             result.metrics[f"vqa_accuracy_{_slug(row['question_type'])}"] = row["vqa_accuracy"]
-        return result
-    if task == "regression":
+    if "predicted_vs_true" in details:
         result.plots["predicted_vs_true"] = scoring.regression_rows(logits, target)
-        return result
-    result.per_class = scoring.per_class(task, logits, target, classes)
-    if task == "multilabel":
-        return result
-    rows = labelled_rows(target, task)
-    y, pred = target[rows], predict_labels(logits[rows], task)
-    result.confusion = M.confusion_matrix(y, pred, len(result.per_class))
-    if task == "binary":
+    if "per_class" in details:
+        result.per_class = scoring.per_class(task, logits, target, classes)
+    if "confusion" in details:
+        rows = labelled_rows(target, task)
+        y, pred = target[rows], predict_labels(logits[rows], task)
+        result.confusion = M.confusion_matrix(y, pred, len(result.per_class))
+    if "roc" in details:
         result.plots["roc"] = scoring.roc_rows(logits, target)
     return result
 
@@ -398,7 +398,7 @@ def _train_head(
     clips' features, read by the audio heads (``audio_only``, ``concat+audio``)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    if task == "multilabel":  # the loss takes class lists: the multi-hot rows as index lists
+    if task_spec(task).target == "labels":  # the loss takes class lists: multi-hot as indices
         y = torch.where(y > 0, torch.arange(y.shape[1]), -1)
     head.train()
     for _ in tqdm(range(epochs), desc="ablation head", unit="epoch", disable=None, leave=False):
@@ -446,7 +446,7 @@ def run_ablation(
         score = scoring.primary_score(task, scores)
         rows.append({"fusion": mode, **scores, "score": score})  # no timings: versioned output
         log.info("evaluate: ablation head %d/%d %s: %s %.4f (%.1f s)", len(rows),
-                 len(modes), mode, DEFAULT_METRIC[task], score,
+                 len(modes), mode, task_spec(task).register_metric, score,
                  time.perf_counter() - t0)  # fmt: skip
     return rows, None
 
@@ -485,7 +485,7 @@ def _head_logits(
 def ablation_summary(rows: list[dict[str, Any]], fusion: str, task: str) -> dict[str, float]:
     """best_unimodal_<primary>, ablation_best_<primary> and fusion_gain (configured mode minus
     the best unimodal head on the same features; positive = fusion is better, also for errors)."""
-    primary = DEFAULT_METRIC[task]
+    primary = task_spec(task).register_metric
     sign = 1.0 if greater_is_better(primary) else -1.0
     score = {r["fusion"]: r["score"] for r in rows}
     best = max if sign > 0 else min
@@ -542,7 +542,7 @@ def fusion_ablation(
         return ablation, {}, "no labelled pairs to train and score the heads on"
     rows, reason = run_ablation(model, shard_dir, p, train_params)
     ablation["results"] = rows
-    ablation["metric"] = DEFAULT_METRIC[model.task]
+    ablation["metric"] = task_spec(model.task).register_metric
     summary = ablation_summary(rows, fusion, model.task) if rows else {}
     return ablation, summary, reason
 
@@ -656,56 +656,29 @@ def run_evaluate(
     """
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = shard_location(shard_dir), Path(model_dir), Path(out_dir)
-    manifest = read_manifest(shard_dir, require="test")
+    read_manifest(shard_dir, require="test")  # its one-line error before any other
     checkpoint = pick_checkpoint(model_dir)
     scored = provenance(checkpoint, shard_dir)
-    model, info = load_model(checkpoint)
-    tp = TrainParams.model_validate(info["params"])
-    log.info("evaluate: %s (task %s) on the test split; labels: %s", checkpoint, model.task,
-             manifest.labels)  # fmt: skip
-    classes = list(manifest.classes or info.get("classes") or [])
-    test = embed_split(model, shard_dir, "test", p.batch_size)
-    metrics: dict[str, float] = {
-        "n_test_pairs": float(len(test.texts)),
-        "n_test_images": float(len(test.image_ids)),
-    }
-    skipped: dict[str, str] = {}
-
-    plots = out_dir / "plots"
-    retrieval, recall = retrieval_metrics(test, p.ks)
-    metrics.update(retrieval)
-    metrics.update(audio_retrieval(test, p.ks))
-    write_plot(plots, "recall_at_k", recall)
-    write_plot(plots, "training", training_rows(info.get("history") or []))
-    zs, reason = zero_shot(model, test, p)
-    metrics.update(zs)
-    if reason:
-        skipped["zero_shot"] = reason
-    itm, reason = itm_metrics(model, shard_dir, p.batch_size, tp.seed)
-    metrics.update(itm)
-    if reason:
-        skipped["itm"] = reason
     (out_dir / "examples" / CAPTIONS_JSON).unlink(missing_ok=True)  # a previous run's
-    if model.task == "captioning":
-        result = caption_result(model, shard_dir, test, p, out_dir / "examples")
-    else:
-        result = task_metrics(test, classes, model.task, trained=labelled_train(manifest))
-    metrics.update(result.metrics)
-    if result.skipped:
-        skipped["task_metrics"] = result.skipped
-    write_task_outputs(result, out_dir, test, model.task)
+    s = score_test(checkpoint, shard_dir, p, out_dir / "examples")
+    model, tp, metrics, skipped = s.model, s.train_params, s.metrics, s.skipped
+    plots = out_dir / "plots"
+    write_plot(plots, "recall_at_k", s.recall)
+    write_plot(plots, "training", training_rows(s.info.get("history") or []))
+    write_task_outputs(s.result, out_dir, s.test, model.task)
 
-    labelled = result.skipped is None and model.task != "captioning"
+    captions = task_spec(model.task).captions
+    labelled = s.result.skipped is None and not captions
     ablation, summary, reason = fusion_ablation(model, shard_dir, p, tp, labelled, experiment)
     metrics.update(summary)
-    if model.task == "captioning" and ablation["enabled"]:
-        reason = "captioning has a caption decoder, no fusion head to compare"
+    if captions and ablation["enabled"]:
+        reason = f"{model.task} has a caption decoder, no fusion head to compare"
     if reason:
         skipped["ablation"] = reason
     write_json_atomic(out_dir / "ablation.json", ablation)
     plot_rows = [dict(r) for r in ablation["results"]]  # fusion, the task's metrics, score
-    write_plot(plots, "ablation", plot_rows, tp.fusion, DEFAULT_METRIC[model.task])
-    retrieval_examples(test, out_dir / "examples")
+    write_plot(plots, "ablation", plot_rows, tp.fusion, task_spec(model.task).register_metric)
+    retrieval_examples(s.test, out_dir / "examples")
     for part, why in skipped.items():
         log.info("evaluate: %s skipped: %s", part, why)
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -714,15 +687,73 @@ def run_evaluate(
         {
             "checkpoint": checkpoint.name,
             "task": model.task,
-            "labels": manifest.labels,
+            "labels": s.manifest.labels,
             "skipped": skipped,
-            "classes": classes,
+            "classes": s.classes,
             "metrics": metrics,
             "scored": scored,
         },
     )
     log.info("evaluate took %.1f s", time.perf_counter() - t0)
     return metrics
+
+
+@dataclass
+class TestScores:
+    """A checkpoint's scores on the test split (``score_test``), with what evaluate writes
+    beside them."""
+
+    metrics: dict[str, float]  # metrics.json's, before the ablation's summary
+    skipped: dict[str, str]  # part -> why it was not scored
+    model: torch.nn.Module
+    info: dict[str, Any]  # the checkpoint's meta (history, params, classes)
+    train_params: TrainParams  # the ones the checkpoint was trained with
+    manifest: Manifest
+    classes: list[str]
+    test: SplitOutputs
+    result: TaskResult  # the task's metrics, per-class rows and plot data
+    recall: list[dict[str, Any]]  # plots/recall_at_k.json's rows
+
+
+def score_test(
+    checkpoint: Path, shard_dir: str | Path, p: EvaluateParams, examples_dir: Path | None = None
+) -> TestScores:
+    """A checkpoint's test metrics: retrieval (+ audio), zero-shot, image-text matching and the
+    task's metrics; the one scoring path of evaluate and of register's re-scoring
+    (``score_checkpoint``). InputError when the checkpoint's classes are not the test split's
+    (its label indices would mean other classes). ``examples_dir``: where captioning writes
+    its example captions (None: no file)."""
+    shard_dir = shard_location(shard_dir)
+    manifest = read_manifest(shard_dir, require="test")
+    model, info = load_model(checkpoint)
+    tp = TrainParams.model_validate(info["params"])
+    classes, own = list(manifest.classes), list(info.get("classes") or [])
+    if classes and own and classes != own:
+        raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
+    log.info("evaluate: %s (task %s) on the test split; labels: %s", checkpoint, model.task,
+             manifest.labels)  # fmt: skip
+    test = embed_split(model, shard_dir, "test", p.batch_size)
+    metrics = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
+    skipped: dict[str, str] = {}
+    retrieval, recall = retrieval_metrics(test, p.ks)
+    metrics.update(retrieval)
+    metrics.update(audio_retrieval(test, p.ks))
+    for part, (scores, reason) in (
+        ("zero_shot", zero_shot(model, test, p)),
+        ("itm", itm_metrics(model, shard_dir, p.batch_size, tp.seed)),
+    ):
+        metrics.update(scores)
+        if reason:
+            skipped[part] = reason
+    if task_spec(model.task).captions:
+        result = caption_result(model, shard_dir, test, p, examples_dir)
+    else:
+        result = task_metrics(test, classes or own, model.task, labelled_train(manifest))
+    metrics.update(result.metrics)
+    if result.skipped:
+        skipped["task_metrics"] = result.skipped
+    return TestScores(metrics, skipped, model, info, tp, manifest, classes or own, test, result,
+                      recall)  # fmt: skip
 
 
 def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
@@ -738,20 +769,4 @@ def provenance(checkpoint: Path, shard_dir: Path) -> dict[str, str]:
 def score_checkpoint(checkpoint: Path, shard_dir: Path, p: EvaluateParams) -> dict[str, float]:
     """A checkpoint's test metrics as ``run_evaluate`` computes them, without the ablation or any
     file (register scores a champion trained on other data on this test split with it)."""
-    shard_dir = shard_location(shard_dir)
-    manifest = read_manifest(shard_dir, require="test")
-    model, info = load_model(checkpoint)
-    classes, own = list(manifest.classes), list(info.get("classes") or [])
-    if classes and own and classes != own:  # label indices would mean other classes
-        raise InputError(f"{checkpoint}: trained on classes {own}, the test split has {classes}")
-    task = TrainParams.model_validate(info["params"]).task
-    test = embed_split(model, shard_dir, "test", p.batch_size)
-    scores = {"n_test_pairs": float(len(test.texts)), "n_test_images": float(len(test.image_ids))}
-    scores.update(retrieval_metrics(test, p.ks)[0])
-    scores.update(zero_shot(model, test, p)[0])
-    if task == "captioning":
-        scores.update(caption_result(model, shard_dir, test, p, None).metrics)
-        return scores
-    trained = labelled_train(manifest)
-    scores.update(task_metrics(test, classes or own, task, trained=trained).metrics)
-    return scores
+    return score_test(checkpoint, shard_dir, p).metrics

@@ -59,6 +59,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/progress.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
         ),
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
@@ -97,6 +98,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/shard.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
         ),
         # the images are read under the data root ingest's report names
@@ -128,6 +130,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/objectives.py",
             "mmpipe/pipeline.py",
             "mmpipe/storage.py",
+            "mmpipe/taskspec.py",
         ),
         inputs=("data/curate/records.parquet", "data/curate/images.parquet"),
         out="data/align",
@@ -159,6 +162,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/shard.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
         ),
         # the images themselves are named by pairs.parquet's content-hash image ids; the data
         # root they live under is in ingest's report
@@ -202,6 +206,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),
@@ -254,6 +259,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),
@@ -305,6 +311,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/signals.py",
             "mmpipe/storage.py",
             "mmpipe/synthetic.py",
+            "mmpipe/taskspec.py",
             "mmpipe/tracking",
             "mmpipe/train.py",
         ),

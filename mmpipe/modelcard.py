@@ -20,8 +20,6 @@ from mmpipe.manifest import MANIFEST, Manifest, read_manifest
 # The few numbers a reader compares first (also the registered versions' tags), when present;
 # register.metric is always put first.
 HEADLINE_METRICS = ("accuracy", "macro_f1", "rmse", "mae", "i2t_r1", "t2i_r1", "fusion_gain")
-# Where a metric is better when lower (everything else: higher).
-LOWER_IS_BETTER = ("rmse", "mae", "loss")
 
 SOURCES = {
     "synthetic": "mmpipe's generated default data (mmpipe/synthetic.py): coloured shapes on warm "

@@ -1,4 +1,5 @@
-"""What each task is scored on, and which metric decides the champion.
+"""What each task is scored on, and which metric decides the champion (the tasks themselves:
+mmpipe/taskspec.py).
 
     task        head        target of a pair                test metrics (metrics.json)
     multiclass  K logits    class index                     accuracy, macro_f1 (+ per class)
@@ -30,25 +31,8 @@ from typing import Any
 
 from mmpipe.errors import InputError
 from mmpipe.manifest import Manifest
+from mmpipe.taskspec import TASKS, task_spec
 
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "multiclass": ("accuracy", "macro_f1"),
-    "binary": ("accuracy", "macro_f1", "auroc"),
-    "multilabel": ("micro_f1", "macro_f1", "map"),
-    "regression": ("mae", "rmse", "r2"),
-    "vqa": ("vqa_accuracy",),
-    "captioning": ("bleu4", "cider", "nn_bleu4", "nn_cider"),
-}
-# register.metric: null picks these; each is the first thing a user of that task looks at
-DEFAULT_METRIC: dict[str, str] = {
-    "multiclass": "accuracy",
-    "binary": "macro_f1",
-    "multilabel": "map",
-    "regression": "rmse",
-    "vqa": "vqa_accuracy",
-    "captioning": "cider",
-}
-UNLABELLED_TASKS = frozenset({"captioning"})  # scored whether or not the pairs carry labels
 RETRIEVAL_METRIC = "mean_r1"
 LOWER_IS_BETTER = frozenset({"mae", "rmse", "median_rank_i2t", "median_rank_t2i"})
 COUNTS = ("n_test_pairs", "n_test_images")
@@ -62,9 +46,10 @@ def retrieval_metric_names(ks: Iterable[int]) -> list[str]:
 
 def labelled_metric_names(task: str) -> list[str]:
     """What evaluate adds when the test split has labelled pairs (ablation summaries included)."""
-    primary = DEFAULT_METRIC[task]
+    spec = task_spec(task)
+    primary = spec.register_metric
     return [
-        *TASK_METRICS[task], "n_labelled", f"{primary}_chance",
+        *spec.test_metrics, "n_labelled", f"{primary}_chance",
         f"best_unimodal_{primary}", f"ablation_best_{primary}", "fusion_gain",
     ]  # fmt: skip
 
@@ -75,8 +60,8 @@ ZERO_SHOT = ("zero_shot_accuracy", "zero_shot_macro_f1", "zero_shot_chance", "ze
 def possible_metrics(task: str, ks: Iterable[int], labelled: bool = True) -> list[str]:
     """Every metrics.json key a run of ``task`` can have (zero-shot depends on the test data)."""
     names = retrieval_metric_names(ks) + list(ZERO_SHOT)
-    if task in UNLABELLED_TASKS:
-        return [*names, *TASK_METRICS[task], "n_caption_images"]
+    if not task_spec(task).needs_labels:
+        return [*names, *task_spec(task).test_metrics, "n_caption_images"]
     return names + (labelled_metric_names(task) if labelled else [])
 
 
@@ -91,7 +76,7 @@ def check_metric_for_task(metric: str | None, task: str, ks: Iterable[int]) -> N
     if metric is not None and metric not in names:
         raise ValueError(
             f"register.metric={metric!r} is not a metric of train.task={task!r}; it has "
-            f"{', '.join(TASK_METRICS[task])}, retrieval ({RETRIEVAL_METRIC}, i2t_r1, ...) and "
+            f"{', '.join(task_spec(task).test_metrics)}, retrieval ({RETRIEVAL_METRIC}, i2t_r1, ...) and "
             "the rest of metrics.json; null picks the task's default"
         )
 
@@ -105,8 +90,9 @@ def resolve_metric(
     metric: str | None, greater: bool | None, task: str, labelled: bool
 ) -> tuple[str, bool]:
     """(register metric, greater_is_better) of a run: the params' or the task's default."""
-    scored = labelled or task in UNLABELLED_TASKS
-    name = metric or (DEFAULT_METRIC[task] if scored else RETRIEVAL_METRIC)
+    spec = task_spec(task)
+    scored = labelled or not spec.needs_labels
+    name = metric or (spec.register_metric if scored else RETRIEVAL_METRIC)
     return name, greater_is_better(name) if greater is None else greater
 
 
@@ -132,12 +118,25 @@ def check_metric_for_data(
 def metric_of(
     metric: str | None, greater: bool | None, scores: Mapping[str, Any]
 ) -> tuple[str, bool]:
-    """(metric, greater_is_better) for scores of an unknown task: the first task default they
-    hold (accuracy, vqa_accuracy, map, rmse, macro_f1, cider), else mean_r1."""
+    """(metric, greater_is_better) for scores of an unknown task: the register metric of the task
+    they look like (``scores_task``), else mean_r1."""
     if metric is None:
-        order = ("accuracy", "vqa_accuracy", "map", "rmse", "macro_f1", "cider")
-        metric = next((m for m in order if m in scores), RETRIEVAL_METRIC)
+        task = scores_task(scores)
+        metric = task_spec(task).register_metric if task else RETRIEVAL_METRIC
     return metric, greater_is_better(metric) if greater is None else greater
+
+
+def scores_task(scores: Mapping[str, Any]) -> str | None:
+    """The task whose register metric ``scores`` hold and the most of whose test metrics they
+    hold (binary's accuracy, macro_f1, auroc over multiclass's accuracy, macro_f1); None when
+    they hold no task's register metric (a retrieval-only run)."""
+
+    def held(task: str) -> tuple[float, int]:
+        n = sum(m in scores for m in TASKS[task].test_metrics)
+        return n / len(TASKS[task].test_metrics), n
+
+    tasks = [t for t, spec in TASKS.items() if spec.register_metric in scores]
+    return max(tasks, key=held) if tasks else None
 
 
 # metrics.json keys of a register metric's chance level, where it is not `<metric>_chance`
@@ -172,6 +171,7 @@ def chance_bar(chance: float, greater: bool, margin: float) -> float:
 def task_label(task: str, metrics: Mapping[str, Any]) -> str:
     """What a run was scored on, as reports and model cards name it: the task, or ``retrieval``
     when the run had no task labels (its head was never trained nor scored)."""
-    if task in UNLABELLED_TASKS or DEFAULT_METRIC.get(task, "") in metrics:
+    spec = TASKS.get(task)
+    if spec is not None and (not spec.needs_labels or spec.register_metric in metrics):
         return task
     return "retrieval"

@@ -330,31 +330,25 @@ def stage_train(
 
     with project_lock(layout, "mmpipe train"):
         shards, data_hash = shard_source(params, layout)
-        init = init_checkpoint(params, layout)
-        cold = init is None and params.train.init_from == "champion"
-        train_p = params.train.model_copy(update={"init_from": None}) if cold else params.train
         with tracking.start_run(
             params.tracking, layout.root, run_name="train", parent_run_id=parent_run_id
         ) as run:
             lock.annotate(layout.state_dir, run_id=run.id)
             tracking.log_params(run, params, {"data.manifest_sha256": data_hash})
-            extra = {"data_hash": data_hash}  # installed with the model, atomically
-            if cold:
-                extra["init_from"] = "champion: none yet (first night), random init"
             report = run_train(
                 shards,
-                train_p,
+                params.train,
                 layout.model_dir,
                 resume=resume,
                 on_epoch_end=tracking.epoch_logger(run),
-                init_checkpoint=init,
-                report_extra=extra,
+                fetch_model=functools.partial(fetch_model, params, layout),
+                data_sha256=data_hash,
                 cache_dir=layout.feature_cache,
             )
             tracking.log_metrics(run, {"train_seconds": report.pop("seconds")})
             if report["stopped_by"] is None:  # installed in models/
                 record_train_run(layout, run.id)
-    return {**report, "data_hash": data_hash, "mlflow_run_id": run.id}
+    return {**report, "mlflow_run_id": run.id}
 
 
 def _train_report(layout: Layout) -> dict[str, Any]:
@@ -376,18 +370,15 @@ def record_train_run(layout: Layout, run_id: str) -> None:
     write_json_atomic(layout.train_run, {"run_id": run_id, "checkpoint_sha256": checkpoint})
 
 
-def init_checkpoint(params: Params, layout: Layout) -> Path | None:
-    """The local checkpoint ``train.init_from`` names: a model URI or ``champion`` (the
-    registry's register.model_name@register.alias) is fetched from the store; a path is used as
-    is. Not found is an error, before training: a warm start that silently started cold would
-    hide it. The one exception is ``champion`` on the first night (the registry has no
-    champion yet): that run starts from random init, says so in the log and in
-    train_report.json (``init_from``), and becomes the first champion."""
+def fetch_model(params: Params, layout: Layout, source: str) -> Path | None:
+    """The local checkpoint of a registry ``train.init_from`` (``train.resolve_init_from`` calls
+    it): a model URI or ``champion`` (the registry's register.model_name@register.alias) is
+    fetched from the store. Not found is an error, before training: a warm start that silently
+    started cold would hide it. The one exception is ``champion`` on the first night (the
+    registry has no champion yet): None, so that run starts from random init, says so in the
+    log and in train_report.json (``init_from``), and becomes the first champion."""
     from mmpipe import tracking
 
-    source = params.train.init_from
-    if not source:
-        return None
     if source == "champion":
         if not tracking.has_champion(params.register, params.tracking, layout.root):
             log.warning(

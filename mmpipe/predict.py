@@ -34,6 +34,7 @@ from mmpipe.errors import InputError
 from mmpipe.manifest import MANIFEST, Manifest, read_manifest
 from mmpipe.model import predict_labels
 from mmpipe.ood import Profile, load_profile
+from mmpipe.taskspec import task_spec
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class Predictor:
         extra = self.load_audio(clips)
         out = self.model(self.load_images(images), list(captions), **extra)
         sims = (out["image_emb"] * out["text_emb"]).sum(-1).cpu()  # (B,)
-        if self.task == "captioning":  # the "label" of a pair is the image's caption
+        if task_spec(self.task).captions:  # the "label" of a pair is the image's caption
             rows = [{"label": c, "label_index": -1, "confidence": None}
                     for c in self.caption_images(images)]  # fmt: skip
         else:
@@ -199,7 +200,7 @@ class Predictor:
     @torch.no_grad()
     def caption_images(self, images: Sequence[ImageInput], beam: int = 3) -> list[str]:
         """A generated caption per image (a captioning model; beam 1 = greedy)."""
-        if self.task != "captioning" or getattr(self.model, "decoder", None) is None:
+        if not task_spec(self.task).captions or getattr(self.model, "decoder", None) is None:
             raise InputError(
                 f"{self.source}: a {self.task} model has no caption decoder; caption with a "
                 "model trained with train.task=captioning"
@@ -243,7 +244,8 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
     them); vqa: ``label`` is the answer. A model trained without labels has no task prediction.
     ``confidence`` is None where there is none (regression, no labels): JSON has no NaN.
     """
-    if task == "regression":
+    decode = task_spec(task).decode
+    if decode == "value":
         return [
             {"label": f"{v:.6g}", "label_index": -1, "confidence": None, "value": float(v)}
             for v in logits.reshape(len(logits), -1)[:, 0].tolist()
@@ -253,9 +255,9 @@ def decode_logits(logits: torch.Tensor, task: str, classes: Sequence[str]) -> li
         return [{"label": "", "label_index": -1, "confidence": None, "note": note}
                 for _ in range(len(logits))]  # fmt: skip
     names = list(classes)
-    if task == "multilabel":
+    if decode == "multi_hot":
         return _decode_multilabel(logits, names)
-    if task == "binary" or logits.shape[-1] == 1:
+    if decode == "positive" or logits.shape[-1] == 1:
         probs = torch.sigmoid(logits)
         if probs.shape[-1] == 1:  # one logit: P(class 1)
             probs = torch.cat([1 - probs, probs], dim=-1)

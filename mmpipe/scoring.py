@@ -19,7 +19,7 @@ import torch
 
 from mmpipe import metrics as M
 from mmpipe.model import labelled_rows, predict_labels
-from mmpipe.objectives import DEFAULT_METRIC
+from mmpipe.taskspec import task_spec
 
 UNKNOWN_ANSWER = -2  # a VQA target: answered, but not in the vocabulary (never predicted)
 
@@ -28,7 +28,7 @@ def scored_rows(task: str, target: torch.Tensor) -> torch.Tensor:
     """(N,) bool: the pairs a task is scored on (VQA: every answered question)."""
     if task == "vqa":
         return target != -1
-    if task == "multilabel":
+    if task_spec(task).target == "labels":
         return target.sum(dim=1) > 0 if target.dtype.is_floating_point else (target >= 0).any(1)
     return labelled_rows(target, task)
 
@@ -41,33 +41,46 @@ def score_outputs(task: str, logits: torch.Tensor, target: torch.Tensor) -> dict
     z, y = logits[rows].float(), target[rows]
     pred = predict_labels(z, task)
     out: dict[str, float] = {"n_labelled": float(rows.sum())}
-    if task == "regression":
-        return out | {"mae": M.mae(y, pred), "rmse": M.rmse(y, pred), "r2": M.r2(y, pred)}
-    if task == "multilabel":
-        probs = torch.sigmoid(z)
-        return out | M.multilabel_f1(y, pred) | {"map": M.mean_average_precision(y, probs)}
-    if task == "vqa":  # exact match: the answers are normalised at ingest, <unk> never matches
-        return out | {"vqa_accuracy": M.accuracy(y, pred)}
-    k = max(z.shape[1], 2, int(max(y.max(), pred.max())) + 1)
-    out |= {"accuracy": M.accuracy(y, pred), "macro_f1": M.macro_f1(y, pred, k)}
-    if task == "binary":
-        out["auroc"] = M.auroc(y, z[:, 0])
-    return out
+    return out | {name: TEST_METRICS[name](y, pred, z) for name in task_spec(task).test_metrics}
+
+
+def _macro_f1(y: torch.Tensor, pred: torch.Tensor, z: torch.Tensor) -> float:
+    """Macro-F1 of multi-hot rows (multilabel: over the classes seen), or of class indices over
+    the head's classes (at least 2) and every label seen."""
+    if y.ndim == 2:
+        return M.multilabel_f1(y, pred)["macro_f1"]
+    return M.macro_f1(y, pred, max(z.shape[1], 2, int(max(y.max(), pred.max())) + 1))
+
+
+# a test metric's name -> its value from the scored rows' targets, labels and float logits;
+# multilabel's targets are multi-hot; vqa is exact match (answers normalised at ingest, <unk>
+# never matches). Captioning's metrics come from generated text (mmpipe.captioning).
+TEST_METRICS = {
+    "accuracy": lambda y, pred, z: M.accuracy(y, pred),
+    "macro_f1": lambda y, pred, z: _macro_f1(y, pred, z),
+    "auroc": lambda y, pred, z: M.auroc(y, z[:, 0]),
+    "micro_f1": lambda y, pred, z: M.multilabel_f1(y, pred)["micro_f1"],
+    "map": lambda y, pred, z: M.mean_average_precision(y, torch.sigmoid(z)),
+    "mae": lambda y, pred, z: M.mae(y, pred),
+    "rmse": lambda y, pred, z: M.rmse(y, pred),
+    "r2": lambda y, pred, z: M.r2(y, pred),
+    "vqa_accuracy": lambda y, pred, z: M.accuracy(y, pred),
+}
 
 
 def prior_logits(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Constant outputs of the best input-blind guess on these targets: the majority class
     (answer), the mean value, or each class's prevalence (multilabel)."""
     rows = scored_rows(task, target)
-    y, n = target[rows], len(target)
-    if task == "regression":
+    y, n, spec = target[rows], len(target), task_spec(task)
+    if spec.prior == "mean":
         return torch.full((n, 1), float(y.float().mean()))
-    if task == "multilabel":
+    if spec.prior == "prevalence":
         prevalence = y.float().mean(dim=0).clamp(1e-4, 1 - 1e-4)
         return torch.logit(prevalence).expand(n, -1)
     known = y[y >= 0]
     majority = int(torch.mode(known).values) if len(known) else 0
-    if task == "binary":
+    if spec.single_output:
         return torch.full((n, 1), 1.0 if majority == 1 else -1.0)
     out = torch.zeros(n, logits.shape[1])
     out[:, majority] = 1.0
@@ -76,7 +89,7 @@ def prior_logits(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch
 
 def chance_scores(task: str, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """``<primary metric>_chance``: the prior guess's score (it ignores image and text)."""
-    primary = DEFAULT_METRIC[task]
+    primary = task_spec(task).register_metric
     scores = score_outputs(task, prior_logits(task, logits, target), target)
     return {f"{primary}_chance": scores[primary]} if primary in scores else {}
 
@@ -91,7 +104,7 @@ def per_class(
     rows = scored_rows(task, target)
     z, y = logits[rows].float(), target[rows]
     pred = predict_labels(z, task)
-    if task != "multilabel":
+    if task_spec(task).target != "labels":
         k = max(len(names), z.shape[1], int(max(y.max(), pred.max())) + 1)
         return M.per_class_report(y, pred, k, _names(names, k))
     out = []
@@ -156,7 +169,7 @@ def task_target(batch: dict[str, Any], task: str, num_outputs: int) -> torch.Ten
     from mmpipe.model import batch_targets, multi_hot
 
     target = batch_targets(batch, task)
-    if task == "multilabel":
+    if task_spec(task).target == "labels":
         return multi_hot(target, num_outputs)
     if task == "vqa":
         answered = torch.tensor([a is not None for a in batch["label_text"]])
@@ -166,4 +179,4 @@ def task_target(batch: dict[str, Any], task: str, num_outputs: int) -> torch.Ten
 
 def primary_score(task: str, scores: dict[str, float]) -> float | None:
     """The task's primary metric in ``scores`` (what the ablation compares), None if absent."""
-    return scores.get(DEFAULT_METRIC[task])
+    return scores.get(task_spec(task).register_metric)

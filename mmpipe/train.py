@@ -83,6 +83,7 @@ from mmpipe.model.itm import itm_loss
 from mmpipe.model.multimodal import batch_targets, labelled_rows, multi_hot, task_loss_sum
 from mmpipe.progress import tqdm  # a bar on a terminal, a log line every minute elsewhere
 from mmpipe.storage import redact
+from mmpipe.taskspec import task_spec
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,14 @@ def create_trainer(
     if model.hf_specs:  # what rebuilds the Hugging Face parts without their directories
         meta["hf"] = model.hf_specs
     val_count = manifest.count("val")
-    t = Trainer(p, d, device, amp, model, model, None, None, scaler, micro,  # type: ignore[arg-type]
-                steps_per_epoch, val_count, meta, p.stage_plan(), init=init)  # fmt: skip
-    t.task_loss = task_loss_status(p, manifest)
-    t.cache_dir, t.shard_dir, t.manifest = cache_dir, shard_dir, manifest
-    t.channels_last = use_channels_last(model, device)
-    enter_stage(t, 0)
+    channels_last = use_channels_last(model, device)
+    stages = p.stage_plan()
+    optimizer, scheduler, warmup = stage_optimizer(model, p, stages[0], steps_per_epoch)
+    t = Trainer(p, d, device, amp, model, model, optimizer, scheduler, scaler, micro,
+                steps_per_epoch, val_count, meta, stages, warmup=warmup,
+                task_loss=task_loss_status(p, manifest), init=init, cache_dir=cache_dir,
+                shard_dir=shard_dir, manifest=manifest, channels_last=channels_last)  # fmt: skip
+    start_stage(t)
     return t
 
 
@@ -233,9 +236,10 @@ def enable_grad_checkpointing(model: MultimodalModel) -> None:
 def check_task_data(p: TrainParams, manifest: Manifest) -> None:
     """InputError when the shards' labels cannot train ``p.task`` (before any work)."""
     classes, multi = manifest.classes, manifest.multi_label_pairs
+    spec = task_spec(p.task)
     if p.task == "binary" and len(classes) > 2:
         raise InputError(f"train.task=binary but the manifest lists {len(classes)} classes")
-    if multi and p.task not in ("multilabel", "captioning"):  # captioning ignores labels
+    if multi and spec.target != "labels" and spec.needs_labels:  # captioning ignores labels
         raise InputError(
             f"train.task={p.task} but {multi} pairs carry several labels "
             f"(ingest.label_separator={manifest.label_separator!r}); use "
@@ -246,9 +250,9 @@ def check_task_data(p: TrainParams, manifest: Manifest) -> None:
             f"train.audio_encoder={p.audio_encoder} but the shards carry no audio; set "
             "ingest.audio_column (or ingest.synthetic.audio) or train.audio_encoder=none"
         )
-    if p.task == "captioning" and p.audio_encoder != "none":
-        raise InputError("train.task=captioning does not use audio; set train.audio_encoder=none")
-    if p.task == "regression":
+    if spec.captions and p.audio_encoder != "none":
+        raise InputError(f"train.task={p.task} does not use audio; set train.audio_encoder=none")
+    if spec.target == "value":
         bad = next((c for c in classes if math.isnan(label_value(c))), None)
         if bad is not None:
             raise InputError(f"train.task=regression but label {bad!r} is not a number")
@@ -256,8 +260,8 @@ def check_task_data(p: TrainParams, manifest: Manifest) -> None:
 
 def task_loss_status(p: TrainParams, manifest: Manifest) -> str:
     """ "on", or why the task loss is off: contrastive training only, said once in the log."""
-    if p.task == "captioning":
-        return "on"  # the captions are the targets: no labels needed
+    if not task_spec(p.task).needs_labels:
+        return "on"  # captioning: the captions are the targets
     if manifest.labelled("train"):
         return "on"
     reason = f"off: no labelled train pairs (labels: {manifest.labels})"
@@ -279,24 +283,40 @@ def wrap_model(t: Trainer) -> torch.nn.Module:
     return net
 
 
+def stage_optimizer(
+    model: MultimodalModel, p: TrainParams, s: TrainStage, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """Stage ``s``'s freezing applied to ``model``, a fresh AdamW at its lr (the encoders' at
+    lr x encoder_lr_scale) and its warm-up + cosine: (optimizer, scheduler, warm-up steps)."""
+    model.set_frozen(bool(s.freeze_image), bool(s.freeze_text), s.unfreeze_last)
+    steps = steps_per_epoch * s.epochs
+    warmup = warmup_steps(p, steps)
+    groups = param_groups(model, p.weight_decay, s.lr, p.encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98))
+    schedule = partial(warmup_cosine, warmup=warmup, total=steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), warmup
+
+
 def enter_stage(t: Trainer, index: int) -> None:
-    """Start stage ``index``: its freezing, a fresh AdamW at its lr (the encoders' at lr x
-    encoder_lr_scale), its warm-up + cosine, and its frozen-feature cache."""
-    s = t.stages[index]
-    t.model.set_frozen(bool(s.freeze_image), bool(s.freeze_text), s.unfreeze_last)
-    t.net = wrap_model(t)
-    steps = t.steps_per_epoch * s.epochs
-    t.warmup = warmup_steps(t.p, steps)
-    groups = param_groups(t.model, t.p.weight_decay, s.lr, t.p.encoder_lr_scale)
-    t.optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.98))
-    load_features(t, s)
-    schedule = partial(warmup_cosine, warmup=t.warmup, total=steps)
-    t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, schedule)
+    """Switch to stage ``index``: its freezing, optimiser and schedule (``stage_optimizer``),
+    then ``start_stage``."""
+    t.optimizer, t.scheduler, t.warmup = stage_optimizer(
+        t.model, t.p, t.stages[index], t.steps_per_epoch
+    )
     t.stage = index
+    start_stage(t)
+
+
+def start_stage(t: Trainer) -> None:
+    """What the current stage calls (the model, in DDP for its freezing) and its frozen-feature
+    cache."""
+    s = t.stages[t.stage]
+    t.net = wrap_model(t)
+    load_features(t, s)
     if len(t.stages) > 1:
         log.info("train: stage %d/%d %r: %d epochs, lr %g, warm-up %d of %d steps, %s",
-                 index + 1, len(t.stages), s.name, s.epochs, s.lr, t.warmup, steps,
-                 describe_freezing(s))  # fmt: skip
+                 t.stage + 1, len(t.stages), s.name, s.epochs, s.lr, t.warmup,
+                 t.steps_per_epoch * s.epochs, describe_freezing(s))  # fmt: skip
 
 
 def load_features(t: Trainer, s: TrainStage) -> None:
@@ -400,42 +420,46 @@ def run_train(
     resume: bool = False,
     max_steps: int | None = None,
     on_epoch_end: EpochCallback | None = None,
-    init_checkpoint: Path | None = None,
-    report_extra: dict[str, Any] | None = None,
+    fetch_model: ModelFetcher | None = None,
+    data_sha256: str | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train on ``shard_dir`` (a directory or a published shard set's URL, ``storage``); the
     finished model replaces ``out_dir`` whole; returns the report.
 
     Checkpoints go to the work directory ``<out_dir>.partial/`` (``partial_dir``) every epoch and
-    on SIGTERM/Ctrl-C; ``out_dir`` (best.pt, last.pt, train_report.json + ``report_extra``) is
+    on SIGTERM/Ctrl-C; ``out_dir`` (best.pt, last.pt, train_report.json) is
     switched in atomically only when training completes, so a kill leaves the previous model or
     the new one. ``resume`` continues the work directory's checkpoint if it was made with the
     same params and data (``resume_key``), and refuses otherwise. A signal checkpoints, then
     raises ``Interrupted``; ``max_steps`` (tests, benchmarks) stops after that many optimiser steps
     with a checkpoint and returns the report (``interrupted: true``) without installing anything.
     ``on_epoch_end(epoch, metrics)`` runs on rank 0 after each epoch (MLflow logging).
-    ``init_checkpoint``: the checkpoint file ``p.init_from`` names (a registry source resolved
-    by the caller); a path in ``p.init_from`` is used as is. A resumed run ignores it: its
-    weights come from the work directory's last.pt. ``cache_dir``: where the frozen-feature
-    cache lives (``mmpipe.featurecache``; None = no cache).
+    ``fetch_model``: how ``resolve_init_from`` fetches a registry ``p.init_from`` (the
+    pipeline's, through the tracking store); a resumed run reads no init_from: its weights come
+    from the work directory's last.pt. ``data_sha256``: the shard manifest's sha256 where the
+    caller has it (``pipeline.shard_source``), else read here; train_report.json records it
+    (``data_hash``). ``cache_dir``: where the frozen-feature cache lives
+    (``mmpipe.featurecache``; None = no cache).
     """
     shard_dir, out_dir = shard_location(shard_dir), Path(out_dir)
     work = partial_dir(out_dir)
     manifest = read_manifest(shard_dir, require="train")
-    key = resume_key(p, manifest_sha256(shard_dir))
+    key = resume_key(p, data_sha256 or manifest_sha256(shard_dir))
     resuming = resume and (work / LAST).is_file()
-    if init_checkpoint is None and p.init_from and not resuming:
-        init_checkpoint = local_init_checkpoint(p.init_from)
+    init = None if resuming else resolve_init_from(p.init_from, fetch_model)
+    extra = {"data_hash": key["data_sha256"]}  # installed with the model, atomically
+    if p.init_from and not resuming and init is None:
+        extra["init_from"] = f"{p.init_from}: none yet (first night), random init"
+    spec = task_spec(p.task)
     d = init_distributed(p.device)
     try:
         if not same_on_every_rank(key["data_sha256"], d):  # e.g. LATEST moved as nodes started
             raise InputError(f"{redact(str(shard_dir))}: the ranks of this job read different "
                              "shard versions (manifest sha256); start the job again")  # fmt: skip
         with signals.deferred():
-            source = work / LAST if resuming else init_checkpoint
-            caption = caption_vocabulary(shard_dir, p, source) if p.task == "captioning" else None
-            init = None if resuming else init_checkpoint
+            source = work / LAST if resuming else init
+            caption = caption_vocabulary(shard_dir, p, source) if spec.captions else None
             t = create_trainer(p, d, manifest, init, caption, shard_dir, cache_dir)
             t.meta["resume_key"] = key
             at, rng = start_or_resume(t, work, resume)
@@ -445,9 +469,9 @@ def run_train(
                 raise interrupted(at, work)
             if report["stopped_by"] is None and d.main:
                 installed = {k: v for k, v in report.items() if k not in UNVERSIONED}
-                install_model(work, out_dir, {**installed, **(report_extra or {})})
+                install_model(work, out_dir, {**installed, **extra})
         signals.raise_if_requested(f"after train finished ({out_dir} holds the new model)")
-        return report
+        return {**report, **extra}
     finally:
         close_distributed(d)
 
@@ -497,15 +521,27 @@ def caption_vocabulary(
     return {**spec, "vocab": vocab}
 
 
-def local_init_checkpoint(source: str) -> Path:
-    """The checkpoint file of a local ``train.init_from`` (a file, or a models directory)."""
+# fetches a model registry source (``champion``, ``models:/...``, ``runs:/...``, a URL) as a
+# local checkpoint; None: ``champion`` has no version yet (the first night)
+ModelFetcher = Callable[[str], Path | None]
+
+
+def resolve_init_from(source: str | None, fetch_model: ModelFetcher | None = None) -> Path | None:
+    """The checkpoint file ``train.init_from`` names, resolved once, before training: None for
+    none; a local file or models directory as is; a registry source through ``fetch_model``
+    (None from it: random init, said in train_report.json). Without ``fetch_model`` a registry
+    source is an InputError: a warm start that silently started cold would hide it."""
     from mmpipe.checkpoint import pick_checkpoint
 
+    if not source:
+        return None
     if "://" in source or source.startswith(("models:/", "runs:/")) or source == "champion":
-        raise InputError(
-            f"train.init_from={source!r} names the model registry: run train through "
-            "`mmpipe train`/`mmpipe run` (they fetch it), or give a checkpoint path"
-        )
+        if fetch_model is None:
+            raise InputError(
+                f"train.init_from={source!r} names the model registry: run train through "
+                "`mmpipe train`/`mmpipe run` (they fetch it), or give a checkpoint path"
+            )
+        return fetch_model(source)
     return pick_checkpoint(source)
 
 
@@ -811,7 +847,7 @@ def compute_loss(t: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
         "task": t_global / max(n_global, 1.0),
         "samples": float(len(img)),
         # captioning's n counts target tokens; the report counts the pairs that trained
-        "labelled": float(len(img)) if p.task == "captioning" else n_global,
+        "labelled": float(len(img)) if task_spec(p.task).captions else n_global,
     }
     if "itm_logits" in out:
         itm = itm_loss(out["itm_logits"], out["itm_labels"])
@@ -972,7 +1008,7 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
     ranking = ValRetrieval()
     loader = create_dataloader(shard_dir, "val", t.p.batch_size, num_workers=t.p.num_workers,
                                images=t.features is None)  # fmt: skip
-    itm = val_itm_inputs(t)
+    itm, spec = val_itm_inputs(t), task_spec(t.p.task)
     with torch.random.fork_rng(devices=[]):  # validation must not move the training RNG
         for batch in loader:
             y = batch_targets(batch, t.p.task).to(t.device)
@@ -989,10 +1025,10 @@ def validate(shard_dir: Path, t: Trainer) -> dict[str, float]:
             y = out.get("caption_target", y)
             t_sum, n = task_loss_sum(out["logits"], y, t.p.task)
             hit = groups[(txt @ img.T).argmax(dim=1)] == groups  # (B,): caption finds its image
-            if t.p.task != "captioning":  # its val metric is the token loss
+            if spec.val_metrics:  # none for captioning: its val metric is the token loss
                 rows = labelled_rows(y, t.p.task)
                 z = out["logits"].float()[rows]  # (L, K)
-                y = multi_hot(y[rows], z.shape[1]) if t.p.task == "multilabel" else y[rows]
+                y = multi_hot(y[rows], z.shape[1]) if spec.target == "labels" else y[rows]
                 targets.append(y)
                 logits.append(z)
             add(sums, batches=1, con=float(con), task_sum=float(t_sum), labelled=n,
@@ -1052,9 +1088,8 @@ def val_itm_inputs(t: Trainer) -> dict[str, Any]:
 def val_metrics(
     sums: dict[str, float], targets: torch.Tensor, logits: torch.Tensor, t: Trainer
 ) -> dict[str, float]:
-    """Validation metrics from the pass's sums and its labelled rows' targets and logits:
-    val_accuracy (classification, vqa), val_micro_f1 (multilabel), val_mae/val_rmse
-    (regression)."""
+    """Validation metrics from the pass's sums and its labelled rows' targets and logits (the
+    multi-hot form for multilabel): the loss parts, and the task's ``TaskSpec.val_metrics``."""
     n, lab = sums["batches"], sums.get("labelled", 0.0)
     task = sums.get("task_sum", 0.0) / lab if lab else 0.0
     stage = t.stages[t.stage]
@@ -1068,31 +1103,37 @@ def val_metrics(
     if "itm" in sums:  # ITM's share of the val loss, which picks best.pt without labels
         out["val_itm"] = sums["itm"] / n
         out["val_loss"] += t.p.itm_weight * out["val_itm"]
-    if not lab or t.p.task == "captioning":
+    spec = task_spec(t.p.task)
+    if not lab or not spec.val_metrics:
         return out
     pred = predict_labels(logits, t.p.task)
-    if t.p.task == "regression":
-        out.update(val_mae=M.mae(targets, pred), val_rmse=M.rmse(targets, pred))
-    elif t.p.task == "multilabel":
-        out["val_micro_f1"] = M.multilabel_f1(targets, pred)["micro_f1"]
-    else:
-        out["val_accuracy"] = M.accuracy(targets, pred)
-    return out
+    return out | {name: VAL_METRICS[name](targets, pred, logits) for name in spec.val_metrics}
 
 
-SELECTION = {"regression": "val_rmse", "multilabel": "val_micro_f1"}  # else val_accuracy
+# a validation metric's name -> its value from the labelled rows' targets, labels and logits
+VAL_METRICS = {
+    "val_accuracy": lambda y, pred, z: M.accuracy(y, pred),
+    "val_macro_f1": lambda y, pred, z: M.macro_f1(
+        y, pred, max(z.shape[1], 2, int(max(y.max(), pred.max())) + 1)
+    ),
+    "val_micro_f1": lambda y, pred, z: M.multilabel_f1(y, pred)["micro_f1"],
+    "val_map": lambda y, pred, z: M.mean_average_precision(y, torch.sigmoid(z)),
+    "val_mae": lambda y, pred, z: M.mae(y, pred),
+    "val_rmse": lambda y, pred, z: M.rmse(y, pred),
+}
 
 
 def selection_metric(metrics: dict[str, float], task: str) -> tuple[str, float | None]:
     """(name, value) of what picks best.pt, higher is better: the task's validation metric
-    (minus val_rmse for regression); without labelled val pairs, val retrieval (val_mean_r1:
-    a contrastive run's val loss can rise while its retrieval still improves), except for
-    captioning (its task loss) and ITM runs (the val loss holds ITM's share), else minus the
-    val loss."""
-    name = SELECTION.get(task, "val_accuracy")
-    if name in metrics:
-        return (f"-{name}", -metrics[name]) if name == "val_rmse" else (name, metrics[name])
-    if "val_mean_r1" in metrics and task != "captioning" and "val_itm" not in metrics:
+    (``TaskSpec.selection``, negated when lower is better); without labelled val pairs, val
+    retrieval (val_mean_r1: a contrastive run's val loss can rise while its retrieval still
+    improves), except for captioning (its task loss) and ITM runs (the val loss holds ITM's
+    share), else minus the val loss."""
+    spec = task_spec(task)
+    name, key = spec.selection, spec.selection_key()
+    if name is not None and key is not None and name in metrics:
+        return key, metrics[name] if spec.selection_greater else -metrics[name]
+    if "val_mean_r1" in metrics and not spec.captions and "val_itm" not in metrics:
         return "val_mean_r1", metrics["val_mean_r1"]
     return "-val_loss", -metrics["val_loss"] if "val_loss" in metrics else None
 

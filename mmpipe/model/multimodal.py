@@ -28,6 +28,7 @@ from mmpipe.model.hf import create_hf_parts
 from mmpipe.model.image import create_image_encoder
 from mmpipe.model.itm import itm_pairs
 from mmpipe.model.text import create_text_encoder
+from mmpipe.taskspec import task_spec
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned temperature at 1/100
 SIGLIP_INIT_BIAS = -10.0  # SigLIP (Zhai et al. 2023): b = -10 keeps the many negatives quiet
@@ -35,7 +36,7 @@ SIGLIP_INIT_BIAS = -10.0  # SigLIP (Zhai et al. 2023): b = -10 keeps the many ne
 
 def num_outputs(task: str, num_classes: int) -> int:
     """Logits per sample: one for binary and regression, one per class (answer) otherwise."""
-    return 1 if task in ("binary", "regression") else max(num_classes, 1)
+    return task_spec(task).outputs(num_classes)
 
 
 class MultimodalModel(nn.Module):
@@ -272,7 +273,7 @@ def create_caption_decoder(
     cfg: ModelConfig, image_dim: int, caption: dict[str, Any] | None
 ) -> CaptionDecoder | None:
     """The caption decoder of a captioning model (None for the other tasks)."""
-    if cfg.task != "captioning":
+    if not task_spec(cfg.task).captions:
         return None
     if caption is None:
         raise ValueError("train.task=captioning needs the caption vocabulary (build_vocabulary)")
@@ -372,20 +373,17 @@ def batch_targets(batch: dict[str, Any], task: str) -> torch.Tensor:
     multilabel: (B, L) class indices, -1 padded; regression: (B,) values, nan = none; the
     classification tasks (multiclass, binary, vqa): (B,) class index, -1 = none (or ``<unk>``).
     """
-    if task == "multilabel":
-        return batch["labels"]
-    if task == "regression":
-        return batch["value"]
-    return batch["label"]
+    return batch[task_spec(task).target]
 
 
 def labelled_rows(target: torch.Tensor, task: str) -> torch.Tensor:
     """(B,) bool: the rows of a ``batch_targets`` tensor that carry a target."""
-    if task == "multilabel":
-        return (target >= 0).any(dim=1)
-    if task == "captioning":  # token ids (B, T): a caption always has its EOS
+    spec = task_spec(task)
+    if spec.captions:  # token ids (B, T): a caption always has its EOS
         return (target != PAD).any(dim=1)
-    if task == "regression":
+    if spec.target == "labels":
+        return (target >= 0).any(dim=1)
+    if spec.target == "value":
         return ~torch.isnan(target)
     return target >= 0
 
@@ -405,21 +403,30 @@ def task_loss_sum(
     A sum, not a mean, so DDP can divide by the labelled count of the GLOBAL batch. Multilabel
     BCE is averaged over the classes of a row, so a row weighs the same whatever K.
     """
-    if task == "captioning":
+    spec = task_spec(task)
+    if spec.captions:
         return caption_loss_sum(logits, target)
     mask = labelled_rows(target, task)
     n = int(mask.sum())
     if n == 0:
         return logits.float().sum() * 0.0, 0  # keeps the graph whole for DDP
-    z, y = logits[mask].float(), target[mask]
-    if task in ("multiclass", "vqa"):
-        return F.cross_entropy(z, y, reduction="sum"), n
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(z[:, 0], y.float(), reduction="sum"), n
-    if task == "multilabel":
-        hot = multi_hot(y, z.shape[1])
-        return F.binary_cross_entropy_with_logits(z, hot, reduction="sum") / z.shape[1], n
-    return F.mse_loss(z[:, 0], y.float(), reduction="sum"), n
+    return LOSSES[spec.loss](logits[mask].float(), target[mask]), n
+
+
+def _multilabel_bce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    hot = multi_hot(y, z.shape[1])
+    return F.binary_cross_entropy_with_logits(z, hot, reduction="sum") / z.shape[1]
+
+
+# TaskSpec.loss -> summed loss of labelled rows: (L, K) float logits, (L, ...) targets -> ()
+LOSSES = {
+    "cross_entropy": lambda z, y: F.cross_entropy(z, y, reduction="sum"),
+    "binary_cross_entropy": lambda z, y: F.binary_cross_entropy_with_logits(
+        z[:, 0], y.float(), reduction="sum"
+    ),
+    "multilabel_bce": _multilabel_bce,
+    "mse": lambda z, y: F.mse_loss(z[:, 0], y.float(), reduction="sum"),
+}
 
 
 def caption_loss_sum(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -438,13 +445,16 @@ def predict_labels(logits: torch.Tensor, task: str) -> torch.Tensor:
 
     The one place task-head logits become labels: training's validation, evaluate and predict.
     """
-    if task == "binary":
-        return (logits[:, 0] > 0).long()
-    if task == "multilabel":
-        return (logits > 0).long()
-    if task == "regression":
-        return logits[:, 0].float()
-    return logits.argmax(dim=-1)
+    return DECODERS[task_spec(task).decode](logits)
+
+
+# TaskSpec.decode -> labels of (B, K) logits
+DECODERS = {
+    "positive": lambda z: (z[:, 0] > 0).long(),
+    "multi_hot": lambda z: (z > 0).long(),
+    "value": lambda z: z[:, 0].float(),
+    "argmax": lambda z: z.argmax(dim=-1),
+}
 
 
 def describe(model: MultimodalModel) -> dict[str, Any]:

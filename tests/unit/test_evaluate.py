@@ -217,3 +217,19 @@ def test_an_experiment_leaves_the_ablation_out_unless_asked(project, monkeypatch
     assert read_json(layout.eval_dir / "ablation.json")["enabled"] is False
     skipped = read_json(layout.eval_dir / "evaluation_report.json")["skipped"]
     assert "dvc exp run" in skipped["ablation"] and "evaluate.ablation=true" in skipped["ablation"]
+
+
+def test_evaluate_and_register_rescoring_share_one_path_and_its_class_check(project, tmp_path):
+    """score_checkpoint (register's re-scoring) gives evaluate's metrics but the ablation's
+    summary; a checkpoint trained on other classes is refused by both."""
+    from mmpipe.errors import InputError
+    from mmpipe.evaluate import run_evaluate, score_checkpoint
+
+    p = _params(ablation=False)
+    metrics = run_evaluate(project.shards, project.models, p, tmp_path / "reports")
+    assert score_checkpoint(project.models / "best.pt", project.shards, p) == metrics
+    other = save_random_checkpoint(tmp_path / "other" / "best.pt", classes=CLASSES[::-1])
+    with pytest.raises(InputError, match="trained on classes"):
+        score_checkpoint(other, project.shards, p)
+    with pytest.raises(InputError, match="trained on classes"):
+        run_evaluate(project.shards, other.parent, p, tmp_path / "reports2")

@@ -12,7 +12,6 @@ from mmpipe.config import ParamsError, load_params
 from mmpipe.errors import InputError
 from mmpipe.manifest import Manifest
 from mmpipe.objectives import (
-    DEFAULT_METRIC,
     chance_bar,
     chance_level,
     check_metric_for_data,
@@ -21,6 +20,7 @@ from mmpipe.objectives import (
     resolve_metric,
     task_label,
 )
+from mmpipe.taskspec import TASKS
 
 LABELLED = Manifest(
     splits={}, labels="all", labelled_pairs_per_split={"train": 10, "val": 2, "test": 3}
@@ -66,6 +66,13 @@ def test_registry_fallback_for_scores_of_an_unknown_task():
     assert metric_of(None, None, {"rmse": 1.0, "mean_r1": 0.5}) == ("rmse", False)
     assert metric_of(None, None, {"mean_r1": 0.5}) == ("mean_r1", True)
     assert metric_of("mae", True, {}) == ("mae", True)  # an explicit direction wins
+    # binary's scores hold multiclass's too: the task holding the most of its metrics wins
+    binary = {"accuracy": 0.9, "macro_f1": 0.8, "auroc": 0.7, "mean_r1": 0.1}
+    assert metric_of(None, None, binary) == ("macro_f1", True)
+    assert metric_of(None, None, {"accuracy": 0.9, "macro_f1": 0.8}) == ("accuracy", True)
+    multilabel = {"micro_f1": 0.5, "macro_f1": 0.4, "map": 0.6}
+    assert metric_of(None, None, multilabel) == ("map", True)
+    assert metric_of(None, None, {"bleu4": 0.1, "cider": 0.2}) == ("cider", True)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -137,7 +144,7 @@ def test_vqa_accuracy_counts_unknown_answers_as_wrong_and_splits_by_question_typ
 
 
 def test_every_task_has_a_default_metric_its_scores_contain():
-    for task, metric in DEFAULT_METRIC.items():
+    for task, metric in ((t, s.register_metric) for t, s in TASKS.items()):
         if task == "captioning":  # scored on generated text: tests/unit/test_captioning.py
             continue
         k = 3 if task not in ("binary", "regression") else 1

@@ -178,9 +178,9 @@ def test_other_tasks_train(shards, tmp_path, task):
     last = report["history"][-1]
     assert torch.isfinite(torch.tensor(last["train_loss"]))
     assert ("val_micro_f1" in last) == (task == "multilabel")
-    assert report["selection_metric"] == (
-        "val_micro_f1" if task == "multilabel" else "val_accuracy"
-    )
+    # best.pt on the validation twin of the metric register compares (mmpipe/taskspec.py)
+    wanted = {"binary": "val_macro_f1", "multilabel": "val_map", "vqa": "val_accuracy"}[task]
+    assert wanted in last and report["selection_metric"] == wanted
 
 
 def test_user_errors(shards, tmp_path):
@@ -289,6 +289,27 @@ def test_init_from_loads_matching_weights_and_reports_the_rest(shards, tmp_path)
     assert report["init"]["loaded"] == t.init["loaded"]
     with pytest.raises(InputError, match="names the model registry"):
         run_train(shards, tiny_train_params(init_from="champion"), tmp_path / "x")
+
+
+def test_init_from_is_resolved_in_one_place(tmp_path):
+    """A path is used as is; a registry source goes through the caller's fetch (None: the
+    first night's champion, random init); without a fetch it is refused, never ignored."""
+    from mmpipe.train import resolve_init_from
+
+    (tmp_path / "best.pt").write_bytes(b"")
+    asked = []
+
+    def fetch(source):
+        asked.append(source)
+        return None if source == "champion" else tmp_path / "fetched.pt"
+
+    assert resolve_init_from(None, fetch) is None and asked == []
+    assert resolve_init_from(str(tmp_path), fetch) == tmp_path / "best.pt" and asked == []
+    assert resolve_init_from("champion", fetch) is None
+    assert resolve_init_from("models:/m@champion", fetch) == tmp_path / "fetched.pt"
+    assert asked == ["champion", "models:/m@champion"]
+    with pytest.raises(InputError, match="names the model registry"):
+        resolve_init_from("runs:/abc/model")
 
 
 def test_warmup_is_a_fraction_of_the_run_capped_at_half():
