@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 RECORD_COLUMNS = ("caption_id", "caption", "image_id", "label", "source", "meta")
 IMAGE_COLUMNS = ("image_id", "rel_path")
+GROUP_COLUMN = "group_id"  # curate's near-duplicate group of an image (its image_id: no group)
 PAIR_SCHEMA = table_schema(
     "pair_id", "image_id", "caption_id", "caption", "label", ("label_index", pa.int64()), "split",
     "image_path",  # relative to the data root (ingest report's data_root)
@@ -105,11 +106,26 @@ class ImageTable:
         n = pf.metadata.num_rows
         keys = np.empty((n, 2), dtype=np.uint64)
         self.split = np.empty(n, dtype=np.int8)
+        # curate's near-duplicate groups: the split is the group's (a group_id column), and the
+        # split each image would get on its own, to count what the grouping prevented
+        grouped = GROUP_COLUMN in pf.schema_arrow.names
+        self.alone = np.empty(n, dtype=np.int8) if grouped else self.split
+        self.group_keys = np.empty((n, 2), dtype=np.uint64) if grouped else None
+        columns = [*IMAGE_COLUMNS, GROUP_COLUMN] if grouped else list(IMAGE_COLUMNS)
         paths, offset = [], 0
-        for batch in iter_batches(pf, BATCH, list(IMAGE_COLUMNS)):
+        for batch in iter_batches(pf, BATCH, columns):
             ids = batch.column("image_id").cast(pa.string()).to_pylist()
-            keys[offset : offset + len(ids)] = string_keys(ids)
-            self.split[offset : offset + len(ids)] = [SPLITS.index(split_of(i, p)) for i in ids]
+            at = slice(offset, offset + len(ids))
+            keys[at] = string_keys(ids)
+            groups = batch.column(GROUP_COLUMN).to_pylist() if grouped else ids
+            self.split[at] = [
+                SPLITS.index(split_of(g or i, p)) for g, i in zip(groups, ids, strict=True)
+            ]
+            if self.group_keys is not None:
+                self.group_keys[at] = string_keys(
+                    [g or i for g, i in zip(groups, ids, strict=True)]
+                )
+                self.alone[at] = [SPLITS.index(split_of(i, p)) for i in ids]
             paths.append(batch.column("rel_path").cast(pa.string()))
             offset += len(ids)
         self.paths = pa.chunked_array(paths, pa.string())  # no concatenated copy
@@ -339,6 +355,35 @@ def _write_pairs(
     return unknown
 
 
+def near_duplicate_check(images: ImageTable) -> dict[str, Any] | None:
+    """curate's near-duplicate groups among the paired images, and the contamination check:
+    val/test images with a near-copy in train, in the final split (0: a group has one split)
+    and as it would be had each image been split on its own. None without any group (the
+    report stays as it was before curate)."""
+    if images.group_keys is None:
+        return None
+    used = np.flatnonzero(images.used)
+    _, group, sizes = np.unique(images.group_keys[used], axis=0, return_inverse=True,
+                                return_counts=True)  # fmt: skip
+    group = group.ravel()
+    if not len(used) or sizes.max() < 2:
+        return None
+
+    def contaminated(split: np.ndarray) -> int:
+        train = np.zeros(len(sizes), dtype=bool)
+        train[group[split == 0]] = True
+        return int(((split != 0) & train[group]).sum())
+
+    in_groups = sizes[group] > 1
+    return {
+        "groups": int((sizes > 1).sum()),
+        "images_in_groups": int(in_groups.sum()),
+        # val/test images with a near-copy in train: the split by group must leave none
+        "contaminated_images": contaminated(images.split[used]),
+        "contaminated_images_if_split_by_image": contaminated(images.alone[used]),
+    }
+
+
 def make_report(
     tally: Tally,
     images: ImageTable,
@@ -370,6 +415,10 @@ def make_report(
         "pairs_per_class": dict(sorted(tally.per_class.items())),
         "params_hash": section_hash(p),
     }
+    near = near_duplicate_check(images)
+    if near is not None:
+        report["near_duplicates"] = near
+        check(near["contaminated_images"] == 0, f"a near-duplicate group straddles splits: {near}")
     # every accepted record is either paired or an orphan, never both, never lost
     check(report["images"] == sum(groups.values()) + report["orphan_images"], f"images: {report}")
     check(report["captions"] == report["pairs"] + report["orphan_captions"], f"captions: {report}")
@@ -378,6 +427,9 @@ def make_report(
 
 def run_align(ingest_dir: Path, p: AlignParams, out_dir: Path) -> dict[str, Any]:
     """Write pairs.parquet, orphans.jsonl and report.json (last) into out_dir; return the report.
+
+    ``ingest_dir`` holds records.parquet and images.parquet: curate's (the pipeline's), or
+    ingest's; an images.parquet with a ``group_id`` column is split by group.
 
     report.json holds counts only; the returned dict adds ``seconds`` (log and MLflow).
     """

@@ -203,6 +203,70 @@ class IngestParams(Section):
     )
 
 
+class CurateParams(Section):
+    """Stage `curate`: near-duplicate image groups, image-text scores and basic filters."""
+
+    near_duplicates: bool = Field(
+        False,
+        description="Group near-copies of an image (perceptual hash within hash_radius) so "
+        "align puts them in one split; off = every image is its own group. Off by default: on "
+        "the generated default (flat gradients + one small shape) phash groups unrelated "
+        "images (docs/curation.md); turn it on for photos.",
+    )
+    hash_radius: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="Largest Hamming distance between two 64-bit perceptual hashes of one "
+        "group. Larger finds more re-edited copies, and more false groups, more slowly.",
+    )
+    keep_one_per_group: bool = Field(
+        False,
+        description="Keep only the largest image of each near-duplicate group; the others are "
+        "rejects `near_duplicate` (their pairs: `image_rejected`).",
+    )
+    scorer: str | None = Field(
+        None,
+        description="Model that scores image-text agreement (cosine of the pair's embeddings): "
+        "a checkpoint or models dir, a models:/name@alias URI, `champion` (register.model_name"
+        "@register.alias; none yet = nothing scored, with a warning) or hf:<id or dir> of a "
+        "CLIP/SigLIP; null = no scores.",
+    )
+    min_score: float | None = Field(
+        None, description="With a scorer: reject pairs scoring below this (`low_score`)."
+    )
+    keep_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="With a scorer: keep the top fraction of each source's pairs by score "
+        "(`below_top_fraction`); null = off.",
+    )
+    min_caption_words: int | None = Field(
+        None, ge=1, description="Reject captions with fewer words (`caption_too_few_words`)."
+    )
+    min_caption_chars: int | None = Field(
+        None, ge=1, description="Reject captions with fewer characters (`caption_too_short`)."
+    )
+    min_image_side: int | None = Field(
+        None, ge=1, description="Reject images whose shorter side is smaller (`image_too_small`)."
+    )
+    max_aspect_ratio: float | None = Field(
+        None,
+        ge=1.0,
+        description="Reject images whose long side / short side is larger (`aspect_ratio`).",
+    )
+    languages: list[str] | None = Field(
+        None,
+        description="Keep captions whose detected language (py3langid, ISO 639-1, e.g. [en]) is "
+        "listed (`language`); null = off.",
+    )
+    batch_size: int = Field(64, ge=1, description="Images per scorer batch.")
+    workers: int = Field(2, ge=1, description="Worker processes hashing images.")
+    executor: Executor = _executor_field()
+    address: str | None = _address_field()
+
+
 class AlignParams(Section):
     """Stage `align`: pair images and captions, account for orphans, split by image group."""
 
@@ -671,6 +735,7 @@ class Params(Section):
     """All of ``params.yaml``."""
 
     ingest: IngestParams = Field(default_factory=IngestParams, description="Stage ingest.")
+    curate: CurateParams = Field(default_factory=CurateParams, description="Stage curate.")
     align: AlignParams = Field(default_factory=AlignParams, description="Stage align.")
     shard: ShardParams = Field(default_factory=ShardParams, description="Stage shard.")
     train: TrainParams = Field(default_factory=TrainParams, description="Stage train.")

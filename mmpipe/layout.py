@@ -62,6 +62,43 @@ STAGES: dict[str, StageSpec] = {
         inputs=(),  # the user's source files, named by params (see pipeline.stage_fingerprint)
         out="data/ingest",
     ),
+    "curate": StageSpec(
+        help="group near-duplicate images, score image-text agreement, filter pairs",
+        params=("curate",),
+        code=(
+            "mmpipe/__init__.py",
+            "mmpipe/align.py",
+            "mmpipe/audio.py",
+            "mmpipe/commit.py",
+            "mmpipe/config.py",
+            "mmpipe/curate.py",
+            "mmpipe/errors.py",
+            "mmpipe/faults.py",
+            "mmpipe/incremental.py",
+            "mmpipe/ingest.py",
+            "mmpipe/io.py",
+            "mmpipe/keys.py",
+            "mmpipe/layout.py",
+            "mmpipe/lock.py",
+            "mmpipe/metrics.py",
+            "mmpipe/objectives.py",
+            "mmpipe/parallel.py",
+            "mmpipe/pipeline.py",
+            "mmpipe/progress.py",
+            "mmpipe/storage.py",
+            "mmpipe/synthetic.py",
+        ),
+        # the images are read under the data root ingest's report names
+        inputs=(
+            "data/ingest/records.parquet",
+            "data/ingest/images.parquet",
+            "data/ingest/report.json",
+        ),
+        out="data/curate",
+        # curate.scorer `champion`: which registered model it names (pinned by the scorer's
+        # sha256 in the stage's fingerprint and report, not by these keys)
+        locations=("register.model_name", "register.alias"),
+    ),
     "align": StageSpec(
         help="pair images and captions, count orphans, split by image group",
         params=("align",),
@@ -80,7 +117,7 @@ STAGES: dict[str, StageSpec] = {
             "mmpipe/pipeline.py",
             "mmpipe/storage.py",
         ),
-        inputs=("data/ingest/records.parquet", "data/ingest/images.parquet"),
+        inputs=("data/curate/records.parquet", "data/curate/images.parquet"),
         out="data/align",
     ),
     "shard": StageSpec(
@@ -290,6 +327,9 @@ class Layout:
 
     ingest_dir = _stage_dir(
         "ingest", "records.parquet, images.parquet, rejects.jsonl, report.json."
+    )
+    curate_dir = _stage_dir(
+        "curate", "records.parquet, images.parquet (+ group_id), rejects.jsonl, report.json."
     )
     align_dir = _stage_dir("align", "pairs.parquet, orphans.jsonl, report.json.")
     shard_dir = _stage_dir("shard", "{train,val,test}-NNNNNN.tar + manifest.json.")

@@ -31,7 +31,7 @@ from mmpipe.faults import fault_point
 # every pool preloads this one list. Measured (benchmarks/README.md): with the first caller's list
 # only, each shard worker re-imported albumentations + torch (+2.4 s per shard run, 2 workers no
 # faster than 1) and each DataLoader worker re-imported torch (+2 s per loader, every epoch).
-PRELOAD = ("mmpipe.synthetic", "mmpipe.ingest", "mmpipe.shard", "mmpipe.data")
+PRELOAD = ("mmpipe.synthetic", "mmpipe.ingest", "mmpipe.curate", "mmpipe.shard", "mmpipe.data")
 
 
 def pool_context() -> BaseContext:

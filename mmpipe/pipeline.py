@@ -4,7 +4,7 @@ Each driver reads its params section, calls the stage's pure function on the pro
 (``mmpipe.layout``) and, under a flow or for the model stages, records the run in MLflow:
 
     run_stage(name, params, layout)        any stage by name (the CLI, the Prefect tasks)
-    stage_ingest / stage_align / stage_shard   data stages; each leaves a fingerprint stamp
+    stage_ingest / stage_curate / stage_align / stage_shard   data stages; each leaves a fingerprint stamp
     stage_train / stage_evaluate / stage_register
     run_all(params, layout)                every stage in order, in this process
 
@@ -100,6 +100,8 @@ def stage_fingerprint(stage: str, params: Params, layout: Layout) -> str:
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     if stage == "ingest" and params.ingest.root and is_url(params.ingest.root):
         h.update(listing_digest(params.ingest.root).encode())  # names, sizes, ETags
+    if stage == "curate" and params.curate.scorer:  # a new champion re-scores
+        h.update(json.dumps(scorer_identity(params, layout), sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -146,10 +148,77 @@ def local_source(p: IngestParams, layout: Layout) -> IngestParams:
     return p.model_copy(update={"root": str(dest)})
 
 
+def _curate(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
+    from mmpipe.curate import run_curate
+    from mmpipe.ingest import resolve_data_root
+
+    predictor, info = curate_scorer(params, layout)
+    root = resolve_data_root(layout.ingest_dir)
+    p = params.curate
+    return run_curate(layout.ingest_dir, p, out_dir, data_root=root, scorer=predictor,
+                      scorer_info=info)  # fmt: skip
+
+
+def curate_scorer(params: Params, layout: Layout) -> tuple[Any, dict[str, Any] | None]:
+    """The ``Predictor`` that ``curate.scorer`` names and what it is (for the report and the
+    stage's fingerprint): (None, None) without a scorer; (None, info) for ``champion`` before
+    there is one (a warning: nothing is scored). Loaded as ``mmpipe eval-retrieval`` loads a
+    model: ``hf:`` as it ships (never downloaded here), else ``tracking.resolve_model``."""
+    source = params.curate.scorer
+    if not source:
+        return None, None
+    identity = scorer_identity(params, layout)
+    if identity.get("resolved") is None:
+        log.warning("curate.scorer champion: %s has no version '%s' yet: nothing is scored",
+                    params.register.model_name, params.register.alias)  # fmt: skip
+        return None, identity
+    from mmpipe import tracking
+    from mmpipe.predict import hf_predictor, load_predictor
+
+    if source.startswith("hf:"):
+        return hf_predictor(source), identity
+    checkpoint, sidecar = tracking.resolve_model(
+        identity["resolved"], params.tracking, params.register, layout
+    )
+    predictor = load_predictor(checkpoint, sidecar=sidecar, shard_dir=layout.shard_dir)
+    return predictor, {**identity, "sha256": sha256_file(checkpoint)}
+
+
+def scorer_identity(params: Params, layout: Layout) -> dict[str, Any]:
+    """What ``curate.scorer`` names now, cheaply (no download): ``resolved`` (the URI or path;
+    None for a champion that does not exist yet) and a digest where one is known without
+    fetching: a checkpoint's sha256, a registered version's number and run, an hf: directory's
+    listing. Part of curate's fingerprint, so a new champion re-runs the stage under the flow."""
+    source = str(params.curate.scorer)
+    info: dict[str, Any] = {"scorer": source, "resolved": source}
+    if source.startswith("hf:"):
+        path = Path(source[3:])
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.relative_to(path)}:{sha256_file(f)}".encode())
+            info["sha256"] = h.hexdigest()
+        return info
+    from mmpipe import tracking
+
+    if source == "champion":
+        if not tracking.has_champion(params.register, params.tracking, layout.root):
+            return {**info, "resolved": None}
+        info["resolved"] = tracking.champion_uri(params.register)
+    if tracking.is_model_uri(info["resolved"]):
+        info["version"] = tracking.model_version(info["resolved"], params.tracking, layout.root)
+        return info
+    from mmpipe.checkpoint import pick_checkpoint
+
+    info["sha256"] = sha256_file(pick_checkpoint(source))
+    return info
+
+
 def _align(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
     from mmpipe.align import run_align
 
-    return run_align(layout.ingest_dir, params.align, out_dir)
+    return run_align(layout.curate_dir, params.align, out_dir)
 
 
 def _shard(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
@@ -162,6 +231,7 @@ def _shard(params: Params, layout: Layout, out_dir: Path) -> dict[str, Any]:
 
 _DATA_FUNCTIONS: dict[str, Callable[[Params, Layout, Path], dict[str, Any]]] = {
     "ingest": _ingest,
+    "curate": _curate,
     "align": _align,
     "shard": _shard,
 }
@@ -206,6 +276,7 @@ def run_data_stage(
 # validate the configured source into data/ingest/, pair and split it into data/align/, write
 # WebDataset shards into data/shards/
 stage_ingest = functools.partial(run_data_stage, "ingest")
+stage_curate = functools.partial(run_data_stage, "curate")
 stage_align = functools.partial(run_data_stage, "align")
 stage_shard = functools.partial(run_data_stage, "shard")
 

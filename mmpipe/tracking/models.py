@@ -273,6 +273,24 @@ def has_champion(register: RegisterParams, p: TrackingParams | None, root: str |
     return True
 
 
+def model_version(model_uri: str, p: TrackingParams | None, root: str | Path) -> str:
+    """What a ``models:/name@alias`` or ``models:/name/N`` URI names now, without a download:
+    ``name/version (run id)``; any other URI as it is (its content does not move)."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    name, _, ref = model_uri[len("models:/") :].partition("@")
+    client = connect(p, root).client
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise InputError(f"cannot resolve {model_uri}: {exc.message}") from None
+    return f"{version.name}/{version.version} ({version.run_id})"
+
+
 def is_model_uri(source: str | Path) -> bool:
     """True for an MLflow model URI (``models:/...``, ``runs:/...``, any ``scheme://``)."""
     text = str(source)
