@@ -449,7 +449,7 @@ def stage_on(project: Path, sets: list[str], workers: int = 1) -> dict[str, Any]
     project.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "mmpipe"]
     over = [a for o in [*sets, f"curate.workers={workers}"] for a in ("--set", o)]
-    env_sets = ["--project-dir", str(project), *over]
+    env_sets = ["--params", str(REPO / "params.yaml"), "--project-dir", str(project), *over]
     _timed([*base, "ingest", *env_sets], project / "stage.log")
     took = _timed([*base, "curate", *env_sets], project / "stage.log")
     report = json.loads((project / "data" / "curate" / "report.json").read_text())
@@ -469,7 +469,7 @@ def stage_figures(work: Path, data: Path, sizes: list[int]) -> dict[str, Any]:
     """Near-duplicate groups on ``data`` and on the synthetic default, and curate's speed on
     ``sizes`` re-encoded/resized copies of ``data``'s photos; each kept in ``work/stage``."""
     out: dict[str, Any] = {}
-    folder = ["ingest.source=folder", "ingest.captions=captions.jsonl"]
+    folder = ["ingest.source=folder", "ingest.captions=captions.jsonl", "ingest.image_check=header"]
     cases = [(data.name, [*folder, f"ingest.root={data}"]), ("synthetic default", [])]
     for n in sizes:
         root = variants(data, work / "stage" / f"variants-{n}", n)
