@@ -574,16 +574,20 @@ def stage_lines(stage: dict[str, Any]) -> list[str]:
 
 def readme_markdown(result: dict[str, Any]) -> str:
     """The README's compact block: R@1 per row, the recovered share, a link to the rest."""
-    rows, cur, names = result["rows"], result["curation"], _names(result)
-    n = f"{result['train_images']:,} Flickr8k photos"
-    lines = [f"| training data ({n}) | image→text R@1 | text→image R@1 |", "|---|---|---|"]
+    rows, cur = result["rows"], result["curation"]
+    names = {"clean": "(a) clean captions",
+             "noisy": f"(b) {result['noise'] * 100:g} % swapped for other photos'",
+             "curated": "(c) (b) curated by (b)'s own scores"}  # fmt: skip
+    n = f"{result['train_images']:,}"
+    lines = [f"| Flickr8k, {n} training photos | image→text R@1 | text→image R@1 |",
+             "|---|---|---|"]  # fmt: skip
     for key in ROWS:
         s = rows[key]["scores"]
         lines.append(f"| {names[key]} | {s['i2t']['R@1']:.3f} | {s['t2i']['R@1']:.3f} |")
-    lines += ["", f"Curation recovered {_share(result)} of the R@1 the noise cost; the filter's "
-              f"precision {cur['precision']:.2f}, recall {cur['recall']:.2f} at finding the "
-              "swapped captions. Held-out photos, conditions and the curate stage's figures: "
-              f"[docs/curation-benchmark.md](docs/curation-benchmark.md)."]  # fmt: skip
+    lines += ["", f"Curation (`curate.scorer`, `keep_fraction`) recovered {_share(result)} of "
+              f"the R@1 the noise cost; precision {cur['precision']:.2f}, recall "
+              f"{cur['recall']:.2f} at finding the swapped captions: "
+              "[docs/curation-benchmark.md](docs/curation-benchmark.md)."]  # fmt: skip
     return "\n".join(lines)
 
 

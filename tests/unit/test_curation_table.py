@@ -88,11 +88,11 @@ def test_readme_and_docs_tables_from_a_saved_full_run(tmp_path, monkeypatch):
     text = readme_table_from(cu, _saved(tmp_path), tmp_path, monkeypatch)
     # the README: R@1 per row, the recovered share and the link
     assert "| (a) clean captions | 0.250 | 0.190 |" in text
-    assert "| (c) = (b) curated: top 0.7 by (b)'s score | 0.240 | 0.170 |" in text
+    assert "| (c) (b) curated by (b)'s own scores | 0.240 | 0.170 |" in text
     assert "recovered 80 % / 50 % of the R@1" in text and "precision 0.90, recall 0.90" in text
     assert "(docs/curation-benchmark.md)" in text
     assert "`python -m benchmarks.curation --update-readme --train-images 1000`" in text
-    assert "| training data (4,000 Flickr8k photos) |" in text
+    assert "| Flickr8k, 4,000 training photos |" in text
     full = doc.read_text()
     assert "`--train-images 1000`: the first of the training photos" in full
     assert "| flickr8k | 5,000 | 3 | 6 | 310.5 | 1 |" in full
