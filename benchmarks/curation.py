@@ -443,7 +443,7 @@ def _timed(cmd: list[str], log: Path) -> dict[str, float]:
 
 
 def stage_on(project: Path, sets: list[str], workers: int = 1) -> dict[str, Any]:
-    """``mmpipe ingest`` then ``mmpipe curate`` (defaults: near-duplicate groups, no scorer;
+    """``mmpipe ingest`` then ``mmpipe curate`` (params.yaml's defaults and ``sets``; no scorer;
     ``workers`` hashing processes) in ``project``: the groups, and curate's images/s per core
     (images / CPU seconds of the stage: load on the shared cores does not count)."""
     project.mkdir(parents=True, exist_ok=True)
@@ -470,10 +470,11 @@ def stage_figures(work: Path, data: Path, sizes: list[int]) -> dict[str, Any]:
     ``sizes`` re-encoded/resized copies of ``data``'s photos; each kept in ``work/stage``."""
     out: dict[str, Any] = {}
     folder = ["ingest.source=folder", "ingest.captions=captions.jsonl", "ingest.image_check=header"]
-    cases = [(data.name, [*folder, f"ingest.root={data}"]), ("synthetic default", [])]
+    near = ["curate.near_duplicates=true"]  # off in params.yaml: the figures are the grouping's
+    cases = [(data.name, [*folder, f"ingest.root={data}", *near]), ("synthetic default", near)]
     for n in sizes:
         root = variants(data, work / "stage" / f"variants-{n}", n)
-        cases.append((f"{n:,} resized/re-encoded copies", [*folder, f"ingest.root={root}"]))
+        cases.append((f"{n:,} resized/re-encoded copies", [*folder, f"ingest.root={root}", *near]))
     for name, sets in cases:
         project = work / "stage" / name.split()[0].replace(",", "")
         saved = project / "figures.json"
@@ -523,8 +524,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for key in ROWS:
         row = rows[key]
+        load = "-" if row.get("load_at_start") is None else row["load_at_start"]
         lines.append(f"| {names[key]} | {_cells(row['scores'])} | {row['train_minutes']} min, "
-                     f"load {row['load_at_start']} |")  # fmt: skip
+                     f"load {load} |")  # fmt: skip
     lines.append(f"| chance | {_cells(result['chance'])} | - |")
     test = rows["clean"]["scores"]
     lines += [
@@ -554,10 +556,12 @@ def markdown(result: dict[str, Any]) -> str:
     stage = result.get("stage")
     if stage:
         lines += ["", *stage_lines(stage), "", "Groups: images within Hamming distance "
-                  "`curate.hash_radius` (4) of a 64-bit perceptual hash, joined; images/s per "
-                  "core: images / CPU seconds of `mmpipe curate` (one hashing process, no "
-                  "scorer), so the load of the shared cores does not count; peak RSS beside it "
-                  "in the JSON."]  # fmt: skip
+                  "`curate.hash_radius` (4) of a 64-bit perceptual hash, joined "
+                  "(`curate.near_duplicates=true`); the copies are each photo resized and "
+                  "re-encoded (10,000: two per photo, so 5,000 groups of 2 is every copy found). "
+                  "Images/s per core: images / CPU seconds of the whole `mmpipe curate` process "
+                  "(start-up included; one hashing process, no scorer), so the load of the "
+                  "shared cores does not count."]  # fmt: skip
     return "\n".join(lines)
 
 
