@@ -529,10 +529,14 @@ def markdown(result: dict[str, Any]) -> str:
                      f"load {load} |")  # fmt: skip
     lines.append(f"| chance | {_cells(result['chance'])} | - |")
     test = rows["clean"]["scores"]
+    se = {way: (test[way]["R@1"] * (1 - test[way]["R@1"]) / n) ** 0.5
+          for way, n in (("i2t", test["images"]), ("t2i", test["captions"]))}  # fmt: skip
     lines += [
         "",
         f"Curation recovered **{_share(result)}** of the R@1 the noise cost (image→text / "
-        "text→image, (c − b) / (a − b)). The filter dropped "
+        "text→image, (c − b) / (a − b)); one seed, and the binomial standard error of an R@1 "
+        f"here is about ±{se['i2t']:.3f} / ±{se['t2i']:.3f} (1 query per photo / per caption). "
+        "The filter dropped "
         f"{cur['dropped']:,} of {cur['pairs_in']:,} pairs: precision {cur['precision']:.3f}, "
         f"recall {cur['recall']:.3f} at finding the {cur['injected']:,} injected captions "
         f"(ROC AUC of the score {cur['roc_auc']:.3f}); "

@@ -101,6 +101,7 @@ def test_readme_and_docs_tables_from_a_saved_full_run(tmp_path, monkeypatch):
     assert "| (b) 30 % of the captions swapped | 0.200 |" in full
     assert "| chance | 0.005 |" in full
     assert "recovered **80 % / 50 %**" in full and "6,000 injected" in full
+    assert "about ±0.014 / ±0.006" in full  # sqrt(.25 * .75 / 1000), sqrt(.19 * .81 / 5000)
     assert "precision 0.900, recall 0.900" in full and "ROC AUC of the score 0.970" in full
     assert "the curate stage did it" in full and "4,000 training photos" in full
 
