@@ -542,7 +542,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"(ROC AUC of the score {cur['roc_auc']:.3f}); "
         + (
             "the curate stage did it inside row (c)'s `mmpipe run` (`curate.scorer` = (b)'s "
-            f"best.pt, `curate.keep_fraction={cur['keep_fraction']:g}`). "
+            f"best.pt, `curate.keep_fraction={cur['keep_fraction']:g}`"
+            + (
+                f"; its scoring took {cur['stage_log_seconds'][-1]:.0f} s, outside the training "
+                "minutes"
+                if cur.get("stage_log_seconds")
+                else ""
+            )
+            + "). "
             if cur["by"] == "stage"
             else "this script did it (the stage's rule: cosine of `mmpipe.retrieval`'s "
             "embeddings under (b)'s best.pt, top fraction kept), then row (c)'s `mmpipe run` "
@@ -550,8 +557,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + "Same recipe and epochs for every row "
         f"(`configs/real_photos.yaml`, both towers locked, linear heads, {rr.FROZEN_EPOCHS} "
-        f"epochs) on {result['train_images']:,} training photos{_subset(result)} "
-        f"({result['train_captions']:,} captions; row (c) trains on the {cur['kept']:,} it kept); "
+        f"epochs) on {result['train_images']:,} training photos, "
+        f"{result['train_captions']:,} captions (row (c) trains on the {cur['kept']:,} it "
+        f"kept){_subset(result)}; "
         "held-out: "
         f"{test['images']:,} other photos, {test['captions']:,} captions, never noised. "
         f"Minutes: the train stage's; load: the 1-minute load average at the row's start on "
@@ -583,18 +591,15 @@ def stage_lines(stage: dict[str, Any]) -> list[str]:
 def readme_markdown(result: dict[str, Any]) -> str:
     """The README's compact block: R@1 per row, the recovered share, a link to the rest."""
     rows, cur = result["rows"], result["curation"]
-    names = {"clean": "(a) clean captions",
-             "noisy": f"(b) {result['noise'] * 100:g} % swapped for other photos'",
-             "curated": "(c) (b) curated by (b)'s own scores"}  # fmt: skip
-    n = f"{result['train_images']:,}"
-    lines = [f"| Flickr8k, {n} training photos | image→text R@1 | text→image R@1 |",
-             "|---|---|---|"]  # fmt: skip
+    names = {"clean": "(a) clean", "noisy": f"(b) {result['noise'] * 100:g} % captions swapped",
+             "curated": "(c) (b) curated by its own scores"}  # fmt: skip
+    lines = [f"| Flickr8k, {result['train_images']:,} training photos | image→text R@1 | "
+             "text→image R@1 |", "|---|---|---|"]  # fmt: skip
     for key in ROWS:
         s = rows[key]["scores"]
         lines.append(f"| {names[key]} | {s['i2t']['R@1']:.3f} | {s['t2i']['R@1']:.3f} |")
-    lines += ["", f"Curation (`curate.scorer`, `keep_fraction`) recovered {_share(result)} of "
-              f"the R@1 the noise cost; precision {cur['precision']:.2f}, recall "
-              f"{cur['recall']:.2f} at finding the swapped captions: "
+    lines += ["", f"`curate` recovered {_share(result)} of the R@1 lost (precision "
+              f"{cur['precision']:.2f} at finding the swapped captions): "
               "[docs/curation-benchmark.md](docs/curation-benchmark.md)."]  # fmt: skip
     return "\n".join(lines)
 
