@@ -341,7 +341,9 @@ def stage_facts(project: Path, keep_fraction: float, injected: set[int]) -> dict
         if reject["kind"] == "pair":
             dropped.add(line_of[reject["id"]] - 1)
     report = json.loads((data / "curate" / "report.json").read_text())
-    took = re.findall(r"curate[^\n]*?([0-9.]+) ?s\b", (project / "run.log").read_text())
+    took = re.findall(
+        r"mmpipe\.curate: curate: .* in ([0-9.]+) ?s\b", (project / "run.log").read_text()
+    )
     return {
         "by": "stage",
         "scorer": "row (b)'s best.pt (curate.scorer)",
