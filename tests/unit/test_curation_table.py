@@ -123,4 +123,4 @@ def test_smoke_run_writes_the_table(tmp_path):
     assert cur["dropped"] == 60 == cur["injected"] == result["injected"]
     assert cur["kept"] + cur["dropped"] == cur["pairs_in"]
     assert 0 <= cur["precision"] <= 1 and 0 <= cur["roc_auc"] <= 1
-    assert "| (c) (b) curated" in result["table"]
+    assert "| (c) = (b) curated: top 0.7" in result["table"]
