@@ -134,20 +134,14 @@ def run_row(
     key = {"config_sha256": _sha(rr.CONFIG), "overrides": overrides,
            "train_captions_sha256": _sha(collection / "captions.jsonl"),
            "test_captions_sha256": _sha(test / "captions.jsonl"), **(extra_key or {})}  # fmt: skip
-    saved = project / "row.json"
-    if saved.is_file():
-        row = json.loads(saved.read_text())
-        if row.get("key") == key:
-            print(f"curation: {project.name}: reusing {saved}", flush=True)
-            return row
-    print(f"curation: {project.name}: mmpipe run ...", flush=True)
-    shutil.rmtree(project, ignore_errors=True)
-    row = rr.train_row(project, collection, overrides, threads)
-    row["cores"] = os.cpu_count()
-    row["scores"] = rr.score(project, test)
-    row["key"] = key
-    saved.write_text(json.dumps(row, indent=2))
-    return row
+
+    def make() -> dict[str, Any]:
+        row = rr.train_row(project, collection, overrides, threads)
+        row["cores"] = os.cpu_count()
+        row["scores"] = rr.score(project, test)
+        return row
+
+    return rr.cached_row(project, key, "curation", make)
 
 
 # ----------------------------------------------------------------------------- curation

@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,16 +221,29 @@ def run_row(
     from the same recipe file, overrides and collections (``row.json``)."""
     key = {"config_sha256": hashlib.sha256(CONFIG.read_bytes()).hexdigest(),
            "overrides": overrides, "train": str(train), "test": str(test)}  # fmt: skip
+
+    def make() -> dict[str, Any]:
+        row = train_row(project, train, overrides, threads)
+        row["scores"] = score(project, test)
+        return row
+
+    return cached_row(project, key, "real_retrieval", make)
+
+
+def cached_row(
+    project: Path, key: dict[str, Any], who: str, make: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The row ``project/row.json`` holds when it was made with this ``key``; else a fresh
+    project, ``make()``'s row, saved there with its key."""
     saved = project / "row.json"
     if saved.is_file():
         row = json.loads(saved.read_text())
         if row.get("key") == key:
-            print(f"real_retrieval: {project.name}: reusing {saved}", flush=True)
+            print(f"{who}: {project.name}: reusing {saved}", flush=True)
             return row
-    print(f"real_retrieval: {project.name}: mmpipe run ...", flush=True)
+    print(f"{who}: {project.name}: mmpipe run ...", flush=True)
     shutil.rmtree(project, ignore_errors=True)
-    row = train_row(project, train, overrides, threads)
-    row["scores"] = score(project, test)
+    row = make()
     row["key"] = key
     saved.write_text(json.dumps(row, indent=2))
     return row
