@@ -158,7 +158,7 @@ def run_mmpipe(
     env = dict(os.environ, TQDM_DISABLE="1")
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):  # the default path (curate: all off)
         cmd = [sys.executable, "-m", "mmpipe", stage, *params, *args]
         stages[stage], s_wall = cpu_run(cmd, cwd=project, env=env)
         wall += s_wall

@@ -60,16 +60,9 @@ def run_direct(project: Path) -> dict[str, Any]:
     layout = Layout(project)
     parent = pipeline.open_flow_run(params, layout)
     out = {}
-    for name, fn in (
-        ("ingest", pipeline.stage_ingest),
-        ("align", pipeline.stage_align),
-        ("shard", pipeline.stage_shard),
-        ("train", pipeline.stage_train),
-        ("evaluate", pipeline.stage_evaluate),
-        ("register", pipeline.stage_register),
-    ):
+    for name in pipeline.ORDER:  # every stage, in the DAG's order (layout.STAGES)
         t0 = time.perf_counter()
-        out[name] = fn(params, layout, parent_run_id=parent)
+        out[name] = pipeline.run_stage(name, params, layout, parent_run_id=parent)
         out[f"{name}_seconds"] = time.perf_counter() - t0
     pipeline.close_flow_run(params, layout, parent, "FINISHED", "direct")
     return out

@@ -77,7 +77,7 @@ def prepare(base: Path, overrides: list[str]) -> None:
     """A project with params.yaml and the data stages' outputs."""
     base.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", base / "params.yaml")
-    for stage in ("ingest", "align", "shard"):
+    for stage in ("ingest", "curate", "align", "shard"):
         mmpipe(base, stage, overrides, {})
 
 
