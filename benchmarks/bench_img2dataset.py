@@ -1,15 +1,15 @@
-"""mmpipe ingest + align + shard vs img2dataset, images per CPU-second, on the same real photos.
+"""mmpipe ingest + curate + align + shard vs img2dataset, images per CPU-second, on the same real photos.
 
 Source: the 24 real COCO photos of ``../shared/data/coco-mini`` (about 640x480 JPEGs), copied N
 times into one folder, each copy made distinct by one changed pixel (re-encoded at q95), so
 neither side can skip work by content hash. Captions: the photo's first COCO caption; label:
 coco-mini's label of the photo (``--before`` code crashes on unlabelled data).
 
-mmpipe: ``python -m mmpipe ingest``, ``align`` and ``shard`` (the CLI a user runs, in fresh
-processes: imports included), folder source, ``workers=1``, ``shard.image_size=256``,
-``jpeg_quality=95``, ``copies=0`` (one sample per image, as img2dataset writes); twice:
-``ingest.image_check=decode`` (the default: ingest decodes every image, shard again) and
-``header`` (shard's decode is the only one).
+mmpipe: ``python -m mmpipe ingest``, ``curate``, ``align`` and ``shard`` (the CLI a user runs,
+in fresh processes: imports included; curate with its defaults, every filter off), folder
+source, ``workers=1``, ``shard.image_size=256``, ``jpeg_quality=95``, ``copies=0`` (one sample
+per image, as img2dataset writes); twice: the default ``ingest.image_check=header`` (shard's
+decode is the only one) and ``decode`` (ingest decodes every image, shard again).
 img2dataset (installed by this script into a throw-away venv, never into the project's):
 ``file://`` URLs, ``--processes_count 1 --resize_mode keep_ratio --image_size 256
 --encode_quality 95``, webdataset output.
@@ -38,7 +38,7 @@ TARGET = 1.3
 I2D_VERSION = "1.47.0"
 COCO = c.REPO.parent / "shared" / "data" / "coco-mini"
 # this tree's sides: name -> extra --set overrides
-MODES = {"mmpipe": (), "header": ("ingest.image_check=header",)}
+MODES = {"mmpipe": (), "decode": ("ingest.image_check=decode",)}
 
 
 def make_photos(dest: Path, n: int) -> list[tuple[Path, str, str]]:
@@ -128,11 +128,11 @@ def cpu_run(cmd: list[str], **kw: Any) -> tuple[float, float]:
 def run_mmpipe(
     src: Path, project: Path, code: Path | None = None, extra: tuple[str, ...] = ()
 ) -> tuple[float, float, int, dict[str, float]]:
-    """ingest, align, shard through the CLI; (CPU s, wall s, samples written, CPU s per stage).
+    """ingest, curate, align, shard through the CLI; (CPU s, wall s, samples written, CPU s per stage).
 
     ``code``: a directory holding another ``mmpipe`` package (e.g. ``git archive main mmpipe``),
     put first on PYTHONPATH to measure that version side by side ("before"). ``extra``: more
-    ``--set`` overrides (``ingest.image_check=header``).
+    ``--set`` overrides (``ingest.image_check=decode``).
     """
     from mmpipe.manifest import read_manifest
 
@@ -390,8 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  repeat {r}: {json.dumps(row)}", flush=True)
     figures = []
     labels = {
-        "mmpipe": "mmpipe (this tree, image_check=decode)",
-        "header": "mmpipe (this tree, image_check=header)",
+        "mmpipe": "mmpipe (this tree, default image_check=header)",
+        "decode": "mmpipe (this tree, image_check=decode)",
         "before": f"mmpipe ({args.before})",
     }
     for side, label in labels.items():
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         median = ratios[len(ratios) // 2]
         rate = max(r[side]["images"] / r[side]["cpu_s"] for r in rows)
         mine = side != "before"
-        figures.append(c.figure(f"{label} ingest+align+shard", rate, "images/CPU-s"))
+        figures.append(c.figure(f"{label} ingest+curate+align+shard", rate, "images/CPU-s"))
         figures.append(
             c.figure(
                 f"{label} / img2dataset, images per CPU-second",
@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source": "coco-mini photos, one pixel changed per copy, q95",
         "image_size": 256,
         "jpeg_quality": 95,
-        "mmpipe": "CLI ingest+align+shard, workers=1, copies=0, M/8 JPEG decode, centre crop + "
-        "antialiased HAMMING;"
-        " ingest.image_check decode (default) and header",
+        "mmpipe": "CLI ingest+curate+align+shard, workers=1, copies=0, M/8 JPEG decode, centre "
+        "crop + antialiased HAMMING;"
+        " ingest.image_check header (default) and decode",
         "img2dataset": f"{I2D_VERSION}, file:// URLs, processes_count=1, resize_mode=keep_ratio",
         "repeats": repeats,
         "cpu_accounting": "getrusage(RUSAGE_CHILDREN) as a child subreaper (orphaned "

@@ -180,14 +180,16 @@ class IngestParams(Section):
     )
     min_side: int = Field(8, ge=1, description="Reject images whose shorter side is smaller.")
     image_check: Literal["decode", "header"] = Field(
-        "decode",
-        description="How ingest checks an image. `decode`: every pixel is decoded, so every "
-        "corrupt or truncated image is an ingest reject. `header`: format (from the content), "
-        "size, min_side, max_pixels, extension and duplicates, plus a JPEG/PNG end-marker check "
-        "(an image without one is decoded in full, as in `decode`); the pixels are decoded once, "
-        "by shard, which leaves an undecodable image's pairs out as rejects in its "
-        "rejects.jsonl. About 1.2x `decode`'s images per CPU-second of ingest+align+shard on "
-        "640x480 photos (benchmarks/README.md).",
+        "header",
+        description="How ingest checks an image. `header` (the default): format (from the "
+        "content), size, min_side, max_pixels, extension and duplicates, plus a JPEG/PNG "
+        "end-marker check (an image without one is decoded in full, so a cut file is still an "
+        "ingest reject); the pixels are decoded once, by shard, which leaves an undecodable "
+        "image's pairs out as named rejects (undecodable_image) in its rejects.jsonl, counted "
+        "in its manifest (curate rejects such an image first when its hashing or scorer decodes "
+        "it). `decode`: every pixel is decoded here too, so every corrupt or truncated image is "
+        "an ingest reject; about 0.8x `header`'s images per CPU-second of "
+        "ingest+curate+align+shard on 640x480 photos (benchmarks/README.md).",
     )
     max_caption_chars: int = Field(
         2000, ge=1, description="Reject captions longer than this after normalising whitespace."

@@ -9,6 +9,13 @@ embeddings) and report.json (counts that add up: images in = kept + rejected, pa
 rejected). With every filter off and no near-duplicate found, the two tables hold ingest's rows
 in ingest's order, so align's outputs are byte-identical to align on ingest's.
 
+Undecodable images: with every filter off curate decodes nothing. Hashing and scoring decode the
+images; under ``ingest.image_check: header`` (the default) ingest did not, so an image that
+cannot be decoded here is an image reject ``undecodable_image`` (its file and the decoder's error
+named; its captions rejected as ``image_rejected``), as shard would reject it (ingest.strict:
+the first one fails the stage). Under ``decode`` ingest decoded it, so it changed since ingest:
+an InputError, as in shard. A missing file is an InputError in both modes.
+
 Near-duplicates (``near_duplicates``): a 64-bit perceptual hash per image (the DCT hash of
 imagehash's ``phash``: 32x32 grey, 2-D DCT-II, the 8x8 lowest frequencies against their median),
 computed per chunk in worker processes (``mmpipe.parallel``; only the hashes, 8 bytes per image,
@@ -48,11 +55,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmpipe.config import CurateParams, section_hash
-from mmpipe.errors import InputError, check
+from mmpipe.errors import InputError, ValidationFailed, check
 from mmpipe.faults import fault_point
 from mmpipe.io import (
     atomic_path,
     iter_batches,
+    read_json,
     scratch_dir,
     use_system_arrow_allocator,
     write_json_atomic,
@@ -64,7 +72,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 4096
 HASH_BITS = 64
-NO_HASH = np.uint64(0)  # placeholder of an image that could not be hashed (``hashed`` says so)
 
 # reject reason codes (docs/reject-reasons.md); kind "image" or "pair"
 REJECT_REASONS = {
@@ -73,6 +80,7 @@ REJECT_REASONS = {
     "near_duplicate": "image: a near-copy of the group's kept image (curate.keep_one_per_group)",
     "no_caption_kept": "image: every caption of it was rejected here",
     "semantic_duplicate": "image: within curate.semantic_threshold of another in its cluster",
+    "undecodable_image": "image: hashing or scoring could not decode it (detail: the error)",
     "image_rejected": "pair: its image was rejected here (detail: the image's reason)",
     "caption_too_few_words": "pair: fewer words than curate.min_caption_words",
     "caption_too_short": "pair: fewer characters than curate.min_caption_chars",
@@ -87,6 +95,7 @@ _IMAGE_CODES = (
     "near_duplicate",
     "no_caption_kept",
     "semantic_duplicate",
+    "undecodable_image",
 )
 _PAIR_CODES = (
     "",
@@ -121,16 +130,24 @@ def _init_hash(root: str) -> None:
     _ROOT["root"] = Path(root)
 
 
-def hash_file(rel: str) -> int | None:
-    """The phash of one image under the data root; None when it cannot be decoded."""
+def _missing(path: Path) -> InputError:
+    return InputError(f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)")
+
+
+def hash_file(rel: str) -> int | str:
+    """The phash of one image under the data root, or why it cannot be decoded (a str); a
+    missing file is an InputError."""
+    path = _ROOT["root"] / rel
     try:
-        with Image.open(_ROOT["root"] / rel) as im:
+        with Image.open(path) as im:
             return phash(im)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
-def hash_images(rels: Iterator[str], root: Path, p: CurateParams) -> Iterator[int | None]:
+def hash_images(rels: Iterator[str], root: Path, p: CurateParams) -> Iterator[int | str]:
     """The phash of each image, in input order, computed per chunk where ``p`` says."""
     if p.executor == "dask":
         on = dict(address=p.address, workers=p.workers, chunksize=64)
@@ -225,6 +242,7 @@ class Images:
         self.group = np.full(n, -1, dtype=np.int64)  # hash_groups' label
         self.has_records = np.zeros(n, dtype=bool)
         self.has_kept = np.zeros(n, dtype=bool)
+        self.undecodable: dict[int, tuple[str, str]] = {}  # row: (rel_path, the error)
 
     def __len__(self) -> int:
         return len(self.code)
@@ -249,6 +267,40 @@ def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
     return pf
 
 
+def undecodable_policy(ingest_dir: Path) -> tuple[bool, bool]:
+    """(reject, strict): whether an image curate cannot decode is a reject (ingest only checked
+    headers: ``ingest.image_check: header``) or an error, and whether ingest ran strict (then
+    that reject fails the stage). The same rule as ``shard.header_checked``."""
+    report_path = Path(ingest_dir) / "report.json"
+    report = read_json(report_path) if report_path.is_file() else {}
+    return report.get("image_check") == "header", bool(report.get("strict", False))
+
+
+def mark_undecodable(
+    images: Images, bad: dict[int, str], root: Path, policy: tuple[bool, bool]
+) -> None:
+    """Reject the images at the rows of ``bad`` ({row: the decoder's error}) as
+    ``undecodable_image`` under ``policy`` (``undecodable_policy``); an image already rejected
+    keeps its reason."""
+    rows = np.array(sorted(bad), dtype=np.int64)
+    for row, rel in zip(rows.tolist(), _take(images.column("rel_path"), rows), strict=True):
+        if images.code[row] != 0:
+            continue
+        reject, strict = policy
+        if not reject:
+            raise InputError(
+                f"{root / rel}: unreadable image ({bad[row]}); ingest.image_check is decode, so "
+                "it changed since ingest: re-run `mmpipe ingest`"
+            )
+        if strict:
+            raise ValidationFailed(
+                f"{rel}: undecodable_image ({bad[row]}); ingest.strict is true and "
+                "ingest.image_check is header, so curate's decode is the check"
+            )
+        images.code[row] = 6
+        images.undecodable[row] = (rel, bad[row])
+
+
 def filter_images(images: Images, p: CurateParams) -> None:
     """Set the size and aspect-ratio reject codes (from ingest's recorded sizes)."""
     short = np.minimum(images.width, images.height)
@@ -260,16 +312,23 @@ def filter_images(images: Images, p: CurateParams) -> None:
         images.code[(images.code == 0) & (short < p.min_image_side)] = 1
 
 
-def group_images(images: Images, root: Path, p: CurateParams) -> tuple[dict[str, Any], float]:
-    """Hash every image, group near-copies; returns the report's ``near_duplicates`` and the
-    seconds the hashing took."""
+def group_images(
+    images: Images, root: Path, p: CurateParams, policy: tuple[bool, bool]
+) -> tuple[dict[str, Any], float]:
+    """Hash every image, group near-copies (an image that cannot be decoded: see
+    ``mark_undecodable``); returns the report's ``near_duplicates`` and the seconds the hashing
+    took."""
     started = time.perf_counter()
     hashes = np.zeros(len(images), dtype=np.uint64)
     hashed = np.zeros(len(images), dtype=bool)
+    bad: dict[int, str] = {}
     for i, value in enumerate(hash_images(images.column("rel_path"), root, p)):
-        if value is not None:
+        if isinstance(value, str):
+            bad[i] = value
+        else:
             hashes[i], hashed[i] = np.uint64(value), True
     hash_seconds = time.perf_counter() - started
+    mark_undecodable(images, bad, root, policy)
     images.group = hash_groups(hashes, hashed & (images.code == 0), p.hash_radius)
     grouped = images.group >= 0
     return {
@@ -356,21 +415,52 @@ def caption_codes(captions: list[str], p: CurateParams) -> tuple[np.ndarray, lis
 
 
 def embed_images(
-    predictor: Any, images: Images, root: Path, rows: np.ndarray, dest: Path, batch: int
+    predictor: Any,
+    images: Images,
+    root: Path,
+    rows: np.ndarray,
+    dest: Path,
+    batch: int,
+    policy: tuple[bool, bool] = (False, False),
 ) -> np.memmap:
     """L2-normalised embeddings of the images at ``rows`` into a memory map (N, D) at ``dest``
-    (rows not embedded stay 0)."""
+    (rows not embedded stay 0); an image that cannot be decoded: see ``mark_undecodable``."""
     paths = _take(images.column("rel_path"), rows)
     emb: np.memmap | None = None
+    bad: dict[int, str] = {}
     for start in range(0, len(rows), batch):
         chunk = [str(root / rel) for rel in _islice(paths, batch)]
-        x = _normalise(predictor.embed_images(chunk, batch_size=batch).numpy())
-        if emb is None:
+        x, failed = _embed_chunk(predictor, chunk, batch)
+        chunk_rows = rows[start : start + len(chunk)]
+        bad.update({int(chunk_rows[i]): error for i, error in failed.items()})
+        if emb is None and x is not None:
             emb = np.lib.format.open_memmap(dest, "w+", np.float32, (len(images), x.shape[1]))
-        emb[rows[start : start + len(chunk)]] = x
+        if x is not None:
+            emb[np.delete(chunk_rows, sorted(failed))] = x
     if emb is None:
         emb = np.lib.format.open_memmap(dest, "w+", np.float32, (len(images), 1))
+    mark_undecodable(images, bad, root, policy)
     return emb
+
+
+def _embed_chunk(
+    predictor: Any, paths: list[str], batch: int
+) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Normalised embeddings of the decodable ``paths`` (None: none is) and {index: error} of
+    the others. The whole chunk first; one by one only when it holds an unreadable image."""
+    try:
+        return _normalise(predictor.embed_images(paths, batch_size=batch).numpy()), {}
+    except InputError:
+        pass
+    out, failed = [], {}
+    for i, path in enumerate(paths):
+        try:
+            out.append(predictor.embed_images([path], batch_size=1).numpy())
+        except InputError as exc:
+            if not Path(path).is_file():
+                raise _missing(Path(path)) from None
+            failed[i] = str(exc).removeprefix(f"{path}: ")
+    return (_normalise(np.concatenate(out)) if out else None), failed
 
 
 def _islice(it: Iterator[Any], n: int) -> list[Any]:
@@ -463,11 +553,14 @@ class Rejects:
         reason: str,
         detail: Any = None,
         score: float | None = None,
+        file: str | None = None,
     ) -> None:
         check(reason in REJECT_REASONS, f"undocumented reject reason {reason!r}")
         row = {"kind": kind, "id": id_, "image_id": image_id, "reason": reason, "detail": detail}
         if score is not None:
             row["score"] = round(float(score), 6)
+        if file is not None:
+            row["file"] = file
         self.fh.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
         self.counts[(kind, reason)] += 1
 
@@ -586,11 +679,14 @@ def _write_images(
             for i in np.flatnonzero(c != 0).tolist():
                 reason = _IMAGE_CODES[c[i]]
                 detail: Any = None
-                if reason == "near_duplicate":
+                file = None
+                if reason == "undecodable_image":
+                    file, detail = images.undecodable[at + i]
+                elif reason == "near_duplicate":
                     detail = f"group {gids[i]}; kept {keep_of[int(images.group[at + i])]}"
                 elif reason in ("image_too_small", "aspect_ratio"):
                     detail = f"{int(images.width[at + i])}x{int(images.height[at + i])}"
-                rejects.add("image", ids[i], ids[i], reason, detail)
+                rejects.add("image", ids[i], ids[i], reason, detail, file=file)
             at += k
     return kept
 
@@ -639,8 +735,11 @@ def run_curate(
     records = _parquet(ingest_dir / "records.parquet", ("caption_id", "image_id", "caption"))
     images = Images(ingest_dir / "images.parquet")
     out_dir.mkdir(parents=True, exist_ok=True)
+    policy = undecodable_policy(ingest_dir)
     filter_images(images, p)
-    near, hash_seconds = group_images(images, data_root, p) if p.near_duplicates else (None, 0.0)
+    near, hash_seconds = (
+        group_images(images, data_root, p, policy) if p.near_duplicates else (None, 0.0)
+    )
     gid = group_ids(images) if near else {}
     keep_of = keep_one_per_group(images) if near and p.keep_one_per_group else {}
     gid_of_row = {r: gid[int(g)] for r, g in enumerate(images.group.tolist()) if g >= 0}
@@ -653,7 +752,9 @@ def run_curate(
         scoring, semantic = None, None
         if scorer is not None:
             wanted = np.flatnonzero(images.code == 0)
-            emb = embed_images(scorer, images, data_root, wanted, work / "images.npy", p.batch_size)
+            emb = embed_images(
+                scorer, images, data_root, wanted, work / "images.npy", p.batch_size, policy
+            )
             scoring = (scorer, emb)
             if p.semantic_dedup:
                 semantic = semantic_dedup(emb, images, p)

@@ -16,9 +16,10 @@ reduced`` (default): JPEGs at the largest DCT-domain reduction that keeps both s
 image_size, libjpeg-turbo's M/8 scales through simplejpeg (``_scaled_jpeg``), Pillow ``draft``
 where that does not apply; ``full``: at full resolution. The manifest records the mode.
 
-Undecodable images: with ``ingest.image_check: decode`` (the default) ingest decoded every
-image, so one shard cannot decode has changed since ingest: an InputError. With ``header``
-shard's decode is the only one: the pairs of an image it cannot decode are left out of the
+Undecodable images: with ``ingest.image_check: decode`` ingest decoded every image, so one
+shard cannot decode has changed since ingest: an InputError. With ``header`` (the default)
+shard's decode is the only one (curate's, when its hashing or scorer is on, may come first and
+reject the image there): the pairs of an image it cannot decode are left out of the
 shards, each a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
 image_id; reason ``undecodable_image``), counted in the manifest (pairs in = pairs sharded +
 pairs rejected). Rejects come back from the workers in pair order, so the file and the shards

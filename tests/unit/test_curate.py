@@ -347,3 +347,45 @@ def test_keep_fraction_is_per_source():
     drop = top_fraction(scores, sources, eligible, 0.5)
     # source 0: ceil(1.5) = 2 kept (0.9, 0.5); source 1: 2 kept (0.8, 0.3); the unscored stays
     assert drop.tolist() == [False, True, False, False, True, False, False]
+
+
+def test_a_scorer_rejects_an_undecodable_image_by_name_and_scores_the_rest(tmp_path, trained):
+    """Default ingest (header): the scorer's decode is the first; an image it cannot decode is
+    an image reject with its file, its captions go with it, every other pair is scored as alone."""
+    from mmpipe import pipeline
+    from mmpipe.config import IngestParams, Params
+    from mmpipe.ingest import run_ingest
+    from mmpipe.layout import Layout
+    from mmpipe.predict import load_predictor
+    from tests.unit.test_image_check import check_curate_counts, write_collection
+
+    root = write_collection(tmp_path / "data")
+    layout = Layout(tmp_path / "proj")
+    run_ingest(IngestParams(source="folder", root=str(root), workers=1), layout.ingest_dir)
+    # batch 4: chunks with and without a bad image (the whole chunk, then one by one)
+    params = Params(curate=CurateParams(scorer=str(trained), workers=1, batch_size=4))
+    report = pipeline.run_data_stage("curate", params, layout)
+    rejects = read_jsonl(layout.curate_dir / "rejects.jsonl")
+    bad = {r["file"]: r for r in rejects if r["kind"] == "image"}
+    assert sorted(bad) == ["images/huffman.jpg", "images/zeroed.png"]
+    assert {r["reason"] for r in bad.values()} == {"undecodable_image"}
+    assert "not a readable image" in bad["images/huffman.jpg"]["detail"]
+    pairs = [r for r in rejects if r["kind"] == "pair"]
+    assert len(pairs) == 3 and {r["image_id"] for r in pairs} == {
+        r["image_id"] for r in bad.values()
+    }
+    assert {(r["reason"], r["detail"]) for r in pairs} == {("image_rejected", "undecodable_image")}
+    check_curate_counts(report, rejects)
+    check_counts(report, layout.curate_dir)
+    # every kept pair is scored, as its image and caption embedded alone
+    scores = pd.read_parquet(layout.curate_dir / "scores.parquet").dropna()
+    kept = pd.read_parquet(layout.curate_dir / "records.parquet")
+    assert sorted(scores["caption_id"]) == sorted(kept["caption_id"]) and len(kept) == 9
+    predictor = load_predictor(trained)
+    rel = pd.read_parquet(layout.ingest_dir / "images.parquet").set_index("image_id")["rel_path"]
+    for row in kept.itertuples():
+        image = predictor.embed_images([str(root / rel[row.image_id])])
+        text = predictor.embed_captions([row.caption])
+        cosine = float((image @ text.T).item() / (image.norm() * text.norm()))
+        got = scores.set_index("caption_id").loc[row.caption_id, "score"]
+        assert got == pytest.approx(cosine, abs=1e-5), row.image_id

@@ -94,7 +94,9 @@ def root(tmp_path) -> Path:
 IMAGE_CASES: dict[str, tuple[dict[str, Callable[[], bytes]], dict]] = {
     "zero_bytes": ({"images/empty.jpg": lambda: b""}, {}),
     "not_an_image": ({"images/text.jpg": lambda: b"hello, I am not a picture\n" * 4}, {}),
-    "corrupt": ({"images/broken.png": _corrupt_png}, {}),
+    # a PNG with its end marker whose data is bad: only decode mode decodes it (header leaves it
+    # to shard, tests/unit/test_image_check.py)
+    "corrupt": ({"images/broken.png": _corrupt_png}, {"image_check": "decode"}),
     "truncated": ({"images/cut.jpg": _truncated_jpeg}, {}),
     "unsupported_format": ({"images/anim.jpg": lambda: _image_bytes("GIF", seed=5)}, {}),
     "bad_extension": ({"images/scan.tif": lambda: _image_bytes("TIFF", seed=6)}, {}),

@@ -50,7 +50,9 @@ def decodes(monkeypatch) -> list[int]:
 
 
 def _run(root: Path, out: Path, cache: Path | None, **kw) -> dict:
-    params = IngestParams(source="folder", root=str(root), workers=1, **kw)
+    """Ingest in decode mode: the decodes these tests count and reuse (the header default
+    decodes only a file without its end marker)."""
+    params = IngestParams(source="folder", root=str(root), workers=1, image_check="decode", **kw)
     return ingest.run_ingest(params, out, cache)
 
 
