@@ -188,7 +188,7 @@ class IngestParams(Section):
         "image's pairs out as named rejects (undecodable_image) in its rejects.jsonl, counted "
         "in its manifest (curate rejects such an image first when its hashing or scorer decodes "
         "it). `decode`: every pixel is decoded here too, so every corrupt or truncated image is "
-        "an ingest reject; about 0.8x `header`'s images per CPU-second of "
+        "an ingest reject; 0.8-0.9x `header`'s images per CPU-second of "
         "ingest+curate+align+shard on 640x480 photos (benchmarks/README.md).",
     )
     max_caption_chars: int = Field(

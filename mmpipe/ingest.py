@@ -24,11 +24,12 @@ Decisions worth knowing:
   image's reason). A caption of an exact duplicate keeps the kept copy's ``image_id``.
 - The format comes from the content, not the name: a PNG named .jpg is accepted with format
   PNG. Decodable images of a format outside ``ingest.extensions`` are ``unsupported_format``.
-- JPEGs are checked at 1/8 scale (Pillow ``draft``: DCT-domain scaling). libjpeg still decodes
-  the whole entropy-coded stream, so truncation and corruption are caught as in a full decode.
-  With ``ingest.image_check: header`` the pixels are not decoded here (shard decodes each image
-  once and rejects the pairs of one it cannot decode); only a JPEG/PNG without its end marker
-  near the end of the file (a truncated download) is still decoded in full, and rejected.
+- With ``ingest.image_check: header`` (the default) the pixels are not decoded here (shard
+  decodes each image once and rejects the pairs of one it cannot decode; curate first, when its
+  hashing or scorer decodes); only a JPEG/PNG without its end marker near the end of the file
+  (a truncated download) is still decoded in full, and rejected. With ``decode`` every image is
+  decoded: JPEGs at 1/8 scale (Pillow ``draft``: DCT-domain scaling); libjpeg still decodes the
+  whole entropy-coded stream, so truncation and corruption are caught as in a full decode.
 - Exact duplicates (same sha256): the first in *record order* is kept (captions file order;
   unreferenced files after, in path order); the others are rejected ``duplicate`` naming it.
 - Captions with control characters (C0/C1, DEL; tab, CR and LF are whitespace) are rejected

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "LATEST"
 MANIFEST = "manifest.json"  # a shard set's manifest: its content is mmpipe.manifest's
-REJECTS = "rejects.jsonl"  # shard's pairs left out (ingest.image_check: header)
+REJECTS = "rejects.jsonl"  # shard's pairs left out (ingest.image_check: header, the default)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 

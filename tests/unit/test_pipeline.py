@@ -133,7 +133,8 @@ def test_a_rerun_replaces_the_whole_output(layout):
     pipeline.run_data_stage("shard", params, layout)
     manifest = read_json(layout.shard_dir / "manifest.json")
     listed = {s["name"] for e in manifest["splits"].values() for s in e["shards"]}
-    files = {"manifest.json", "members.parquet", ".stamp.json"}
+    # rejects.jsonl: shard's decode is the check under the default ingest.image_check: header
+    files = {"manifest.json", "members.parquet", ".stamp.json", "rejects.jsonl"}
     assert {p.name for p in layout.shard_dir.iterdir()} == listed | files
     assert pipeline.stage_is_current("shard", params, layout)
 
