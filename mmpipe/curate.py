@@ -97,6 +97,7 @@ _IMAGE_CODES = (
     "semantic_duplicate",
     "undecodable_image",
 )
+_UNDECODABLE = _IMAGE_CODES.index("undecodable_image")
 _PAIR_CODES = (
     "",
     "image_rejected",
@@ -282,6 +283,8 @@ def mark_undecodable(
     """Reject the images at the rows of ``bad`` ({row: the decoder's error}) as
     ``undecodable_image`` under ``policy`` (``undecodable_policy``); an image already rejected
     keeps its reason."""
+    if not bad:
+        return  # (``_take`` would read the whole rel_path column for nothing)
     rows = np.array(sorted(bad), dtype=np.int64)
     for row, rel in zip(rows.tolist(), _take(images.column("rel_path"), rows), strict=True):
         if images.code[row] != 0:
@@ -297,7 +300,7 @@ def mark_undecodable(
                 f"{rel}: undecodable_image ({bad[row]}); ingest.strict is true and "
                 "ingest.image_check is header, so curate's decode is the check"
             )
-        images.code[row] = 6
+        images.code[row] = _UNDECODABLE
         images.undecodable[row] = (rel, bad[row])
 
 
