@@ -407,32 +407,65 @@ class TarWriter:
     """WebDataset tar members ``{key}.{ext}`` (sorted ext), with fixed owner/mode/mtime.
 
     The same bytes as ``webdataset.TarWriter(user="mmpipe", group="mmpipe", mode=0o444, mtime=0)``
-    without importing webdataset (and with it torch: 2 s of every shard run).
+    without importing webdataset (and with it torch: 2 s of every shard run). The 512-byte
+    header of a plain member (an ASCII name of <= 100 bytes: every key shard makes) is patched
+    into a template made by ``tarfile`` itself, 8x cheaper than ``TarInfo.tobuf`` (~40 µs per
+    member, ~15 % of shard's CPU); any other name goes through ``tarfile``'s own encoder.
+    ``tests/unit/test_shard_tar.py`` checks the bytes against ``tarfile``'s stream writer.
     """
 
     def __init__(self, fh: Any) -> None:
-        self.tar = tarfile.open(fileobj=fh, mode="w|")  # noqa: SIM115 - closed in close()
+        self.fh, self.offset = fh, 0
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample's members."""
         key = sample["__key__"]
         for ext in sorted(k for k in sample if not k.startswith("_")):
             data = sample[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), MTIME, 0o444
-            info.uname = info.gname = "mmpipe"
-            self.tar.addfile(info, io.BytesIO(data))
-            self.tar.members.clear()  # tarfile lists every member; a stream writer never reads it
+            self._put(tar_header(f"{key}.{ext}", len(data)))
+            self._put(data)
+            pad = -len(data) % tarfile.BLOCKSIZE
+            if pad:
+                self._put(tarfile.NUL * pad)
+
+    def _put(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.offset += len(data)
 
     def close(self) -> None:
-        """Write the end-of-archive blocks."""
-        self.tar.close()
+        """Write the end-of-archive blocks, padded to a whole record (as tarfile's "w|")."""
+        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self._put(tarfile.NUL * (-self.offset % tarfile.RECORDSIZE))
 
     def abort(self) -> None:
-        """Give up on a failed write (a full disk): mark the archive closed, ignoring the error
-        of flushing it, so that nothing tries to flush it again at exit (a traceback)."""
-        with contextlib.suppress(OSError):
-            self.tar.close()
+        """Give up on a failed write (a full disk): nothing is buffered here, the caller closes
+        the file."""
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, MTIME, 0o444
+    info.uname = info.gname = "mmpipe"
+    return info
+
+
+# header of a member named "" of size 0: name (bytes 0-100), size (124-136) and the checksum
+# (148-156) are the only fields that differ between shard's members
+_HEADER = _tarinfo("", 0).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+_HEADER_SUM = sum(_HEADER) - sum(_HEADER[124:136]) - sum(_HEADER[148:156]) + 8 * ord(" ")
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header ``tarfile`` (PAX format, stream mode) writes for one shard member."""
+    raw = name.encode("ascii", "ignore")
+    if len(raw) != len(name) or len(raw) > 100 or not raw or size >= 8**11:
+        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    size_field = b"%011o\0" % size
+    chksum = _HEADER_SUM + sum(raw) + sum(size_field)
+    return b"".join((
+        raw, _HEADER[len(raw):124], size_field, _HEADER[136:148], b"%06o\0 " % chksum,
+        _HEADER[156:],
+    ))  # fmt: skip
 
 
 class SplitWriter:

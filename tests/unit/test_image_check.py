@@ -131,7 +131,7 @@ def _run(
 
 def test_header_is_the_default():
     assert IngestParams().image_check == "header" == Params().ingest.image_check
-    assert load_params("params.yaml").ingest.image_check == "header"
+    assert load_params(Path(__file__).parents[2] / "params.yaml").ingest.image_check == "header"
 
 
 def test_header_mode_rejects_each_bad_image_once_and_the_counts_add_up(tmp_path):
