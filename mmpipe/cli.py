@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name in ("train", "run"):
             p.add_argument("--resume", action="store_true", help=RESUME_HELP)
+        if name == "run":
+            p.add_argument(
+                "--until",
+                choices=list(STAGES),
+                default=None,
+                metavar="STAGE",
+                help="stop after this stage (e.g. shard: the data stages in one process, "
+                "paying the imports once instead of once per stage)",
+            )
     p = sub.add_parser("params", help="print the validated params (after --set) as JSON")
     add_params_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> Any:
         resume = getattr(args, "resume", False)
         with pipeline.project_lock(layout, f"mmpipe {args.command}", wait=args.wait_lock):
             if args.command == "run":
-                return pipeline.run_all(params, layout, resume=resume)
+                return pipeline.run_all(params, layout, resume=resume, until=args.until)
             return pipeline.run_stage(args.command, params, layout, resume=resume)
     if args.command == "params":
         return params_from_args(args).model_dump(mode="json")

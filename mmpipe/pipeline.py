@@ -609,13 +609,18 @@ def run_stage(
     return drivers[stage](params, layout, parent_run_id=parent_run_id)
 
 
-def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str, Any]:
-    """Every stage in order in this process (no orchestration), under one hold of the lock.
+def run_all(
+    params: Params, layout: Layout, *, resume: bool = False, until: str | None = None
+) -> dict[str, Any]:
+    """Every stage in order in this process (no orchestration), under one hold of the lock;
+    ``until``: stop after that stage (``shard``: the data stages only, one process's imports).
 
     align's splits are checked right after align (``check_splits``), the register metric
     against the shards before training starts. A signal between
     two stages stops the run before the next one (``signals.Interrupted``).
     """
+    if until is not None and until not in ORDER:
+        raise ValueError(f"unknown stage {until!r}; expected one of {', '.join(ORDER)}")
     results: dict[str, Any] = {}
     with project_lock(layout, "mmpipe run"):
         for name in ORDER:
@@ -625,6 +630,8 @@ def run_all(params: Params, layout: Layout, *, resume: bool = False) -> dict[str
             results[name] = run_stage(name, params, layout, resume=resume)
             if name == "align":
                 check_splits(params, layout)
+            if name == until:
+                break
     return results
 
 

@@ -26,8 +26,8 @@ def calls(monkeypatch) -> list[tuple]:
         seen.append((stage, params, layout.root, resume))
         return {"stage": stage}
 
-    def run_all(params, layout, *, resume=False):
-        seen.append(("all", params, layout.root, resume))
+    def run_all(params, layout, *, resume=False, until=None):
+        seen.append(("all" if until is None else f"all until {until}", params, layout.root, resume))
         return {}
 
     monkeypatch.setattr(pipeline, "run_stage", run_stage)
@@ -47,6 +47,26 @@ def test_resume_reaches_train_and_run(project, calls):
     cli.main(["train", "--project-dir", str(project), "--resume"])
     cli.main(["run", "--project-dir", str(project)])
     assert [(c[0], c[3]) for c in calls] == [("train", True), ("all", False)]
+
+
+def test_run_until_a_stage(project, calls, capsys):
+    cli.main(["run", "--project-dir", str(project), "--until", "shard"])
+    assert [c[0] for c in calls] == ["all until shard"]
+    with pytest.raises(SystemExit):  # argparse: exit 2, the valid choices named
+        cli.main(["run", "--project-dir", str(project), "--until", "shrad"])
+    assert "invalid choice: 'shrad'" in capsys.readouterr().err
+
+
+def test_run_until_shard_runs_the_data_stages_only(tmp_path, tiny_overrides):
+    from mmpipe.config import load_params
+    from mmpipe.layout import Layout
+
+    params = load_params(Path(__file__).parents[2] / "params.yaml", tiny_overrides)
+    layout = Layout(tmp_path)
+    done = pipeline.run_all(params, layout, until="shard")
+    assert list(done) == ["ingest", "curate", "align", "shard"]
+    assert (layout.root / "data" / "shards" / "manifest.json").is_file()
+    assert not (layout.root / "models").exists()
 
 
 def test_a_users_error_is_one_line_and_exit_2(project, monkeypatch, capsys):
