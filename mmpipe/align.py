@@ -39,6 +39,7 @@ from mmpipe.io import (
     LABEL_SEPARATOR_KEY,
     atomic_path,
     iter_batches,
+    open_parquet,
     read_json,
     release_arrow_memory,
     scratch_dir,
@@ -81,19 +82,8 @@ def split_of(image_id: str, p: AlignParams) -> str:
 
 
 def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
-    """Open an ingest parquet, checking it exists and has the columns align reads."""
-    if not path.is_file():
-        raise InputError(f"{path}: ingest output not found; run `mmpipe ingest` first")
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{path}: unreadable parquet ({exc}); run `mmpipe ingest` again") from None
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)}; run `mmpipe ingest` again"
-        )
-    return pf
+    """Open a curate parquet (align's input), checking it exists and has the columns align reads."""
+    return open_parquet(path, columns, "curate")
 
 
 class ImageTable:

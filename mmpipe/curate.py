@@ -45,6 +45,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +61,7 @@ from mmpipe.faults import fault_point
 from mmpipe.io import (
     atomic_path,
     iter_batches,
+    open_parquet,
     read_json,
     scratch_dir,
     use_system_arrow_allocator,
@@ -259,13 +261,7 @@ class Images:
 
 
 def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
-    if not path.is_file():
-        raise InputError(f"{path}: ingest output not found; run `mmpipe ingest` first")
-    pf = pq.ParquetFile(path)
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; run `mmpipe ingest`")
-    return pf
+    return open_parquet(path, columns, "ingest")
 
 
 def undecodable_policy(ingest_dir: Path) -> tuple[bool, bool]:
@@ -432,7 +428,7 @@ def embed_images(
     emb: np.memmap | None = None
     bad: dict[int, str] = {}
     for start in range(0, len(rows), batch):
-        chunk = [str(root / rel) for rel in _islice(paths, batch)]
+        chunk = [str(root / rel) for rel in islice(paths, batch)]
         x, failed = _embed_chunk(predictor, chunk, batch)
         chunk_rows = rows[start : start + len(chunk)]
         bad.update({int(chunk_rows[i]): error for i, error in failed.items()})
@@ -464,16 +460,6 @@ def _embed_chunk(
                 raise _missing(Path(path)) from None
             failed[i] = str(exc).removeprefix(f"{path}: ")
     return (_normalise(np.concatenate(out)) if out else None), failed
-
-
-def _islice(it: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

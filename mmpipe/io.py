@@ -191,6 +191,30 @@ def release_arrow_memory() -> None:
         libc.malloc_trim(0)
 
 
+def open_parquet(path: str | Path, columns: tuple[str, ...], made_by: str) -> Any:
+    """A stage's parquet input as a ``pyarrow.parquet.ParquetFile``, checked: it exists, reads
+    and has ``columns``; else an InputError naming the file and the stage (``made_by``) to run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmpipe.errors import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: {made_by} output not found; run `mmpipe {made_by}` first")
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(
+            f"{path}: unreadable parquet ({exc}); run `mmpipe {made_by}` again"
+        ) from None
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(missing)}; run `mmpipe {made_by}` again"
+        )
+    return pf
+
+
 def iter_batches(pf: Any, batch_size: int, columns: list[str] | None = None) -> Iterator[Any]:
     """The rows of a ``pyarrow.parquet.ParquetFile`` in batches, one row group at a time.
 

@@ -125,8 +125,10 @@ def test_split_stable_when_data_is_added(make_ingest, tmp_path):
     assert all(after[i] == s for i, s in before.items())
 
 
-def test_missing_ingest_outputs(tmp_path, make_ingest):
-    with pytest.raises(InputError, match="records.parquet.*run `mmpipe ingest` first"):
+def test_missing_inputs_name_the_stage_that_makes_them(tmp_path, make_ingest):
+    with pytest.raises(
+        InputError, match="records.parquet.*curate output not found; run `mmpipe curate` first"
+    ):
         run_align(tmp_path / "nothing", AlignParams(), tmp_path / "out")
     ingest = make_ingest()
     pd.read_parquet(ingest / "images.parquet").drop(columns=["rel_path"]).to_parquet(
