@@ -161,6 +161,13 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
+def to_tensor_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), contiguous: ``to_tensor`` of each image, the
+    same values (the same elementwise float32 ops), in four tensor ops for the whole batch."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    return ((x - 0.5) / 0.5).contiguous()
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Stored JPEG bytes -> the model's input tensor (3, H, W), exactly as the loader builds it."""
     return to_tensor(decode_rgb(data))
@@ -350,25 +357,25 @@ class TarSamples:
 
     def members(self, fileobj: Any) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of each regular member, metadata members (``__*__``) left out."""
-        tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_PlainTarInfo)
-        for info in tar:
-            fname = info.name
-            try:
-                if not info.isreg() or fname is None or _is_meta(fname):
-                    continue
-                if info.sparse is None:  # the stream is at its data: what extractfile reads
-                    data = tar.fileobj.read(info.size)
-                    if len(data) != info.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                else:
-                    data = tar.extractfile(info).read()
-                yield fname, data
-                tar.members = []  # a stream: keep no list of what was read
-            except Exception as exn:
-                if exn.args:
-                    exn.args = (f"{exn.args[0]} @ {fileobj}", *exn.args[1:])
-                if not self.handle(exn):
-                    break
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_PlainTarInfo) as tar:
+            for info in tar:
+                fname = info.name
+                try:
+                    if not info.isreg() or fname is None or _is_meta(fname):
+                        continue
+                    if info.sparse is None:  # the stream is at its data: what extractfile reads
+                        data = tar.fileobj.read(info.size)
+                        if len(data) != info.size:
+                            raise tarfile.ReadError("unexpected end of data")
+                    else:
+                        data = tar.extractfile(info).read()
+                    yield fname, data
+                    tar.members = []  # a stream: keep no list of what was read
+                except Exception as exn:
+                    if exn.args:
+                        exn.args = (f"{exn.args[0]} @ {fileobj}", *exn.args[1:])
+                    if not self.handle(exn):
+                        break
 
 
 class _PlainTarInfo(tarfile.TarInfo):
@@ -456,11 +463,10 @@ class DecodeSample:
         key = sample["__key__"]
         meta = json.loads(sample["json"])
         if self.images:
-            image = decode_rgb(sample["jpg"])
+            pixels = decode_rgb(sample["jpg"])  # uint8 (H, W, 3): to_tensor_batch in collate
             if compose is not None:
                 seed = derive_seed("online", self.seed, self.epoch, key)
-                image = apply_augment(compose, image, seed)
-            pixels = to_tensor(image)
+                pixels = apply_augment(compose, pixels, seed)
         else:
             pixels = NO_IMAGE
         label = int(meta.get("label_index", -1))
@@ -501,8 +507,15 @@ class Chunk:
 
     @staticmethod
     def pack(rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
-        """Stack the images once so the chunk crosses the process boundary as one tensor."""
-        images = torch.stack([r.pop("image") for r in rows]) if rows else torch.empty(0)
+        """Stack the images once so the chunk crosses the process boundary as one tensor: uint8
+        (n, H, W, 3), a quarter of the floats' bytes (``NO_IMAGE`` rows: (n, 0))."""
+        pixels = [r.pop("image") for r in rows]
+        if not pixels:
+            images = torch.empty(0)
+        elif isinstance(pixels[0], torch.Tensor):
+            images = torch.stack(pixels)
+        else:
+            images = torch.from_numpy(np.stack(pixels))
         return {"image": images, "rows": rows, "skipped": skipped}
 
 
@@ -527,12 +540,13 @@ def pad_labels(label_sets: list[list[int]]) -> torch.Tensor:
 
 
 def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str, Any]:
-    """A batch: image (B, 3, H, W), label (B,) (-1 = none), labels (B, L) (the classes of a
+    """A batch of rows and their images (uint8 (H, W, 3) each, or ``NO_IMAGE``): image
+    (B, 3, H, W) as ``to_tensor`` makes it (or (B, 0)), label (B,) (-1 = none), labels (B, L) (the classes of a
     multi-label, -1 padded), value (B,) (numeric label, nan = none), lists for the rest; with
     audio shards also audio (B, 1, N_MELS, FRAMES) and audio_mask (B,) (False = no clip)."""
     return {
         **(collate_audio(rows) if rows and "audio" in rows[0] else {}),
-        "image": torch.stack(images),  # (B, 3, H, W)
+        "image": _batch_pixels(images),  # (B, 3, H, W)
         "text": [r["text"] for r in rows],
         "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # (B,)
         "labels": pad_labels([r["labels"] for r in rows]),  # (B, L)
@@ -543,6 +557,11 @@ def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str,
         "caption_id": [r["caption_id"] for r in rows],
         "meta": [r["meta"] for r in rows],
     }
+
+
+def _batch_pixels(images: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(images)
+    return to_tensor_batch(stacked) if stacked.dtype == torch.uint8 else stacked
 
 
 def collate_audio(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -9,12 +9,20 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from mmpipe import data
-from mmpipe.data import TarSamples, create_dataloader
+from mmpipe.data import (
+    TarSamples,
+    create_dataloader,
+    decode_image,
+    iterate_split,
+    to_tensor,
+    to_tensor_batch,
+)
 
 
 def _tar(path: Path, members: list[tuple[str, bytes | None]], fmt: int = tarfile.PAX_FORMAT) -> str:
@@ -156,3 +164,27 @@ def test_a_damaged_header_reads_as_in_webdataset(tmp_path, where):
     path.write_bytes(bytes(raw))
     (got, errors), (want, want_errors) = _both([str(path)])
     assert got == want and errors == want_errors and got[0]["__key__"] == "x0"
+
+
+def test_batches_hold_each_samples_decode_image(make_shards):
+    """The loader converts whole batches of uint8 pixels; the values and layout are those of
+    ``decode_image`` (predict's path) on each stored JPEG."""
+    shards = make_shards({"train": [7, 5, 9]})
+    stored = {s["__key__"]: s["jpg"] for s in iterate_split(shards, "train")}
+    for workers in (0, 1):
+        for batch in create_dataloader(shards, "train", 4, num_workers=workers):
+            want = torch.stack([decode_image(stored[k]) for k in batch["key"]])
+            assert batch["image"].is_contiguous() and batch["image"].dtype == torch.float32
+            assert torch.equal(batch["image"], want)
+    no_pixels = next(iter(create_dataloader(shards, "train", 4, images=False)))
+    assert no_pixels["image"].shape == (4, 0)
+
+
+def test_to_tensor_batch_equals_to_tensor_of_each_image():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 9, 7, 3), dtype=torch.uint8, generator=gen).numpy()
+    flipped = images[:, ::-1]  # not contiguous, as an augmentation may leave it
+    for batch in (images, flipped):
+        want = torch.stack([to_tensor(im) for im in batch])
+        got = to_tensor_batch(torch.from_numpy(np.ascontiguousarray(batch)))
+        assert torch.equal(got, want) and got.is_contiguous()
