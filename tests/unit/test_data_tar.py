@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from mmpipe import data
 from mmpipe.data import (
     TarSamples,
     create_dataloader,
     decode_image,
+    decode_rgb,
     iterate_split,
     to_tensor,
     to_tensor_batch,
@@ -188,3 +190,14 @@ def test_to_tensor_batch_equals_to_tensor_of_each_image():
         want = torch.stack([to_tensor(im) for im in batch])
         got = to_tensor_batch(torch.from_numpy(np.ascontiguousarray(batch)))
         assert torch.equal(got, want) and got.is_contiguous()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "CMYK"])
+def test_decode_rgb_is_pils_rgb_conversion(mode):
+    buf = io.BytesIO()
+    img = Image.new("RGB", (5, 4), (200, 30, 90)).convert(mode)
+    img.save(buf, format="JPEG" if mode in ("RGB", "L", "CMYK") else "PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as ref:
+        want = np.array(ref.convert("RGB"), dtype=np.uint8)
+    got = decode_rgb(buf.getvalue())
+    assert got.flags.writeable and got.dtype == np.uint8 and np.array_equal(got, want)
