@@ -435,7 +435,8 @@ NO_IMAGE = torch.empty(0)  # a sample's pixels when the loader is asked for none
 
 
 class DecodeSample:
-    """Raw tar sample -> {image (3, H, W), text, label, key, image_id, caption_id, meta}."""
+    """Raw tar sample -> {image (uint8 (H, W, 3): collate makes it (3, H, W) floats), text,
+    label, key, image_id, caption_id, meta}."""
 
     def __init__(
         self,
