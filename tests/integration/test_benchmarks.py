@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "ingest_shard", "loader", "memory", "growth", "train", "ui", "object_store", "dask",
-    "incremental", "models", "feature_cache", "limits",
+    "incremental", "models", "feature_cache", "limits", "frozen_heads",
 ]  # fmt: skip
 
 
@@ -52,6 +52,11 @@ def test_benchmark_script_smoke(name: str, tmp_path: Path) -> None:
     elif name == "dask":
         # the 2-worker cluster wrote the process pool's bytes, also on its own LocalCluster
         assert payload["data"]["identical"] is True and payload["data"]["samples"] == 40
+    elif name == "frozen_heads":  # every variant scored, on the real photos' held-out split
+        assert set(payload["data"]["results"]) >= {
+            "linear heads (real_retrieval's frozen row)",
+            "kNN caption transfer (k=10)",
+        } and all(0 <= r["i2t R@1"] <= 1 for r in payload["data"]["results"].values())
     elif name == "loader":
         assert len(set(payload["data"]["counts"].values())) == 1
     elif name == "memory":
