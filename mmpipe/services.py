@@ -121,13 +121,37 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: where PID 1 reaps
+    orphans late (some containers), a killed server's exited children linger as zombies in its
+    group, and waiting for them would hold every stop for both timeouts."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # pragma: no cover - a group we may not signal is still there
         return True
-    return True
+    states = _group_states(pgid)
+    return states is None or not states or any(state != "Z" for state in states)
+
+
+def _group_states(pgid: int) -> list[str] | None:
+    """The state letters (R, S, Z, ...) of the group's processes from /proc; None without it."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():  # pragma: no cover - not Linux
+        return None
+    states = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            states.append(fields[0])
+    return states
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

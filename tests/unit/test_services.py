@@ -32,11 +32,28 @@ def _server_cmd(port: int) -> list[str]:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Any process of the group still running (zombies waiting for a late-reaping init do not
+    count: they hold no port and run nothing)."""
+    return services._group_alive(pgid)
+
+
+def test_a_group_of_zombies_is_not_alive():
+    """A killed server's children linger as zombies where PID 1 reaps late; stop_group must
+    not wait out both of its timeouts for them."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        assert services._group_alive(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while services._group_states(proc.pid) != ["Z"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # not reaped (no wait/poll): our child stays a zombie
+        assert services._group_states(proc.pid) == ["Z"]
+        os.killpg(proc.pid, 0)  # the kernel still lists the group ...
+        assert not services._group_alive(proc.pid)  # ... but nothing in it runs
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not services._group_alive(proc.pid)
 
 
 def test_start_waits_until_healthy_and_stop_ends_the_whole_group(tmp_path):
@@ -80,9 +97,12 @@ def test_a_server_that_never_answers_is_stopped(tmp_path, monkeypatch):
 
 PARENT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from mmpipe import services
+    # a terminal's process: Ctrl-C raises KeyboardInterrupt even when the test runner was
+    # started as a background job (which inherits SIGINT ignored, and passes that on)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     port, log = int(sys.argv[1]), Path(sys.argv[2])
     cmd = ["sh", "-c", f"sleep 300 & exec {sys.executable} -m http.server --bind 127.0.0.1 {port}"]
     with services.stop_on_signals():
