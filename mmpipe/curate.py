@@ -62,13 +62,13 @@ from mmpipe.io import (
     atomic_path,
     iter_batches,
     open_parquet,
-    read_json,
     scratch_dir,
     use_system_arrow_allocator,
     write_json_atomic,
 )
 from mmpipe.keys import KeyIndex, arrow_keys
 from mmpipe.parallel import dask_map, ordered_map, process_pool
+from mmpipe.shard import header_checked, missing_image
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,6 @@ def _init_hash(root: str) -> None:
     _ROOT["root"] = Path(root)
 
 
-def _missing(path: Path) -> InputError:
-    return InputError(f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)")
-
-
 def hash_file(rel: str) -> int | str:
     """The phash of one image under the data root, or why it cannot be decoded (a str); a
     missing file is an InputError."""
@@ -145,7 +141,7 @@ def hash_file(rel: str) -> int | str:
         with Image.open(path) as im:
             return phash(im)
     except FileNotFoundError:
-        raise _missing(path) from None
+        raise missing_image(path) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
@@ -264,20 +260,11 @@ def _parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:
     return open_parquet(path, columns, "ingest")
 
 
-def undecodable_policy(ingest_dir: Path) -> tuple[bool, bool]:
-    """(reject, strict): whether an image curate cannot decode is a reject (ingest only checked
-    headers: ``ingest.image_check: header``) or an error, and whether ingest ran strict (then
-    that reject fails the stage). The same rule as ``shard.header_checked``."""
-    report_path = Path(ingest_dir) / "report.json"
-    report = read_json(report_path) if report_path.is_file() else {}
-    return report.get("image_check") == "header", bool(report.get("strict", False))
-
-
 def mark_undecodable(
     images: Images, bad: dict[int, str], root: Path, policy: tuple[bool, bool]
 ) -> None:
     """Reject the images at the rows of ``bad`` ({row: the decoder's error}) as
-    ``undecodable_image`` under ``policy`` (``undecodable_policy``); an image already rejected
+    ``undecodable_image`` under ``policy`` (``shard.header_checked``); an image already rejected
     keeps its reason."""
     if not bad:
         return  # (``_take`` would read the whole rel_path column for nothing)
@@ -457,7 +444,7 @@ def _embed_chunk(
             out.append(predictor.embed_images([path], batch_size=1).numpy())
         except InputError as exc:
             if not Path(path).is_file():
-                raise _missing(Path(path)) from None
+                raise missing_image(path) from None
             failed[i] = str(exc).removeprefix(f"{path}: ")
     return (_normalise(np.concatenate(out)) if out else None), failed
 
@@ -724,7 +711,7 @@ def run_curate(
     records = _parquet(ingest_dir / "records.parquet", ("caption_id", "image_id", "caption"))
     images = Images(ingest_dir / "images.parquet")
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy = undecodable_policy(ingest_dir)
+    policy = header_checked(ingest_dir)
     filter_images(images, p)
     near, hash_seconds = (
         group_images(images, data_root, p, policy) if p.near_duplicates else (None, 0.0)

@@ -159,15 +159,14 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float (3, H, W) in [0, 1], then normalised (x - 0.5) / 0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    return (x - 0.5) / 0.5
+    return to_tensor_batch(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
 
 
 def to_tensor_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W), contiguous: ``to_tensor`` of each image, the
-    same values (the same elementwise float32 ops), in four tensor ops for the whole batch."""
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), contiguous, in [0, 1] then normalised
+    (x - 0.5) / 0.5: four tensor ops for the whole batch."""
     x = images.permute(0, 3, 1, 2).contiguous().float()  # one layout copy, on the uint8 bytes
-    return x.div_(255.0).sub_(0.5).div_(0.5)  # in place: the kernels of to_tensor's ops
+    return x.div_(255.0).sub_(0.5).div_(0.5)  # in place, on the one float copy
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -412,13 +411,12 @@ def _octal(field: bytes) -> int:
     return int(field[: len(field) if end < 0 else end].decode("ascii").strip() or "0", 8)
 
 
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (the "__x__" test is within it)
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
 
 def _is_meta(fname: str) -> bool:
-    meta = "/" not in fname and fname.startswith("__") and fname.endswith("__")
-    return meta or _META.match(fname) is not None
+    return _META.match(fname) is not None
 
 
 def _base_plus_ext(path: str) -> tuple[str | None, str | None]:

@@ -126,6 +126,11 @@ def _scaled_jpeg(img: Image.Image, size: int) -> Image.Image | None:
     return Image.fromarray(pixels)
 
 
+def missing_image(path: str | Path) -> InputError:
+    """The error for an original image gone since ingest (shard, curate)."""
+    return InputError(f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)")
+
+
 def open_original(
     path: str | Path,
     read: Callable[[Image.Image], Any],
@@ -137,9 +142,7 @@ def open_original(
         with Image.open(path) as img:
             return read(img)
     except FileNotFoundError:
-        raise InputError(
-            f"{path}: image file not found (moved since ingest? re-run `mmpipe ingest`)"
-        ) from None
+        raise missing_image(path) from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
         if undecodable is not None:
             return undecodable(exc)
@@ -563,8 +566,10 @@ class RejectsWriter:
 def header_checked(ingest_dir: Path) -> tuple[bool, bool]:
     """Whether ingest only checked headers (``ingest.image_check: header``): then shard's is the
     one full decode and an undecodable image is a reject, not an error; and whether ingest ran
-    strict (then that reject fails the stage)."""
-    report = read_json(Path(ingest_dir) / "report.json")
+    strict (then that reject fails the stage). Curate applies the same rule; without ingest's
+    report.json, decode mode (an undecodable image is an error)."""
+    path = Path(ingest_dir) / "report.json"
+    report = read_json(path) if path.is_file() else {}
     return report.get("image_check") == "header", bool(report.get("strict", False))
 
 
