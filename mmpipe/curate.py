@@ -63,6 +63,7 @@ from mmpipe.io import (
     iter_batches,
     open_parquet,
     scratch_dir,
+    use_compute_allocator,
     use_system_arrow_allocator,
     write_json_atomic,
 )
@@ -727,6 +728,7 @@ def run_curate(
         rejects = Rejects(fh)
         scoring, semantic = None, None
         if scorer is not None:
+            use_compute_allocator()  # the scorer's forward passes (then the records pass too)
             wanted = np.flatnonzero(images.code == 0)
             emb = embed_images(
                 scorer, images, data_root, wanted, work / "images.npy", p.batch_size, policy

@@ -53,7 +53,7 @@ from mmpipe.checkpoint import load_model, pick_checkpoint
 from mmpipe.config import EvaluateParams, TrainParams
 from mmpipe.data import create_dataloader
 from mmpipe.errors import InputError
-from mmpipe.io import atomic_path, sha256_file, write_json_atomic
+from mmpipe.io import atomic_path, sha256_file, use_compute_allocator, write_json_atomic
 from mmpipe.manifest import Manifest, manifest_sha256, read_manifest, shard_location
 from mmpipe.model import (
     TOKEN_LEVEL,
@@ -656,6 +656,7 @@ def run_evaluate(
     """
     t0 = time.perf_counter()
     shard_dir, model_dir, out_dir = shard_location(shard_dir), Path(model_dir), Path(out_dir)
+    use_compute_allocator()  # not a data stage's malloc setting of this process
     read_manifest(shard_dir, require="test")  # its one-line error before any other
     checkpoint = pick_checkpoint(model_dir)
     scored = provenance(checkpoint, shard_dir)

@@ -60,6 +60,7 @@ from mmpipe.incremental import (
     plan_reuse,
 )
 from mmpipe.io import (
+    IMAGE_MMAP_THRESHOLD,
     iter_batches,
     read_json,
     sha256_file,
@@ -787,7 +788,7 @@ def run_shard(
     """
     start = time.perf_counter()
     align_dir, ingest_dir, out_dir = Path(align_dir), Path(ingest_dir), Path(out_dir)
-    use_system_arrow_allocator()
+    use_system_arrow_allocator(IMAGE_MMAP_THRESHOLD)  # photos' buffers stay in the heap
     _pipelines(p)  # bad augment specs fail here, before any work
     pairs, align_report, root = open_pairs(align_dir, ingest_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ from mmpipe.distributed import (
 )
 from mmpipe.errors import InputError
 from mmpipe.faults import fault_point
-from mmpipe.io import link_or_copy, remove_temps, write_json_atomic
+from mmpipe.io import link_or_copy, remove_temps, use_compute_allocator, write_json_atomic
 from mmpipe.manifest import Manifest, manifest_sha256, read_manifest, shard_location
 from mmpipe.model import (
     MultimodalModel,
@@ -443,6 +443,7 @@ def run_train(
     (``mmpipe.featurecache``; None = no cache).
     """
     shard_dir, out_dir = shard_location(shard_dir), Path(out_dir)
+    use_compute_allocator()  # not a data stage's malloc setting of this process
     work = partial_dir(out_dir)
     manifest = read_manifest(shard_dir, require="train")
     key = resume_key(p, data_sha256 or manifest_sha256(shard_dir))
