@@ -13,9 +13,13 @@ decode is the only one) and ``decode`` (ingest decodes every image, shard again)
 img2dataset (installed by this script into a throw-away venv, never into the project's):
 ``file://`` URLs, ``--processes_count 1 --resize_mode keep_ratio --image_size 256
 --encode_quality 95``, webdataset output.
+Bare loop: ``benchmarks/_bare_loop.py``, shard's per-photo work written by hand (the same M/8
+decode, centre-square HAMMING resize to 256 px, q95 encode, one tar; no checks, no parquet, no
+manifest): the limit of this decode and filter on this machine.
 CPU time = user + sys of each side's processes and their children (``getrusage``). The two
 sides run interleaved ``repeats`` times; the ratio of each interleaved pair is reported with
-its spread. Target: mmpipe >= 1.3x img2dataset's images per CPU-second.
+its spread. Targets (issue 28): the default path >= 1.5x img2dataset's images per CPU-second
+and >= 0.9 of the bare loop's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from benchmarks import _common as c
 
 NAME = "img2dataset"
 TARGET = 1.5  # issue 28: the default path >= 1.5x img2dataset's images per CPU-second
+BARE_TARGET = 0.9  # issue 28: ... and >= 0.9 of a bare loop doing the same decode/resize/encode
 I2D_VERSION = "1.47.0"
 COCO = c.REPO.parent / "shared" / "data" / "coco-mini"
 # this tree's sides: name -> extra --set overrides; "one process" is the same default params
@@ -354,6 +360,16 @@ def run_img2dataset(exe: Path, src: Path, out: Path) -> tuple[float, float, int]
     return cpu, wall, sum(s.get("successes", 0) for s in stats)
 
 
+def run_bare_loop(src: Path, out: Path) -> tuple[float, float, int]:
+    """``benchmarks/_bare_loop.py``: shard's decode, resize and encode in a hand-written loop
+    writing one tar, nothing else; (CPU s, wall s, images written)."""
+    out.unlink(missing_ok=True)
+    script = Path(__file__).with_name("_bare_loop.py")
+    cpu, wall = cpu_run([sys.executable, str(script), str(src), str(out)], cwd=out.parent)
+    with tarfile.open(out) as tar:
+        return cpu, wall, sum(m.name.endswith(".jpg") for m in tar)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     ap = c.parser(NAME, __doc__)
@@ -397,9 +413,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row[side] = {"cpu_s": cpu, "wall_s": wall, "images": done, "stage_cpu_s": stages}
             i_cpu, i_wall, i_n = run_img2dataset(exe, work / "photos", work / "i2d-out")
             row["img2dataset"] = {"cpu_s": i_cpu, "wall_s": i_wall, "images": i_n}
+            b_cpu, b_wall, b_n = run_bare_loop(work / "photos", work / "bare.tar")
+            row["bare loop"] = {"cpu_s": b_cpu, "wall_s": b_wall, "images": b_n}
             for side in sides:
                 rate = row[side]["images"] / row[side]["cpu_s"]
                 row[f"ratio_{side}"] = rate / (i_n / i_cpu)
+                row[f"bare_{side}"] = rate / (b_n / b_cpu)
+            row["ratio_bare loop"] = (b_n / b_cpu) / (i_n / i_cpu)
             rows.append(row)
             print(f"  repeat {r}: {json.dumps(row)}", flush=True)
     figures = []
@@ -408,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "decode": "mmpipe (this tree, image_check=decode)",
         "one process": "mmpipe (this tree, default params, one process: run --until shard)",
         "before": f"mmpipe ({args.before})",
+        "bare loop": "bare loop (benchmarks/_bare_loop.py: shard's decode, resize, encode, tar)",
     }
     for side, label in labels.items():
         if f"ratio_{side}" not in rows[0]:
@@ -428,6 +449,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 note=f"median; {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(rows)} interleaved runs",
             )
         )
+        if f"bare_{side}" in rows[0]:
+            bare = sorted(r[f"bare_{side}"] for r in rows)
+            figures.append(
+                c.figure(
+                    f"{label} / bare loop, images per CPU-second",
+                    bare[len(bare) // 2],
+                    "x",
+                    ratio=bare[len(bare) // 2],
+                    target=f">= {BARE_TARGET}" if mine else None,
+                    met=(bare[0] >= BARE_TARGET) if mine else None,
+                    note=f"median; {bare[0]:.2f}-{bare[-1]:.2f} over {len(rows)} interleaved runs",
+                )
+            )
     i2d = max(r["img2dataset"]["images"] / r["img2dataset"]["cpu_s"] for r in rows)
     figures.append(c.figure(f"img2dataset {I2D_VERSION}", i2d, "images/CPU-s"))
     for step, ms in steps.items():
