@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image
@@ -149,8 +150,26 @@ def verify_shard(path: Path, entry: ShardEntry, split: str) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
+# JPEG colour spaces whose TurboJPEG decode equals Pillow's pixel for pixel (both libjpeg-turbo's
+# ISLOW IDCT and fancy upsampling); CMYK/YCCK differ in the conversion to RGB: Pillow decodes them
+_TURBO_SPACES = ("YCbCr", "Gray")
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 (H, W, 3)."""
+    """JPEG/PNG bytes -> uint8 (H, W, 3).
+
+    A JPEG (every shard sample) is decoded by libjpeg-turbo's TurboJPEG API (simplejpeg): the
+    same pixels as Pillow's decoder (tests/unit/test_decode.py) at a third of the CPU of a 64 px
+    sample (0.03 vs 0.10 ms), most of Pillow's being its file parsing. Anything else, and a JPEG
+    that simplejpeg refuses (strict: corrupt or truncated data), goes to Pillow, whose verdict
+    and message are the loader's as before.
+    """
+    if data[:2] == b"\xff\xd8":
+        try:
+            if simplejpeg.decode_jpeg_header(data)[2] in _TURBO_SPACES:
+                return simplejpeg.decode_jpeg(data, "RGB")
+        except ValueError:
+            pass
     with Image.open(io.BytesIO(data)) as img:
         # an RGB image as it is: convert("RGB") would only copy it (~10 % of a 64 px decode)
         rgb = img if img.mode == "RGB" else img.convert("RGB")
