@@ -5,7 +5,7 @@ Each DataLoader worker runs::
 
     shards (manifest order, shuffled by seed+epoch) -> split_by_worker -> tar samples
     -> rank filter (round-robin by global sample index) -> sample shuffle -> decode (+augment)
-    -> chunks of decoded samples
+    into caption rows (``captions``: one per image sample, or all) -> chunks of rows
 
 and the main process re-batches the chunks, so every rank sees exactly
 ``count // world_size`` samples and the same number of batches whatever the shard sizes and

@@ -1,17 +1,22 @@
 """Stage `shard`: resize, augment offline, write WebDataset tar shards + manifest.json.
 
+A sample is one image with all its captions (docs/shard-format.md): key image_id (a train copy
+``{image_id}_aug{i}``), ``jpg``, ``json`` with the image's fields and its ``pairs`` in pair_id
+order, ``txt`` the captions a line; audio collections add the clip of pair i as ``{i}.flac``.
+
 Output bytes are a pure function of (pairs, images, params): samples are produced by a worker
-pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, pair_id, copy),
+pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, image_id, copy),
 and tar members carry fixed mtime/uid/gid/uname/mode, so 1 or N workers give identical shards.
 Everything goes into ``out_dir``, which the stage driver makes a fresh staging directory and
 switches in whole once the stage is done (mmpipe.commit): readers see the previous shards and
 manifest or the new ones, never a mix. manifest.json is written last.
 
-Streaming: pairs.parquet (sorted by (split, pair_id) by align) is read batch by batch and at most
-a few jobs are in flight in the pool, so memory does not grow with the number of pairs. Image
+Streaming: pairs.parquet (sorted by (split, image_id, pair_id) by align) is read batch by batch,
+cut into jobs of whole images, and at most a few jobs are in flight in the pool, so memory does
+not grow with the number of pairs. Image
 paths are relative to the data root that ingest recorded (``ingest.resolve_data_root``): the
 shards hold no absolute path, so the same data gives the same bytes wherever it lives.
-Each image is decoded once (cached per image_id for its several captions). ``shard.decode:
+Each image is decoded once (one sample holds all its captions). ``shard.decode:
 reduced`` (default): JPEGs at the largest DCT-domain reduction that keeps both sides >=
 image_size, libjpeg-turbo's M/8 scales through simplejpeg (``_scaled_jpeg``), Pillow ``draft``
 where that does not apply; ``full``: at full resolution. The manifest records the mode.
@@ -20,7 +25,7 @@ Undecodable images: with ``ingest.image_check: decode`` ingest decoded every ima
 shard cannot decode has changed since ingest: an InputError. With ``header`` (the default)
 shard's decode is the only one (curate's, when its hashing or scorer is on, may come first and
 reject the image there): the pairs of an image it cannot decode are left out of the
-shards, each a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
+shards, each pair a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
 image_id; reason ``undecodable_image``), counted in the manifest (pairs in = pairs sharded +
 pairs rejected). Rejects come back from the workers in pair order, so the file and the shards
 are the same bytes for any worker count.
