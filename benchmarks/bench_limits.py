@@ -123,7 +123,8 @@ def train_batches(shard_dir: Path, p: Any, steps: int) -> list[tuple[Any, list[s
     from mmpipe.data import create_dataloader
 
     loader = create_dataloader(shard_dir, "train", p.batch_size, shuffle_buffer=p.shuffle_buffer,
-                               augment=list(p.online_augment), seed=p.seed, epoch=0)  # fmt: skip
+                               augment=list(p.online_augment), seed=p.seed, epoch=0,
+                               captions="one")  # fmt: skip
     out = []
     for batch in loader:
         out.append((batch["image"], list(batch["text"]), batch["label"]))

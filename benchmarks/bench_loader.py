@@ -65,8 +65,10 @@ def _emit(sample, images, texts, labels, np, torch, Image) -> None:
     arr = simplejpeg.decode_jpeg(sample["jpg"], "RGB")
     x = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
     images.append((x - 0.5) / 0.5)
-    texts.append(sample["txt"].decode("utf-8"))
-    labels.append(json.loads(sample["json"]).get("label_index", -1))
+    meta = json.loads(sample["json"])
+    pair = (meta.get("pairs") or [meta])[0]  # a sample per image: its first caption
+    texts.append(pair.get("caption", sample["txt"].decode("utf-8")))
+    labels.append(pair.get("label_index", -1))
 
 
 class FolderDataset:
@@ -98,11 +100,14 @@ def folder_epoch(rows: list[tuple[str, str, int]], batch_size: int, num_workers:
 
 
 def loader_epoch(shard_dir: Path, batch_size: int, num_workers: int, shuffle: int) -> int:
+    """A training epoch's read: a row per image sample (``captions="one"``), as the bare
+    loops read a row per sample."""
     from mmpipe.data import create_dataloader
 
     loader = create_dataloader(
-        shard_dir, "train", batch_size, shuffle_buffer=shuffle, num_workers=num_workers
-    )
+        shard_dir, "train", batch_size, shuffle_buffer=shuffle, num_workers=num_workers,
+        captions="one",
+    )  # fmt: skip
     return sum(len(b["label"]) for b in loader)
 
 

@@ -6,9 +6,10 @@ image_id), always land in the same split, and adding data never moves existing i
 
 Out of core: records.parquet is read in batches and joined to the accepted images by a binary
 search of their ids' keys (mmpipe.keys), the pairs go to bucket files by (split, leading hex
-digits of pair_id), and each bucket is sorted on its own (at most ``BUCKET_ROWS`` rows in
-memory) and appended to pairs.parquet. The result is sorted by (split, pair_id), the order
-shard writes samples in, so shard streams it. Only per-image arrays (16-byte keys of the ids,
+digits of image_id), and each bucket is sorted on its own (at most ``BUCKET_ROWS`` rows in
+memory) and appended to pairs.parquet. The result is sorted by (split, image_id, pair_id): the
+pairs of one image are consecutive, and shard, which writes one sample per image with all its
+captions (docs/data-format.md), streams it in that order. Only per-image arrays (16-byte keys of the ids,
 the paths in Arrow, a split code and a used flag per image) span the whole set. Labels are
 optional: an unlabelled collection has no classes and label_index -1 everywhere; the report
 counts labelled pairs per split and class.
@@ -155,14 +156,15 @@ def _column(pf: pq.ParquetFile, name: str) -> Iterator[Any]:
 
 
 def _bucket_digits(n_records: int) -> int:
-    """Leading hex digits of pair_id per bucket, so a bucket holds about BUCKET_ROWS pairs."""
+    """Leading hex digits of image_id per bucket, so a bucket holds about BUCKET_ROWS pairs."""
     if n_records <= BUCKET_ROWS:
         return 0
     return math.ceil(math.log(n_records / BUCKET_ROWS, 16))
 
 
 class Buckets:
-    """Pairs spread over Arrow IPC files by (split, pair_id prefix), then read back sorted."""
+    """Pairs spread over Arrow IPC files by (split, image_id prefix), then read back sorted: all
+    pairs of an image are in one bucket."""
 
     def __init__(self, work: Path, digits: int, schema: pa.Schema = PAIR_SCHEMA) -> None:
         self.work, self.digits, self.schema = work, digits, schema
@@ -170,7 +172,7 @@ class Buckets:
 
     def add(self, table: pa.Table) -> None:
         """Append pairs (a table with PAIR_SCHEMA plus an int8 `_split` column)."""
-        prefix = pc.utf8_slice_codeunits(table["pair_id"], 0, self.digits)
+        prefix = pc.utf8_slice_codeunits(table["image_id"], 0, self.digits)
         keys = pa.table({"s": table["_split"], "p": prefix}).group_by(["s", "p"]).aggregate([])
         for s, pre in zip(keys["s"].to_pylist(), keys["p"].to_pylist(), strict=True):
             mask = pc.and_(pc.equal(table["_split"], s), pc.equal(prefix, pre))
@@ -182,14 +184,15 @@ class Buckets:
             self.writers[key].write_table(part)
 
     def sorted_tables(self) -> Any:
-        """Each bucket sorted by pair_id, in (split, prefix) order: pairs.parquet's order."""
+        """Each bucket sorted by (image_id, pair_id), in (split, prefix) order: pairs.parquet's
+        order, (split, image_id, pair_id)."""
         for writer in self.writers.values():
             writer.close()
         for key in sorted(self.writers):
             path = self.work / f"{key[0]}-{key[1] or 'all'}.arrow"
             with pa.memory_map(str(path)) as source:
                 table = pa.ipc.open_file(source).read_all()
-            yield table.sort_by("pair_id")
+            yield table.sort_by([("image_id", "ascending"), ("pair_id", "ascending")])
             del table
             path.unlink()
 
@@ -329,12 +332,7 @@ def _write_pairs(
     unknown = Counter[str]()
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, buckets.schema) as writer:
         for table in buckets.sorted_tables():
-            ids = table["pair_id"]
-            if len(ids) > 1:
-                same = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-                if pc.any(same).as_py():
-                    dup = ids.filter(pa.concat_arrays([pa.array([False]), *same.chunks]))[0]
-                    raise InputError(f"{where}: duplicate caption_id {dup.as_py()!r}")
+            _check_unique(table["pair_id"], where)
             lists, single = label_indices(table["label"], value_set, separator)
             for name, column in (("label_index", pa.array(single)), ("label_indices", lists)):
                 table = table.set_column(table.schema.get_field_index(name), name, column)
@@ -343,6 +341,19 @@ def _write_pairs(
                 unknown[split] += n
             writer.write_table(table, row_group_size=PAIRS_ROW_GROUP)
     return unknown
+
+
+def _check_unique(ids: pa.ChunkedArray, where: Path) -> None:
+    """No caption_id twice in one bucket. A bucket holds whole images, so this covers every
+    duplicate of one image's captions; caption_id hashes (image_ref, caption, line), so a
+    duplicate across two images would be a 64-bit hash collision (not looked for)."""
+    if len(ids) < 2 or pc.count_distinct(ids).as_py() == len(ids):
+        return
+    ordered = pc.sort_indices(ids)
+    sorted_ids = ids.take(ordered)
+    same = pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, len(ids) - 1))
+    dup = sorted_ids.slice(1).filter(same)[0]
+    raise InputError(f"{where}: duplicate caption_id {dup.as_py()!r}")
 
 
 def near_duplicate_check(images: ImageTable) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ Each DataLoader worker runs::
 
     shards (manifest order, shuffled by seed+epoch) -> split_by_worker -> tar samples
     -> rank filter (round-robin by global sample index) -> sample shuffle -> decode (+augment)
-    -> chunks of decoded samples
+    into caption rows (``captions``: one per image sample, or all) -> chunks of rows
 
 and the main process re-batches the chunks, so every rank sees exactly
 ``count // world_size`` samples and the same number of batches whatever the shard sizes and
@@ -451,9 +451,34 @@ def _valid(sample: dict[str, Any] | None) -> bool:
 NO_IMAGE = torch.empty(0)  # a sample's pixels when the loader is asked for none
 
 
+def sample_pairs(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The captions of a sample's json: its ``pairs`` (one sample per image), or the sample
+    itself as its one pair (shards written with one sample per pair)."""
+    pairs = meta.get("pairs")
+    return pairs if pairs is not None else [meta]
+
+
+def row_key(sample_key: str, pair_id: str, copy: int) -> str:
+    """A caption row's key, one per (pair, copy): the key of its sample in shards of one sample
+    per pair (``pair_id``, ``{pair_id}_aug{copy}``), so feature caches and predictions keep
+    their keys."""
+    return f"{pair_id}_aug{copy}" if copy else pair_id
+
+
+CAPTIONS = ("one", "all")
+
+
+def caption_choice(seed: int, epoch: int, key: str, n: int) -> int:
+    """The caption of an image sample a training epoch reads (``captions="one"``): seeded by
+    (seed, epoch, sample key) only, so every rank, worker layout and a resumed epoch agree."""
+    return derive_seed("caption", seed, epoch, key) % n if n > 1 else 0
+
+
 class DecodeSample:
-    """Raw tar sample -> {image (uint8 (H, W, 3): collate makes it (3, H, W) floats), text,
-    label, key, image_id, caption_id, meta}."""
+    """Raw tar sample -> caption rows {image (uint8 (H, W, 3): collate makes it (3, H, W)
+    floats), text, label, key (the pair's row), sample_key (the image sample), image_id,
+    caption_id, meta}. ``captions``: "all" yields a row per caption, the image decoded once
+    for them all; "one" one row per sample, the caption ``caption_choice`` picks."""
 
     def __init__(
         self,
@@ -463,25 +488,38 @@ class DecodeSample:
         skips: SkipCounter,
         audio: bool = False,
         images: bool = True,
+        captions: str = "all",
     ) -> None:
         self.specs = [TransformSpec.model_validate(s) for s in augment]
         self.seed, self.epoch, self.skips = seed, epoch, skips
         self.audio = audio  # shards with a third modality: every row gets `audio` (None = absent)
         self.images = images  # False: the frozen-feature cache stands in, no pixels decoded
+        if captions not in CAPTIONS:
+            raise InputError(f"loader: captions must be one of {CAPTIONS}, got {captions!r}")
+        self.captions = captions
         create_augment(self.specs)  # fail fast in the caller's process on a bad spec
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         compose = create_augment(self.specs)  # built in the worker: nothing to pickle
         for sample in src:
             try:
-                yield self.decode(sample, compose)
+                rows = self.decode(sample, compose)
             except Exception as exn:  # any broken sample: count it, say which, go on
                 self.skips(BadSample(sample.get("__key__"), sample.get("__url__"), exn))
+                continue
+            yield from rows
 
-    def decode(self, sample: dict[str, Any], compose: Any) -> dict[str, Any]:
-        """Decode one sample; online augmentation is seeded by (seed, epoch, key)."""
+    def decode(self, sample: dict[str, Any], compose: Any) -> list[dict[str, Any]]:
+        """The rows of one sample; online augmentation is seeded by (seed, epoch, sample key)."""
         key = sample["__key__"]
         meta = json.loads(sample["json"])
+        pairs = sample_pairs(meta)
+        if not pairs:
+            raise ValueError("no captions")
+        picked = range(len(pairs))
+        if self.captions == "one":
+            i = caption_choice(self.seed, self.epoch, key, len(pairs))
+            picked = range(i, i + 1)
         if self.images:
             pixels = decode_rgb(sample["jpg"])  # uint8 (H, W, 3): to_tensor_batch in collate
             if compose is not None:
@@ -489,23 +527,30 @@ class DecodeSample:
                 pixels = apply_augment(compose, pixels, seed)
         else:
             pixels = NO_IMAGE
-        label = int(meta.get("label_index", -1))
-        # numpy, not a tensor: pickled with the chunk, no shared-memory file per clip
-        audio = clip_features(sample["flac"]) if "flac" in sample else None
-        return {
-            **({"audio": audio} if self.audio else {}),
-            "image": pixels,
-            "text": sample["txt"].decode("utf-8"),
-            "label": label,
-            # every class of a multi-label; shards without label_indices: the one label, if any
-            "labels": list(meta.get("label_indices") or ([label] if label >= 0 else [])),
-            "value": label_value(meta.get("label")),
-            "label_text": meta.get("label"),
-            "key": key,
-            "image_id": meta.get("image_id"),
-            "caption_id": meta.get("caption_id"),
-            "meta": meta.get("meta") or {},
-        }
+        old = "pairs" not in meta  # one sample per pair: its key is the row's
+        copy = int(meta.get("copy", 0))
+        rows = []
+        for i in picked:
+            pair = pairs[i]
+            label = int(pair.get("label_index", -1))
+            flac = sample.get("flac" if old else f"{i}.flac")
+            rows.append({
+                # numpy, not a tensor: pickled with the chunk, no shared-memory file per clip
+                **({"audio": clip_features(flac) if flac else None} if self.audio else {}),
+                "image": pixels,  # one array for every row of the sample: decoded once
+                "text": sample["txt"].decode("utf-8") if old else pair["caption"],
+                "label": label,
+                # every class of a multi-label; without label_indices: the one label, if any
+                "labels": list(pair.get("label_indices") or ([label] if label >= 0 else [])),
+                "value": label_value(pair.get("label")),
+                "label_text": pair.get("label"),
+                "key": key if old else row_key(key, pair["pair_id"], copy),
+                "sample_key": key,
+                "image_id": meta.get("image_id"),
+                "caption_id": pair.get("caption_id"),
+                "meta": pair.get("meta") or {},
+            })  # fmt: skip
+        return rows
 
 
 class Chunk:
@@ -573,6 +618,7 @@ def collate(rows: list[dict[str, Any]], images: list[torch.Tensor]) -> dict[str,
         "value": torch.tensor([r["value"] for r in rows], dtype=torch.float32),  # (B,)
         "label_text": [r["label_text"] for r in rows],
         "key": [r["key"] for r in rows],
+        "sample_key": [r["sample_key"] for r in rows],
         "image_id": [r["image_id"] for r in rows],
         "caption_id": [r["caption_id"] for r in rows],
         "meta": [r["meta"] for r in rows],
@@ -687,6 +733,7 @@ def create_dataloader(
     max_bad_samples: int | None = 0,
     images: bool = True,
     pin_memory: bool = False,
+    captions: str = "all",
 ) -> wds.WebLoader:
     """Batches of one split for one epoch (see the module docstring); ``.stats`` counts samples.
 
@@ -698,14 +745,29 @@ def create_dataloader(
     ``skip_batches`` resumes an epoch: the same call without it yields those batches first.
     ``images=False`` decodes no pixels (batches' ``image`` is (B, 0)): the frozen-feature cache
     stands in for them. ``pin_memory``: page-locked batches for asynchronous copies to a GPU.
+
+    ``captions`` (shards of one sample per image with all its captions): "all" (evaluation)
+    yields a row per caption, the image decoded once for its rows; "one" (training) one row per
+    image sample, its caption chosen by (seed, epoch, sample key) (``caption_choice``): the
+    same on every rank and in a resumed epoch, a new choice each epoch, and never two captions
+    of one image in a batch. Counts, ``limit`` and ``skip_batches`` are in rows. "all" over
+    samples of several captions reads a split whole (``world_size`` 1): a rank's share of the
+    captions is not known in advance.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise InputError(
             f"loader: need batch_size >= 1 and 0 <= rank < world_size, "
             f"got {batch_size}, {rank}, {world_size}"
         )
-    shards = split_shards(shard_dir, split)
+    manifest = None if is_url(shard_dir) else read_manifest(shard_dir)
+    shards = split_shards(shard_dir, split, manifest)
     total = sum(s.count for s in shards)
+    pairs = (manifest or read_manifest(shard_dir)).pairs(split)
+    if captions == "all" and world_size > 1 and pairs != total:
+        raise InputError(
+            f"loader: captions='all' over {split}'s {total} samples of {pairs} captions needs "
+            "world_size 1 (a rank's share of the captions is not known in advance)"
+        )
     shuffle = shuffle_buffer > 0
     rotate = derive_seed("rotate", seed, epoch) % max(total, 1) if shuffle else 0
     skips = SkipCounter()
@@ -715,10 +777,12 @@ def create_dataloader(
         TarSamples(skips),
         RankFilter(shards, rank, world_size, rotate),
         SampleShuffle(shuffle_buffer, seed, epoch, rank) if shuffle else None,
-        DecodeSample(list(augment), seed, epoch, skips, audio=has_audio(shard_dir), images=images),
+        DecodeSample(list(augment), seed, epoch, skips, has_audio(shard_dir), images, captions),
         Chunk(max(1, min(batch_size, 256)), skips),
     )
-    expected = total // world_size if world_size > 1 else total
+    expected = total // world_size if world_size > 1 else total  # image samples ("one")
+    if captions == "all" and world_size == 1:
+        expected = pairs
     rebatch = Rebatch(batch_size, drop_last, skip_batches, limit, expected, split, max_bad_samples)
     loader = wds.WebLoader(
         dataset,
@@ -769,20 +833,31 @@ def _init_loader_worker(worker_id: int, env: dict[str, str] | None = None) -> No
 
 
 def iterate_split(shard_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:
-    """Every stored sample of a split in manifest order.
+    """Every stored caption row of a split in manifest order: a sample of one image with k
+    captions gives k records, in its ``pairs`` order, sharing the image's bytes.
 
-    Yields {__key__, __url__, jpg (bytes), txt (str), json (dict)}.
+    Yields {__key__ (the row's key: ``row_key``), sample_key, __url__, jpg (bytes), txt (the
+    caption), json (dict: the image's fields and the pair's, as one sample per pair held them)}.
     """
     for ref in split_shards(shard_dir, split):
         try:
             for sample in TarSamples()(iter([{"url": ref.url}])):
-                yield {
-                    "__key__": sample["__key__"],
-                    "__url__": ref.url,
-                    "jpg": sample["jpg"],
-                    "txt": sample["txt"].decode("utf-8"),
-                    "json": json.loads(sample["json"]),
-                }
+                meta = json.loads(sample["json"])
+                if "pairs" not in meta:  # one sample per pair
+                    yield {"__key__": sample["__key__"], "sample_key": sample["__key__"],
+                           "__url__": ref.url, "jpg": sample["jpg"],
+                           "txt": sample["txt"].decode("utf-8"), "json": meta}  # fmt: skip
+                    continue
+                image = {k: v for k, v in meta.items() if k != "pairs"}
+                for pair in meta["pairs"]:
+                    yield {
+                        "__key__": row_key(sample["__key__"], pair["pair_id"], meta["copy"]),
+                        "sample_key": sample["__key__"],
+                        "__url__": ref.url,
+                        "jpg": sample["jpg"],
+                        "txt": pair["caption"],
+                        "json": {**image, **pair},
+                    }
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(
                 f"{ref.url}: unreadable shard ({exc!r}); run `mmpipe shard` again"

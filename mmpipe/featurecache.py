@@ -7,6 +7,9 @@ tower's last layer groups trainable (``unfreeze_last``), the locked prefix's out
 and the trainable groups run on it (``TokenEncoder.encode_from``). A locked text tower's pooled
 features are cached the same way (not its tokens: a token-level head reads the text tower).
 
+Image features are kept per image sample (the loader's ``sample_key``: one per image and copy,
+whatever its number of captions), text features per caption row (``key``).
+
 Keyed by content, like ingest's check cache: one file per (shard sha256, encoder digest) under
 ``cache_dir/<digest>/<sha256>.pt``; the digest covers the locked weights, how many groups are
 cached, whether tokens are kept, the image size and decode of the shards. A shard set that
@@ -27,17 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 
 from mmpipe.checkpoint import save_checkpoint
-from mmpipe.data import decode_image, split_shards
+from mmpipe.data import TarSamples, decode_image, row_key, sample_pairs, split_shards
 from mmpipe.errors import InputError
 from mmpipe.manifest import Manifest
 from mmpipe.model.features import CachedFeatures
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when what a cache file holds changes
+VERSION = 2  # bump when what a cache file holds changes (2: text rows per caption of a sample)
 
 
 @dataclass
@@ -137,21 +139,19 @@ def _build_shard(
     batch: int,
     memo: dict[bytes, dict[str, torch.Tensor]],
 ) -> dict[str, Any]:
-    """Encode one shard's images or captions -> {keys, rows, x[, tokens]}.
+    """Encode one shard's images (a row per sample) or captions (a row per caption) -> {keys,
+    rows, x[, tokens]}.
 
     An input is encoded once per build: ``memo`` (content digest -> features) carries what
-    earlier shards of the same build encoded (the 5 captions of a photo are 5 samples with the
-    same image bytes, spread over several shards)."""
+    earlier shards of the same build encoded (the same caption or image bytes may recur)."""
     keys, digests, pending = [], [], {}
-    member = "jpg" if p.tower == "image" else "txt"
-    for sample in wds.tarfile_samples(iter([{"url": url}])):
-        digest = hashlib.sha1(sample[member]).digest()
+    for key, data in _inputs(url, p.tower):
+        digest = hashlib.sha1(data).digest()
         if digest not in memo and digest not in pending:
-            data = sample[member]
             pending[digest] = decode_image(data) if p.tower == "image" else data.decode("utf-8")
             if len(pending) == batch:
                 _encode_into(model, p, pending, device, memo)
-        keys.append(sample["__key__"])
+        keys.append(key)
         digests.append(digest)
     _encode_into(model, p, pending, device, memo)
     order = list(dict.fromkeys(digests))  # this shard's distinct inputs, first-seen order
@@ -160,6 +160,22 @@ def _build_shard(
     for name in memo[order[0]] if order else ():
         out[name] = torch.stack([memo[d][name] for d in order])
     return out
+
+
+def _inputs(url: str, tower: str) -> Any:
+    """(key, bytes) of a shard's inputs: each sample's image under its sample key, or each
+    caption under its row's key (``data.row_key``; shards of one sample per pair: the sample's)."""
+    for sample in TarSamples()(iter([{"url": url}])):
+        if tower == "image":
+            yield sample["__key__"], sample["jpg"]
+            continue
+        meta = json.loads(sample["json"])
+        if "pairs" not in meta:
+            yield sample["__key__"], sample["txt"]
+            continue
+        for pair in sample_pairs(meta):
+            key = row_key(sample["__key__"], pair["pair_id"], int(meta.get("copy", 0)))
+            yield key, pair["caption"].encode("utf-8")
 
 
 def _encode_into(
@@ -234,7 +250,8 @@ def build(
                 split_shards(shard_dir, split), manifest.splits[split].shards, strict=True
             ):
                 path = folder / f"{entry.sha256}.pt"
-                data = _read(path, ref.count)
+                count = entry.count if p.tower == "image" or entry.pairs is None else entry.pairs
+                data = _read(path, count)
                 if data is None:
                     data = _build_shard(model, p, ref.url, device, batch, memo)
                     save_checkpoint(data, path)

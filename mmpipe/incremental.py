@@ -1,14 +1,15 @@
 """Incremental data stages: shard reuses the previous output's shards whose samples are all
 unchanged; ingest reuses earlier image checks by content (``CheckCache``, at the end).
 
-A sample's bytes are a pure function of its pair's row in pairs.parquet (caption, labels, split,
-meta, the image's content id), the image and the shard params; so a shard of the previous output
-can be reused as it is when the params hash is the same and every pair it holds is still in
-pairs.parquet with the same row. Every shard run writes ``members.parquet`` (one row per sample:
+A sample (one image with all its captions) has bytes that are a pure function of its image's
+rows in pairs.parquet (captions, labels, split, meta, the image's content id), the image and the
+shard params; so a shard of the previous output can be reused as it is when the params hash is
+the same, every pair it holds is still in pairs.parquet with the same row, and none of its images
+gained a pair. Every shard run writes ``members.parquet`` (one row per caption of each sample:
 key, pair_id, the digest of its pair's row, shard) so that the next run can decide that without
-opening a tar. Everything else (new or changed pairs, and the other samples of a shard that held a
-deleted or changed pair: that shard is retired) is encoded again into new shards numbered after
-the reused ones. The set of samples is then the from-scratch run's, byte for byte per sample;
+opening a tar. Everything else (new images, images with a new, changed or deleted pair, and the
+other samples of a shard that held one: that shard is retired) is encoded again into new shards
+numbered after the reused ones. The set of samples is then the from-scratch run's, byte for byte per sample;
 only shard boundaries differ.
 """
 
@@ -47,28 +48,32 @@ def pair_digest(row: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def pair_digests(pairs: pq.ParquetFile) -> dict[str, str]:
-    """pair_id -> digest of its row, streamed over pairs.parquet (an incremental run only)."""
+def pair_digests(pairs: pq.ParquetFile) -> tuple[dict[str, tuple[str, str]], dict[str, int]]:
+    """pair_id -> (digest of its row, image_id), and image_id -> its number of pairs, streamed
+    over pairs.parquet (an incremental run only)."""
     from mmpipe.align import PAIR_COLUMNS
     from mmpipe.io import iter_batches
 
     # the columns shard's _jobs digests (audio_path when the collection has audio)
     columns = [*PAIR_COLUMNS, *[c for c in ("audio_path",) if c in pairs.schema_arrow.names]]
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str]] = {}
+    per_image: dict[str, int] = defaultdict(int)
     for batch in iter_batches(pairs, 4096, columns):
         for row in batch.to_pylist():
-            out[row["pair_id"]] = pair_digest(row)
-    return out
+            out[row["pair_id"]] = (pair_digest(row), row["image_id"])
+            per_image[row["image_id"]] += 1
+    return out, per_image
 
 
 @dataclass
 class Reuse:
     """What the previous output gives this run: reusable shard entries per split, the samples
-    they hold, and the pairs needing no encoding at all."""
+    they hold, and the images needing no encoding at all (with their number of pairs)."""
 
     shards: dict[str, list[ShardEntry]] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)
-    done_pairs: set[str] = field(default_factory=set)
+    done_images: set[str] = field(default_factory=set)
+    done_pair_count: int = 0
     members: list[dict[str, str]] = field(default_factory=list)  # rows of the reused shards
 
     @property
@@ -93,11 +98,11 @@ def plan_reuse(
         return reuse
     if manifest.params_hash != params_hash:
         return reuse
-    digests = pair_digests(pairs)
+    digests, per_image = pair_digests(pairs)
     members: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in pq.read_table(previous / MEMBERS).to_pylist():
         members[row["shard"]].append(row)
-    held: dict[str, int] = defaultdict(int)  # pair_id -> its samples in reused shards
+    held: dict[str, int] = defaultdict(int)  # image_id -> its samples in reused shards
     expected: dict[str, int] = {}
     # in the order a from-scratch run writes (SPLITS, then shard names): reusing everything
     # gives the very same members.parquet, so the stage output's hash does not change
@@ -105,16 +110,36 @@ def plan_reuse(
         entry = manifest.splits.get(split, SplitEntry())
         for shard in sorted(entry.shards, key=lambda e: e.name):
             rows = members.get(shard.name, [])
-            ok = len(rows) == shard.count and (previous / shard.name).is_file()
-            if ok and all(digests.get(r["pair_id"]) == r["digest"] for r in rows):
+            ok = len(rows) == (shard.pairs or 0) and (previous / shard.name).is_file()
+            if ok and _unchanged(rows, digests, per_image):
                 reuse.shards.setdefault(split, []).append(shard)
                 reuse.keys.update(r["key"] for r in rows)
                 reuse.members.extend(rows)
-                for r in rows:
-                    held[r["pair_id"]] += 1
-                    expected[r["pair_id"]] = 1 + copies if split == "train" else 1
-    reuse.done_pairs = {pair_id for pair_id, n in held.items() if n == expected[pair_id]}
+                image_of = {r["key"]: digests[r["pair_id"]][1] for r in rows}  # per sample
+                for image_id in image_of.values():
+                    held[image_id] += 1
+                    expected[image_id] = 1 + copies if split == "train" else 1
+    reuse.done_images = {image for image, n in held.items() if n == expected[image]}
+    reuse.done_pair_count = sum(per_image[image] for image in reuse.done_images)
     return reuse
+
+
+def _unchanged(
+    rows: list[dict[str, str]],
+    digests: dict[str, tuple[str, str]],
+    per_image: dict[str, int],
+) -> bool:
+    """Whether every sample of a shard (its members rows) is what this run would write: each of
+    its pairs has the same row, and each of its images has no other pair now."""
+    held: dict[str, int] = defaultdict(int)  # sample key -> its pairs
+    image_of: dict[str, str] = {}
+    for r in rows:
+        now = digests.get(r["pair_id"])
+        if now is None or now[0] != r["digest"]:
+            return False
+        held[r["key"]] += 1
+        image_of[r["key"]] = now[1]
+    return all(per_image[image_of[key]] == n for key, n in held.items())
 
 
 def link_shards(reuse: Reuse, previous: Path, out_dir: Path) -> None:
@@ -135,7 +160,8 @@ def next_index(reuse: Reuse, split: str) -> int:
 
 
 class MembersWriter:
-    """members.parquet, streamed: the reused shards' rows first, then each new sample's."""
+    """members.parquet, streamed: the reused shards' rows first, then each new sample's (a row
+    per caption of the sample)."""
 
     def __init__(self, out_dir: Path, reused: list[dict[str, str]]) -> None:
         self.writer = pq.ParquetWriter(out_dir / MEMBERS, MEMBERS_SCHEMA)
@@ -145,9 +171,11 @@ class MembersWriter:
             self._append(row)
 
     def add(self, sample: dict[str, Any], shard: str) -> None:
-        """Record one written sample (its ``__pair__`` and ``__digest__`` come from _jobs)."""
-        key, pair_id, digest = sample["__key__"], sample["__pair__"], sample["__digest__"]
-        self._append({"key": key, "pair_id": pair_id, "digest": digest, "shard": shard})
+        """Record one written sample (its ``__pairs__``' digests come from shard's _images)."""
+        for pair_id, digest in sample["__pairs__"]:
+            self._append(
+                {"key": sample["__key__"], "pair_id": pair_id, "digest": digest, "shard": shard}
+            )
         self.new += 1
 
     def _append(self, row: dict[str, str]) -> None:

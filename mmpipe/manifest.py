@@ -35,18 +35,23 @@ class _Entry(BaseModel):
 
 
 class ShardEntry(_Entry):
-    """One tar: its file name, samples, and the size and sha256 it was written with."""
+    """One tar: its file name, samples, the caption rows they hold (``pairs``: the samples
+    of one image hold all its captions; None: shards of one sample per pair, written before),
+    and the size and sha256 it was written with."""
 
     name: str
     count: int
+    pairs: int | None = None
     bytes: int | None = None  # None: nothing to verify the file against (readers refuse it)
     sha256: str | None = None
 
 
 class SplitEntry(_Entry):
-    """A split's samples and its shards, in name order."""
+    """A split's samples (images, with train's augmented copies), the caption rows they hold
+    (``pairs``; None: one sample per pair, written before) and its shards, in name order."""
 
     count: int = 0
+    pairs: int | None = None
     shards: list[ShardEntry] = []
 
 
@@ -86,6 +91,14 @@ class Manifest(_Entry):
         """Samples in ``split`` (0 when the manifest has no such split)."""
         entry = self.splits.get(split)
         return entry.count if entry is not None else 0
+
+    def pairs(self, split: str) -> int:
+        """Caption rows in ``split``: every caption of every sample (the samples' count in
+        shards of one sample per pair)."""
+        entry = self.splits.get(split)
+        if entry is None:
+            return 0
+        return entry.pairs if entry.pairs is not None else entry.count
 
     def labelled(self, split: str) -> bool:
         """Whether ``split`` has labelled pairs. Manifests written before the label counts are

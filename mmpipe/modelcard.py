@@ -52,7 +52,7 @@ def training_data(layout: Layout) -> dict[str, Any]:
         }
         | _shard_rejected(manifest),
         "pairs_per_split": align.get("pairs_per_split")
-        or {s: e.count for s, e in manifest.splits.items()},
+        or {s: manifest.pairs(s) for s in manifest.splits},
         "classes": list(manifest.classes),
         "labels": manifest.labels,
         "image_size": manifest.image_size,

@@ -1,17 +1,22 @@
 """Stage `shard`: resize, augment offline, write WebDataset tar shards + manifest.json.
 
+A sample is one image with all its captions (docs/shard-format.md): key image_id (a train copy
+``{image_id}_aug{i}``), ``jpg``, ``json`` with the image's fields and its ``pairs`` in pair_id
+order, ``txt`` the captions a line; audio collections add the clip of pair i as ``{i}.flac``.
+
 Output bytes are a pure function of (pairs, images, params): samples are produced by a worker
-pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, pair_id, copy),
+pool with *ordered* imap in sorted key order, augmentation is seeded per (seed, image_id, copy),
 and tar members carry fixed mtime/uid/gid/uname/mode, so 1 or N workers give identical shards.
 Everything goes into ``out_dir``, which the stage driver makes a fresh staging directory and
 switches in whole once the stage is done (mmpipe.commit): readers see the previous shards and
 manifest or the new ones, never a mix. manifest.json is written last.
 
-Streaming: pairs.parquet (sorted by (split, pair_id) by align) is read batch by batch and at most
-a few jobs are in flight in the pool, so memory does not grow with the number of pairs. Image
+Streaming: pairs.parquet (sorted by (split, image_id, pair_id) by align) is read batch by batch,
+cut into jobs of whole images, and at most a few jobs are in flight in the pool, so memory does
+not grow with the number of pairs. Image
 paths are relative to the data root that ingest recorded (``ingest.resolve_data_root``): the
 shards hold no absolute path, so the same data gives the same bytes wherever it lives.
-Each image is decoded once (cached per image_id for its several captions). ``shard.decode:
+Each image is decoded once (one sample holds all its captions). ``shard.decode:
 reduced`` (default): JPEGs at the largest DCT-domain reduction that keeps both sides >=
 image_size, libjpeg-turbo's M/8 scales through simplejpeg (``_scaled_jpeg``), Pillow ``draft``
 where that does not apply; ``full``: at full resolution. The manifest records the mode.
@@ -20,7 +25,7 @@ Undecodable images: with ``ingest.image_check: decode`` ingest decoded every ima
 shard cannot decode has changed since ingest: an InputError. With ``header`` (the default)
 shard's decode is the only one (curate's, when its hashing or scorer is on, may come first and
 reject the image there): the pairs of an image it cannot decode are left out of the
-shards, each a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
+shards, each pair a named reject in ``rejects.jsonl`` (ingest's record schema plus pair_id and
 image_id; reason ``undecodable_image``), counted in the manifest (pairs in = pairs sharded +
 pairs rejected). Rejects come back from the workers in pair order, so the file and the shards
 are the same bytes for any worker count.
@@ -38,7 +43,6 @@ import json
 import logging
 import tarfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,8 +79,7 @@ from mmpipe.storage import REJECTS
 log = logging.getLogger(__name__)
 
 MTIME = 0  # fixed tar member mtime: identical bytes run to run
-JOB_PAIRS = 32  # pairs per pool task: amortises IPC without hurting ordered streaming
-CACHE_BYTES = 64 << 20  # per-worker budget of resized base images (same image, many captions)
+JOB_PAIRS = 32  # pairs per pool task (whole images): amortises IPC, keeps streaming ordered
 
 
 # ----------------------------------------------------------------------------- image ops
@@ -240,7 +243,7 @@ def preprocess_image(
 
 # ----------------------------------------------------------------------------- worker side
 
-_STATE: dict[str, Any] = {}  # per process: params, augment pipelines, LRU of base images
+_STATE: dict[str, Any] = {}  # per process: params, data root, augment pipelines
 
 
 def _init_worker(params: dict[str, Any], root: str, reject_undecodable: bool = False) -> None:
@@ -248,12 +251,7 @@ def _init_worker(params: dict[str, Any], root: str, reject_undecodable: bool = F
     whether an undecodable image is a reject (ingest.image_check: header) or an error."""
     p = ShardParams.model_validate(params)
     _STATE.update(
-        p=p,
-        root=Path(root),
-        reject_undecodable=reject_undecodable,
-        augment=_pipelines(p),
-        cache=OrderedDict(),
-        cache_max=max(16, CACHE_BYTES // (3 * p.image_size**2)),
+        p=p, root=Path(root), reject_undecodable=reject_undecodable, augment=_pipelines(p)
     )
 
 
@@ -273,33 +271,25 @@ def _undecodable(exc: Exception) -> str:
 
 
 def _base_image(pair: dict[str, Any]) -> tuple[Image.Image, bytes] | str:
-    """The resized image of a pair and its plain JPEG, cached per image_id (several captions);
-    under ``reject_undecodable``, why the image cannot be decoded instead."""
-    cache: OrderedDict[str, tuple[Image.Image, bytes] | str] = _STATE["cache"]
-    hit = cache.get(pair["image_id"])
-    if hit is not None:
-        cache.move_to_end(pair["image_id"])
-        return hit
+    """The resized image of a pair's image and its plain JPEG; under ``reject_undecodable``,
+    why the image cannot be decoded instead. (One call per image: a sample holds all of its
+    captions, so nothing is cached.)"""
     p: ShardParams = _STATE["p"]
     path = _STATE["root"] / pair["image_path"]
     on_error = _undecodable if _STATE["reject_undecodable"] else None
     img = open_original(
         path, lambda original: sample_image(original, p.image_size, p.decode), on_error
     )
-    entry = img if isinstance(img, str) else (img, encode_jpeg(img, p.jpeg_quality))
-    cache[pair["image_id"]] = entry
-    if len(cache) > _STATE["cache_max"]:
-        cache.popitem(last=False)
-    return entry
+    return img if isinstance(img, str) else (img, encode_jpeg(img, p.jpeg_quality))
 
 
-def _augmented_jpeg(img: Image.Image, which: str, pair_id: str, copy: int) -> bytes:
-    """Augment with a seed from (params seed, pair_id, copy): independent of worker layout."""
+def _augmented_jpeg(img: Image.Image, which: str, image_id: str, copy: int) -> bytes:
+    """Augment with a seed from (params seed, image_id, copy): independent of worker layout."""
     from mmpipe.augment import apply_augment, derive_seed
 
     p: ShardParams = _STATE["p"]
     base = np.asarray(img)  # (S, S, 3) uint8
-    out = apply_augment(_STATE["augment"][which], base, derive_seed(p.seed, pair_id, copy))
+    out = apply_augment(_STATE["augment"][which], base, derive_seed(p.seed, image_id, copy))
     if out.shape != base.shape:  # a geometric transform changed the size: restore the contract
         out = np.asarray(
             Image.fromarray(out).resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
@@ -307,41 +297,46 @@ def _augmented_jpeg(img: Image.Image, which: str, pair_id: str, copy: int) -> by
     return encode_jpeg(out, p.jpeg_quality)
 
 
-def _sample(pair: dict[str, Any], key: str, jpg: bytes, copy: int) -> dict[str, Any]:
-    """One webdataset sample (all values bytes/str, json sorted so the bytes are stable)."""
+# what each caption of a sample keeps of its pair (json's "pairs", in pair_id order)
+PAIR_FIELDS = (
+    "pair_id", "caption_id", "caption", "label", "label_index",
+    "label_indices",  # multi-hot classes (multilabel)
+    "source", "meta",
+)  # fmt: skip
+
+
+def _sample(group: list[dict[str, Any]], key: str, jpg: bytes, copy: int) -> dict[str, Any]:
+    """One webdataset sample of an image and all its captions (json sorted: stable bytes)."""
+    first = group[0]
     meta = {  # the loader and evaluate read these fields: keep them stable
-        "pair_id": pair["pair_id"],
-        "image_id": pair["image_id"],
-        "caption_id": pair["caption_id"],
-        "label": pair["label"],
-        "label_index": pair["label_index"],
-        "label_indices": pair["label_indices"],  # multi-hot classes (multilabel)
-        "split": pair["split"],
-        "source": pair["source"],
-        "image_path": pair["image_path"],  # relative to the data root
-        "meta": pair["meta"],
+        "image_id": first["image_id"],
+        "split": first["split"],
+        "image_path": first["image_path"],  # relative to the data root
         "copy": copy,
+        "pairs": [{f: pair[f] for f in PAIR_FIELDS} for pair in group],
     }
     body = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     # "__split__" routes the sample to its writer; the tar writer skips "_" keys
     return {
         "__key__": key,
-        "__split__": pair["split"],
-        "__pair__": pair["pair_id"],
-        "__digest__": pair["__digest__"],
+        "__split__": first["split"],
+        "__image__": first["image_id"],
+        "__pairs__": [(pair["pair_id"], pair["__digest__"]) for pair in group],
         "jpg": jpg,
-        "txt": pair["caption"].encode("utf-8"),
+        # one caption a line (ingest's normalise_text leaves no newline in a caption)
+        "txt": "\n".join(pair["caption"] for pair in group).encode("utf-8"),
         "json": body,
     }
 
 
-def encode_pair(pair: dict[str, Any]) -> list[dict[str, Any]]:
-    """The samples of one pair in sorted key order: the pair itself, then its train copies;
-    or, when its image cannot be decoded (under ``reject_undecodable``), its reject."""
-    image = _base_image(pair)
+def encode_image(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples of one image (its pairs, consecutive in pairs.parquet) in sorted key order:
+    the image with all its captions, then its train copies; or, when the image cannot be
+    decoded (under ``reject_undecodable``), a reject per pair."""
+    image = _base_image(group[0])
     if isinstance(image, str):
-        return [_reject(pair, image)]
-    return _with_audio(pair, _image_samples(pair, image))
+        return [_reject(pair, image) for pair in group]
+    return _with_audio(group, _image_samples(group, image))
 
 
 def _reject(pair: dict[str, Any], detail: str) -> dict[str, Any]:
@@ -360,37 +355,45 @@ def _reject(pair: dict[str, Any], detail: str) -> dict[str, Any]:
     return {"__key__": pair["pair_id"], "__split__": pair["split"], "__reject__": record}
 
 
-def _image_samples(pair: dict[str, Any], image: tuple[Image.Image, bytes]) -> list[dict[str, Any]]:
+def _image_samples(
+    group: list[dict[str, Any]], image: tuple[Image.Image, bytes]
+) -> list[dict[str, Any]]:
     p: ShardParams = _STATE["p"]
     base, plain = image
-    if pair["split"] != "train":
+    image_id, split = group[0]["image_id"], group[0]["split"]
+    if split != "train":
         jpg = (
             plain
             if _STATE["augment"]["eval"] is None
-            else _augmented_jpeg(base, "eval", pair["pair_id"], 0)
+            else _augmented_jpeg(base, "eval", image_id, 0)
         )
-        return [_sample(pair, pair["pair_id"], jpg, 0)]
-    samples = [_sample(pair, pair["pair_id"], plain, 0)]
+        return [_sample(group, image_id, jpg, 0)]
+    samples = [_sample(group, image_id, plain, 0)]
     # keys sort as strings ("_aug10" < "_aug2"), so copies are emitted in that order
     for i in sorted(range(1, p.copies + 1), key=str):
-        jpg = _augmented_jpeg(base, "train", pair["pair_id"], i)
-        samples.append(_sample(pair, f"{pair['pair_id']}_aug{i}", jpg, i))
+        jpg = _augmented_jpeg(base, "train", image_id, i)
+        samples.append(_sample(group, f"{image_id}_aug{i}", jpg, i))
     return samples
 
 
-def _with_audio(pair: dict[str, Any], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A pair with a clip: every sample of it carries the clip as a ``flac`` member."""
-    if not pair.get("audio_path"):
+def _with_audio(group: list[dict[str, Any]], samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The clip of the image's i-th pair (json's ``pairs[i]``), when it has one, as member
+    ``{i}.flac`` of every sample of the image (train copies too)."""
+    if not any(pair.get("audio_path") for pair in group):
         return samples
     from mmpipe.audio import encode_flac
 
-    flac = encode_flac(_STATE["root"] / pair["audio_path"])
-    return [{**s, "flac": flac} for s in samples]
+    clips = {
+        f"{i}.flac": encode_flac(_STATE["root"] / pair["audio_path"])
+        for i, pair in enumerate(group)
+        if pair.get("audio_path")
+    }
+    return [{**s, **clips} for s in samples]
 
 
-def encode_job(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A pool task: the samples of consecutive pairs."""
-    return [s for pair in pairs for s in encode_pair(pair)]
+def encode_job(images: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A pool task: the samples of consecutive images (each a list of its pairs)."""
+    return [s for group in images for s in encode_image(group)]
 
 
 # ----------------------------------------------------------------------------- writer side
@@ -490,7 +493,7 @@ class SplitWriter:
         self.shards: list[dict[str, Any]] = []
         self.writer: Any = None
         self.fh: Any = None
-        self.count = self.size = 0
+        self.count = self.size = self.pairs = 0
 
     def write(self, sample: dict[str, Any]) -> None:
         """Append one sample, starting a new shard if it would exceed maxcount or maxsize."""
@@ -500,6 +503,7 @@ class SplitWriter:
             self._next()
         self.writer.write(sample)
         self.count += 1
+        self.pairs += len(sample["__pairs__"])
         self.size += grow
 
     def _next(self) -> None:
@@ -508,7 +512,7 @@ class SplitWriter:
         self.fh = (self.out_dir / name).open("wb")
         self.writer = TarWriter(self.fh)
         self.shards.append({"name": name, "count": 0})
-        self.count = self.size = 0
+        self.count = self.size = self.pairs = 0
 
     def _finish(self) -> None:
         if self.writer is None:
@@ -517,14 +521,14 @@ class SplitWriter:
         self.fh.close()
         path = self.out_dir / self.shards[-1]["name"]
         self.shards[-1].update(
-            count=self.count, bytes=path.stat().st_size, sha256=sha256_file(path)
+            count=self.count, pairs=self.pairs, bytes=path.stat().st_size, sha256=sha256_file(path)
         )
         self.writer = None
         fault_point("shard:shard-written")
 
     def close(self) -> list[ShardEntry]:
-        """Finish the last shard; return its entries (name, count, bytes, sha256) measured from
-        the files."""
+        """Finish the last shard; return its entries (name, count, pairs, bytes, sha256) measured
+        from the files."""
         self._finish()
         return [ShardEntry(**shard) for shard in self.shards]
 
@@ -595,20 +599,21 @@ def open_pairs(align_dir: Path, ingest_dir: Path) -> tuple[pq.ParquetFile, dict[
     return pairs, report, resolve_data_root(ingest_dir)
 
 
-def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive pairs as dicts (meta parsed), JOB_PAIRS at a time, order checked."""
-    last: tuple[int, str] = (-1, "")
+def _images(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
+    """The pairs of each image as dicts (meta parsed), consecutive in pairs.parquet; order
+    checked."""
+    last: tuple[int, str, str] = (-1, "", "")
     from mmpipe.align import PAIR_COLUMNS
 
     columns = [*PAIR_COLUMNS, *[c for c in ("audio_path",) if c in pairs.schema_arrow.names]]
+    group: list[dict[str, Any]] = []
     for batch in iter_batches(pairs, JOB_PAIRS, columns):
-        rows = batch.to_pylist()
-        for pair in rows:
-            key = (SPLITS.index(pair["split"]), pair["pair_id"])
+        for pair in batch.to_pylist():
+            key = (SPLITS.index(pair["split"]), pair["image_id"], pair["pair_id"])
             if key <= last:
                 raise InputError(
-                    f"{where}: pairs not sorted by (split, pair_id) at {pair['pair_id']}; "
-                    "re-run `mmpipe align`"
+                    f"{where}: pairs not sorted by (split, image_id, pair_id) at "
+                    f"{pair['pair_id']}; re-run `mmpipe align`"
                 )
             last = key
             pair["__digest__"] = pair_digest(pair)  # of the row as stored (incremental reuse)
@@ -616,17 +621,32 @@ def _jobs(pairs: pq.ParquetFile, where: Path) -> Iterator[list[dict[str, Any]]]:
                 pair["meta"] = json.loads(pair["meta"] or "{}")
             except json.JSONDecodeError:
                 raise InputError(f"{where}: pair {pair['pair_id']}: meta is not JSON") from None
-        yield rows
+            if group and key[:2] != (SPLITS.index(group[0]["split"]), group[0]["image_id"]):
+                yield group
+                group = []
+            group.append(pair)
+    if group:
+        yield group
 
 
-def _jobs_to_do(
-    pairs: pq.ParquetFile, where: Path, done: Container[str]
-) -> Iterator[list[dict[str, Any]]]:
-    """``_jobs`` without the pairs whose samples are all in reused shards (incremental)."""
-    for rows in _jobs(pairs, where):
-        todo = [r for r in rows if r["pair_id"] not in done]
-        if todo:
-            yield todo
+def _jobs(
+    pairs: pq.ParquetFile, where: Path, done: Container[str] = ()
+) -> Iterator[list[list[dict[str, Any]]]]:
+    """Whole images (lists of their pairs), about JOB_PAIRS pairs a job: an image's pairs are
+    never split across two jobs. Images in ``done`` (all their samples in reused shards,
+    incremental) are left out."""
+    job: list[list[dict[str, Any]]] = []
+    n = 0
+    for group in _images(pairs, where):
+        if group[0]["image_id"] in done:
+            continue
+        job.append(group)
+        n += len(group)
+        if n >= JOB_PAIRS:
+            yield job
+            job, n = [], 0
+    if job:
+        yield job
 
 
 def encode_all(
@@ -640,19 +660,19 @@ def encode_all(
     """Samples per job, in order, from p.workers processes (inline when 1) or a Dask cluster."""
     initargs = (p.model_dump(mode="json"), str(root), reject_undecodable)
     if p.executor == "dask":
-        jobs = _jobs_to_do(pairs, where, done)
+        jobs = _jobs(pairs, where, done)
         on = dict(address=p.address, workers=p.workers, chunksize=2)
         yield from dask_map(encode_job, jobs, **on, initializer=_init_worker, initargs=initargs)
         return
     if p.workers == 1:
         _init_worker(*initargs)
-        yield from map(encode_job, _jobs_to_do(pairs, where, done))
+        yield from map(encode_job, _jobs(pairs, where, done))
         return
     # this module is preloaded in the forkserver (parallel.PRELOAD); ordered_map keeps at most a
     # few jobs in flight, so the pairs are never all in memory (Pool.imap would queue them all)
     with process_pool(p.workers, initializer=_init_worker, initargs=initargs) as pool:
         yield from ordered_map(
-            pool, encode_job, _jobs_to_do(pairs, where, done), chunksize=2, depth=4 * p.workers
+            pool, encode_job, _jobs(pairs, where, done), chunksize=2, depth=4 * p.workers
         )
 
 
@@ -667,29 +687,38 @@ def write_splits(
 ) -> tuple[dict[str, SplitEntry], int]:
     """Write every split's shards and members.parquet into out_dir (beside ``reuse``'s shards);
     the manifest's `splits` mapping (reused + new shards) and the number of new samples.
-    With ``rejects``, a pair whose image cannot be decoded is written there instead."""
+    With ``rejects``, the pairs of an image that cannot be decoded are written there instead."""
     reuse = reuse or Reuse()
     members = MembersWriter(out_dir, reuse.members)
     writers = {
         s: SplitWriter(out_dir, s, p.maxcount, p.maxsize, next_index(reuse, s)) for s in SPLITS
     }
-    total = pairs.metadata.num_rows - len(reuse.done_pairs)
+    total = pairs.metadata.num_rows - reuse.done_pair_count
     rejecting = rejects is not None
     try:
         with tqdm(total=total, desc="shard", unit="pair", disable=None) as bar:
-            for samples in encode_all(pairs, p, root, where, reuse.done_pairs, rejecting):
+            for samples in encode_all(pairs, p, root, where, reuse.done_images, rejecting):
+                done = 0
                 for sample in samples:
                     if "__reject__" in sample:
                         rejects.add(sample["__reject__"])  # type: ignore[union-attr]
-                    elif sample["__key__"] not in reuse.keys:
+                        done += 1
+                        continue
+                    if sample["__key__"] == sample["__image__"]:
+                        done += len(sample["__pairs__"])  # copy 0: the image's pairs
+                    if sample["__key__"] not in reuse.keys:
                         writer = writers[sample["__split__"]]
                         writer.write(sample)
                         members.add(sample, writer.shards[-1]["name"])
-                bar.update(sum(s["__key__"].find("_aug") < 0 for s in samples))
+                bar.update(done)
         splits = {}
         for split, writer in writers.items():
             shards = sorted(reuse.shards.get(split, []) + writer.close(), key=lambda e: e.name)
-            splits[split] = SplitEntry(count=sum(s.count for s in shards), shards=shards)
+            splits[split] = SplitEntry(
+                count=sum(s.count for s in shards),
+                pairs=sum(s.pairs if s.pairs is not None else s.count for s in shards),
+                shards=shards,
+            )
         members.close()
     except BaseException:
         for writer in writers.values():
@@ -700,9 +729,10 @@ def write_splits(
 
 
 # What makes a sample's bytes besides the params: bump when the decode, resize or encode changes
-# (2: JPEGs decoded at libjpeg-turbo's M/8 scales), so an incremental run never reuses shards
-# written the old way beside samples written the new way.
-SAMPLE_CODE = 2
+# (2: JPEGs decoded at libjpeg-turbo's M/8 scales; 3: one sample per image with all its
+# captions, augmentation seeded per image), so an incremental run never reuses shards written
+# the old way beside samples written the new way.
+SAMPLE_CODE = 3
 
 
 def output_params_hash(p: ShardParams) -> str:
@@ -736,9 +766,12 @@ def build_manifest(
     per_split = align_report["pairs_per_split"]
     left_out = rejected or dict.fromkeys(SPLITS, 0)
     for split in SPLITS:
-        want = (per_split[split] - left_out[split]) * (1 + p.copies if split == "train" else 1)
-        got = splits[split].count
-        check(got == want, f"{split}: {got} samples written, {want} expected from align's report")
+        copies = 1 + p.copies if split == "train" else 1
+        want = (per_split[split] - left_out[split]) * copies
+        got = splits[split].pairs
+        check(got == want, f"{split}: {got} pairs written, {want} expected from align's report")
+        n = splits[split].count
+        check(n % copies == 0, f"{split}: {n} samples is not a multiple of {copies} copies")
     labelled = align_report.get("labelled_pairs", 0)
     status = "none" if not labelled else "all" if labelled == sum(per_split.values()) else "partial"
     optional = {"rejected_pairs_per_split": rejected, "audio": audio}  # in the file when given

@@ -921,7 +921,7 @@ def model_inputs(t: Trainer, batch: dict[str, Any]) -> tuple[Any, ...]:
         extra["itm_groups"] = group_ids(batch["image_id"]).to(t.device)
     images = None
     if t.features is not None:
-        cache = t.features.lookup(list(batch["key"]), t.device)
+        cache = t.features.lookup(list(batch["sample_key"]), t.device)  # by image sample
     else:
         images, cache = batch["image"].to(t.device, non_blocking=True), None
         if t.channels_last:
@@ -960,6 +960,7 @@ def train_batches(shard_dir: Path, t: Trainer, at: Progress) -> Iterator[dict[st
         max_bad_samples=p.max_bad_samples,
         images=t.features is None,  # cached features stand in for the pixels: none decoded
         pin_memory=t.device.type == "cuda",
+        captions="one",  # a caption per image and epoch, seeded: all of them over the epochs
     )  # fmt: skip
     return iter(loader)
 

@@ -243,10 +243,13 @@ def write_mood_shards(
     per_shard: int = 16,
     seed: int = 0,
     unlabelled_every: int = 0,
+    layout: str = "pair",
 ) -> Path:
     """Shards of a toy task like the synthetic data's: the label says whether the image's palette
     (warm/cool) agrees with the caption's sentiment. ``unlabelled_every`` = n: every n-th pair
-    has no label (a partly labelled collection). Returns ``out``."""
+    has no label (a partly labelled collection). ``layout``: "pair", a sample per pair (shards
+    written before shard's SAMPLE_CODE 3), or "image", a sample per image with all its captions
+    (what shard writes now: ``image_samples``). Returns ``out``."""
     import json
 
     import webdataset as wds
@@ -258,16 +261,56 @@ def write_mood_shards(
     for split, n in n_images.items():
         rows = _mood_samples(split, n, captions, size, seed, unlabelled_every)
         labelled = sum(json.loads(r["json"])["label_index"] >= 0 for r in rows)
+        n_pairs = len(rows)
+        if layout == "image":
+            rows = image_samples(rows)
         manifest["labelled_pairs_per_split"][split], shards = labelled, []
         for k in range(0, len(rows), per_shard):
             name = f"{split}-{k // per_shard:06d}.tar"
             with wds.TarWriter(str(out / name)) as sink:
                 for row in rows[k : k + per_shard]:
-                    sink.write(row)
-            count = len(rows[k : k + per_shard])
-            shards.append({"name": name, "count": count, **shard_hashes(out / name)})
-        manifest["splits"][split] = {"count": len(rows), "shards": shards}
+                    sink.write({k: v for k, v in row.items() if k != "pairs"})
+            part = rows[k : k + per_shard]
+            pairs = {"pairs": sum(r["pairs"] for r in part)} if layout == "image" else {}
+            shards.append({"name": name, "count": len(part), **pairs, **shard_hashes(out / name)})
+        pairs = {"pairs": n_pairs} if layout == "image" else {}
+        manifest["splits"][split] = {"count": len(rows), **pairs, "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def image_samples(rows: list[dict]) -> list[dict]:
+    """Samples of one pair each (consecutive per image) -> a sample per image with all its
+    captions, as shard writes it: json's ``pairs`` in pair order, ``txt`` a caption a line;
+    ``pairs`` (not written) counts them."""
+    import json
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        meta = json.loads(row["json"])
+        groups.setdefault(meta["image_id"], []).append((meta, row))
+    out = []
+    for image_id, group in sorted(groups.items()):
+        first = group[0][0]
+        fields = (
+            "pair_id",
+            "caption_id",
+            "label",
+            "label_index",
+            "label_indices",
+            "source",
+            "meta",
+        )
+        pairs = [
+            {**{f: m.get(f) for f in fields}, "caption": row["txt"].decode()} for m, row in group
+        ]
+        meta = {"image_id": image_id, "split": first["split"], "image_path": first["image_path"],
+                "copy": 0, "pairs": pairs}  # fmt: skip
+        out.append({
+            "__key__": image_id, "jpg": group[0][1]["jpg"],
+            "txt": "\n".join(p["caption"] for p in pairs).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(), "pairs": len(pairs),
+        })  # fmt: skip
     return out
 
 

@@ -86,7 +86,11 @@ def trained_once(tmp_path_factory):
     """Shards, the params, a single-process run of them (in ``single/``) and the worker script;
     trained once for both comparisons."""
     tmp = tmp_path_factory.mktemp("ddp")
-    shards = write_mood_shards(tmp / "shards", {"train": 16, "val": 4}, per_shard=16)
+    # a sample per image with its 2 captions (what shard writes): training reads one caption
+    # per image, chosen alike on every rank
+    shards = write_mood_shards(
+        tmp / "shards", {"train": 32, "val": 4}, per_shard=16, layout="image"
+    )
     # 32 train samples in 2 shards; batch 32 = one full-batch step per epoch, 16 per rank
     p = tiny_train_params(epochs=3, batch_size=32, dropout=0.0, shuffle_buffer=0, lr=1e-3)
     single = run_train(shards, p, tmp / "single")
@@ -105,7 +109,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, trained_once):
 
 
 def _rank_keys(url: str, rank: int) -> list[str]:
-    loader = create_dataloader(url, "train", 64, rank=rank, world_size=2)
+    loader = create_dataloader(url, "train", 64, rank=rank, world_size=2, captions="one")
     return [key for batch in loader for key in batch["key"]]
 
 

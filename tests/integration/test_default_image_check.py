@@ -86,7 +86,10 @@ def test_default_path_names_every_broken_image_and_the_counts_add_up(shared_data
     rejected = manifest["rejected_pairs_per_split"]
     shards = read_manifest(layout.shard_dir)
     for split, entry in shards.splits.items():
-        assert entry.count == pairs_in[split] - rejected[split], split  # copies=0
+        assert entry.pairs == pairs_in[split] - rejected[split], split  # copies=0
     assert sum(pairs_in.values()) == pq.read_metadata(layout.align_dir / "pairs.parquet").num_rows
     assert sum(pairs_in.values()) == 124 and sum(rejected.values()) == 4
-    assert sum(e.count for e in shards.splits.values()) == 120
+    assert sum(e.pairs for e in shards.splits.values()) == 120
+    images = pq.read_table(layout.align_dir / "pairs.parquet", columns=["image_id"])
+    # a sample per image: the decodable ones (the two rejected images had two pairs each)
+    assert sum(e.count for e in shards.splits.values()) == len(set(images["image_id"])) - 2

@@ -34,7 +34,7 @@ def test_repro_noop_and_partial_rerun(tmp_path):
     assert _ran(first) == {"ingest", "curate", "align", "shard"}
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     align = json.loads((project / "data/align/report.json").read_text())
-    assert {s: v["count"] for s, v in manifest["splits"].items()} == align["pairs_per_split"]
+    assert {s: v["pairs"] for s, v in manifest["splits"].items()} == align["pairs_per_split"]
 
     second = _dvc(project, "repro", "shard")
     assert _ran(second) == set(), second

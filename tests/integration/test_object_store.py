@@ -41,7 +41,7 @@ def test_shard_stage_publishes_and_the_loader_reads_the_url(tmp_path, s3):
     for split in ("train", "val", "test"):
         remote = [(s["__key__"], s["jpg"]) for s in iterate_split(url, split)]
         assert remote == [(s["__key__"], s["jpg"]) for s in iterate_split(layout.shard_dir, split)]
-    n_train = json.loads(local_manifest)["splits"]["train"]["count"]
+    n_train = json.loads(local_manifest)["splits"]["train"]["pairs"]  # "all": every caption
     # two loader worker processes open s3:// through fsspec too
     loader = create_dataloader(url, "train", 16, num_workers=2, shuffle_buffer=8, seed=3)
     assert sum(len(b["text"]) for b in loader) == n_train

@@ -99,7 +99,7 @@ def test_no_leakage_and_duplicates_stay_together(make_ingest, tmp_path):
     assert len(same_image) > 1 and same_image["split"].nunique() == 1
     assert set(pairs["split"]) == {"train", "val", "test"}
     order = pairs["split"].map({"train": 0, "val": 1, "test": 2})
-    assert pairs.assign(o=order).sort_values(["o", "pair_id"]).index.tolist() == list(
+    assert pairs.assign(o=order).sort_values(["o", "image_id", "pair_id"]).index.tolist() == list(
         range(len(pairs))
     )
 

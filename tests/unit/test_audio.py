@@ -4,6 +4,7 @@ audio through ingest -> align -> shard -> loader (a missing clip is masked, not 
 from __future__ import annotations
 
 import io
+import json
 import math
 import tarfile
 from pathlib import Path
@@ -221,14 +222,21 @@ def test_audio_through_align_shard_and_loader(tmp_path):
     manifest = read_json(tmp_path / "shards" / "manifest.json")
     assert manifest["audio"]["sample_rate"] == SAMPLE_RATE
     assert sum(manifest["audio"]["pairs_with_audio_per_split"].values()) == 6
-    # every sample of a pair with a clip (train copies too) carries it as FLAC; no other does
+    # every sample of an image (train copies too) carries the clip of its i-th pair (json's
+    # "pairs"), when that pair has one, as member {i}.flac; no other member is FLAC
     want = sum(2 if p["split"] == "train" else 1 for p in pairs if p["audio_path"])
     flacs = []
     for tar in sorted((tmp_path / "shards").glob("*.tar")):
         with tarfile.open(tar) as tf:
+            metas = {
+                name.removesuffix(".json"): json.loads(tf.extractfile(name).read())
+                for name in tf.getnames()
+                if name.endswith(".json")
+            }
             for name in tf.getnames():
                 if name.endswith(".flac"):
-                    assert with_audio[name.removesuffix(".flac").split("_aug")[0]] is not None
+                    key, i, _ = name.split(".")
+                    assert with_audio[metas[key]["pairs"][int(i)]["pair_id"]] is not None
                     clip, rate = sf.read(io.BytesIO(tf.extractfile(name).read()))
                     assert rate == SAMPLE_RATE and clip.ndim == 1 and len(clip) > 0
                     flacs.append(name)

@@ -190,3 +190,20 @@ def test_locked_text_tower_is_cached_too(shards, tmp_path):
     p = tiny_train_params(freeze_text=True, fusion="cross_attention")
     t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "c2")
     assert t.text_features is None
+
+
+def test_both_caches_on_image_samples_train_as_the_pixels_do(tmp_path):
+    """Shards of one sample per image (2 captions each): image features per sample, text
+    features per caption row; training from them matches training from pixels and text."""
+    shards = write_mood_shards(tmp_path / "shards", layout="image")
+    p = tiny_train_params(epochs=2, freeze_image=True, freeze_text=True, dropout=0.0)
+    cached = run_train(shards, p, tmp_path / "a", cache_dir=tmp_path / "cache")
+    plain = run_train(shards, p, tmp_path / "b")
+    for c, u in zip(cached["history"], plain["history"], strict=True):
+        assert c["train_loss"] == pytest.approx(u["train_loss"], rel=1e-5)
+        assert c["val_mean_r1"] == pytest.approx(u["val_mean_r1"])
+    t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "cache")
+    manifest = _manifest(shards)
+    images = sum(manifest.count(s) for s in ("train", "val"))
+    captions = sum(manifest.pairs(s) for s in ("train", "val"))
+    assert len(t.features.index) == images and len(t.text_features.index) == captions == 2 * images

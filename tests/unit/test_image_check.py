@@ -161,7 +161,8 @@ def test_header_mode_rejects_each_bad_image_once_and_the_counts_add_up(tmp_path)
     rejected = manifest["rejected_pairs_per_split"]
     for split, entry in manifest["splits"].items():
         copies = 2 if split == "train" else 1
-        assert entry["count"] == (pairs_in[split] - rejected[split]) * copies
+        # pairs in = pairs sharded + pairs rejected (each sharded pair in every copy)
+        assert entry["pairs"] == (pairs_in[split] - rejected[split]) * copies
     assert sum(rejected.values()) == len(rejects) == 3
     assert sum(pairs_in.values()) == 8 + 1 + 3  # good0 has two captions, huffman two, png one
 

@@ -61,8 +61,49 @@ def test_a_grown_collection_reuses_shards_and_equals_from_scratch(night):
         for shard in entry["shards"]:
             if shard["name"] in before:  # a kept name is the very same file
                 assert before[shard["name"]] == shard["sha256"]
-    members = pq.read_table(grown / MEMBERS).to_pylist()
-    assert sorted(m["key"] for m in members) == sorted(samples(scratch))
+    members = pq.read_table(grown / MEMBERS).to_pylist()  # a row per caption of a sample
+    assert sorted({m["key"] for m in members}) == sorted(samples(scratch))
+    manifest = read_json(grown / "manifest.json")["splits"]
+    assert len(members) == sum(e["pairs"] for e in manifest.values())
+
+
+def test_a_caption_added_to_one_image_reencodes_only_its_shard(make_ingest, tmp_path):
+    """The reuse unit is the image sample: a shard holding an image that gained a caption is
+    encoded again (with the image's other samples), every other shard is kept as it is."""
+    import pandas as pd
+
+    ingest = make_ingest(n_images=40, name="ingest")
+    run_align(ingest, SPLIT, tmp_path / "align-1")
+    first = tmp_path / "shards-1"
+    run_shard(tmp_path / "align-1", ingest, PARAMS, first)
+    records = pd.read_parquet(ingest / "records.parquet")
+    pairs = pd.read_parquet(tmp_path / "align-1" / "pairs.parquet")
+    image = pairs[pairs["split"] == "val"].iloc[0]  # val: one sample per image, no copies
+    row = records[records["caption_id"] == image["caption_id"]].iloc[0].to_dict()
+    row.update(caption="one more caption", line=10_000, caption_id="0" * 16)
+    pd.concat([records, pd.DataFrame([row])]).to_parquet(ingest / "records.parquet", index=False)
+    run_align(ingest, SPLIT, tmp_path / "align-2")
+    grown = tmp_path / "shards-2"
+    report = run_shard(tmp_path / "align-2", ingest, PARAMS, grown, previous=first)
+    scratch = tmp_path / "shards-3"
+    run_shard(tmp_path / "align-2", ingest, PARAMS, scratch)
+    assert samples(grown) == samples(scratch)
+    old = read_json(first / "manifest.json")["splits"]
+    new = read_json(grown / "manifest.json")["splits"]
+    holder = next(  # the val shard that held the image
+        m["shard"] for m in pq.read_table(first / MEMBERS).to_pylist()
+        if m["pair_id"] == image["pair_id"]
+    )  # fmt: skip
+    kept = {s["name"] for e in new.values() for s in e["shards"]}
+    was = {s["name"]: s["count"] for e in old.values() for s in e["shards"]}
+    assert holder not in kept and set(was) - {holder} <= kept
+    assert report["reused_shards"] == len(was) - 1 and report["new_samples"] == was[holder]
+    assert (
+        new["val"]["pairs"] == old["val"]["pairs"] + 1
+        and new["val"]["count"] == old["val"]["count"]
+    )
+    got = samples(grown)[image["image_id"]]
+    assert b"one more caption" in got["txt"]
 
 
 def test_deleted_records_retire_their_shards_samples(night):

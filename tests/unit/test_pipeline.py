@@ -127,6 +127,7 @@ def test_a_failed_run_leaves_no_stamp(layout, monkeypatch):
 
 def test_a_rerun_replaces_the_whole_output(layout):
     """Fewer shards the second time: none of the first run's may survive beside them."""
+    pipeline.run_data_stage("shard", _params("shard.maxcount=10"), layout)
     before = {p.name for p in layout.shard_dir.iterdir()}
     assert len([n for n in before if n.startswith("train-")]) > 1
     params = _params("shard.maxcount=1000")

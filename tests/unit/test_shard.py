@@ -42,18 +42,21 @@ def test_round_trip(aligned, tmp_path):
     assert manifest.align_report_pairs_per_split == align_report["pairs_per_split"]
     assert manifest.classes == ["cat", "dog"] and manifest.image_size == 16
     for split in ("train", "val", "test"):
-        samples = list(iterate_split(out, split))
+        samples = list(iterate_split(out, split))  # a row per caption of each sample
         copies = 3 if split == "train" else 1
-        assert len(samples) == manifest.count(split)
+        assert len(samples) == manifest.pairs(split)
         assert len(samples) == align_report["pairs_per_split"][split] * copies
         keys = [s["__key__"] for s in samples]
-        assert keys == sorted(keys) and len(set(keys)) == len(keys)
+        assert len(set(keys)) == len(keys)
+        images = pairs[pairs["split"] == split]["image_id"].nunique()
+        assert manifest.count(split) == images * copies  # one sample per image (and copy)
         seen: dict[str, int] = {}
         for s in samples:
             pair = pairs.loc[s["json"]["pair_id"]]
             seen[pair.name] = seen.get(pair.name, 0) + 1
             suffix = f"_aug{s['json']['copy']}" if s["json"]["copy"] else ""
             assert s["__key__"] == pair.name + suffix
+            assert s["sample_key"] == pair["image_id"] + suffix
             assert s["txt"] == pair["caption"] and s["json"]["split"] == split == pair["split"]
             assert s["json"]["label_index"] == pair["label_index"]
             assert s["json"]["source"] == "folder" and isinstance(s["json"]["meta"], dict)
@@ -100,8 +103,10 @@ def test_loader_reads_what_shard_wrote(aligned, tmp_path):
     shard(aligned, tmp_path / "s")
     manifest = read_manifest(tmp_path / "s")
     batches = list(create_dataloader(tmp_path / "s", "train", 8, shuffle_buffer=10))
-    assert sum(len(b["key"]) for b in batches) == manifest.count("train")
+    assert sum(len(b["key"]) for b in batches) == manifest.pairs("train")  # every caption
     assert batches[0]["image"].shape[1:] == (3, 16, 16)
+    one = list(create_dataloader(tmp_path / "s", "train", 8, shuffle_buffer=10, captions="one"))
+    assert sum(len(b["key"]) for b in one) == manifest.count("train")  # a caption per image
 
 
 @pytest.mark.parametrize("decode", ["reduced", "full"])
