@@ -569,10 +569,11 @@ class TrainParams(ModelConfig):
     )
     # optimisation
     epochs: int = Field(
-        8,
+        24,
         ge=0,
-        description="Passes over the train shards. 0 = no training: the model as loaded (a "
-        "pretrained dual encoder's zero-shot model), validated once.",
+        description="Passes over the train images, one of each image's captions per pass (a "
+        "new one each epoch, seeded). 0 = no training: the model as loaded (a pretrained dual "
+        "encoder's zero-shot model), validated once.",
     )
     batch_size: int = Field(128, ge=1, description="Global batch size (split across DDP ranks).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
