@@ -338,7 +338,11 @@ class ShardParams(Section):
         "Recorded in the manifest and the checkpoint, so predict preprocesses the same way.",
     )
     copies: int = Field(
-        1, ge=0, le=16, description="Extra offline-augmented copies of each train pair (0 = none)."
+        3,
+        ge=0,
+        le=16,
+        description="Extra offline-augmented copies of each train image (0 = none); each is a "
+        "sample of the epoch, with a caption of its own.",
     )
     train_augment: list[TransformSpec] = Field(
         default_factory=_default_train_augment,
@@ -569,7 +573,7 @@ class TrainParams(ModelConfig):
     )
     # optimisation
     epochs: int = Field(
-        24,
+        12,
         ge=0,
         description="Passes over the train images, one of each image's captions per pass (a "
         "new one each epoch, seeded). 0 = no training: the model as loaded (a pretrained dual "
