@@ -201,3 +201,46 @@ def test_decode_rgb_is_pils_rgb_conversion(mode):
         want = np.array(ref.convert("RGB"), dtype=np.uint8)
     got = decode_rgb(buf.getvalue())
     assert got.flags.writeable and got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+def test_a_shard_cut_anywhere_reads_as_in_webdataset(tmp_path):
+    """Cut in a header, in data, in a metadata member, in the padding or the end blocks: the
+    straight reader of plain headers ends, errs and names as tarfile's reader does."""
+    full = Path(_tar(tmp_path / "full.tar", [
+        ("k0.jpg", bytes(700)), ("__meta__", b"m" * 600), ("k0.txt", b"t"), ("k1.jpg", b"j"),
+    ]))  # fmt: skip
+    raw = full.read_bytes()
+    for cut in [*range(0, len(raw), 61), len(raw) - 1024, len(raw)]:
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(raw[:cut])
+        urls = [str(path), str(full)]  # what follows a cut shard, too
+        for go_on in (True, False):
+            assert _both(urls, go_on)[0] == _both(urls, go_on)[1], (cut, go_on)
+        one = [{"url": str(path)}]
+        assert _outcome(TarSamples()(iter(one))) == _outcome(wds.tarfile_samples(iter(one))), cut
+
+
+class _Dribble(io.RawIOBase):
+    """A raw stream that returns at most 37 bytes per read (a pipe, a socket)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.buf = io.BytesIO(raw)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.buf.read(37 if n is None or n < 0 else min(n, 37))
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_short_reads_and_compressed_shards_read_whole(tmp_path, mode):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, mode) as tf:
+        for i, size in enumerate([0, 1, 511, 512, 513, 3000]):
+            info = tarfile.TarInfo(f"s{i}.bin")
+            info.size = size
+            tf.addfile(info, io.BytesIO(bytes([i]) * size))
+    want = [(f"s{i}.bin", bytes([i]) * n) for i, n in enumerate([0, 1, 511, 512, 513, 3000])]
+    assert list(TarSamples().members(_Dribble(path.read_bytes()))) == want
+    assert list(TarSamples().members(io.BytesIO(path.read_bytes()))) == want

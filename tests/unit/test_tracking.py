@@ -103,7 +103,9 @@ def test_failed_run_is_marked_failed(store, tmp_path):
 
 
 def test_parent_run_by_id_and_by_env(store, tmp_path, monkeypatch):
-    parent = tracking.open_parent_run(store, tmp_path, Params())
+    params = Params()  # a non-default value: the parent logs the params it was given
+    params = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 5})})
+    parent = tracking.open_parent_run(store, tmp_path, params)
     with tracking.start_run(store, tmp_path, run_name="train", parent_run_id=parent) as child:
         pass
     monkeypatch.setenv(tracking.PARENT_ENV, parent)  # what a subprocess stage would inherit
@@ -114,7 +116,7 @@ def test_parent_run_by_id_and_by_env(store, tmp_path, monkeypatch):
     for run in (child, child2):
         assert client.get_run(run.id).data.tags["mlflow.parentRunId"] == parent
     run = client.get_run(parent)
-    assert run.info.status == "FAILED" and run.data.params["train.epochs"] == "8"
+    assert run.info.status == "FAILED" and run.data.params["train.epochs"] == "5"
     assert [a.path for a in client.list_artifacts(parent)] == ["summary.txt"]
 
 
