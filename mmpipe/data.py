@@ -413,10 +413,7 @@ class TarSamples:
                     raise tarfile.ReadError("unexpected end of data")  # this one unannotated
             block = _read_exactly(fileobj, tarfile.BLOCKSIZE)
             head = _plain_header(block)
-        # after a member tarfile ends on an empty, short, all-zero or bad block (no error)
-        if len(block) != tarfile.BLOCKSIZE or block.count(0) == tarfile.BLOCKSIZE:
-            return
-        try:
+        try:  # after a member tarfile ends on an empty, short, all-zero or bad block
             tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
         except tarfile.HeaderError:
             return
