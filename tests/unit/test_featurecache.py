@@ -175,13 +175,20 @@ def test_conv_image_tower_runs_channels_last_on_cuda(shards):
     assert torch.isfinite(loss)
 
 
-def test_locked_text_tower_is_cached_too(shards, tmp_path):
+def _trains_as_without_cache(shards, tmp_path):
+    """Both towers locked: training from the feature cache (tmp_path/cache) gives the losses and
+    val R@1 of training from pixels and text; the params, for more checks on the cache."""
     p = tiny_train_params(epochs=2, freeze_image=True, freeze_text=True, dropout=0.0)
     cached = run_train(shards, p, tmp_path / "a", cache_dir=tmp_path / "cache")
     plain = run_train(shards, p, tmp_path / "b")
     for c, u in zip(cached["history"], plain["history"], strict=True):
         assert c["train_loss"] == pytest.approx(u["train_loss"], rel=1e-5)
         assert c["val_mean_r1"] == pytest.approx(u["val_mean_r1"])
+    return p
+
+
+def test_locked_text_tower_is_cached_too(shards, tmp_path):
+    p = _trains_as_without_cache(shards, tmp_path)
     t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "cache")
     assert t.text_features is not None and t.features is not None
     assert set(t.cache_report["towers"]) == {"image", "text"}
@@ -196,12 +203,7 @@ def test_both_caches_on_image_samples_train_as_the_pixels_do(tmp_path):
     """Shards of one sample per image (2 captions each): image features per sample, text
     features per caption row; training from them matches training from pixels and text."""
     shards = write_mood_shards(tmp_path / "shards", layout="image")
-    p = tiny_train_params(epochs=2, freeze_image=True, freeze_text=True, dropout=0.0)
-    cached = run_train(shards, p, tmp_path / "a", cache_dir=tmp_path / "cache")
-    plain = run_train(shards, p, tmp_path / "b")
-    for c, u in zip(cached["history"], plain["history"], strict=True):
-        assert c["train_loss"] == pytest.approx(u["train_loss"], rel=1e-5)
-        assert c["val_mean_r1"] == pytest.approx(u["val_mean_r1"])
+    p = _trains_as_without_cache(shards, tmp_path)
     t = create_trainer(p, Dist(), _manifest(shards), shard_dir=shards, cache_dir=tmp_path / "cache")
     manifest = _manifest(shards)
     images = sum(manifest.count(s) for s in ("train", "val"))
